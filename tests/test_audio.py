@@ -277,16 +277,28 @@ def test_frames_covered_is_ceil(samples, frames):
 
 
 def test_pcm_span_for_batch():
-    assert A.pcm_span_for_batch(100, 5) == (92, 113)
-    assert A.pcm_span_for_batch(3, 5) == (0, 16)  # clamped at 0
-    assert A.pcm_span_for_batch(100, 5, total_frames=110) == (92, 110)
-    assert A.pcm_span_for_batch(100, 5, total_frames=1000) == (92, 113)
+    assert A.pcm_span_for_batch(100, 5) == (91, 117)
+    assert A.pcm_span_for_batch(3, 5) == (0, 20)  # clamped at 0
+    assert A.pcm_span_for_batch(100, 5, total_frames=110) == (91, 110)
+    assert A.pcm_span_for_batch(100, 5, total_frames=1000) == (91, 117)
     with pytest.raises(BadRequest, match="batch_size"):
         A.pcm_span_for_batch(0, 0)
     with pytest.raises(BadRequest, match="start_frame_idx"):
         A.pcm_span_for_batch(-1, 3)
     with pytest.raises(BadRequest, match="start_frame_idx.*past"):
         A.pcm_span_for_batch(50, 3, total_frames=50)
+
+
+@pytest.mark.parametrize("start, batch", [(9, 1), (37, 5), (60, 25), (0, 5), (3, 5)])
+def test_span_slices_reproduce_whole_clip_windows(start, batch):
+    # A stateless worker given only the span's PCM must compute what a whole-clip pass would.
+    pcm = _signal(120 * 640 / SR, seed=11)
+    enc = _RecordingEncoder()
+    frames = list(range(start, start + batch))
+    whole = A.features_from_pcm(pcm, enc, 0, frames)
+    first, end = A.pcm_span_for_batch(start, batch, total_frames=A.frames_covered(len(pcm)))
+    part = A.features_from_pcm(pcm[first * 640:end * 640], enc, first, frames)
+    np.testing.assert_allclose(part, whole, atol=1e-5)
 
 
 def test_features_from_pcm_matches_full_pipeline_and_encodes_only_needed_positions():

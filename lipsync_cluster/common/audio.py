@@ -323,28 +323,30 @@ def frames_covered(num_samples: int) -> int:
     return -(-int(num_samples) // SAMPLES_PER_FRAME)
 
 
+# Frames of audio a batch needs beyond itself (see pcm_span_for_batch).
+SPAN_BEFORE = CONTEXT_BEFORE + 1
+SPAN_AFTER = 12
+
+
 def pcm_span_for_batch(start_frame: int, batch_size: int,
                        total_frames: int | None = None) -> tuple[int, int]:
     """Video-frame range ``[first, end)`` whose audio a batch ``[start, start+B)`` needs.
 
-    That is ``[start-8, start+B+8)`` (the UNet context either side) clamped to ``>= 0`` and,
-    when ``total_frames`` (the stream's audio length in frames) is known, to
-    ``<= total_frames``. The client sends PCM samples ``[first*640, end*640)`` with
+    That is the UNet context either side (8 frames before, 7 after) plus what the audio
+    encoder and the centred STFT reach beyond it (16 mel columns, about 4.6 frames, past the
+    last frame, and 400 samples before the first): ``[start-9, start+B+12)``, clamped to
+    ``>= 0`` and, when ``total_frames`` (the stream's audio length in frames) is known, to
+    ``<= total_frames``. With this span a batch's windows are bit-identical to those of the
+    whole clip. The client sends PCM samples ``[first*640, end*640)`` with
     ``audio_frame_offset = first``.
-
-    Note: this is the UNet context only. The audio encoder's own window reaches 16 mel
-    columns (~4.6 frames) past its frame, and the centred STFT 400 samples before, so the
-    windows of the batch's last frames (and, slightly, the first row of the first frame)
-    are computed from clamped/reflected audio and differ from a whole-clip computation. The
-    span ``[start-9, start+B+12)`` reproduces the whole-clip windows exactly.
     """
     if start_frame < 0:
         raise BadRequest(f"start_frame_idx must be >= 0; got {start_frame}",
                          field="start_frame_idx")
     if batch_size < 1:
         raise BadRequest(f"batch_size must be >= 1; got {batch_size}", field="batch_size")
-    first = max(0, start_frame - CONTEXT_BEFORE)
-    end = start_frame + batch_size + CONTEXT_BEFORE
+    first = max(0, start_frame - SPAN_BEFORE)
+    end = start_frame + batch_size + SPAN_AFTER
     if total_frames is not None:
         if start_frame >= total_frames:
             raise BadRequest(
