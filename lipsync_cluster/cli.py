@@ -1,9 +1,18 @@
-"""The ``lipsync-cluster`` command. Each subcommand lives beside the code it drives."""
+"""The ``lipsync-cluster`` command. Cluster commands live here; others beside the code they drive."""
 from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any, Optional
 
 import click
 
 from . import __version__
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -19,12 +28,309 @@ def main() -> None:
     """
 
 
+def _load_config(config_path: Optional[str], overrides: dict[str, Any]):
+    from .config import ConfigError, load_config
+
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as exc:
+        raise click.ClickException(f"bad config: {exc}") from None
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum, frame):  # noqa: ARG001 - signal API
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+# --- cluster ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Cluster YAML (see docs/CONFIG.md).")
+@click.option("--models-dir", type=click.Path(file_okay=False), help="Serve every model package in this folder.")
+@click.option("--gpus", default=None, help="GPUs to use: a number, 0 for CPU workers, or 'auto' to count them.")
+@click.option("--per-gpu", type=click.IntRange(1, 64), default=None, help="Worker processes per GPU (or CPU workers with --gpus 0).")
+@click.option("--frontend-port", type=click.IntRange(1, 65535), default=None, help="Client port (default 5555).")
+def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[str], per_gpu: Optional[int],
+          frontend_port: Optional[int]) -> None:
+    """Start a broker and GPUS x PER_GPU workers on this host, and keep them running.
+
+    \b
+    Examples:
+      lipsync-cluster start --config demo_models/cluster.yaml --gpus 0 --per-gpu 2
+      lipsync-cluster start --models-dir /srv/avatars --gpus 4 --per-gpu 6
+      lipsync-cluster start --config cluster.yaml --gpus auto
+
+    Stops cleanly on Ctrl-C / SIGTERM: workers finish what they hold, shared frames are removed.
+    """
+    from .common.logs import setup_logging
+    from .supervisor import StartError, Supervisor, count_gpus
+
+    gpu_count: Optional[int] = None
+    if gpus is not None:
+        if gpus == "auto":
+            gpu_count = count_gpus()
+        elif gpus.isdigit():
+            gpu_count = int(gpus)
+        else:
+            raise click.BadParameter("must be a number of GPUs, 0 for CPU workers, or 'auto'", param_hint="--gpus")
+    cfg = _load_config(config_path, {"cluster.gpus": gpu_count, "cluster.per_gpu": per_gpu,
+                                     "models_dir": models_dir, "server.frontend_port": frontend_port})
+    setup_logging(cfg.logging.level, "supervisor")
+    sup = Supervisor(cfg, cfg.cluster.gpus, cfg.cluster.per_gpu)
+    stop = threading.Event()
+    try:
+        sup.start()
+        _stop_on_signals(stop)
+        health = sup.wait_ready()
+    except StartError as exc:
+        sup.stop(drain_timeout_s=5)
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        sup.stop()
+        sys.exit(130)
+    from .common.catalog import Catalog
+
+    models = sorted(Catalog(cfg.models_dir, cfg.models).packages())
+    kind = f"{cfg.cluster.gpus} GPU(s) x {cfg.cluster.per_gpu}" if cfg.cluster.gpus else f"{cfg.cluster.per_gpu} CPU"
+    click.echo("=" * 72)
+    click.echo(f"lipsync-cluster ready: {health.get('workers')} workers ({kind})")
+    click.echo(f"  clients connect to   {cfg.frontend}")
+    click.echo(f"  workers join at      {cfg.backend}")
+    click.echo(f"  stats published on   {cfg.stats_endpoint}")
+    click.echo(f"📦 Available models: {', '.join(models)}")
+    click.echo("  try:  lipsync-cluster models    |   python -c \"from lipsync_cluster.client import Client; "
+               f"print(Client('{cfg.frontend}').health())\"")
+    click.echo("=" * 72, nl=True)
+    sys.stdout.flush()
+    try:
+        while not stop.is_set():
+            sup.watch_once()
+            stop.wait(0.2)
+    finally:
+        logging.getLogger("lipsync_cluster.supervisor").info("stopping: draining workers...")
+        sup.stop()
+
+
+@main.command()
+@click.option("--broker", "backend", default=None, help="The broker's worker endpoint, e.g. tcp://HOST:5556.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Cluster YAML (models, capacity).")
+@click.option("--models-dir", type=click.Path(file_okay=False), help="Model packages folder on this host.")
+@click.option("--gpu", type=click.IntRange(0, 1023), default=None, help="GPU index to pin this worker to (omit for CPU).")
+@click.option("--name", default=None, help="Worker name in stats (default: HOST-PID).")
+@click.option("--credits", type=click.IntRange(1, 64), default=None, help="Requests taken at once (default from config).")
+@click.option("--shm-namespace", default=None, help="Shared-memory name prefix (set by 'start').", hidden=True)
+@click.option("--workers-on-host", type=int, default=1, hidden=True)
+@click.option("--preload-share", default="0/1", hidden=True)
+def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optional[str], gpu: Optional[int],
+           name: Optional[str], credits: Optional[int], shm_namespace: Optional[str], workers_on_host: int,
+           preload_share: str) -> None:
+    """Run one worker process that joins a broker (for workers on other hosts).
+
+    \b
+    Examples:
+      lipsync-cluster worker --broker tcp://10.0.0.5:5556 --gpu 0 --config cluster.yaml
+      lipsync-cluster worker --broker tcp://127.0.0.1:5556 --models-dir demo_models
+    """
+    import os
+    import socket
+
+    if gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        # Pin before ONNX Runtime initialises CUDA; the pinned GPU is then device 0.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        gpu = 0
+    cfg = _load_config(config_path, {"models_dir": models_dir, "cluster.backend": backend,
+                                     "cluster.worker_credits": credits})
+    from .common.logs import setup_logging
+    from .supervisor import shm_namespace as default_namespace
+    from .worker.loop import WorkerLoop
+    from .worker.service import WorkerService
+
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    setup_logging(cfg.logging.level, name)
+    if gpu is not None and not cfg.onnx.cuda_enabled:
+        logging.getLogger("lipsync_cluster.worker").warning("onnx.cuda_enabled is false: running on the CPU")
+        gpu = None
+    service = WorkerService(cfg, gpu=gpu, shm_namespace=shm_namespace or default_namespace(cfg),
+                            workers_on_host=workers_on_host)
+    index, _, total = preload_share.partition("/")
+    service.preload(share=(int(index), int(total or 1)))
+    loop = WorkerLoop(cfg.backend, service, name=name, credits=cfg.cluster.worker_credits,
+                      heartbeat_interval_s=cfg.cluster.heartbeat_interval_s,
+                      heartbeat_liveness=cfg.cluster.heartbeat_liveness, gpu=gpu)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        loop.run(stop)
+    finally:
+        service.close()
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Cluster YAML.")
+@click.option("--models-dir", type=click.Path(file_okay=False), help="Model packages folder.")
+def broker(config_path: Optional[str], models_dir: Optional[str]) -> None:
+    """Run the broker alone (the 'start' command runs it for you).
+
+    \b
+    Example:
+      lipsync-cluster broker --config cluster.yaml
+    """
+    cfg = _load_config(config_path, {"models_dir": models_dir})
+    from .broker import run_broker
+    from .common.catalog import Catalog
+    from .common.logs import setup_logging
+
+    setup_logging(cfg.logging.level, "broker")
+    catalog = Catalog(cfg.models_dir, cfg.models)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        run_broker(cfg, catalog.summary, stop)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# --- management -------------------------------------------------------------------------
+
+broker_option = click.option("--broker", "endpoint", default=DEFAULT_BROKER, show_default=True, envvar="LIPSYNC_BROKER",
+                             help="The broker's client endpoint.")
+timeout_option = click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for an answer.")
+
+
+def _call(endpoint: str, timeout: float, fn):
+    from .client import Client, LipsyncError
+
+    with Client(endpoint, timeout=timeout) as client:
+        try:
+            return fn(client)
+        except LipsyncError as exc:
+            raise click.ClickException(f"{exc.code}: {exc.message}") from None
+
+
+def _ago(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+@main.command()
+@broker_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(endpoint: str, timeout: float, as_json: bool) -> None:
+    """List every configured model, loaded or not, and where it is loaded.
+
+    \b
+    Example:
+      lipsync-cluster models --broker tcp://127.0.0.1:5555
+    """
+    rows = _call(endpoint, timeout, lambda c: c.list_models())
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    click.echo(f"{'MODEL':<24} {'VERSION':<17} {'LOADED ON':<30} {'USAGE':>7} {'AVG MS':>8}")
+    for m in rows:
+        stats = m.get("stats") or {}
+        where = ", ".join(m.get("loaded_on") or []) or "-"
+        click.echo(f"{m['model_id']:<24} {str(m.get('version', ''))[:16]:<17} {where:<30} "
+                   f"{stats.get('usage_count', 0):>7} {stats.get('avg_inference_ms', 0):>8.1f}")
+
+
+@main.command()
+@click.argument("model_id")
+@click.option("--force", is_flag=True, help="Reload even if loaded (e.g. after re-preparing it).")
+@click.option("--worker", "worker_name", default=None, help="Load on this worker (name as in 'stats').")
+@click.option("--gpu", type=int, default=None, help="Load on a worker of this GPU.")
+@broker_option
+@timeout_option
+def load(model_id: str, force: bool, worker_name: Optional[str], gpu: Optional[int], endpoint: str, timeout: float) -> None:
+    """Load MODEL_ID now instead of on its first request.
+
+    \b
+    Examples:
+      lipsync-cluster load demo_ada
+      lipsync-cluster load demo_ada --force --gpu 1
+    """
+    reply = _call(endpoint, max(timeout, 60.0), lambda c: c.load_model(model_id, force, worker=worker_name, gpu=gpu))
+    click.echo(f"✅ '{model_id}' loaded on {', '.join(reply.get('workers') or [str(reply.get('worker', '?'))])} "
+               f"in {reply.get('load_ms', 0):.0f} ms")
+
+
+@main.command()
+@click.argument("model_id")
+@broker_option
+@timeout_option
+def unload(model_id: str, endpoint: str, timeout: float) -> None:
+    """Unload MODEL_ID from every worker.
+
+    \b
+    Example:
+      lipsync-cluster unload demo_ada
+    """
+    reply = _call(endpoint, timeout, lambda c: c.unload_model(model_id))
+    where = ", ".join(reply.get("workers") or []) or "no worker (it was not loaded)"
+    click.echo(f"🗑️  '{model_id}' unloaded from {where}")
+
+
+@main.command()
+@broker_option
+@timeout_option
+def health(endpoint: str, timeout: float) -> None:
+    """Say whether the cluster is live and ready; exit 1 when not ready.
+
+    \b
+    Example:
+      lipsync-cluster health && echo ready
+    """
+    reply = _call(endpoint, timeout, lambda c: c.health())
+    click.echo(json.dumps(reply, default=str))
+    if not reply.get("ready"):
+        sys.exit(1)
+
+
 def _register() -> None:
-    # Subcommands are defined next to what they drive; importing here keeps `cli` on top of the
-    # dependency graph.
+    # Subcommands defined next to what they drive; importing here keeps `cli` on top.
     from .demo.cli import demo_models
 
     main.add_command(demo_models)
+    try:
+        from .client.console import stats
+    except ImportError:  # the console arrives with its own issue; until then, a plain one
+        stats = _plain_stats
+    main.add_command(stats)
+
+
+@click.command("stats")
+@broker_option
+@timeout_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw model_stats reply as JSON.")
+@click.argument("model_id", required=False)
+def _plain_stats(endpoint: str, timeout: float, as_json: bool, model_id: Optional[str]) -> None:
+    """Per-model and per-worker statistics (usage, memory, load times).
+
+    \b
+    Examples:
+      lipsync-cluster stats
+      lipsync-cluster stats demo_ada --json
+    """
+    reply = _call(endpoint, timeout, lambda c: c.model_stats(model_id))
+    if as_json:
+        click.echo(json.dumps(reply, indent=2, default=str))
+        return
+    mb = 2**20
+    click.echo(f"Loaded models: {reply.get('loaded_models', 0)}/{reply.get('max_models', 0)}   "
+               f"Total memory: {reply.get('total_memory_bytes', 0) / mb:.2f} MB / "
+               f"{reply.get('max_memory_bytes', 0) / mb:.0f} MB")
+    for w in reply.get("workers", []):
+        click.echo(f"  worker {w.get('worker')}: {w.get('loaded_models', 0)}/{w.get('max_models', 0)} models, "
+                   f"{w.get('total_memory_bytes', 0) / mb:.1f} MB")
+    for m in reply.get("models", []):
+        click.echo(f"  • {m.get('model_id')}: usage={m.get('usage_count', 0)}, last={_ago(m.get('idle_s'))}, "
+                   f"avg_inference={m.get('avg_inference_ms', 0):.2f}ms")
 
 
 _register()

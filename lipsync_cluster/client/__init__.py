@@ -1,0 +1,9 @@
+"""Python client of a lipsync-cluster broker: ``Client`` (blocking, thread-safe) and ``AsyncClient``."""
+from ..common.errors import (BadRequest, CapacityFull, InternalError, LipsyncError, ModelLoadFailed, Overloaded,
+                             RequestTimeout, Unauthorized, Unavailable, UnknownModel)
+from .client import AsyncClient, Client
+from .results import InferResult
+
+__all__ = ["Client", "AsyncClient", "InferResult", "LipsyncError", "BadRequest", "UnknownModel",
+           "ModelLoadFailed", "CapacityFull", "Overloaded", "RequestTimeout", "Unavailable", "Unauthorized",
+           "InternalError"]

@@ -1,0 +1,222 @@
+"""Start, watch and stop a cluster on one host: one broker and G x P worker processes.
+
+Each worker is its own process (no GIL shared between avatars), pinned to one GPU with
+``CUDA_VISIBLE_DEVICES`` or, with ``--gpus 0``, a CPU worker that never asks for CUDA. A
+worker that dies is restarted with exponential backoff; SIGINT/SIGTERM drains the workers
+(they finish what they hold), stops the broker and removes the host's shared frames.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlparse
+
+import yaml
+
+from .common.catalog import Catalog
+from .common.frame_store import FrameStore
+from .config import Config, ConfigError
+
+log = logging.getLogger("lipsync_cluster.supervisor")
+
+
+class StartError(RuntimeError):
+    """The cluster cannot start; the message is one line that says what to do."""
+
+
+def shm_namespace(config: Config) -> str:
+    """Shared frames are named per cluster (by backend port), so a restart finds what a crash left."""
+    return f"p{urlparse(config.backend).port or 0}"
+
+
+def count_gpus() -> int:
+    """GPUs present on this host (``--gpus auto``): nvidia-smi when it is there, else /dev/nvidiaN."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+
+
+def check_port_free(endpoint: str) -> None:
+    url = urlparse(endpoint)
+    if url.scheme != "tcp":
+        return
+    with socket.socket(socket.AF_INET6 if ":" in (url.hostname or "") else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((url.hostname or "127.0.0.1", url.port or 0))
+        except OSError as exc:
+            raise StartError(f"{endpoint} is already in use ({exc.strerror}); stop the other cluster or "
+                             "choose other ports (server.frontend_port / backend_port / stats_port)") from None
+
+
+def check_models(config: Config) -> Catalog:
+    catalog = Catalog(config.models_dir, config.models)
+    packages = catalog.packages()
+    if not packages:
+        where = config.models_dir or "the config's 'models' section"
+        problems = "; ".join(f"{k}: {v}" for k, v in sorted(catalog.errors.items())) or "no model packages"
+        raise StartError(f"no servable model found in {where} ({problems}); create demo models with "
+                         "'lipsync-cluster demo-models DIR' or prepare some with 'lipsync-cluster prepare'")
+    for model_id, reason in sorted(catalog.errors.items()):
+        log.warning("model '%s' is not servable: %s", model_id, reason)
+    return catalog
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict
+    proc: Optional[subprocess.Popen] = None
+    restarts: int = 0
+    backoff_s: float = 0.0
+    next_start: float = 0.0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env)
+        self.started_at = time.monotonic()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class Supervisor:
+    config: Config
+    gpus: int
+    per_gpu: int
+    children: list[Child] = field(default_factory=list)
+    run_dir: Optional[Path] = None
+    _stopping: bool = False
+
+    def _config_file(self) -> str:
+        self.run_dir = Path(tempfile.mkdtemp(prefix="lipsync-cluster-"))
+        path = self.run_dir / "effective-config.yaml"
+        path.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        return str(path)
+
+    def _plan(self, config_file: str) -> None:
+        base = [sys.executable, "-m", "lipsync_cluster.cli"]
+        env = dict(os.environ)
+        ns = shm_namespace(self.config)
+        self.children.append(Child("broker", base + ["broker", "--config", config_file], env))
+        slots = [(g, p) for g in range(self.gpus) for p in range(self.per_gpu)] if self.gpus else \
+            [(None, p) for p in range(self.per_gpu)]
+        for index, (gpu, _) in enumerate(slots):
+            name = f"w{index}" + (f"-gpu{gpu}" if gpu is not None else "-cpu")
+            wenv = dict(env)
+            # The pin: a worker sees exactly its GPU (as device 0), or none at all.
+            wenv["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpu is not None else ""
+            argv = base + ["worker", "--config", config_file, "--broker", self.config.backend, "--name", name,
+                           "--shm-namespace", ns, "--workers-on-host", str(len(slots)),
+                           "--preload-share", f"{index}/{len(slots)}"]
+            if gpu is not None:
+                argv += ["--gpu", "0"]
+            self.children.append(Child(name, argv, wenv))
+
+    def start(self) -> None:
+        cfg = self.config
+        for endpoint in (cfg.frontend, cfg.backend, cfg.stats_endpoint):
+            check_port_free(endpoint)
+        check_models(cfg)
+        removed = FrameStore(shm_namespace(cfg)).cleanup()
+        if removed:
+            log.info("removed %d shared frame file(s) left by an earlier run", removed)
+        self._plan(self._config_file())
+        for child in self.children:
+            child.start()
+            log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def wait_ready(self, timeout_s: float = 180.0) -> dict:
+        from .client import Client
+
+        deadline = time.monotonic() + timeout_s
+        last: dict = {}
+        with Client(self.config.frontend, timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                broker = self.children[0]
+                if not broker.alive:
+                    raise StartError(f"the broker exited with code {broker.proc.returncode}; see the log above")
+                try:
+                    last = client.health()
+                    if last.get("ready"):
+                        return last
+                except Exception:
+                    pass
+                self.watch_once()
+                time.sleep(0.2)
+        raise StartError(f"the cluster did not become ready within {timeout_s:.0f}s: {last.get('reason', 'no answer')}")
+
+    def watch_once(self) -> None:
+        """Restart dead workers with exponential backoff; a dead broker is restarted too."""
+        cl = self.config.cluster
+        now = time.monotonic()
+        for child in self.children:
+            if self._stopping or child.alive:
+                continue
+            if child.proc is not None and child.next_start == 0.0:
+                code = child.proc.returncode
+                how = f"signal {-code}" if code < 0 else f"code {code}"
+                # A child that ran a while before dying starts over with the shortest backoff.
+                if now - child.started_at > 60:
+                    child.backoff_s = 0.0
+                child.backoff_s = min(cl.restart_backoff_max_s, max(cl.restart_backoff_s, child.backoff_s * 2))
+                child.next_start = now + child.backoff_s
+                log.warning("%s (pid %d) exited with %s; restarting in %.1fs (restart %d)",
+                            child.name, child.proc.pid, how, child.backoff_s, child.restarts + 1)
+            elif child.next_start and now >= child.next_start:
+                child.restarts += 1
+                child.next_start = 0.0
+                child.start()
+                log.info("restarted %s (pid %d)", child.name, child.proc.pid)
+
+    def run_forever(self) -> None:
+        while not self._stopping:
+            self.watch_once()
+            time.sleep(0.2)
+
+    def stop(self, drain_timeout_s: float = 15.0) -> None:
+        self._stopping = True
+        workers = [c for c in self.children[1:] if c.alive]
+        for child in workers:
+            child.proc.send_signal(signal.SIGTERM)
+        self._wait(workers, drain_timeout_s)
+        broker = [c for c in self.children[:1] if c.alive]
+        for child in broker:
+            child.proc.send_signal(signal.SIGTERM)
+        self._wait(broker, 5.0)
+        removed = FrameStore(shm_namespace(self.config)).cleanup()
+        log.info("stopped; removed %d shared frame file(s)", removed)
+        if self.run_dir is not None:
+            for p in self.run_dir.iterdir():
+                p.unlink()
+            self.run_dir.rmdir()
+
+    @staticmethod
+    def _wait(children: list[Child], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for child in children:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs; killing it", child.name, timeout_s)
+                child.proc.kill()
+                child.proc.wait()
+
+
+__all__ = ["Supervisor", "StartError", "ConfigError", "count_gpus", "shm_namespace", "check_models"]

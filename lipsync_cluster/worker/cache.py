@@ -1,0 +1,384 @@
+"""The worker's model cache: load on first use, bounded by count and memory, LRU/LFU eviction,
+idle unload, and never an eviction under a running request.
+
+A *loaded model* is an ONNX Runtime session plus the model's background frames attached from
+the host's shared-memory frame store. Every load, eviction and unload is a log line in the
+seeds' words and an event handed to ``event_sink`` (the worker loop forwards it to the broker).
+
+Thread safety: several request threads use the cache at once. ``_lock`` guards the tables;
+loading happens outside it, one loader per model (others wanting that model wait for it), so a
+slow load never blocks requests for models that are already loaded.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import psutil
+
+from ..common.errors import CapacityFull, LipsyncError, ModelLoadFailed, UnknownModel
+from ..common.frame_store import FrameStore, SharedFrames
+from ..common.model_package import ModelPackage, bind_unet_io
+from .sessions import SessionOptions, make_session, warm_up
+
+log = logging.getLogger("lipsync_cluster.worker.cache")
+
+# A session's memory cannot be measured on a GPU from here; before a load we estimate it from
+# the ONNX file (weights once, plus activations and workspace about as much again).
+SESSION_MEMORY_FACTOR = 2.0
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+@dataclass
+class LoadedModel:
+    package: ModelPackage
+    session: Any
+    visual_input: str
+    audio_input: str
+    frames: SharedFrames
+    memory_bytes: int
+    load_ms: float
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    usage_count: int = 0
+    total_inference_ms: float = 0.0
+    in_use: int = 0
+    retired: bool = False  # replaced by a new version or unloaded while in use: close when idle
+
+    @property
+    def model_id(self) -> str:
+        return self.package.model_id
+
+    @property
+    def version(self) -> str:
+        return self.package.version
+
+    def stats(self, now: Optional[float] = None) -> dict:
+        now = time.time() if now is None else now
+        return {
+            "model_id": self.model_id,
+            "version": self.version,
+            "usage_count": self.usage_count,
+            "last_used": self.last_used,
+            "idle_s": round(now - self.last_used, 3),
+            "loaded_at": self.loaded_at,
+            "total_inference_ms": round(self.total_inference_ms, 3),
+            "avg_inference_ms": round(self.total_inference_ms / self.usage_count, 3) if self.usage_count else 0.0,
+            "memory_bytes": self.memory_bytes,
+            "load_ms": round(self.load_ms, 3),
+            "in_use": self.in_use,
+        }
+
+    def close(self) -> None:
+        self.frames.close()
+        self.session = None
+
+
+class ModelCache:
+    """Models held by one worker.
+
+    ``resolve(model_id) -> ModelPackage`` finds the current package (raising UnknownModel);
+    ``clock`` is wall time and injectable, so idle unload can be tested without waiting.
+    """
+
+    def __init__(
+        self,
+        resolve: Callable[[str], ModelPackage],
+        frame_store: FrameStore,
+        *,
+        max_models: int,
+        max_memory_bytes: int,
+        policy: str = "lru",
+        idle_unload_s: float = 0.0,
+        session_options: SessionOptions = SessionOptions(),
+        event_sink: Optional[Callable[[dict], None]] = None,
+        log_operations: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if policy not in ("lru", "lfu"):
+            raise ValueError(f"eviction policy must be lru or lfu, got {policy!r}")
+        self.resolve = resolve
+        self.frame_store = frame_store
+        self.max_models = max_models
+        self.max_memory_bytes = max_memory_bytes
+        self.policy = policy
+        self.idle_unload_s = idle_unload_s
+        self.session_options = session_options
+        self.event_sink = event_sink or (lambda event: None)
+        self.log_operations = log_operations
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._models: dict[str, LoadedModel] = {}
+        self._loading: dict[str, threading.Event] = {}
+        self._reserved: dict[str, int] = {}  # bytes promised to loads in progress
+        self._retired: list[LoadedModel] = []
+
+    # --- queries -------------------------------------------------------------------------
+
+    def loaded_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._models)
+
+    def loaded_versions(self) -> dict[str, str]:
+        with self._lock:
+            return {mid: m.version for mid, m in self._models.items()}
+
+    def get(self, model_id: str) -> Optional[LoadedModel]:
+        with self._lock:
+            return self._models.get(model_id)
+
+    def memory_bytes(self) -> int:
+        with self._lock:
+            return sum(m.memory_bytes for m in self._models.values())
+
+    def stats(self) -> dict:
+        now = self.clock()
+        with self._lock:
+            models = [m.stats(now) for m in self._models.values()]
+        return {
+            "models": models,
+            "max_models": self.max_models,
+            "loaded_models": len(models),
+            "total_memory_bytes": sum(m["memory_bytes"] for m in models),
+            "max_memory_bytes": self.max_memory_bytes,
+            "eviction_policy": self.policy,
+        }
+
+    # --- use -----------------------------------------------------------------------------
+
+    @contextmanager
+    def use(self, model_id: str, evict_hint: Optional[str] = None) -> Iterator[tuple[LoadedModel, bool, float]]:
+        """Hold ``model_id`` for one request: ``(model, loaded_now, load_ms)``.
+
+        While held, the model is never evicted or closed. Picks up a new package version (a
+        re-prepared model) on the way in; requests holding the old one finish on it.
+        """
+        model, loaded_now, load_ms = self._acquire(model_id, evict_hint)
+        try:
+            yield model, loaded_now, load_ms
+        finally:
+            with self._lock:
+                model.in_use -= 1
+                model.usage_count += 1
+                model.last_used = self.clock()
+                close_now = model.retired and model.in_use == 0
+            if close_now:
+                self._close_retired(model)
+
+    def _acquire(self, model_id: str, evict_hint: Optional[str]) -> tuple[LoadedModel, bool, float]:
+        package = self.resolve(model_id)
+        with self._lock:
+            model = self._models.get(model_id)
+            if model is not None and model.version == package.version:
+                model.in_use += 1
+                return model, False, 0.0
+        model, load_ms = self.load(model_id, package=package, evict_hint=evict_hint, hold=True)
+        return model, load_ms > 0, load_ms
+
+    # --- load / unload ---------------------------------------------------------------------
+
+    def load(self, model_id: str, force_reload: bool = False, *, package: Optional[ModelPackage] = None,
+             evict_hint: Optional[str] = None, hold: bool = False) -> tuple[LoadedModel, float]:
+        """Make ``model_id`` resident. Returns ``(model, load_ms)``; load_ms is 0 if it already was.
+
+        ``hold`` marks the model in use before the lock is released, so no other thread can
+        evict it between loading and running.
+        """
+        package = package or self.resolve(model_id)
+        while True:
+            with self._lock:
+                current = self._models.get(model_id)
+                if current is not None and current.version == package.version and not force_reload:
+                    if hold:
+                        current.in_use += 1
+                    return current, 0.0
+                waiting = self._loading.get(model_id)
+                if waiting is None:
+                    done = threading.Event()
+                    self._loading[model_id] = done
+                    break
+            waiting.wait()
+            force_reload = False  # someone else just loaded it: that is the reload we wanted
+        try:
+            model = self._load_new(package, evict_hint, replacing=current)
+        finally:
+            with self._lock:
+                self._loading.pop(model_id, None)
+                self._reserved.pop(model_id, None)
+            done.set()
+        with self._lock:
+            if hold:
+                model.in_use += 1
+        return model, model.load_ms
+
+    def _load_new(self, package: ModelPackage, evict_hint: Optional[str], replacing: Optional[LoadedModel]) -> LoadedModel:
+        model_id = package.model_id
+        estimate = self._estimate_bytes(package)
+        self._make_room(model_id, estimate, evict_hint, replacing)
+        self._emit("loading", model_id, version=package.version)
+        if self.log_operations:
+            log.info("📦 Loading model '%s' (version %s, %d frames)...", model_id, package.version, package.num_frames)
+        started = time.perf_counter()
+        rss_before = psutil.Process().memory_info().rss
+        frames = None
+        try:
+            session = make_session(package.onnx_path, self.session_options)
+            visual, audio = bind_unet_io(session.get_inputs())
+            warm_up(session)
+            frames = self.frame_store.attach(model_id, package.version, package.frame_paths,
+                                             expected_size=tuple(package.frame_size))
+        except Exception as exc:
+            if frames is not None:
+                frames.close()
+            reason = exc.message if isinstance(exc, LipsyncError) else f"{type(exc).__name__}: {exc}"
+            self._emit("load_failed", model_id, version=package.version, reason=reason)
+            log.error("❌ Model '%s' failed to load: %s", model_id, reason)
+            if isinstance(exc, ModelLoadFailed):
+                raise
+            raise ModelLoadFailed(f"model '{model_id}' failed to load: {reason}", model_id=model_id) from exc
+        load_ms = (time.perf_counter() - started) * 1000
+        session_bytes = psutil.Process().memory_info().rss - rss_before if not self.session_options.uses_cuda else 0
+        if session_bytes <= 0:
+            session_bytes = int(os.path.getsize(package.onnx_path) * SESSION_MEMORY_FACTOR)
+        memory = session_bytes + frames.nbytes
+        if package.memory_estimate_mb:
+            # A declared estimate is the operator's word; measured numbers only refine it upward.
+            memory = max(memory, int(package.memory_estimate_mb * 1024 * 1024))
+        model = LoadedModel(package=package, session=session, visual_input=visual, audio_input=audio,
+                            frames=frames, memory_bytes=memory, load_ms=load_ms, loaded_at=self.clock(),
+                            last_used=self.clock())
+        with self._lock:
+            old = self._models.get(model_id)
+            self._models[model_id] = model
+            if old is not None:
+                self._retire_locked(old)
+        if old is not None and old.version != package.version:
+            # The old shared copy is released once nobody on this host needs that version.
+            self.frame_store.remove_other_versions(model_id, package.version)
+        if self.log_operations:
+            log.info("✅ Model '%s' loaded in %.2fs (memory: %.2f MB)", model_id, load_ms / 1000, memory / 2**20)
+        self._emit("loaded", model_id, version=package.version, memory_bytes=memory, load_ms=round(load_ms, 3))
+        return model
+
+    def _estimate_bytes(self, package: ModelPackage) -> int:
+        if package.memory_estimate_mb:
+            return int(package.memory_estimate_mb * 1024 * 1024)
+        w, h = package.frame_size
+        frames = package.num_frames * w * h * 3
+        return int(os.path.getsize(package.onnx_path) * SESSION_MEMORY_FACTOR) + frames
+
+    def _make_room(self, model_id: str, needed: int, evict_hint: Optional[str], replacing: Optional[LoadedModel]) -> None:
+        """Evict until one more model of ``needed`` bytes fits, or raise CapacityFull."""
+        if needed > self.max_memory_bytes:
+            raise CapacityFull(
+                f"model '{model_id}' needs {needed / 2**20:.0f} MB but the worker's budget is "
+                f"{self.max_memory_bytes / 2**20:.0f} MB", model_id=model_id,
+                needed_bytes=needed, max_memory_bytes=self.max_memory_bytes)
+        while True:
+            with self._lock:
+                others = {mid: m for mid, m in self._models.items() if mid != model_id}
+                replaced = replacing.memory_bytes if replacing is not None and model_id in self._models else 0
+                count = len(others) + 1 + sum(1 for mid in self._loading if mid != model_id and mid not in self._models)
+                used = sum(m.memory_bytes for m in self._models.values()) - replaced + sum(
+                    v for k, v in self._reserved.items() if k != model_id)
+                if count <= self.max_models and used + needed <= self.max_memory_bytes:
+                    self._reserved[model_id] = needed
+                    return
+                candidates = [m for m in others.values() if m.in_use == 0]
+                if not candidates:
+                    raise CapacityFull(
+                        f"capacity full and eviction failed: loading '{model_id}' needs {needed / 2**20:.0f} MB "
+                        f"and a model slot; {len(others)}/{self.max_models} models loaded, "
+                        f"{used / 2**20:.0f}/{self.max_memory_bytes / 2**20:.0f} MB used, and every loaded "
+                        "model is serving a request", model_id=model_id, needed_bytes=needed, used_bytes=used,
+                        max_memory_bytes=self.max_memory_bytes, loaded_models=len(others), max_models=self.max_models)
+                victim = self._choose_victim(candidates, evict_hint)
+                del self._models[victim.model_id]
+            self._log_eviction(victim)
+            self._emit("evicted", victim.model_id, version=victim.version, reason=f"policy {self.policy}",
+                       usage_count=victim.usage_count, memory_bytes=victim.memory_bytes)
+            victim.close()
+
+    def _choose_victim(self, candidates: list[LoadedModel], evict_hint: Optional[str]) -> LoadedModel:
+        for m in candidates:
+            if m.model_id == evict_hint:
+                return m
+        if self.policy == "lfu":
+            return min(candidates, key=lambda m: (m.usage_count, m.last_used))
+        return min(candidates, key=lambda m: m.last_used)
+
+    def _log_eviction(self, victim: LoadedModel) -> None:
+        if self.log_operations:
+            log.warning("⚠️  Evicting model '%s' (policy: %s, usage: %d, last used: %s)", victim.model_id,
+                        self.policy, victim.usage_count, _ago(self.clock() - victim.last_used))
+
+    def unload(self, model_id: str, reason: str = "unloaded") -> bool:
+        """Drop ``model_id``; a model serving a request is closed when that request ends."""
+        with self._lock:
+            model = self._models.pop(model_id, None)
+            if model is None:
+                return False
+            close_now = model.in_use == 0
+            if not close_now:
+                self._retire_locked(model)
+        now = self.clock()
+        if self.log_operations:
+            if reason == "idle_unloaded":
+                log.info("⏰ Auto-unloading idle model '%s' (idle for %s)", model_id, _ago(now - model.last_used))
+            else:
+                log.info("🗑️  Model '%s' unloaded (was active for %s, used %d times)", model_id,
+                         _ago(now - model.loaded_at), model.usage_count)
+        self._emit(reason, model_id, version=model.version, usage_count=model.usage_count,
+                   memory_bytes=model.memory_bytes)
+        if close_now:
+            model.close()
+        return True
+
+    def unload_idle(self) -> list[str]:
+        """Unload models unused for ``idle_unload_s`` (0 disables). Called about once a second."""
+        if self.idle_unload_s <= 0:
+            return []
+        now = self.clock()
+        with self._lock:
+            idle = [mid for mid, m in self._models.items()
+                    if m.in_use == 0 and now - m.last_used >= self.idle_unload_s]
+        return [mid for mid in idle if self.unload(mid, reason="idle_unloaded")]
+
+    def close(self) -> None:
+        for mid in self.loaded_ids():
+            self.unload(mid)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _retire_locked(self, model: LoadedModel) -> None:
+        model.retired = True
+        if model.in_use == 0:
+            model.close()
+        else:
+            self._retired.append(model)
+
+    def _close_retired(self, model: LoadedModel) -> None:
+        with self._lock:
+            if model in self._retired:
+                self._retired.remove(model)
+        model.close()
+
+    def _emit(self, event: str, model_id: str, **fields: Any) -> None:
+        payload = {"event": event, "model_id": model_id, "time": self.clock(), **fields}
+        try:
+            self.event_sink(payload)
+        except Exception:  # an event must never break a load
+            log.exception("event sink failed for %s", payload)

@@ -1,0 +1,156 @@
+"""One infer request to its reply: audio -> features -> visual inputs -> UNet -> composite -> encode.
+
+Each stage is its own function with its own timing. Composite and encode run per frame on a
+small thread pool: OpenCV's resize and encoders release the GIL, so they use the cores that the
+UNet leaves idle and, with two requests in flight per worker, overlap the next batch's inference.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..common import audio, imageops
+from ..common.errors import BadRequest
+from ..common.infer_request import InferRequest
+from .cache import LoadedModel
+
+DEFAULT_JPEG_QUALITY = 85
+
+
+class AudioEncoder:
+    """The shared audio encoder (mel [K,1,80,16] -> [K,512]), opened on first use."""
+
+    def __init__(self, open_session: Callable[[], Any]) -> None:
+        self._open = open_session
+        self._session = None
+        self._lock = threading.Lock()
+
+    def __call__(self, mel_windows: np.ndarray) -> np.ndarray:
+        if self._session is None:
+            with self._lock:
+                if self._session is None:
+                    self._session = self._open()
+        name = self._session.get_inputs()[0].name
+        return self._session.run(None, {name: np.ascontiguousarray(mel_windows, dtype=np.float32)})[0]
+
+
+class Pipeline:
+    def __init__(self, encoder: Optional[AudioEncoder], threads: int = 2) -> None:
+        self.encoder = encoder
+        self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="composite")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # --- stages ----------------------------------------------------------------------------
+
+    def features(self, req: InferRequest) -> np.ndarray:
+        if req.audio_features is not None:
+            feats = req.audio_features
+            if feats.ndim == 3:  # one window for the whole batch, as the seeds' clients send
+                feats = np.broadcast_to(feats, (req.batch_size, *feats.shape))
+            return np.ascontiguousarray(feats, dtype=np.float32)
+        if self.encoder is None:
+            raise BadRequest("tensor 'audio_pcm' needs an audio encoder, and this cluster has none configured "
+                             "(set 'audio_encoder' in the config); send 'audio_features' instead")
+        pcm = audio.to_float_pcm(req.audio_pcm)
+        return audio.features_from_pcm(pcm, self.encoder, req.audio_frame_offset, req.frame_indices)
+
+    @staticmethod
+    def background_indices(model: LoadedModel, req: InferRequest) -> np.ndarray:
+        return imageops.pingpong_indices(req.start_frame_idx, req.batch_size, len(model.frames))
+
+    @staticmethod
+    def inputs(model: LoadedModel, bg: np.ndarray, visual_frames: Optional[np.ndarray]) -> tuple[np.ndarray, list]:
+        rects = model.package.crop_rects
+        frames = [model.frames[int(i)] for i in bg]
+        batch, crops = imageops.build_visual_batch(frames, [rects[int(i)] for i in bg])
+        if visual_frames is not None:
+            batch = visual_frames  # the caller's own network input; crops still drive paste-back
+        return batch, crops
+
+    @staticmethod
+    def unet(model: LoadedModel, visual: np.ndarray, feats: np.ndarray) -> np.ndarray:
+        return model.session.run(None, {model.visual_input: visual, model.audio_input: feats})[0]
+
+    def composite_and_encode(self, model: LoadedModel, req: InferRequest, bg: np.ndarray, crops: list,
+                             out: np.ndarray) -> tuple[list, list, float, float]:
+        rects = model.package.crop_rects
+        quality = req.quality
+        if quality is None and req.format in ("jpeg", "patch"):
+            quality = DEFAULT_JPEG_QUALITY
+
+        def one(i: int) -> tuple[Any, float, float]:
+            b = int(bg[i])
+            t0 = time.perf_counter()
+            if req.format == "patch":
+                image = imageops.paste_patch(rects[b], crops[i], out[i])
+            else:
+                image = imageops.paste_back(model.frames[b], rects[b], crops[i], out[i])
+            t1 = time.perf_counter()
+            if req.format == "raw":
+                data: Any = image
+            else:
+                data = imageops.encode_image(image, "png" if req.format == "png" else "jpeg", quality)
+            t2 = time.perf_counter()
+            return data, (t1 - t0) * 1000, (t2 - t1) * 1000
+
+        results = list(self._pool.map(one, range(req.batch_size)))
+        composite_ms = sum(r[1] for r in results)
+        encode_ms = sum(r[2] for r in results)
+        images, payloads = [], []
+        for i, (data, _, _) in enumerate(results):
+            b = int(bg[i])
+            info = {"frame": i, "index": req.start_frame_idx + i, "background_index": b,
+                    "rect": [int(v) for v in rects[b]]}
+            if isinstance(data, np.ndarray):
+                info["shape"] = list(data.shape)
+                payloads.append(memoryview(np.ascontiguousarray(data)).cast("B"))
+            else:
+                payloads.append(data)
+            images.append(info)
+        return images, payloads, composite_ms, encode_ms
+
+    # --- the whole request -------------------------------------------------------------------
+
+    def run(self, model: LoadedModel, req: InferRequest) -> tuple[dict, list]:
+        """Run ``req`` on ``model``. Returns (reply fields, payload frames)."""
+        started = time.perf_counter()
+        req.check_values()
+        t0 = time.perf_counter()
+        feats = self.features(req)
+        t1 = time.perf_counter()
+        bg = self.background_indices(model, req)
+        visual, crops = self.inputs(model, bg, req.visual_frames)
+        t2 = time.perf_counter()
+        out = self.unet(model, visual, feats)
+        t3 = time.perf_counter()
+        images, payloads, composite_ms, encode_ms = self.composite_and_encode(model, req, bg, crops, out)
+        t4 = time.perf_counter()
+        inference_ms = (t3 - t2) * 1000
+        with_lock_free_stats(model, inference_ms)
+        reply = {
+            "model_id": model.model_id,
+            "model_version": model.version,
+            "format": req.format,
+            "images": images,
+            "timings": {
+                "features_ms": round((t1 - t0) * 1000, 3),
+                "inputs_ms": round((t2 - t1) * 1000, 3),
+                "inference_ms": round(inference_ms, 3),
+                "composite_ms": round(composite_ms, 3),
+                "encode_ms": round(encode_ms, 3),
+                "postprocess_wall_ms": round((t4 - t3) * 1000, 3),
+                "worker_ms": round((t4 - started) * 1000, 3),
+            },
+        }
+        return reply, payloads
+
+
+def with_lock_free_stats(model: LoadedModel, inference_ms: float) -> None:
+    # A float add under the GIL; a lost update between two threads would only blur a statistic.
+    model.total_inference_ms += inference_ms

@@ -1,0 +1,81 @@
+"""ONNX Runtime sessions: CUDA only where this worker was given a GPU, else the CPU provider.
+
+A worker that was given no GPU never names the CUDA provider, so a CPU machine with
+onnxruntime-gpu installed shows no wall of CUDA load errors. A worker given a GPU bounds the
+CUDA memory arena by its budget (``gpu_mem_limit``) and grows it only as requested, so one
+avatar's session cannot take the whole card.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+# ONNX Runtime prints provider warnings at WARNING level on stderr; keep its own logger quiet
+# except for errors, our log lines say what matters.
+ort.set_default_logger_severity(3)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    gpu: Optional[int] = None  # device id inside CUDA_VISIBLE_DEVICES (0 when pinned), None = CPU
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    gpu_mem_limit_bytes: Optional[int] = None
+
+    @property
+    def uses_cuda(self) -> bool:
+        return self.gpu is not None
+
+
+def cuda_available() -> bool:
+    """True when this onnxruntime build has the CUDA provider *and* a device is visible."""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
+
+
+def make_session(path: str | os.PathLike, opts: SessionOptions) -> ort.InferenceSession:
+    """Open ``path`` with the providers ``opts`` allows. Raises whatever ONNX Runtime raises."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = opts.intra_op_threads
+    so.inter_op_num_threads = opts.inter_op_threads
+    so.log_severity_level = 3
+    if opts.uses_cuda:
+        cuda = {
+            "device_id": int(opts.gpu),
+            "arena_extend_strategy": "kSameAsRequested",
+            "cudnn_conv_algo_search": "HEURISTIC",
+            "do_copy_in_default_stream": True,
+        }
+        if opts.gpu_mem_limit_bytes:
+            cuda["gpu_mem_limit"] = int(opts.gpu_mem_limit_bytes)
+        providers: list = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+    else:
+        # No CPU memory arena: a worker that unloads a model should give the memory back.
+        so.enable_cpu_mem_arena = False
+        providers = ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    if opts.uses_cuda and session.get_providers()[0] != "CUDAExecutionProvider":
+        log.warning("CUDA was requested for %s but ONNX Runtime fell back to %s",
+                    path, session.get_providers()[0])
+    return session
+
+
+def warm_up(session: ort.InferenceSession, batch_size: int = 1) -> None:
+    """Run one inference with zeros so the first real request does not pay for kernel setup."""
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = [batch_size if not isinstance(d, int) or d <= 0 else d for d in inp.shape]
+        feeds[inp.name] = np.zeros(shape, dtype=np.float32)
+    session.run(None, feeds)
