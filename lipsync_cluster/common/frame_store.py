@@ -251,7 +251,10 @@ class FrameStore:
             if (n_frames and n != n_frames) or (size is not None and size != (w, h)):
                 return None  # same version string, different frames: rebuild under the lock
             inode = os.fstat(fd).st_ino
-            array = np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_SIZE, shape=tuple(header["shape"]))
+            # Map the descriptor whose header we read, not the path again: a rebuild may rename
+            # a new file into place in between.
+            with open(fd, "rb", closefd=False) as f:
+                array = np.memmap(f, dtype=np.uint8, mode="r", offset=HEADER_SIZE, shape=tuple(header["shape"]))
         finally:
             os.close(fd)
         return SharedFrames(path, array, header, created, inode)
