@@ -1,0 +1,147 @@
+"""Pipeline vs raw ONNX Runtime on the `unet` demo model (the SyncTalk_2D 328 topology).
+
+Side by side in one run, on the same cores:
+  raw       ONNX Runtime alone, inputs prepared in advance (the ceiling)
+  pipeline  the worker's whole request path (features, crops, UNet, paste back, encode), driven
+            with two requests in flight as a worker with two credits is
+at batch 1, 5, 10, 25, with the per-stage breakdown, and png vs jpeg vs patch at batch 5.
+
+    python bench/pipeline.py            # full run, writes docs/BENCHMARKS.md
+    python bench/pipeline.py --quick    # a short smoke run, prints only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, today, write_section  # noqa: E402
+
+from lipsync_cluster.common.protocol import attach_arrays  # noqa: E402
+from lipsync_cluster.config import load_config  # noqa: E402
+from lipsync_cluster.demo.build import build_demo_models  # noqa: E402
+from lipsync_cluster.worker.service import WorkerService  # noqa: E402
+from lipsync_cluster.worker.sessions import SessionOptions, make_session, warm_up  # noqa: E402
+
+
+def raw_fps(onnx_path: str, batch: int, seconds: float, threads: int) -> float:
+    session = make_session(onnx_path, SessionOptions(intra_op_threads=threads))
+    names = [i.name for i in session.get_inputs()]
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    feeds = {}
+    for n in names:
+        shape = [batch if not isinstance(d, int) or d <= 0 else d for d in shapes[n]]
+        feeds[n] = np.random.default_rng(0).uniform(0, 1, shape).astype(np.float32)
+    warm_up(session, batch)
+    frames, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        session.run(None, feeds)
+        frames += batch
+    return frames / (time.perf_counter() - started)
+
+
+def pipeline_fps(service: WorkerService, model_id: str, batch: int, fmt: str, seconds: float,
+                 in_flight: int = 2) -> tuple[float, dict]:
+    rng = np.random.default_rng(1)
+    pcm = (0.3 * rng.standard_normal(16000 * 4)).astype(np.float32)
+    totals: dict[str, float] = {}
+    count = [0]
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def one(start: int) -> None:
+        header = {"client_op": "infer", "model_id": model_id, "batch_size": batch, "start_frame_idx": start,
+                  "format": fmt, "audio_frame_offset": 0}
+        payloads = attach_arrays(header, {"audio_pcm": pcm})
+        reply, _ = service.handle(header, payloads)
+        with lock:
+            count[0] += batch
+            for k, v in reply["timings"].items():
+                totals[k] = totals.get(k, 0.0) + v
+
+    one(0)  # load + warm
+    count[0] = 0
+    totals.clear()
+
+    def loop(k: int) -> None:
+        start = k * batch
+        while time.perf_counter() < stop:
+            one(start % 60)
+            start += in_flight * batch
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(k,)) for k in range(in_flight)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    elapsed = time.perf_counter() - started
+    per_frame = {k: v / max(1, count[0]) for k, v in totals.items()}
+    return count[0] / elapsed, per_frame
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short run, do not write docs")
+    ap.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
+    ap.add_argument("--models", default=None, help="a demo folder with a unet model (built if absent)")
+    args = ap.parse_args()
+    seconds = args.seconds or (2.0 if args.quick else 8.0)
+    batches = [5] if args.quick else [1, 5, 10, 25]
+    threads = os.cpu_count() or 1
+
+    folder = Path(args.models) if args.models else Path(tempfile.gettempdir()) / "lipsync-bench-unet"
+    build_demo_models(folder, count=1, kind="unet", frames=60, size=(1280, 720), progress=False)
+    cfg = load_config({"models_dir": str(folder), "audio_encoder": str(folder / "audio_encoder.onnx"),
+                       "onnx": {"intra_op_threads": threads}})
+    service = WorkerService(cfg, shm_namespace=f"bench-{uuid.uuid4().hex[:6]}")
+    model_id = sorted(service.catalog.packages())[0]
+    onnx_path = str(service.catalog.resolve(model_id).onnx_path)
+    rows, stage_rows = [], []
+    try:
+        for batch in batches:
+            raw = raw_fps(onnx_path, batch, seconds, threads)
+            fps, stages = pipeline_fps(service, model_id, batch, "jpeg", seconds)
+            rows.append((batch, raw, fps))
+            stage_rows.append((batch, stages))
+            print(f"batch {batch:>2}: raw {raw:6.1f} fps   pipeline(jpeg) {fps:6.1f} fps   ratio {fps / raw:.2f}", flush=True)
+        fmt_rows = []
+        for fmt in ("png", "jpeg", "patch"):
+            fps, stages = pipeline_fps(service, model_id, 5, fmt, seconds)
+            fmt_rows.append((fmt, fps, stages))
+            print(f"format {fmt:>5} @ batch 5: {fps:6.1f} fps   encode {stages.get('encode_ms', 0):.2f} ms/frame", flush=True)
+    finally:
+        service.close()
+        service.cache.frame_store.cleanup()
+    if args.quick:
+        return
+    lines = [
+        "## Pipeline vs raw ONNX Runtime (`bench/pipeline.py`)",
+        "",
+        f"Machine: {machine()}. Date: {today()}. Model: `unet` demo (SyncTalk_2D 328 topology), 1280x720 frames,",
+        f"audio as 16 kHz PCM (mel + audio encoder on the worker). {threads} intra-op threads; the pipeline runs two",
+        f"requests in flight, as a worker with two credits does. {seconds:.0f} s per cell.",
+        "",
+        "| batch | raw ORT fps | pipeline fps (jpeg) | pipeline / raw |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {b} | {r:.1f} | {p:.1f} | {p / r:.2f} |" for b, r, p in rows]
+    lines += ["", "Per-frame stage time in the pipeline (ms of thread time per frame; stages overlap across the two requests):", "",
+              "| batch | features | inputs | UNet | composite | encode |", "|---:|---:|---:|---:|---:|---:|"]
+    for b, s in stage_rows:
+        lines.append(f"| {b} | {s.get('features_ms', 0):.2f} | {s.get('inputs_ms', 0):.2f} | {s.get('inference_ms', 0):.2f} | "
+                     f"{s.get('composite_ms', 0):.2f} | {s.get('encode_ms', 0):.2f} |")
+    lines += ["", "Formats at batch 5:", "", "| format | pipeline fps | encode ms/frame |", "|---|---:|---:|"]
+    lines += [f"| {f} | {fps:.1f} | {s.get('encode_ms', 0):.2f} |" for f, fps, s in fmt_rows]
+    write_section("pipeline", "\n".join(lines))
+    print(f"wrote {Path(__file__).resolve().parent.parent / 'docs' / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()

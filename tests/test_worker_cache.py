@@ -1,0 +1,170 @@
+"""The worker's model cache: LRU vs LFU order, idle unload on a controllable clock, memory
+budget, in-use models never evicted, events and log lines for every change."""
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import pytest
+
+from lipsync_cluster.common.catalog import Catalog
+from lipsync_cluster.common.errors import CapacityFull, ModelLoadFailed, UnknownModel
+from lipsync_cluster.common.frame_store import FrameStore
+from lipsync_cluster.worker.cache import ModelCache
+from lipsync_cluster.worker.sessions import SessionOptions
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def store():
+    fs = FrameStore(f"test-{uuid.uuid4().hex[:8]}")
+    yield fs
+    fs.cleanup()
+
+
+def make_cache(demo_dir, store, clock=None, **kw):
+    catalog = Catalog(str(demo_dir))
+    events: list[dict] = []
+    opts = dict(max_models=2, max_memory_bytes=4 * 2**30, policy="lru", idle_unload_s=0.0)
+    opts.update(kw)
+    cache = ModelCache(catalog.resolve, store, session_options=SessionOptions(intra_op_threads=1),
+                       event_sink=events.append, clock=clock or Clock(), **opts)
+    return cache, events, sorted(catalog.packages())
+
+
+def use(cache, model_id, clock=None, advance=1.0):
+    with cache.use(model_id) as (model, loaded_now, _):
+        pass
+    if clock is not None:
+        clock.advance(advance)
+    return loaded_now
+
+
+def test_load_on_first_use_then_hit(demo_dir, store):
+    clock = Clock()
+    cache, events, ids = make_cache(demo_dir, store, clock)
+    assert use(cache, ids[0], clock) is True
+    assert use(cache, ids[0], clock) is False
+    assert [e["event"] for e in events] == ["loading", "loaded"]
+    stats = cache.stats()["models"][0]
+    assert stats["usage_count"] == 2 and stats["memory_bytes"] > 12 * 1280 * 720 * 3 - 1
+
+
+def test_lru_evicts_least_recently_used(demo_dir, store, caplog):
+    clock = Clock()
+    cache, events, (a, b, c) = make_cache(demo_dir, store, clock, policy="lru")
+    use(cache, a, clock)
+    use(cache, b, clock)
+    use(cache, a, clock)  # a is now more recent than b
+    with caplog.at_level(logging.INFO, logger="lipsync_cluster.worker.cache"):
+        use(cache, c, clock)
+    assert cache.loaded_ids() == sorted([a, c])
+    evicted = [e for e in events if e["event"] == "evicted"]
+    assert [e["model_id"] for e in evicted] == [b]
+    assert f"Evicting model '{b}' (policy: lru, usage: 1, last used: 2s)" in caplog.text
+
+
+def test_lfu_evicts_least_frequently_used(demo_dir, store):
+    clock = Clock()
+    cache, events, (a, b, c) = make_cache(demo_dir, store, clock, policy="lfu")
+    for _ in range(3):
+        use(cache, a, clock)
+    use(cache, b, clock)
+    use(cache, a, clock)
+    use(cache, b, clock)  # b is the most recent (LRU would evict a) but used 2x against a's 4x
+    use(cache, c, clock)
+    assert [e["model_id"] for e in events if e["event"] == "evicted"] == [b]
+    assert cache.loaded_ids() == sorted([a, c])
+
+
+def test_idle_unload_on_controllable_clock(demo_dir, store):
+    clock = Clock()
+    cache, events, (a, b, _) = make_cache(demo_dir, store, clock, idle_unload_s=30 * 60)
+    use(cache, a, clock, advance=0)
+    clock.advance(20 * 60)
+    use(cache, b, clock, advance=0)
+    clock.advance(11 * 60)  # a idle 31 min, b idle 11 min
+    assert cache.unload_idle() == [a]
+    assert cache.loaded_ids() == [b]
+    assert [e for e in events if e["event"] == "idle_unloaded"][0]["model_id"] == a
+
+
+def test_memory_budget_limits_resident_models(demo_dir, store):
+    cache, _, (a, b, c) = make_cache(demo_dir, store, max_models=3)
+    use(cache, a)
+    one = cache.stats()["models"][0]["memory_bytes"]
+    cache.unload(a)
+    cache2, events, _ = make_cache(demo_dir, store, max_models=3, max_memory_bytes=int(one * 2.5))
+    for m in (a, b, c):
+        use(cache2, m)
+    assert len(cache2.loaded_ids()) == 2, "the budget holds two models, not three"
+    assert cache2.memory_bytes() <= int(one * 2.5)
+    cache3, _, _ = make_cache(demo_dir, store, max_memory_bytes=one // 4)
+    with pytest.raises(CapacityFull, match="budget"):
+        use(cache3, a)
+
+
+def test_model_in_use_is_never_evicted(demo_dir, store):
+    cache, events, (a, b, c) = make_cache(demo_dir, store, max_models=1)
+    with cache.use(a):
+        # b needs the only slot, and a is serving a request: capacity full, a stays.
+        with pytest.raises(CapacityFull, match="every loaded model is serving a request"):
+            with cache.use(b):
+                pass
+        assert cache.loaded_ids() == [a]
+    with cache.use(b):
+        assert cache.loaded_ids() == [b]
+
+
+def test_unload_while_in_use_closes_after_the_request(demo_dir, store):
+    cache, events, (a, _, _) = make_cache(demo_dir, store)
+    with cache.use(a) as (model, _, _):
+        assert cache.unload(a) is True
+        assert model.session is not None, "the running request keeps its session"
+    assert model.session is None
+    assert cache.loaded_ids() == []
+
+
+def test_concurrent_requests_load_once(demo_dir, store):
+    cache, events, (a, _, _) = make_cache(demo_dir, store)
+    barrier = threading.Barrier(4)
+
+    def go():
+        barrier.wait()
+        use(cache, a)
+
+    threads = [threading.Thread(target=go) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert [e["event"] for e in events].count("loaded") == 1
+    assert cache.stats()["models"][0]["usage_count"] == 4
+
+
+def test_unknown_and_broken_models(demo_dir, store, tmp_path):
+    cache, events, _ = make_cache(demo_dir, store)
+    with pytest.raises(UnknownModel, match="not found"):
+        use(cache, "nobody")
+    # a package whose UNet is corrupt: model_load_failed naming the reason, and an event
+    import shutil
+
+    broken_root = tmp_path / "models"
+    shutil.copytree(demo_dir, broken_root)
+    victim = sorted(p.name for p in broken_root.iterdir() if (p / "model.yaml").exists())[0]
+    onnx = broken_root / victim / "model.onnx"
+    onnx.unlink()
+    onnx.write_bytes(b"not an onnx file")
+    cache2, events2, _ = make_cache(broken_root, store)
+    with pytest.raises(ModelLoadFailed) as info:
+        use(cache2, victim)
+    assert victim in info.value.message
