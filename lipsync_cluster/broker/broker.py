@@ -1,0 +1,791 @@
+"""The broker: three sockets, one thread, one handler per message kind (Majordomo style).
+
+    frontend ROUTER  <- clients (DEALER): infer + management ops
+    backend  ROUTER  <- workers (DEALER): ready / heartbeat / reply / event / stats / disconnect
+    PUB              -> stats console, exporters: b"stats" snapshots (~1 s), b"event" as they happen
+
+Requests are validated, queued per model (``queues.py``) and sent to a worker chosen by the pure
+decisions in ``routing.py`` over the worker table (``workers.py``). A worker never has more
+requests than the credits it announced. Payload frames are forwarded as the zmq Frames they
+arrived in (no copy, no re-encoding); only the small msgpack header is rewritten per leg.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+import msgpack
+import zmq
+
+from ..common.errors import (BadRequest, InternalError, LipsyncError, Overloaded, RequestTimeout,
+                             Unavailable)
+from ..common.protocol import TAG, decode
+from ..config.schema import Config
+from . import management
+from .queues import ModelQueues, Pending
+from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, copy_threshold_s, route
+from .stats import BrokerStats, format_report
+from .validate import check_deadline, check_envelope, check_infer, check_load, check_model
+from .workers import Worker, WorkerTable
+
+log = logging.getLogger("lipsync_cluster.broker")
+
+RECV_BATCH = 256            # messages read from one socket before looking at the other
+SWEEP_S = 0.025             # deadline sweep / copy check period
+PUBLISH_S = 1.0             # stats snapshot period on the PUB socket
+CATALOG_REFRESH_S = 2.0     # re-read the catalog at most this often (plus on unknown ids)
+UNKNOWN_REFRESH_S = 0.25    # ... and at most this often when a request names an unknown id
+PRELOAD_RETRY_S = 10.0      # after a failed or impossible preload, try again this much later
+HWM = 100_000               # messages per peer queue; a client that stops reading loses replies
+
+Catalog = Callable[[], "dict[str, dict]"]
+
+
+class BindError(RuntimeError):
+    """An endpoint could not be bound (most often: the port is already in use)."""
+
+
+class Gather:
+    """An ``unload_model`` fanned out to every worker holding the model; answered once."""
+
+    __slots__ = ("client", "cid", "model", "remaining", "workers", "errors")
+
+    def __init__(self, client: bytes, cid: Any, model: str, count: int) -> None:
+        self.client, self.cid, self.model = client, cid, model
+        self.remaining = count
+        self.workers: list[str] = []
+        self.errors: list[dict] = []
+
+
+class _Busy:
+    """``model in busy`` -> the model has requests queued (a Collection view, computed lazily)."""
+
+    __slots__ = ("queues",)
+
+    def __init__(self, queues: ModelQueues) -> None:
+        self.queues = queues
+
+    def __contains__(self, model: object) -> bool:
+        return self.queues.depth(model) > 0  # type: ignore[arg-type]
+
+
+class Broker:
+    def __init__(self, config: Config, catalog: Catalog, *, ctx: Optional[zmq.Context] = None,
+                 default_deadline_s: float = 120.0, lfu_half_life_s: float = 300.0,
+                 no_worker_grace_s: float = 10.0) -> None:
+        cl = config.cluster
+        self.config = config
+        self._catalog_fn = catalog
+        self.catalog: dict[str, dict] = {}
+        self._catalog_at = -1e9
+        self._catalog_failing = False
+        self._own_ctx = ctx is None
+        self.ctx = ctx if ctx is not None else zmq.Context()
+        self.interval = cl.heartbeat_interval_s
+        self.dead_after = cl.heartbeat_interval_s * cl.heartbeat_liveness
+        self.max_batch = cl.max_batch_size
+        self.max_copies = cl.max_copies_per_model
+        self.default_deadline_s = default_deadline_s
+        self.no_worker_grace_s = no_worker_grace_s
+        now = time.monotonic()
+        self.table = WorkerTable()
+        self.queues = ModelQueues(cl.queue_limit_per_model, cl.queue_limit_total)
+        self.control: deque[Pending] = deque()       # unload fan-out legs, each for one worker
+        self.heat = Heat(config.capacity.eviction_policy, lfu_half_life_s)
+        self.stats = BrokerStats(now)
+        self._busy = _Busy(self.queues)
+        self._rids = itertools.count(1)
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._preload_at: dict[str, float] = {}      # model -> when we last tried to preload it
+        self._no_workers_since: Optional[float] = now
+        self._dirty = False
+        self.frontend: Optional[zmq.Socket] = None
+        self.backend: Optional[zmq.Socket] = None
+        self.publisher: Optional[zmq.Socket] = None
+        self.frontend_endpoint = self.backend_endpoint = self.stats_endpoint = ""
+        self._hb_frames = [TAG, self._packer.pack({"op": "heartbeat"})]
+        self._disconnect_frames = [TAG, self._packer.pack({"op": "disconnect"})]
+        self._client_ops = {
+            "infer": self._on_infer, "load_model": self._on_load_model,
+            "unload_model": self._on_unload_model, "list_models": self._on_list_models,
+            "model_stats": self._on_model_stats, "health": self._on_health,
+        }
+        self._worker_ops = {
+            "heartbeat": self._on_heartbeat, "reply": self._on_reply, "event": self._on_event,
+            "stats": self._on_stats, "disconnect": self._on_disconnect, "ready": self._on_ready_again,
+        }
+
+    # --- sockets -------------------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Bind the three sockets; :class:`BindError` names the endpoint that failed.
+
+        An endpoint may use port ``*`` (e.g. ``tcp://127.0.0.1:*``); the bound addresses are in
+        ``frontend_endpoint`` / ``backend_endpoint`` / ``stats_endpoint`` afterwards.
+        """
+        max_bytes = self.config.server.max_message_size_mb * 2**20
+        made: list[zmq.Socket] = []
+        try:
+            for role, endpoint, kind in (("frontend", self.config.frontend, zmq.ROUTER),
+                                         ("backend", self.config.backend, zmq.ROUTER),
+                                         ("stats", self.config.stats_endpoint, zmq.PUB)):
+                sock = self.ctx.socket(kind)
+                made.append(sock)
+                sock.setsockopt(zmq.LINGER, 500)
+                if kind == zmq.ROUTER:
+                    # A reply to a peer that went away must fail fast, never block the broker.
+                    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+                    sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+                    sock.setsockopt(zmq.SNDHWM, HWM)
+                    sock.setsockopt(zmq.RCVHWM, HWM)
+                else:
+                    sock.setsockopt(zmq.SNDHWM, 1000)  # slow subscribers miss snapshots
+                try:
+                    sock.bind(endpoint)
+                except zmq.ZMQError as exc:
+                    if exc.errno == zmq.EADDRINUSE:
+                        raise BindError(f"{endpoint} is already in use (broker {role} socket)") from None
+                    raise BindError(f"cannot bind the broker {role} socket to {endpoint}: {exc}") from None
+                setattr(self, f"{role}_endpoint", sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        except BaseException:
+            for sock in made:
+                sock.close(linger=0)
+            raise
+        self.frontend, self.backend, self.publisher = made
+        log.info("broker listening: clients %s, workers %s, stats %s",
+                 self.frontend_endpoint, self.backend_endpoint, self.stats_endpoint)
+
+    def run(self, stop_event: Optional[threading.Event] = None) -> None:
+        """Serve until ``stop_event`` is set; then answer what is pending and close."""
+        if self.frontend is None:
+            self.bind()
+        stop = stop_event if stop_event is not None else threading.Event()
+        self._refresh_catalog(time.monotonic())
+        poller = zmq.Poller()
+        poller.register(self.backend, zmq.POLLIN)
+        poller.register(self.frontend, zmq.POLLIN)
+        now = time.monotonic()
+        next_hb = now + self.interval
+        next_sweep = now + SWEEP_S
+        next_pub = now + PUBLISH_S
+        report_s = self.config.logging.stats_report_minutes * 60.0
+        next_report = now + report_s if report_s > 0 else float("inf")
+        backend, frontend = self.backend, self.frontend
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                wait_ms = max(0.0, min(next_sweep, next_hb) - now) * 1000.0
+                for sock, _ in poller.poll(min(wait_ms, 100.0)):
+                    if sock is backend:
+                        self._drain(backend, self._on_worker_message)
+                    else:
+                        self._drain(frontend, self._on_client_message)
+                if self._dirty:
+                    self._dispatch()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + SWEEP_S
+                    self._sweep(now)
+                if now >= next_hb:
+                    next_hb = now + self.interval
+                    self._heartbeat(now)
+                if now >= next_pub:
+                    next_pub = now + PUBLISH_S
+                    self._publish_stats(now)
+                if now >= next_report:
+                    next_report = now + report_s
+                    for line in self.report_lines():
+                        log.info(line)
+        finally:
+            self._shutdown()
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list], None]) -> None:
+        recv = sock.recv_multipart
+        for _ in range(RECV_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception:  # a bug must cost one message, not the broker
+                log.exception("broker: unexpected error handling a message; continuing")
+
+    def _send_client(self, client: bytes, header: dict, payloads: Any = ()) -> None:
+        try:
+            self.frontend.send_multipart([client, TAG, self._packer.pack(header), *payloads],
+                                         zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:  # EHOSTUNREACH: the client went away; EAGAIN: it stopped reading
+            self.stats.undeliverable += 1
+
+    def _reply(self, client: Optional[bytes], cid: Any, **fields: Any) -> None:
+        if client is not None:
+            self._send_client(client, {"id": cid, "ok": True, **fields})
+
+    def _reply_error(self, client: Optional[bytes], cid: Any, error: LipsyncError,
+                     model: Optional[str] = None, latency_s: float = 0.0) -> None:
+        self.stats.outcome(model, error.code, latency_s)
+        if client is not None:
+            self._send_client(client, {"id": cid, "ok": False, "error": error.to_wire()})
+
+    def _send_worker(self, w: Worker, frames: list) -> bool:
+        try:
+            self.backend.send_multipart([w.identity, *frames], zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("worker %s unreachable (%s); dropping it", w.name, exc)
+            self._lost(w, "unreachable")
+            return False
+
+    def _publish(self, topic: bytes, body: dict) -> None:
+        try:
+            self.publisher.send_multipart([topic, self._packer.pack(body)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # no subscriber keeping up: snapshots are disposable
+
+    # --- catalog -------------------------------------------------------------------------
+
+    def _refresh_catalog(self, now: float) -> None:
+        self._catalog_at = now
+        try:
+            catalog = self._catalog_fn()
+            if not isinstance(catalog, dict):
+                raise TypeError(f"catalog() returned {type(catalog).__name__}, not a dict")
+        except Exception as exc:
+            if not self._catalog_failing:
+                log.warning("broker: reading the model catalog failed (%s); keeping the last one", exc)
+            self._catalog_failing = True
+            return
+        self._catalog_failing = False
+        added, removed = catalog.keys() - self.catalog.keys(), self.catalog.keys() - catalog.keys()
+        if added or removed:
+            log.info("catalog: %d model(s)%s%s", len(catalog),
+                     f"; new: {', '.join(sorted(added))}" if added else "",
+                     f"; gone: {', '.join(sorted(removed))}" if removed else "")
+        self.catalog = catalog
+
+    def _known(self, model: str) -> bool:
+        if model in self.catalog:
+            return True
+        now = time.monotonic()
+        if now - self._catalog_at >= UNKNOWN_REFRESH_S:
+            self._refresh_catalog(now)
+        return model in self.catalog
+
+    # --- client messages ------------------------------------------------------------------
+
+    def _on_client_message(self, frames: list) -> None:
+        client = frames[0].bytes
+        header: Any = None
+        try:
+            header, payloads = decode(frames[1:])
+            cid, op = check_envelope(header)
+        except LipsyncError as exc:
+            cid = header.get("id") if isinstance(header, dict) else None
+            log.debug("bad request from client: %s", exc.message)
+            self._reply_error(client, cid if isinstance(cid, (str, int, float, bytes)) else None, exc)
+            return
+        try:
+            self._client_ops[op](client, cid, header, payloads)
+        except LipsyncError as exc:
+            model = header.get("model_id")
+            self._reply_error(client, cid, exc, model if isinstance(model, str) and model in self.catalog else None)
+
+    def _new_pending(self, client: Optional[bytes], cid: Any, op: str, model: Optional[str],
+                     header: dict, payloads: list, deadline_s: Optional[float]) -> Pending:
+        now = time.monotonic()
+        return Pending(next(self._rids), client, cid, op, model, header, payloads, now,
+                       now + (deadline_s if deadline_s is not None else self.default_deadline_s))
+
+    def _on_infer(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
+        model = check_model(header, self._known)
+        batch = check_infer(header, payloads, self.max_batch)
+        p = self._new_pending(client, cid, "infer", model, header, payloads, check_deadline(header))
+        p.frames = batch
+        self.stats.arrival(model)
+        self.heat.touch(model, p.arrival)  # LFU/LRU see every request, even ones shed below
+        self._admit(p)
+
+    def _on_load_model(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
+        model = check_model(header, self._known)
+        check_load(header)
+        targets: Optional[set[str]] = None
+        name = header.get("worker")
+        if name is not None:
+            if self.table.by_name(name) is None:
+                raise BadRequest(f"field 'worker' is {name!r}: no such worker; registered: "
+                                 + (", ".join(sorted(w.name for w in self.table.values())) or "none"))
+            targets = {name}
+        gpu = header.get("gpu")
+        if gpu is not None:
+            on_gpu = {w.name for w in self.table.values() if w.gpu == gpu}
+            targets = on_gpu if targets is None else targets & on_gpu
+            if not targets:
+                raise BadRequest(f"field 'gpu' is {gpu}: no registered worker"
+                                 + (f" named {name!r}" if name else "") + f" on GPU {gpu}")
+        p = self._new_pending(client, cid, "load_model", model, header, payloads, check_deadline(header))
+        p.targets = frozenset(targets) if targets is not None else None
+        self.stats.arrival(model)
+        self._admit(p)
+
+    def _on_unload_model(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
+        model = check_model(header, self._known)
+        deadline_s = check_deadline(header)
+        holders = [w for w in self.table.values() if w.holds(model)]
+        if not holders:
+            self._reply(client, cid, model_id=model, workers=[])
+            return
+        gather = Gather(client, cid, model, len(holders))
+        for w in holders:
+            p = self._new_pending(None, None, "unload_model", model, header, payloads, deadline_s)
+            p.targets, p.parent = frozenset((w.name,)), gather
+            self.control.append(p)
+        self._dirty = True
+
+    def _on_list_models(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
+        self._refresh_if_stale()
+        now = time.monotonic()
+        self._reply(client, cid, models=management.list_models(self.catalog, self.table, self.queues,
+                                                               self.stats, now))
+
+    def _on_model_stats(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
+        model = check_model(header, self._known) if header.get("model_id") is not None else None
+        self._refresh_if_stale()
+        body = management.model_stats(self.catalog, self.table, self.queues, self.stats,
+                                      time.monotonic(), model)
+        self._reply(client, cid, **body)
+
+    def _on_health(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
+        self._reply(client, cid, **management.health(self.catalog, self.table))
+
+    def _refresh_if_stale(self) -> None:
+        now = time.monotonic()
+        if now - self._catalog_at >= CATALOG_REFRESH_S:
+            self._refresh_catalog(now)
+
+    # --- queueing and dispatch ---------------------------------------------------------------
+
+    def _admit(self, p: Pending) -> None:
+        """Send ``p`` now if its queue is empty and a worker fits; else queue it (bounded)."""
+        if not self.queues.depth(p.model):
+            d = self._route(p, p.arrival)
+            if d.action != WAIT:
+                self._send_request(p, d, p.arrival)
+                return
+        try:
+            self.queues.push(p)
+        except Overloaded as exc:
+            exc.details["retry_after_ms"] = self._retry_after_ms(p.model)
+            self._reply_error(p.client, p.cid, exc, p.model)
+
+    def _retry_after_ms(self, model: str) -> int:
+        service = self.stats.service_s(model) or 0.05
+        capacity = sum(w.credits for w in self.table.values() if w.holds(model)) or 1
+        return int(min(10_000, max(10, 1000 * service * self.queues.depth(model) / capacity)))
+
+    def _route(self, p: Pending, now: float) -> Decision:
+        workers: Any = self.table.values()
+        if p.targets is not None:
+            workers = [w for w in workers if w.name in p.targets]
+        return route(p.model, workers, busy_models=self._busy, value=self.heat.valuer(now),
+                     head_wait_s=now - p.arrival,
+                     copy_after_s=copy_threshold_s(self.stats.service_s(p.model)),
+                     max_copies=self.max_copies, allow_evict=not p.no_evict)
+
+    def _dispatch(self) -> None:
+        """Match waiting requests with free credits: unload legs first, then oldest head first."""
+        self._dirty = False
+        now = time.monotonic()
+        if self.control:
+            self._dispatch_control(now)
+        if not self.queues.total or not self.table.any_free():
+            return
+        queues = self.queues
+        for model in queues.by_head_age():
+            while True:
+                p = queues.head(model)
+                if p is None:
+                    break
+                if p.deadline is not None and p.deadline <= now:
+                    queues.pop(model)
+                    self._expire(p, now)
+                    continue
+                d = self._route(p, now)
+                if d.action == WAIT:
+                    break
+                queues.pop(model)
+                self._send_request(p, d, now)
+            if not self.table.any_free():
+                return
+
+    def _dispatch_control(self, now: float) -> None:
+        for _ in range(len(self.control)):
+            p = self.control.popleft()
+            (name,) = p.targets
+            w = self.table.by_name(name)
+            if w is None:  # the worker left: the model went with it
+                self._gather_done(p, name, {"ok": True, "note": "worker left"})
+            elif w.free > 0:
+                self._send_request(p, Decision(DISPATCH, w), now)
+            else:
+                self.control.append(p)
+
+    def _send_request(self, p: Pending, d: Decision, now: float) -> None:
+        w: Worker = d.worker
+        p.evict_hint = d.evict
+        header = dict(p.header)
+        header["op"] = "request"
+        header["client_op"] = p.op
+        header["rid"] = p.rid
+        header["deadline"] = None if p.deadline is None else time.time() + (p.deadline - now)
+        header["queue_ms"] = (now - p.arrival) * 1000.0
+        if d.evict is not None:
+            header["evict_hint"] = d.evict
+        info = self.catalog.get(p.model)
+        if info is not None:
+            header["model_version"] = info.get("version")
+        if not self._send_worker(w, [TAG, self._packer.pack(header), *p.payloads]):
+            self.queues.push_front(p) if p.parent is None else self.control.appendleft(p)
+            self._dirty = True
+            return
+        w.start(p, now)
+        p.worker = w.name
+        p.dispatched_at = now
+        if d.action == PLACE and self.config.logging.log_model_operations:
+            log.info("placing model %s on worker %s (%s%s)", p.model, w.name, d.reason,
+                     f"; evicting {d.evict}" if d.evict else "")
+
+    # --- worker messages ------------------------------------------------------------------
+
+    def _on_worker_message(self, frames: list) -> None:
+        identity = frames[0].bytes
+        try:
+            header, payloads = decode(frames[1:])
+        except LipsyncError as exc:
+            log.warning("broker: malformed message from a worker: %s", exc.message)
+            return
+        op = header.get("op")
+        w = self.table.get(identity)
+        if w is None:
+            if op == "ready":
+                self._on_ready(identity, header)
+            elif op != "disconnect":
+                # Unknown (e.g. declared dead, or the broker restarted): discard and make it
+                # register again. A late reply is dropped here, so it is never delivered twice.
+                if op == "reply":
+                    self.stats.late_replies += 1
+                try:
+                    self.backend.send_multipart([identity, *self._disconnect_frames], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # it went away again
+            return
+        w.last_seen = time.monotonic()
+        handler = self._worker_ops.get(op)
+        if handler is None:
+            log.warning("broker: worker %s sent unknown op %r; ignored", w.name, op)
+            return
+        handler(w, header, payloads)
+
+    def _on_ready(self, identity: bytes, header: dict) -> None:
+        name = header.get("worker")
+        if not isinstance(name, str) or not name:
+            log.error("broker: a worker sent `ready` without a 'worker' name; ignored")
+            return
+
+        def num(key: str, default: int) -> int:
+            v = header.get(key)
+            return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
+
+        gpu = header.get("gpu")
+        w = Worker(identity, name, host=str(header.get("host", "")), pid=num("pid", 0),
+                   gpu=gpu if isinstance(gpu, int) and not isinstance(gpu, bool) else None,
+                   credits=min(64, max(1, num("credits", 1))), max_models=max(1, num("max_models", 1)),
+                   max_memory_bytes=num("max_memory_bytes", 0))
+        w.apply_report(header.get("loaded"), header.get("loading"))
+        for old in self.table.add(w):
+            self._lost(old, f"replaced by a new registration of {name}")
+        self._no_workers_since = None
+        log.info("worker %s registered (host %s, pid %s, gpu %s, credits %d, max_models %d, loaded: %s)",
+                 name, w.host, w.pid, w.gpu, w.credits, w.max_models, ", ".join(sorted(w.loaded)) or "-")
+        self._publish(b"event", {"event": "worker_joined", "worker": name, "time": time.time(),
+                                 "host": w.host, "pid": w.pid, "gpu": w.gpu, "credits": w.credits})
+        self._dirty = True
+
+    def _on_ready_again(self, w: Worker, header: dict, payloads: list) -> None:
+        # The same socket registering again: start from a clean slate.
+        self._lost(w, "re-registered")
+        self._on_ready(w.identity, header)
+
+    def _on_heartbeat(self, w: Worker, header: dict, payloads: list) -> None:
+        w.apply_report(header.get("loaded"), header.get("loading"))
+        draining = header.get("draining") is True
+        if draining and not w.draining:
+            log.info("worker %s is draining", w.name)
+        w.draining = draining
+        self._dirty = True
+
+    def _on_reply(self, w: Worker, header: dict, payloads: list) -> None:
+        p = w.finish(header.pop("rid", None))
+        if p is None:
+            self.stats.late_replies += 1
+            return
+        self._dirty = True
+        now = time.monotonic()
+        ok = header.get("ok") is True
+        if p.op == "infer":
+            self.stats.service(p.model, now - p.dispatched_at)
+        if p.parent is not None:
+            self._gather_done(p, w.name, header)
+            return
+        if p.answered:  # the broker already answered (timeout): this reply is late
+            self.stats.late_replies += 1
+            return
+        p.answered = True
+        if p.op == "load_model":
+            if ok:
+                w.loaded.add(p.model)
+                w.loading.discard(p.model)
+                header.setdefault("model_id", p.model)
+                header["workers"] = [w.name]
+        error = header.get("error")
+        code = None if ok else (error.get("code") if isinstance(error, dict) else None) or "internal"
+        if p.client is None:  # the broker's own request (preload); a failure waits to retry
+            if ok:
+                self._preload_at.pop(p.model, None)
+                log.info("preloaded model %s on worker %s", p.model, w.name)
+            else:
+                self._preload_at[p.model] = now
+                log.warning("preloading model %s on worker %s failed: %s", p.model, w.name, error)
+            return
+        self.stats.outcome(p.model, code, now - p.arrival, p.frames if ok else 0, now)
+        header.pop("op", None)
+        header["id"] = p.cid
+        self._send_client(p.client, header, payloads)
+
+    def _on_event(self, w: Worker, header: dict, payloads: list) -> None:
+        event, model = header.get("event"), header.get("model_id")
+        if isinstance(event, str) and isinstance(model, str):
+            w.apply_event(event, model)
+            if event == "loaded" and isinstance(header.get("version"), str):
+                w.versions[model] = header["version"]
+        if "loaded" in header:
+            w.apply_report(header.get("loaded"), header.get("loading"))
+        if self.config.logging.log_model_operations and event != "loading":
+            log.info("worker %s: model %s %s%s", w.name, model, event,
+                     f" ({header['reason']})" if header.get("reason") else "")
+        header.pop("op", None)
+        header["worker"] = w.name
+        header.setdefault("time", time.time())
+        self._publish(b"event", header)
+        self._dirty = True
+
+    def _on_stats(self, w: Worker, header: dict, payloads: list) -> None:
+        header.pop("op", None)
+        w.stats = header
+        w.stats_at = time.monotonic()
+        mm = header.get("max_models")
+        if isinstance(mm, int) and not isinstance(mm, bool) and mm >= 1:
+            w.max_models = mm
+
+    def _on_disconnect(self, w: Worker, header: dict, payloads: list) -> None:
+        self._lost(w, "disconnected")
+
+    # --- failures, deadlines, fan-out ---------------------------------------------------------
+
+    def _lost(self, w: Worker, reason: str) -> None:
+        """Forget ``w``; its in-flight requests go back to the front of their queue once."""
+        if self.table.get(w.identity) is w:
+            self.table.remove(w.identity)
+        pending = w.take_all_inflight()
+        log.log(logging.INFO if reason == "disconnected" else logging.WARNING,
+                "worker %s gone (%s); %d request(s) in flight", w.name, reason, len(pending))
+        self._publish(b"event", {"event": "worker_left", "worker": w.name, "reason": reason,
+                                 "time": time.time(), "in_flight": len(pending)})
+        # Re-queue in reverse so the oldest ends up at the very front.
+        for p in sorted(pending, key=lambda p: p.arrival, reverse=True):
+            self._retry(p, w.name)
+        if not len(self.table) and self._no_workers_since is None:
+            self._no_workers_since = time.monotonic()
+        self._dirty = True
+
+    def _retry(self, p: Pending, worker: str) -> None:
+        if p.parent is not None:
+            self._gather_done(p, worker, {"ok": True, "note": "worker left"})
+            return
+        if p.answered:
+            return
+        if p.client is None:
+            self._preload_at[p.model] = time.monotonic()
+            return
+        if p.targets is not None or p.retries >= 1:
+            p.answered = True
+            why = ("its target worker" if p.targets is not None else "a second worker")
+            self._reply_error(p.client, p.cid, Unavailable(
+                f"{why} ({worker}) went away while handling the request", worker=worker),
+                p.model, time.monotonic() - p.arrival)
+            return
+        p.retries += 1
+        p.worker, p.evict_hint = None, None
+        self.stats.retry(p.model)
+        self.queues.push_front(p)
+
+    def _expire(self, p: Pending, now: float) -> None:
+        p.answered = True
+        if p.parent is not None:
+            self._gather_done(p, next(iter(p.targets)), {"ok": False, "error": RequestTimeout(
+                "the worker did not answer before the deadline").to_wire()})
+            return
+        if p.client is None:
+            return
+        waited = (now - p.arrival) * 1000.0
+        where = f"on worker {p.worker}" if p.worker else "in the broker queue"
+        self._reply_error(p.client, p.cid, RequestTimeout(
+            f"deadline passed after {waited:.0f} ms {where}", waited_ms=round(waited, 1)),
+            p.model, now - p.arrival)
+
+    def _gather_done(self, p: Pending, worker: str, header: dict) -> None:
+        g: Gather = p.parent
+        p.parent = None
+        if header.get("ok") is True:
+            g.workers.append(worker)
+        else:
+            g.errors.append({"worker": worker, "error": header.get("error")})
+        g.remaining -= 1
+        if g.remaining > 0:
+            return
+        if not g.errors:
+            self._reply(g.client, g.cid, model_id=g.model, workers=sorted(g.workers))
+            return
+        first = g.errors[0].get("error") or {}
+        message = f"unload_model failed on {len(g.errors)} worker(s): " + "; ".join(
+            f"{e['worker']}: {(e.get('error') or {}).get('message', 'error')}" for e in g.errors)
+        err = {"code": first.get("code", "internal") if isinstance(first, dict) else "internal",
+               "message": message, "details": {"workers": sorted(g.workers), "errors": g.errors}}
+        self.stats.outcome(g.model, err["code"], 0.0)
+        self._send_client(g.client, {"id": g.cid, "ok": False, "model_id": g.model, "error": err})
+
+    def _sweep(self, now: float) -> None:
+        """Deadlines (queued and in flight), workerless waits, preloads, copy checks."""
+        for p in self.queues.expire(now):
+            self._expire(p, now)
+        if self.control:
+            for p in [p for p in self.control if p.deadline is not None and p.deadline <= now]:
+                self.control.remove(p)
+                self._expire(p, now)
+        for w in self.table.values():
+            for p in w.inflight.values():
+                if not p.answered and p.deadline is not None and p.deadline <= now and p.parent is None:
+                    # The credit stays taken until the worker answers; the client hears now.
+                    self._expire(p, now)
+        if (self._no_workers_since is not None and self.queues.total
+                and now - self._no_workers_since >= self.no_worker_grace_s):
+            for p in self.queues.drain():
+                p.answered = True
+                self._reply_error(p.client, p.cid, Unavailable(
+                    f"no worker has been registered for {now - self._no_workers_since:.0f} s"),
+                    p.model, now - p.arrival)
+        if now - self._catalog_at >= CATALOG_REFRESH_S:
+            self._refresh_catalog(now)
+            self._preload(now)
+        if self.queues.total:
+            self._dirty = True  # heads that waited long enough may now get another copy
+
+    def _preload(self, now: float) -> None:
+        """Place each `preload` model that no worker holds, into a free slot only (no eviction)."""
+        if not len(self.table):
+            return
+        for model, info in self.catalog.items():
+            if (not info.get("preload") or self.queues.depth(model)
+                    or now - self._preload_at.get(model, -1e9) < PRELOAD_RETRY_S
+                    or any(w.holds(model) for w in self.table.values())):
+                continue
+            p = self._new_pending(None, None, "load_model", model,
+                                  {"id": None, "op": "load_model", "model_id": model}, [], None)
+            p.no_evict = True
+            self._preload_at[model] = now
+            d = self._route(p, now)
+            if d.action != WAIT:  # never queued: it must not hold up client requests
+                self._send_request(p, d, now)
+
+    def _heartbeat(self, now: float) -> None:
+        for w in self.table.expired(now, self.dead_after):
+            self._lost(w, f"silent for {now - w.last_seen:.1f} s")
+        for w in list(self.table.values()):
+            self._send_worker(w, self._hb_frames)
+
+    # --- stats ---------------------------------------------------------------------------
+
+    def snapshot(self, now: Optional[float] = None) -> dict:
+        now = time.monotonic() if now is None else now
+        body = management.model_stats(self.catalog, self.table, self.queues, self.stats, now)
+        body["time"] = time.time()
+        body["queues"] = self.queues.depths()
+        body["workers_detail"] = [w.summary(now) for w in self.table.values()]
+        return body
+
+    def _publish_stats(self, now: float) -> None:
+        self._publish(b"stats", self.snapshot(now))
+
+    def report_lines(self) -> list[str]:
+        now = time.monotonic()
+        body = management.model_stats(self.catalog, self.table, self.queues, self.stats, now)
+        return format_report(body["models"], body["workers"])
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Answer everything pending with `unavailable`, tell workers, close the sockets."""
+        try:
+            gone = Unavailable("the broker is shutting down")
+            pending = self.queues.drain() + list(self.control)
+            self.control.clear()
+            for w in list(self.table.values()):
+                pending.extend(w.take_all_inflight())
+                try:
+                    self.backend.send_multipart([w.identity, *self._disconnect_frames], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            for p in pending:
+                if p.parent is not None:
+                    self._gather_done(p, next(iter(p.targets)), {"ok": False, "error": gone.to_wire()})
+                elif not p.answered and p.client is not None:
+                    p.answered = True
+                    self._reply_error(p.client, p.cid, gone, p.model)
+        except Exception:
+            log.exception("broker: error while shutting down")
+        finally:
+            for sock in (self.frontend, self.backend, self.publisher):
+                if sock is not None:
+                    sock.close()
+            self.frontend = self.backend = self.publisher = None
+            if self._own_ctx:
+                self.ctx.term()
+            log.info("broker stopped")
+
+
+def run_broker(config: Config, catalog: Catalog, stop_event: Optional[threading.Event] = None) -> None:
+    """Entry point for the supervisor / CLI: bind (raising :class:`BindError`), serve, stop.
+
+    In the main thread SIGINT and SIGTERM set the stop event, so Ctrl-C drains cleanly.
+    """
+    stop = stop_event if stop_event is not None else threading.Event()
+    broker = Broker(config, catalog)
+    try:
+        broker.bind()
+    except BindError:
+        broker.ctx.term()
+        raise
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        broker.run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

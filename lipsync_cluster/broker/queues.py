@@ -1,0 +1,136 @@
+"""Requests waiting in the broker: one bounded FIFO per model.
+
+The queues live in the broker (not in the workers) so that the broker can choose where each
+request goes when a credit frees up. Bounds are checked on arrival so that a flood is answered
+with ``overloaded`` at once instead of growing memory and latency without limit.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Iterator, Optional
+
+from ..common.errors import Overloaded
+
+
+class Pending:
+    """One client request from arrival until it is answered.
+
+    ``client`` is the frontend identity (None for the broker's own requests, e.g. preloads);
+    ``cid`` the client's ``id``; ``rid`` the broker's id for the worker leg. ``payloads`` are the
+    received zmq Frames, forwarded as they are (no copy). ``deadline`` is on the monotonic clock.
+    """
+
+    __slots__ = (
+        "rid", "client", "cid", "op", "model", "header", "payloads", "arrival", "deadline",
+        "retries", "worker", "dispatched_at", "evict_hint", "targets", "answered", "parent",
+        "no_evict", "frames",
+    )
+
+    def __init__(self, rid: int, client: Optional[bytes], cid: Any, op: str, model: Optional[str],
+                 header: dict, payloads: list, arrival: float, deadline: Optional[float]) -> None:
+        self.rid = rid
+        self.client = client
+        self.cid = cid
+        self.op = op
+        self.model = model
+        self.header = header
+        self.payloads = payloads
+        self.arrival = arrival
+        self.deadline = deadline
+        self.retries = 0
+        self.worker: Optional[str] = None        # name of the worker it was sent to
+        self.dispatched_at = 0.0
+        self.evict_hint: Optional[str] = None
+        self.targets: Optional[frozenset[str]] = None  # worker names it may go to (None: any)
+        self.answered = False                    # the client already got an answer (timeout)
+        self.parent: Any = None                  # a fan-out it belongs to (unload_model)
+        self.no_evict = False                    # place only into a free slot (preloads)
+        self.frames = 0                          # frames produced (batch_size for infer)
+
+    def __repr__(self) -> str:  # for logs and test failures
+        return f"Pending(rid={self.rid}, op={self.op}, model={self.model}, cid={self.cid!r})"
+
+
+class ModelQueues:
+    """Per-model FIFO queues with a per-model and a total bound."""
+
+    def __init__(self, per_model_limit: int, total_limit: int) -> None:
+        self.per_model_limit = per_model_limit
+        self.total_limit = total_limit
+        self._queues: dict[str, deque[Pending]] = {}
+        self.total = 0
+
+    def __len__(self) -> int:
+        return self.total
+
+    def depth(self, model: str) -> int:
+        q = self._queues.get(model)
+        return len(q) if q else 0
+
+    def depths(self) -> dict[str, int]:
+        return {m: len(q) for m, q in self._queues.items() if q}
+
+    def busy_models(self) -> set[str]:
+        """Models with at least one request waiting (never evict these)."""
+        return {m for m, q in self._queues.items() if q}
+
+    def push(self, p: Pending, retry_after_ms: int = 100) -> None:
+        """Append at the back; raise :class:`Overloaded` when a bound is reached."""
+        q = self._queues.get(p.model)
+        if q is None:
+            q = self._queues[p.model] = deque()
+        if len(q) >= self.per_model_limit:
+            raise Overloaded(
+                f"queue for model {p.model!r} is full ({self.per_model_limit} waiting)",
+                retry_after_ms=retry_after_ms, queue="model")
+        if self.total >= self.total_limit:
+            raise Overloaded(f"broker queues are full ({self.total_limit} waiting in all)",
+                             retry_after_ms=retry_after_ms, queue="total")
+        q.append(p)
+        self.total += 1
+
+    def push_front(self, p: Pending) -> None:
+        """Put a retried request back at the head; bounds do not apply (it was admitted)."""
+        q = self._queues.get(p.model)
+        if q is None:
+            q = self._queues[p.model] = deque()
+        q.appendleft(p)
+        self.total += 1
+
+    def head(self, model: str) -> Optional[Pending]:
+        q = self._queues.get(model)
+        return q[0] if q else None
+
+    def pop(self, model: str) -> Pending:
+        p = self._queues[model].popleft()
+        self.total -= 1
+        return p
+
+    def by_head_age(self) -> list[str]:
+        """Models with waiting requests, the one whose head arrived first first (fairness)."""
+        heads = [(q[0].arrival, m) for m, q in self._queues.items() if q]
+        heads.sort()
+        return [m for _, m in heads]
+
+    def expire(self, now: float) -> list[Pending]:
+        """Remove and return every queued request whose deadline has passed."""
+        out: list[Pending] = []
+        for model, q in self._queues.items():
+            if not any(p.deadline is not None and p.deadline <= now for p in q):
+                continue
+            keep = deque()
+            for p in q:
+                (out if p.deadline is not None and p.deadline <= now else keep).append(p)
+            self._queues[model] = keep
+        self.total -= len(out)
+        return out
+
+    def drain(self) -> list[Pending]:
+        out = [p for q in self._queues.values() for p in q]
+        self._queues.clear()
+        self.total = 0
+        return out
+
+    def __iter__(self) -> Iterator[Pending]:
+        for q in self._queues.values():
+            yield from q

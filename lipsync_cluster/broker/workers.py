@@ -1,0 +1,224 @@
+"""The broker's table of registered workers.
+
+One :class:`Worker` per connected worker process, keyed by its ROUTER identity. The broker's
+view of what a worker holds combines what the worker last *reported* (``ready``, heartbeats,
+events) with what the broker itself has *sent* and not yet seen answered (in-flight requests
+and eviction hints). The combination matters because reports lag: a heartbeat written just
+before the worker received a request still says the model is absent, and must not make the
+broker place the same model a second time.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterator, Optional
+
+from .queues import Pending
+
+
+class Worker:
+    """One registered worker. Mutated only by the broker's single thread."""
+
+    __slots__ = (
+        "identity", "name", "host", "pid", "gpu", "credits", "max_models", "max_memory_bytes",
+        "loaded", "loading", "versions", "inflight", "inflight_by_model", "hints",
+        "model_last_used", "model_uses", "last_seen", "registered_at", "draining", "restarts",
+        "stats", "stats_at", "served",
+    )
+
+    def __init__(self, identity: bytes, name: str, *, host: str = "", pid: int = 0,
+                 gpu: Optional[int] = None, credits: int = 1, max_models: int = 1,
+                 max_memory_bytes: int = 0, loaded: Any = (), loading: Any = (),
+                 now: Optional[float] = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.identity = identity
+        self.name = name
+        self.host = host
+        self.pid = pid
+        self.gpu = gpu
+        self.credits = max(1, int(credits))
+        self.max_models = max(1, int(max_models))
+        self.max_memory_bytes = int(max_memory_bytes or 0)
+        self.loaded: set[str] = set(loaded)       # as last reported by the worker
+        self.loading: set[str] = set(loading)     # as last reported by the worker
+        self.versions: dict[str, str] = {}
+        self.inflight: dict[int, Pending] = {}    # rid -> request sent and not yet answered
+        self.inflight_by_model: dict[str, int] = {}
+        self.hints: dict[str, int] = {}           # eviction hints sent and not yet answered
+        self.model_last_used: dict[str, float] = {}
+        self.model_uses: dict[str, int] = {}
+        self.last_seen = now
+        self.registered_at = now
+        self.draining = False
+        self.restarts = 0                         # placeholder: the supervisor owns restarts
+        self.stats: dict = {}                     # the worker's latest `stats` message
+        self.stats_at = 0.0
+        self.served = 0
+
+    # --- capacity ------------------------------------------------------------------------
+
+    @property
+    def free(self) -> int:
+        """Requests the broker may still send (credits minus in flight; none while draining)."""
+        return 0 if self.draining else self.credits - len(self.inflight)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.inflight)
+
+    # --- what the worker holds (reported state corrected by what is in transit) -------------
+
+    def has_loaded(self, model: str) -> bool:
+        # A model we told the worker to evict counts as gone until that request is answered.
+        return model in self.loaded and model not in self.hints
+
+    def is_loading(self, model: str) -> bool:
+        if model in self.loading:
+            return True
+        # A request for a model the worker does not hold makes the worker load it.
+        return model not in self.loaded and self.inflight_by_model.get(model, 0) > 0
+
+    def holds(self, model: str) -> bool:
+        return self.has_loaded(model) or self.is_loading(model)
+
+    def held_models(self) -> set[str]:
+        held = (self.loaded - self.hints.keys()) | self.loading
+        held.update(m for m, n in self.inflight_by_model.items() if n > 0)
+        return held
+
+    @property
+    def slots_used(self) -> int:
+        return len(self.held_models())
+
+    def evictable(self, busy_models: Any) -> list[str]:
+        """Loaded models with nothing in flight here and nothing queued for them anywhere."""
+        return [m for m in self.loaded
+                if m not in self.hints and not self.inflight_by_model.get(m)
+                and m not in self.loading and m not in busy_models]
+
+    # --- in-flight bookkeeping -----------------------------------------------------------
+
+    def start(self, p: Pending, now: float) -> None:
+        self.inflight[p.rid] = p
+        m = p.model
+        if m is not None:
+            self.inflight_by_model[m] = self.inflight_by_model.get(m, 0) + 1
+            if p.op == "infer":
+                self.model_last_used[m] = now
+                self.model_uses[m] = self.model_uses.get(m, 0) + 1
+        if p.evict_hint is not None:
+            self.hints[p.evict_hint] = self.hints.get(p.evict_hint, 0) + 1
+
+    def finish(self, rid: Any) -> Optional[Pending]:
+        p = self.inflight.pop(rid, None) if isinstance(rid, int) else None
+        if p is None:
+            return None
+        m = p.model
+        if m is not None:
+            n = self.inflight_by_model.get(m, 0) - 1
+            if n > 0:
+                self.inflight_by_model[m] = n
+            else:
+                self.inflight_by_model.pop(m, None)
+        if p.evict_hint is not None:
+            n = self.hints.get(p.evict_hint, 0) - 1
+            if n > 0:
+                self.hints[p.evict_hint] = n
+            else:
+                self.hints.pop(p.evict_hint, None)
+        self.served += 1
+        return p
+
+    def take_all_inflight(self) -> list[Pending]:
+        pending = list(self.inflight.values())
+        self.inflight.clear()
+        self.inflight_by_model.clear()
+        self.hints.clear()
+        return pending
+
+    # --- reports -------------------------------------------------------------------------
+
+    def apply_report(self, loaded: Any, loading: Any = None) -> None:
+        """Take a full `loaded` (and optionally `loading`) list from the worker as the truth."""
+        if isinstance(loaded, (list, tuple)):
+            self.loaded = {m for m in loaded if isinstance(m, str)}
+        if isinstance(loading, (list, tuple)):
+            self.loading = {m for m in loading if isinstance(m, str)}
+
+    def apply_event(self, event: str, model: str) -> None:
+        if event == "loading":
+            self.loading.add(model)
+        elif event == "loaded":
+            self.loading.discard(model)
+            self.loaded.add(model)
+        elif event in ("evicted", "unloaded", "idle_unloaded", "load_failed"):
+            self.loading.discard(model)
+            self.loaded.discard(model)
+            self.versions.pop(model, None)
+
+    def summary(self, now: float) -> dict:
+        return {
+            "worker": self.name, "host": self.host, "pid": self.pid, "gpu": self.gpu,
+            "credits": self.credits, "in_flight": len(self.inflight),
+            "loaded": sorted(self.loaded), "loading": sorted(self.loading),
+            "max_models": self.max_models, "max_memory_bytes": self.max_memory_bytes,
+            "draining": self.draining, "restarts": self.restarts, "served": self.served,
+            "last_seen_s": round(now - self.last_seen, 3),
+            "uptime_s": round(now - self.registered_at, 3),
+        }
+
+
+class WorkerTable:
+    """Registered workers by ROUTER identity, plus a name index (names are unique)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[bytes, Worker] = {}
+        self._by_name: dict[str, Worker] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(list(self._by_id.values()))
+
+    def values(self):
+        """A live view (do not add or remove while iterating it)."""
+        return self._by_id.values()
+
+    def get(self, identity: bytes) -> Optional[Worker]:
+        return self._by_id.get(identity)
+
+    def by_name(self, name: str) -> Optional[Worker]:
+        return self._by_name.get(name)
+
+    def add(self, worker: Worker) -> list[Worker]:
+        """Register ``worker``; returns the stale entries it replaces (same identity or name).
+
+        A worker that reconnects gets a new socket (a new identity) but keeps its name, so an
+        old entry with the same name is a dead connection of the same process.
+        """
+        stale = []
+        for old in (self._by_id.get(worker.identity), self._by_name.get(worker.name)):
+            if old is not None and old not in stale:
+                stale.append(old)
+                self.remove(old.identity)
+        self._by_id[worker.identity] = worker
+        self._by_name[worker.name] = worker
+        return stale
+
+    def remove(self, identity: bytes) -> Optional[Worker]:
+        worker = self._by_id.pop(identity, None)
+        if worker is not None and self._by_name.get(worker.name) is worker:
+            del self._by_name[worker.name]
+        return worker
+
+    def expired(self, now: float, timeout_s: float) -> list[Worker]:
+        return [w for w in self._by_id.values() if now - w.last_seen > timeout_s]
+
+    def holders(self, model: str) -> list[Worker]:
+        return [w for w in self._by_id.values() if w.holds(model)]
+
+    def any_free(self) -> bool:
+        for w in self._by_id.values():
+            if w.free > 0:
+                return True
+        return False

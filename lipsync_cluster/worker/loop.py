@@ -1,0 +1,359 @@
+"""The worker's side of the broker protocol: one DEALER socket, a small executor pool.
+
+The loop thread owns the socket (zmq sockets are not thread-safe). It registers (``ready``),
+heartbeats, hands each ``request`` to one of ``credits`` executor threads, and sends what the
+executors and the handler's event sink produce. Those threads never touch the socket: they
+append finished messages to a deque and poke an inproc PUSH socket (guarded by a lock) whose
+PULL end the loop polls next to the DEALER, so a reply leaves within microseconds of being
+ready, with no polling delay. One deque for replies and events keeps them in the order they
+happened (a ``loaded`` event goes out before the reply that caused the load).
+
+If the broker falls silent for ``heartbeat_liveness`` intervals, or says ``disconnect``, the
+loop opens a fresh socket and registers again, waiting longer each time (backoff), so a broker
+restart is survived without restarting the worker.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import socket as _socket
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
+
+import msgpack
+import zmq
+
+from ..common.errors import InternalError, LipsyncError, RequestTimeout
+from ..common.protocol import TAG, decode
+
+log = logging.getLogger("lipsync_cluster.worker.loop")
+
+_wake_ids = itertools.count()
+
+
+@runtime_checkable
+class RequestHandler(Protocol):
+    """What the loop drives. ``worker/service.py`` implements it for real; ``noop.py`` for tests."""
+
+    def describe(self) -> dict:
+        """``{"max_models", "max_memory_bytes", "loaded": [model_id...], "loaded_versions": {...}}``
+        (optionally ``"loading": [...]``); sent with ``ready`` and every heartbeat. Must be quick."""
+
+    def handle(self, header: dict, payloads: list) -> tuple[dict, list]:
+        """Serve one broker ``request`` (``header["client_op"]`` is infer / load_model / ...).
+
+        Blocking; called from an executor thread, up to ``credits`` at once. Returns (reply
+        fields, payload frames). Raises :class:`LipsyncError` for failures (its code goes to the
+        client); any other exception becomes ``internal`` and the worker keeps serving."""
+
+    def set_event_sink(self, sink: Callable[[dict], None]) -> None:
+        """``sink(event)`` may be called from any thread: ``{"event": "loaded" | "loading" |
+        "evicted" | "unloaded" | "idle_unloaded" | "load_failed", "model_id", "version",
+        "memory_bytes", "load_ms", "reason", ...}``; each is sent, in order, at once."""
+
+    def stats(self) -> dict:
+        """Periodic snapshot: ``{"models": [{"model_id", ...}], "memory_bytes",
+        "max_memory_bytes", "max_models", ...}``. Called from the loop thread; must be quick."""
+
+    def tick(self) -> None:
+        """Housekeeping (idle unload) about every second, from the loop thread."""
+
+    def close(self) -> None:
+        """Release everything; called once after the last request finished."""
+
+
+class WorkerLoop:
+    """Serve ``handler`` to the broker at ``backend`` until ``run``'s stop event is set."""
+
+    def __init__(self, backend: str, handler: RequestHandler, *, name: str, credits: int = 2,
+                 heartbeat_interval_s: float = 1.0, heartbeat_liveness: int = 3,
+                 gpu: Optional[int] = None, ctx: Optional[zmq.Context] = None,
+                 stats_interval_s: Optional[float] = None, tick_interval_s: float = 1.0,
+                 drain_timeout_s: float = 30.0, reconnect_max_s: float = 30.0) -> None:
+        if credits < 1:
+            raise ValueError(f"credits must be at least 1, got {credits}")
+        self.backend = backend
+        self.handler = handler
+        self.name = name
+        self.credits = credits
+        self.interval = heartbeat_interval_s
+        self.liveness = heartbeat_liveness
+        self.gpu = gpu
+        self.stats_interval = stats_interval_s if stats_interval_s is not None else max(heartbeat_interval_s, 0.1)
+        self.tick_interval = tick_interval_s
+        self.drain_timeout = drain_timeout_s
+        self.reconnect_max = max(reconnect_max_s, heartbeat_interval_s * heartbeat_liveness)
+        self._own_ctx = ctx is None
+        self.ctx = ctx if ctx is not None else zmq.Context()
+        self._sock: Optional[zmq.Socket] = None
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._out: deque[tuple[bool, list]] = deque()  # (is_reply, frames), in production order
+        self._wake_lock = threading.Lock()
+        self._wake_addr = f"inproc://lsc-worker-wake-{os.getpid()}-{next(_wake_ids)}"
+        self._wake_push: Optional[zmq.Socket] = None
+        self._packer = msgpack.Packer(use_bin_type=True)  # loop thread only
+        self.in_flight = 0
+        self.connects = 0             # how many times a socket was opened (1 + reconnects)
+        self.served = 0
+        self.draining = False
+
+    # --- thread-safe output --------------------------------------------------------------
+
+    def _emit(self, is_reply: bool, frames: list) -> None:
+        """Queue a message for the socket thread and wake it (callable from any thread)."""
+        self._out.append((is_reply, frames))
+        with self._wake_lock:
+            if self._wake_push is not None:
+                try:
+                    self._wake_push.send(b"", zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # the pipe is full of wake-ups already; the loop will see our message
+
+    def _event_sink(self, event: dict) -> None:
+        if not isinstance(event, dict):
+            log.warning("worker %s: handler emitted a non-map event %r; ignored", self.name, event)
+            return
+        body = {**event, "op": "event", "worker": self.name}
+        try:
+            packed = msgpack.packb(body, use_bin_type=True, default=str)
+        except Exception as exc:
+            log.warning("worker %s: cannot encode event %r: %s", self.name, event, exc)
+            return
+        self._emit(False, [TAG, packed])
+
+    # --- executor ------------------------------------------------------------------------
+
+    def _executor(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            header, payloads = item
+            self._emit(True, self._serve(header, payloads))
+
+    def _serve(self, header: dict, payloads: list) -> list:
+        """Run one request through the handler; always returns a reply message."""
+        rid, cid = header.get("rid"), header.get("id")
+        out_payloads: list = []
+        try:
+            deadline = header.get("deadline")
+            if isinstance(deadline, (int, float)) and time.time() > deadline:
+                raise RequestTimeout("deadline passed before the worker started the request")
+            fields, out_payloads = self.handler.handle(header, payloads)
+            reply = {"ok": True, "worker": self.name, **fields}
+        except LipsyncError as exc:
+            reply = {"ok": False, "worker": self.name, "error": exc.to_wire()}
+        except Exception as exc:
+            log.error("worker %s: handler failed on %s for %s:\n%s", self.name,
+                      header.get("client_op"), header.get("model_id"), traceback.format_exc())
+            err = InternalError(f"{type(exc).__name__}: {exc}")
+            reply = {"ok": False, "worker": self.name, "error": err.to_wire()}
+        reply["op"] = "reply"
+        reply["rid"] = rid
+        reply["id"] = cid
+        try:
+            packed = msgpack.packb(reply, use_bin_type=True)
+        except Exception as exc:  # a handler returned something msgpack cannot carry
+            err = InternalError(f"reply header cannot be encoded: {exc}")
+            packed = msgpack.packb({"op": "reply", "rid": rid, "id": cid, "ok": False,
+                                    "worker": self.name, "error": err.to_wire()}, use_bin_type=True)
+            out_payloads = []
+        return [TAG, packed, *(out_payloads or ())]
+
+    # --- socket --------------------------------------------------------------------------
+
+    def _send(self, body: dict, payloads: Any = ()) -> None:
+        try:
+            self._sock.send_multipart([TAG, self._packer.pack(body), *payloads], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.debug("worker %s: broker not reachable; %s dropped", self.name, body.get("op"))
+
+    def _describe(self) -> dict:
+        try:
+            d = self.handler.describe()
+            return d if isinstance(d, dict) else {}
+        except Exception:
+            log.exception("worker %s: handler.describe() failed", self.name)
+            return {}
+
+    def _connect(self) -> None:
+        """Open a fresh DEALER (new identity) and register."""
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.connect(self.backend)
+        self._sock = sock
+        self.connects += 1
+        ready = {"op": "ready", "worker": self.name, "host": _socket.gethostname(), "pid": os.getpid(),
+                 "gpu": self.gpu, "credits": self.credits, **self._describe()}
+        self._send(ready)
+        self._send_stats()
+
+    def _heartbeat(self) -> None:
+        d = self._describe()
+        self._send({"op": "heartbeat", "worker": self.name, "loaded": d.get("loaded", []),
+                    "loading": d.get("loading", []), "in_flight": self.in_flight,
+                    "draining": self.draining})
+
+    def _send_stats(self) -> None:
+        try:
+            stats = self.handler.stats()
+        except Exception:
+            log.exception("worker %s: handler.stats() failed", self.name)
+            return
+        if isinstance(stats, dict):
+            try:
+                self._send({**stats, "op": "stats", "worker": self.name, "in_flight": self.in_flight,
+                            "served": self.served})
+            except (TypeError, ValueError) as exc:
+                log.warning("worker %s: stats cannot be encoded: %s", self.name, exc)
+
+    def _flush(self) -> None:
+        out, send = self._out, self._sock.send_multipart
+        while out:
+            is_reply, frames = out.popleft()
+            if is_reply:
+                self.in_flight -= 1
+                self.served += 1
+            try:
+                send(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                log.warning("worker %s: broker not reachable; a %s was dropped", self.name,
+                            "reply" if is_reply else "event")
+
+    def _on_broker(self, frames: list) -> str:
+        try:
+            header, payloads = decode(frames)
+        except LipsyncError as exc:
+            log.warning("worker %s: malformed message from the broker: %s", self.name, exc.message)
+            return ""
+        op = header.get("op")
+        if op == "request":
+            self.in_flight += 1
+            self._work.put((header, payloads))
+        elif op not in ("heartbeat", "disconnect"):
+            log.warning("worker %s: unknown op %r from the broker; ignored", self.name, op)
+        return op
+
+    # --- main loop -----------------------------------------------------------------------
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Serve until ``stop_event`` is set, then drain: finish in-flight, send disconnect, close."""
+        pull = self.ctx.socket(zmq.PULL)
+        pull.bind(self._wake_addr)
+        with self._wake_lock:
+            self._wake_push = self.ctx.socket(zmq.PUSH)
+            self._wake_push.setsockopt(zmq.SNDHWM, 0)
+            self._wake_push.connect(self._wake_addr)
+        self.handler.set_event_sink(self._event_sink)
+        threads = [threading.Thread(target=self._executor, name=f"{self.name}-exec{i}", daemon=True)
+                   for i in range(self.credits)]
+        for t in threads:
+            t.start()
+        poller = zmq.Poller()
+        poller.register(pull, zmq.POLLIN)
+        self._connect()
+        poller.register(self._sock, zmq.POLLIN)
+        silent_limit = self.interval * self.liveness
+        backoff = silent_limit
+        now = time.monotonic()
+        broker_deadline = now + backoff
+        next_hb = now + self.interval
+        next_stats = now + self.stats_interval
+        next_tick = now + self.tick_interval
+        drain_until = None
+        log.info("worker %s serving %s (credits %d, gpu %s)", self.name, self.backend, self.credits, self.gpu)
+        try:
+            while True:
+                if stop_event.is_set() and not self.draining:
+                    # Tell the broker to stop sending; what is already on its way is still served.
+                    self.draining = True
+                    drain_until = time.monotonic() + self.drain_timeout
+                    self._heartbeat()
+                if self.draining and ((self.in_flight <= 0 and not self._out)
+                                      or time.monotonic() > drain_until):
+                    break
+                now = time.monotonic()
+                timeout = min(next_hb, next_stats, next_tick, broker_deadline) - now
+                events = dict(poller.poll(max(0.0, min(timeout, 0.05)) * 1000.0))
+                if pull in events:
+                    try:
+                        while True:
+                            pull.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+                self._flush()
+                if self._sock in events:
+                    broker_deadline = time.monotonic() + silent_limit
+                    backoff = silent_limit
+                    reconnect = False
+                    for _ in range(256):
+                        try:
+                            frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        if self._on_broker(frames) == "disconnect":
+                            reconnect = True
+                    if reconnect and not self.draining:
+                        log.info("worker %s: the broker asked us to register again", self.name)
+                        poller.unregister(self._sock)
+                        self._connect()
+                        poller.register(self._sock, zmq.POLLIN)
+                        next_hb = time.monotonic() + self.interval
+                now = time.monotonic()
+                if now >= broker_deadline and not self.draining:
+                    log.warning("worker %s: no word from the broker for %.1f s; reconnecting",
+                                self.name, now - broker_deadline + backoff)
+                    poller.unregister(self._sock)
+                    self._connect()
+                    poller.register(self._sock, zmq.POLLIN)
+                    backoff = min(backoff * 2, self.reconnect_max)
+                    broker_deadline = now + backoff
+                    next_hb = now + self.interval
+                if now >= next_hb:
+                    next_hb = now + self.interval
+                    self._heartbeat()
+                if now >= next_stats:
+                    next_stats = now + self.stats_interval
+                    self._send_stats()
+                if now >= next_tick:
+                    next_tick = now + self.tick_interval
+                    try:
+                        self.handler.tick()
+                    except Exception:
+                        log.exception("worker %s: handler.tick() failed", self.name)
+        finally:
+            for _ in threads:
+                self._work.put(None)
+            try:
+                if self._sock is not None:
+                    self._flush()
+                    self._send({"op": "disconnect", "worker": self.name})
+            except zmq.ZMQError:
+                pass
+            for t in threads:
+                t.join(timeout=max(0.0, drain_until - time.monotonic()) if drain_until else 1.0)
+            with self._wake_lock:
+                self._wake_push.close(linger=0)
+                self._wake_push = None
+            pull.close(linger=0)
+            if self._sock is not None:
+                # A short linger lets the disconnect reach the broker.
+                self._sock.setsockopt(zmq.LINGER, 200)
+                self._sock.close()
+                self._sock = None
+            try:
+                self.handler.close()
+            except Exception:
+                log.exception("worker %s: handler.close() failed", self.name)
+            if self._own_ctx:
+                self.ctx.term()
+            log.info("worker %s stopped after %d request(s)", self.name, self.served)
