@@ -1,0 +1,742 @@
+"""Real-time streaming: audio goes in (any chunk size), frames come out in order at 25 fps.
+
+    with Client() as client, StreamSession(client, "demo_ada") as session:
+        session.push(pcm_chunk)          # 16 kHz mono, float32 in [-1, 1] or int16, any size
+        session.switch("demo_ben")       # from the next batch on
+        session.close()                  # end of audio: the tail is flushed
+        for frame in session.frames():   # index, pts, background_index, model_id, image ...
+            ...
+        print(session.latency())         # {"p50_ms": ..., "p99_ms": ..., "breakdown": {...}}
+
+``AsyncStreamSession(async_client, model_id)`` is the asyncio twin (``push``/``switch``/``close``
+are plain calls that never block; ``frames()`` is an async iterator).
+
+How it works (the workers stay stateless; the session keeps the audio and the frame cursor):
+
+* Frames are cut into batches ``[s, s+B)``. A batch is sent as soon as the audio it needs has
+  been pushed: :func:`~lipsync_cluster.common.audio.pcm_span_for_batch` says which, the batch
+  plus 9 frames before and 12 after (the UNet's 8/7-frame window plus the encoder's and the
+  STFT's reach). The request carries exactly that PCM with ``audio_frame_offset`` = the span's
+  first frame, so every window is bit-identical to a whole-clip computation and any worker can
+  serve any batch.
+* ``close()`` fixes the stream's length: ``total_frames = round(samples / 640)`` (Python's
+  ``round``), i.e. ``round(seconds x 25)``; the tail batches are clamped to it (the last frames' windows
+  repeat the edge audio, as on a whole clip). Frame ``k`` has ``pts = k / 25`` exactly: no drift.
+* Up to ``max_in_flight`` batches are in flight at once (replies may come back in any order; the
+  session hands frames out in order). No new batch is sent while ``max_ready_frames`` frames wait
+  unread, so memory stays bounded when the reader is slow (the audio waits instead).
+* A batch that fails with a retryable error (``unavailable``, ``timeout``, ``overloaded``, no reply
+  within ``request_timeout`` + 2 s) is sent once more; the broker itself re-dispatches a dead
+  worker's requests once, so a worker's death costs a delay, not a frame. A second failure, or a
+  non-retryable error (``unknown_model``, ``bad_request``...), ends the session: ``frames()``
+  raises it.
+* ``switch(model_id)`` applies to the next batch that is sent (a batch boundary); frames carry
+  the model that drew them.
+
+Latency of frame ``k`` = (time frame ``k`` is ready, in order) - (time the push that completed
+frame ``k``'s own audio returned). It is the lookahead (the batch's later frames plus 12 frames of
+future audio: 17 frames = 680 ms for the first frame of a 5-frame batch, 12 = 480 ms for its last,
+when audio arrives in real time) + waiting for a slot + the round trip + waiting for an earlier
+batch. :meth:`StreamSession.latency` reports p50/p99 of it and of each part.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
+
+import numpy as np
+
+from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, SPAN_AFTER, SPAN_BEFORE, pcm_span_for_batch, to_float_pcm
+from ..common.errors import (BadRequest, InternalError, LipsyncError, Overloaded, RequestTimeout, Unavailable,
+                             error_from_wire)
+from .results import infer_request, infer_result
+
+MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
+RETRYABLE = (Unavailable, RequestTimeout, Overloaded)
+MAX_ATTEMPTS = 2  # a batch is retried once
+LATENCY_WINDOW = 20000  # latency samples kept (the most recent), per session
+FORMATS = ("jpeg", "png", "raw", "patch")
+
+
+@dataclass
+class StreamFrame:
+    """One frame of a stream, handed out in order."""
+
+    index: int  # 0, 1, 2, ... from the stream's start
+    pts: float  # seconds from the stream's start: index / fps
+    background_index: int  # which of the model's background frames was drawn on
+    model_id: str
+    model_version: str
+    format: str  # jpeg / png / patch: ``image`` is the encoded bytes (patch: the face rect only, jpeg);
+    # raw: a BGR uint8 array
+    image: Any
+    rect: list  # the face box [x1, y1, x2, y2] on the background
+    worker: str
+    latency_ms: float  # audio pushed -> frame ready
+
+    def decode(self) -> np.ndarray:
+        """The image as a BGR uint8 array (decodes jpeg/png/patch; raw is returned as it is)."""
+        if isinstance(self.image, np.ndarray):
+            return self.image
+        import cv2
+
+        image = cv2.imdecode(np.frombuffer(self.image, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise InternalError(f"frame {self.index} is not a decodable {self.format} image")
+        return image
+
+
+class _Batch:
+    __slots__ = ("seq", "start", "size", "model_id", "first", "end", "header", "payloads", "attempts",
+                 "ready_t", "first_sent_t", "sent_t", "reply_t", "retry_at", "result", "handle", "errors")
+
+    def __init__(self, seq: int, start: int, size: int, model_id: str, first: int, end: int,
+                 header: dict, payloads: list, ready_t: float) -> None:
+        self.seq, self.start, self.size, self.model_id = seq, start, size, model_id
+        self.first, self.end = first, end
+        self.header, self.payloads = header, payloads
+        self.attempts = 0
+        self.ready_t = ready_t
+        self.first_sent_t = self.sent_t = self.reply_t = 0.0
+        self.retry_at: Optional[float] = None
+        self.result = None
+        self.handle: Any = None  # the driver's future / task of the current attempt
+        self.errors: list[str] = []
+
+
+def _percentiles(values) -> dict:
+    if not len(values):
+        return {"p50_ms": None, "p99_ms": None, "mean_ms": None, "max_ms": None}
+    a = np.asarray(values, np.float64)
+    return {"p50_ms": round(float(np.percentile(a, 50)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
+            "mean_ms": round(float(a.mean()), 2), "max_ms": round(float(a.max()), 2)}
+
+
+def total_frames_for(num_samples: int) -> int:
+    """Frames a stream of ``num_samples`` 16 kHz samples has: ``round(num_samples / 640)``.
+
+    That is Python's ``round(seconds * 25)`` (an exact half, 320 samples past a frame, rounds to
+    the even count, as ``round`` does).
+    """
+    return int(round(int(num_samples) / SAMPLES_PER_FRAME))
+
+
+class StreamCore:
+    """The session's state machine, without I/O: audio, batch plan, retries, in-order delivery.
+
+    The drivers (:class:`StreamSession`, :class:`AsyncStreamSession`) call it under their own
+    lock / on their own loop: ``push``/``close``/``switch``; ``plan(now)`` -> batches to send now;
+    ``sent``; ``completed``/``failed``; frames appear in ``ready``.
+    """
+
+    def __init__(self, model_id: str, *, fps: int = FPS, batch_size: int = 5, format: str = "jpeg",
+                 quality: Optional[int] = None, max_in_flight: int = 3, max_ready_frames: int = 250,
+                 request_timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if fps != FPS:
+            raise BadRequest(f"fps must be {FPS}: the models' audio front end is fixed at {FPS} frames per second "
+                             f"({SAMPLES_PER_FRAME} samples of {SAMPLE_RATE} Hz audio per frame); got {fps}",
+                             field="fps")
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= 25:
+            raise BadRequest(f"batch_size must be an integer in 1..25; got {batch_size!r}", field="batch_size")
+        if format not in FORMATS:
+            raise BadRequest(f"format must be one of {', '.join(FORMATS)}; got {format!r}", field="format")
+        if max_in_flight < 1:
+            raise BadRequest(f"max_in_flight must be >= 1; got {max_in_flight}", field="max_in_flight")
+        self._check_model(model_id)
+        self.fps = fps
+        self.batch_size = batch_size
+        self.format = format
+        self.quality = quality
+        self.max_in_flight = max_in_flight
+        self.max_ready_frames = max(batch_size, max_ready_frames)
+        self.request_timeout = float(request_timeout)
+        self.clock = clock
+        self.model_id = model_id
+        self.started_t = clock()
+        # audio: samples [buf_base, n) live in buf[:n - buf_base]
+        self._buf = np.zeros(SAMPLE_RATE * 4, np.float32)
+        self._buf_base = 0
+        self.samples = 0
+        # when each frame's own audio was complete: audio_t[k - audio_t_base]
+        self._audio_t: deque[float] = deque()
+        self._audio_t_base = 0
+        self.closed = False
+        self.total_frames: Optional[int] = None
+        self.next_frame = 0  # the first frame not yet planned
+        self.delivered = 0  # frames handed to `ready` so far (= the next index to deliver)
+        self._seq = itertools.count()
+        self.inflight: dict[int, _Batch] = {}  # sent (or waiting for a retry), no result yet
+        self._results: dict[int, _Batch] = {}  # by start frame, waiting for an earlier batch
+        self.ready: deque[StreamFrame] = deque()
+        self.error: Optional[LipsyncError] = None
+        self.switches: list[tuple[int, str]] = [(0, model_id)]  # (first frame, model) of each model run
+        self.batches_sent = 0
+        self.retries = 0
+        self.retry_log: list[dict] = []
+        self._lat: dict[str, deque] = {k: deque(maxlen=LATENCY_WINDOW) for k in
+                                       ("latency", "lookahead", "slot_wait", "round_trip", "reorder")}
+        self._server: dict[str, deque] = {}
+
+    # --- input ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_model(model_id: str) -> None:
+        if not isinstance(model_id, str) or not MODEL_ID_RE.match(model_id):
+            raise BadRequest(f"model_id must match {MODEL_ID_RE.pattern}; got {model_id!r}", field="model_id")
+
+    def push(self, pcm: np.ndarray) -> None:
+        if self.closed:
+            raise BadRequest("push() after close(): the stream's audio has ended", field="audio_pcm")
+        x = np.asarray(pcm)
+        if x.size == 0:
+            return
+        x = to_float_pcm(x, "audio_pcm")
+        self._append(x)
+        now = self.clock()
+        complete = self.samples // SAMPLES_PER_FRAME
+        have = self._audio_t_base + len(self._audio_t)
+        if complete > have:
+            self._audio_t.extend([now] * (complete - have))
+
+    def _append(self, x: np.ndarray) -> None:
+        used = self.samples - self._buf_base
+        if used + x.size > self._buf.size:
+            # Drop what no future batch needs (sent batches carry their own copy), then grow.
+            keep_from = max(0, self.next_frame - SPAN_BEFORE) * SAMPLES_PER_FRAME
+            drop = max(0, min(keep_from, self.samples) - self._buf_base)
+            kept = used - drop
+            size = self._buf.size
+            while kept + x.size > size:
+                size *= 2
+            if size == self._buf.size and drop:
+                self._buf[:kept] = self._buf[drop:used]
+            else:
+                new = np.zeros(size, np.float32)
+                new[:kept] = self._buf[drop:used]
+                self._buf = new
+            self._buf_base += drop
+            used = kept
+        self._buf[used:used + x.size] = x
+        self.samples += x.size
+
+    def _slice(self, a: int, z: int) -> np.ndarray:
+        """A copy of samples [a, z); past the end of the audio it is zeros (only at the tail)."""
+        out = np.zeros(z - a, np.float32)
+        have = min(z, self.samples)
+        if have > a:
+            out[:have - a] = self._buf[a - self._buf_base:have - self._buf_base]
+        return out
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.total_frames = total_frames_for(self.samples)
+        have = self._audio_t_base + len(self._audio_t)
+        if self.total_frames > have:
+            self._audio_t.extend([self.clock()] * (self.total_frames - have))
+
+    def switch(self, model_id: str) -> None:
+        self._check_model(model_id)
+        self.model_id = model_id
+
+    # --- planning -----------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """Closed, every frame delivered (not necessarily read), nothing in flight."""
+        return self.closed and self.delivered >= (self.total_frames or 0) and not self.inflight
+
+    def next_retry_at(self) -> Optional[float]:
+        due = [b.retry_at for b in self.inflight.values() if b.retry_at is not None]
+        return min(due) if due else None
+
+    def plan(self, now: Optional[float] = None) -> list[_Batch]:
+        """Batches to send now: due retries first, then new batches while slots and audio allow."""
+        if self.error is not None:
+            return []
+        now = self.clock() if now is None else now
+        out = [b for b in self.inflight.values() if b.retry_at is not None and b.retry_at <= now]
+        for b in out:
+            b.retry_at = None
+        while len(self.inflight) < self.max_in_flight and len(self.ready) < self.max_ready_frames:
+            b = self._next_batch()
+            if b is None:
+                break
+            self.inflight[b.seq] = b
+            out.append(b)
+        return out
+
+    def _next_batch(self) -> Optional[_Batch]:
+        start = self.next_frame
+        if self.closed:
+            if start >= self.total_frames:
+                return None
+            size = min(self.batch_size, self.total_frames - start)
+            first, end = pcm_span_for_batch(start, size, self.total_frames)
+        else:
+            size = self.batch_size
+            first, end = pcm_span_for_batch(start, size)
+            if self.samples < end * SAMPLES_PER_FRAME:
+                return None  # the lookahead has not been pushed yet
+        pcm = self._slice(first * SAMPLES_PER_FRAME, end * SAMPLES_PER_FRAME)
+        quality = self.quality if self.quality is not None else (85 if self.format == "jpeg" else None)
+        header, payloads = infer_request(
+            self.model_id, start_frame_idx=start, batch_size=size, audio_pcm=pcm, audio_frame_offset=first,
+            format=self.format, quality=quality, deadline_ms=int(self.request_timeout * 1000))
+        ready_t = self._audio_t[end - 1 - self._audio_t_base]
+        if self.model_id != self.switches[-1][1]:
+            self.switches.append((start, self.model_id))
+        self.next_frame = start + size
+        return _Batch(next(self._seq), start, size, self.model_id, first, end, header, payloads, ready_t)
+
+    def sent(self, b: _Batch, now: Optional[float] = None) -> int:
+        """Record that ``b`` went out; returns the attempt number (1, 2)."""
+        now = self.clock() if now is None else now
+        b.attempts += 1
+        b.sent_t = now
+        if b.attempts == 1:
+            b.first_sent_t = now
+            self.batches_sent += 1
+        return b.attempts
+
+    def overdue(self, now: Optional[float] = None) -> list[_Batch]:
+        """In-flight batches whose reply is later than ``request_timeout`` + 2 s (the broker is gone)."""
+        now = self.clock() if now is None else now
+        limit = self.request_timeout + 2.0
+        return [b for b in self.inflight.values()
+                if b.retry_at is None and b.attempts and now - b.sent_t > limit]
+
+    # --- outcomes -----------------------------------------------------------------------------
+
+    def failed(self, b: _Batch, exc: BaseException, now: Optional[float] = None) -> bool:
+        """A try of ``b`` failed; True when it will be retried (``plan`` returns it when due)."""
+        if b.seq not in self.inflight or self.error is not None:
+            return False
+        now = self.clock() if now is None else now
+        b.errors.append(f"{getattr(exc, 'code', type(exc).__name__)}: {exc}")
+        if isinstance(exc, RETRYABLE) and b.attempts < MAX_ATTEMPTS:
+            self.retries += 1
+            delay = 0.0
+            if isinstance(exc, Overloaded):
+                delay = min(1.0, max(0.05, float(getattr(exc, "details", {}).get("retry_after_ms", 50)) / 1000))
+            b.retry_at = now + delay
+            self.retry_log.append({"frames": [b.start, b.start + b.size], "error": b.errors[-1]})
+            return True
+        if not isinstance(exc, LipsyncError):
+            exc = InternalError(f"{type(exc).__name__}: {exc}")
+        what = f"frames {b.start}..{b.start + b.size - 1} of model '{b.model_id}'"
+        tries = "; ".join(b.errors)
+        err = type(exc)(f"{exc.message} ({what}; {b.attempts} attempt(s): {tries})", **exc.details)
+        self.error = err
+        return False
+
+    def completed(self, b: _Batch, header: dict, payloads: list, now: Optional[float] = None) -> None:
+        """A reply for ``b`` came back: errors go to :meth:`failed`, frames wait for their turn."""
+        if b.seq not in self.inflight or self.error is not None:
+            return  # a late reply of an attempt that was given up on
+        if not header.get("ok", False):
+            self.failed(b, error_from_wire(header.get("error")), now)
+            return
+        now = self.clock() if now is None else now
+        try:
+            result = infer_result(header, payloads)
+        except Exception as exc:  # noqa: BLE001 - a malformed reply ends the session with a clear error
+            self.failed(b, InternalError(f"malformed reply: {exc}"), now)
+            return
+        want = list(range(b.start, b.start + b.size))
+        if result.frame_indices != want:
+            self.failed(b, InternalError(f"reply has frames {result.frame_indices}, expected {want}"), now)
+            return
+        del self.inflight[b.seq]
+        b.reply_t = now
+        b.result = result
+        b.handle = None
+        b.header = b.payloads = None  # the request's audio is no longer needed
+        for name, value in result.timings.items():
+            if isinstance(value, (int, float)):
+                self._server.setdefault(name, deque(maxlen=LATENCY_WINDOW)).append(float(value))
+        self._results[b.start] = b
+        self._deliver(now)
+
+    def _deliver(self, now: float) -> None:
+        while self.delivered in self._results:
+            b = self._results.pop(self.delivered)
+            r = b.result
+            for i in range(b.size):
+                k = b.start + i
+                audio_t = self._audio_t.popleft()
+                self._audio_t_base += 1
+                latency = (now - audio_t) * 1000.0
+                self._lat["latency"].append(latency)
+                self._lat["lookahead"].append((b.ready_t - audio_t) * 1000.0)
+                self._lat["slot_wait"].append((b.first_sent_t - b.ready_t) * 1000.0)
+                self._lat["round_trip"].append((b.reply_t - b.first_sent_t) * 1000.0)
+                self._lat["reorder"].append((now - b.reply_t) * 1000.0)
+                self.ready.append(StreamFrame(
+                    index=k, pts=k / self.fps, background_index=r.background_indices[i], model_id=r.model_id,
+                    model_version=r.model_version, format=r.format, image=r.frames[i], rect=r.rects[i],
+                    worker=r.worker, latency_ms=latency))
+            self.delivered = b.start + b.size
+
+    # --- reporting ----------------------------------------------------------------------------
+
+    def latency(self) -> dict:
+        """p50/p99 of audio pushed -> frame ready, and of its parts (ms)."""
+        out = {"frames": len(self._lat["latency"]), **_percentiles(self._lat["latency"])}
+        breakdown = {f"{k}_ms": _percentiles(v) for k, v in self._lat.items() if k != "latency"}
+        breakdown.update({f"server_{k}": _percentiles(v) for k, v in sorted(self._server.items())})
+        out["breakdown"] = breakdown
+        out["lookahead_frames"] = SPAN_AFTER
+        out["batch_size"] = self.batch_size
+        out["retries"] = self.retries
+        return out
+
+    def stats(self) -> dict:
+        return {"model_id": self.model_id, "samples": self.samples, "seconds": self.samples / SAMPLE_RATE,
+                "closed": self.closed, "total_frames": self.total_frames, "planned": self.next_frame,
+                "delivered": self.delivered, "ready": len(self.ready), "in_flight": len(self.inflight),
+                "batches_sent": self.batches_sent, "retries": self.retries,
+                "switches": [list(s) for s in self.switches],
+                "error": None if self.error is None else self.error.to_wire()}
+
+
+_SESSION_DOC = """
+    ``model_id``: the avatar; ``batch_size`` frames per request (1..25; 5 = 200 ms); ``format``
+    jpeg (default), png, raw or patch; ``quality`` (jpeg 1..100, default 85; png 0..9);
+    ``max_in_flight`` batches at once (default 3); ``max_ready_frames``: no new batch is sent while
+    this many frames wait unread (default 250 = 10 s); ``request_timeout`` s per request (also the
+    broker's deadline; a batch is retried once after a retryable failure).
+"""
+
+
+class StreamSession:
+    """A blocking streaming session over a :class:`~lipsync_cluster.client.Client` (thread-safe).
+
+    ``push``, ``switch`` and ``close`` never wait for the cluster; a background thread sends the
+    batches and collects the replies; ``frames()`` blocks until the next frame (in order) is ready
+    and ends after ``close()`` once every frame has been read. Use it as a context manager (leaving
+    the block cancels what is still in flight) or call :meth:`cancel`.
+    """ + _SESSION_DOC
+
+    def __init__(self, client, model_id: str, *, fps: int = FPS, batch_size: int = 5, format: str = "jpeg",
+                 quality: Optional[int] = None, max_in_flight: int = 3, max_ready_frames: int = 250,
+                 request_timeout: float = 10.0) -> None:
+        self._client = client
+        self._core = StreamCore(model_id, fps=fps, batch_size=batch_size, format=format, quality=quality,
+                                max_in_flight=max_in_flight, max_ready_frames=max_ready_frames,
+                                request_timeout=request_timeout)
+        self._cond = threading.Condition()
+        self._completions: list[tuple[_Batch, int, Any]] = []
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name=f"lipsync-stream-{model_id}", daemon=True)
+        self._thread.start()
+
+    # --- the caller's side --------------------------------------------------------------------
+
+    def push(self, pcm: np.ndarray) -> None:
+        """Append 16 kHz mono audio (float32 in [-1, 1] or int16), any number of samples."""
+        with self._cond:
+            self._raise_if_failed()
+            self._core.push(pcm)
+            self._cond.notify_all()
+
+    def switch(self, model_id: str) -> None:
+        """Use ``model_id`` from the next batch that is sent on."""
+        with self._cond:
+            self._core.switch(model_id)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """End of audio: the remaining frames (up to round(seconds x fps)) are produced and read out."""
+        with self._cond:
+            self._core.close()
+            self._cond.notify_all()
+
+    def frames(self, timeout: Optional[float] = None) -> Iterator[StreamFrame]:
+        """Frames in order until the stream is closed and drained; raises the session's error.
+
+        ``timeout``: seconds to wait for any one frame before raising :class:`RequestTimeout`.
+        """
+        while True:
+            frame = self.get(timeout)
+            if frame is None:
+                return
+            yield frame
+
+    def get(self, timeout: Optional[float] = None) -> Optional[StreamFrame]:
+        """The next frame; None when the stream has ended. Raises RequestTimeout after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._core.ready:
+                    return self._core.ready.popleft()
+                self._raise_if_failed()
+                if self._core.finished or self._cancelled:
+                    return None
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise RequestTimeout(f"no frame within {timeout:.1f}s ({self._core.stats()})")
+                self._cond.wait(left)
+
+    def poll(self) -> list[StreamFrame]:
+        """Every frame that is ready now (never blocks); raises the session's error when there is none."""
+        with self._cond:
+            out = list(self._core.ready)
+            self._core.ready.clear()
+            if not out:
+                self._raise_if_failed()
+            self._cond.notify_all()
+            return out
+
+    def latency(self) -> dict:
+        """``{"frames", "p50_ms", "p99_ms", "mean_ms", "max_ms", "breakdown": {...}, "retries"}``."""
+        with self._cond:
+            return self._core.latency()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return self._core.stats()
+
+    @property
+    def model_id(self) -> str:
+        return self._core.model_id
+
+    @property
+    def total_frames(self) -> Optional[int]:
+        """Known after ``close()``: round(seconds x fps)."""
+        return self._core.total_frames
+
+    @property
+    def finished(self) -> bool:
+        with self._cond:
+            return self._core.finished and not self._core.ready
+
+    def cancel(self) -> None:
+        """Stop now: what is in flight is abandoned, unread frames are dropped, the thread ends."""
+        with self._cond:
+            self._cancelled = True
+            for b in self._core.inflight.values():
+                if b.handle is not None:
+                    b.handle.cancel()
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> "StreamSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.cancel()
+
+    def _raise_if_failed(self) -> None:
+        if self._core.error is not None:
+            raise self._core.error
+
+    # --- the background thread ----------------------------------------------------------------
+
+    def _on_done(self, b: _Batch, attempt: int, future) -> None:
+        with self._cond:
+            self._completions.append((b, attempt, future))
+            self._cond.notify_all()
+
+    def _send(self, b: _Batch) -> None:
+        attempt = self._core.sent(b)
+        try:
+            future = self._client.submit(b.header, b.payloads)
+        except LipsyncError as exc:
+            self._core.failed(b, exc)
+            return
+        b.handle = future
+        future.add_done_callback(lambda f, b=b, a=attempt: self._on_done(b, a, f))
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - a bug must end the session loudly, not hang it
+            with self._cond:
+                if self._core.error is None:
+                    self._core.error = InternalError(f"the stream's thread failed: {type(exc).__name__}: {exc}")
+                self._cond.notify_all()
+            raise
+
+    def _loop(self) -> None:
+        core = self._core
+        with self._cond:
+            while not self._cancelled:
+                completions, self._completions = self._completions, []
+                for b, attempt, future in completions:
+                    if attempt != b.attempts or future.cancelled():
+                        continue  # an attempt that was given up on
+                    exc = future.exception()
+                    if exc is not None:
+                        core.failed(b, exc)
+                    else:
+                        header, payloads = future.result()
+                        core.completed(b, header, payloads)
+                for b in core.overdue():
+                    if b.handle is not None:
+                        b.handle.cancel()
+                    core.failed(b, Unavailable(f"no reply within {core.request_timeout + 2:.0f}s"))
+                for b in core.plan():
+                    self._send(b)
+                self._cond.notify_all()
+                if core.error is not None or core.finished:
+                    return
+                wait = 0.5
+                due = core.next_retry_at()
+                if due is not None:
+                    wait = max(0.0, min(wait, due - core.clock()))
+                self._cond.wait(wait)
+
+
+class AsyncStreamSession:
+    """The asyncio twin of :class:`StreamSession`, over an :class:`~lipsync_cluster.client.AsyncClient`.
+
+    ``push``/``switch``/``close`` are plain (non-async) calls that never block; ``frames()`` is an
+    async iterator; ``await cancel()`` (or leaving ``async with``) stops it. One event loop only.
+    """ + _SESSION_DOC
+
+    def __init__(self, client, model_id: str, *, fps: int = FPS, batch_size: int = 5, format: str = "jpeg",
+                 quality: Optional[int] = None, max_in_flight: int = 3, max_ready_frames: int = 250,
+                 request_timeout: float = 10.0) -> None:
+        self._client = client
+        self._core = StreamCore(model_id, fps=fps, batch_size=batch_size, format=format, quality=quality,
+                                max_in_flight=max_in_flight, max_ready_frames=max_ready_frames,
+                                request_timeout=request_timeout)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._cancelled = False
+
+    def push(self, pcm: np.ndarray) -> None:
+        if self._core.error is not None:
+            raise self._core.error
+        self._core.push(pcm)
+        self._pump()
+
+    def switch(self, model_id: str) -> None:
+        self._core.switch(model_id)
+        self._pump()
+
+    def close(self) -> None:
+        self._core.close()
+        self._pump()
+
+    async def frames(self) -> AsyncIterator[StreamFrame]:
+        while True:
+            frame = await self.get()
+            if frame is None:
+                return
+            yield frame
+
+    async def get(self, timeout: Optional[float] = None) -> Optional[StreamFrame]:
+        """The next frame in order; None when the stream has ended."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._core.ready:
+                frame = self._core.ready.popleft()
+                if len(self._core.ready) < self._core.max_ready_frames:
+                    self._pump()
+                return frame
+            if self._core.error is not None:
+                raise self._core.error
+            if self._core.finished or self._cancelled:
+                return None
+            self._wake.clear()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise RequestTimeout(f"no frame within {timeout:.1f}s ({self._core.stats()})")
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+    def poll(self) -> list[StreamFrame]:
+        out = list(self._core.ready)
+        self._core.ready.clear()
+        if not out and self._core.error is not None:
+            raise self._core.error
+        self._pump()
+        return out
+
+    def latency(self) -> dict:
+        return self._core.latency()
+
+    def stats(self) -> dict:
+        return self._core.stats()
+
+    @property
+    def model_id(self) -> str:
+        return self._core.model_id
+
+    @property
+    def total_frames(self) -> Optional[int]:
+        return self._core.total_frames
+
+    @property
+    def finished(self) -> bool:
+        return self._core.finished and not self._core.ready
+
+    async def cancel(self) -> None:
+        self._cancelled = True
+        if self._timer is not None:
+            self._timer.cancel()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._wake.set()
+
+    async def __aenter__(self) -> "AsyncStreamSession":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.cancel()
+
+    # --- driving --------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        if self._cancelled:
+            return
+        core = self._core
+        for b in core.plan():
+            attempt = core.sent(b)
+            task = asyncio.ensure_future(self._attempt(b, attempt))
+            b.handle = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        due = core.next_retry_at()
+        if due is not None and self._timer is None:
+            delay = max(0.0, due - core.clock())
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+        self._wake.set()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._pump()
+
+    async def _attempt(self, b: _Batch, attempt: int) -> None:
+        try:
+            header, payloads = await self._client.request(b.header, b.payloads,
+                                                          timeout=self._core.request_timeout + 2.0)
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # noqa: BLE001 - LipsyncError or a transport problem
+            if attempt == b.attempts:
+                self._core.failed(b, exc)
+        else:
+            if attempt == b.attempts:
+                self._core.completed(b, header, payloads)
+        self._pump()
+
+
+__all__ = ["StreamSession", "AsyncStreamSession", "StreamFrame", "StreamCore", "total_frames_for"]
