@@ -295,8 +295,11 @@ def health(endpoint: str, timeout: float) -> None:
 def _register() -> None:
     # Subcommands defined next to what they drive; importing here keeps `cli` on top.
     from .demo.cli import demo_models
+    from .prepare.cli import check_model, prepare
 
     main.add_command(demo_models)
+    main.add_command(prepare)
+    main.add_command(check_model)
     try:
         from .client.console import stats
     except ImportError:  # the console arrives with its own issue; until then, a plain one

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,8 +155,12 @@ class Supervisor:
                     raise StartError(f"the broker exited with code {broker.proc.returncode}; see the log above")
                 try:
                     last = client.health()
-                    if last.get("ready"):
+                    # Ready means every worker we started has registered, not just the first.
+                    if last.get("ready") and last.get("workers", 0) >= len(self.children) - 1:
                         return last
+                    if last.get("ready"):
+                        last["reason"] = f"{last.get('workers', 0)} of {len(self.children) - 1} workers registered"
+
                 except Exception:
                     pass
                 self.watch_once()
@@ -189,6 +194,12 @@ class Supervisor:
         while not self._stopping:
             self.watch_once()
             time.sleep(0.2)
+
+    def watch_in_background(self) -> threading.Thread:
+        """Restart crashed children from a daemon thread (for embedding, e.g. in tests)."""
+        thread = threading.Thread(target=self.run_forever, name="lipsync-supervisor", daemon=True)
+        thread.start()
+        return thread
 
     def stop(self, drain_timeout_s: float = 15.0) -> None:
         self._stopping = True

@@ -62,6 +62,7 @@ def make_cluster(demo_dir, tmp_path):
         started.append(sup)
         sup.start()
         sup.wait_ready(timeout_s=120)
+        sup.watch_in_background()
         return sup
 
     yield start

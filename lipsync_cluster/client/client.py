@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import os
 import threading
+import uuid
 from concurrent.futures import Future
 from typing import Any, Optional
 
@@ -43,7 +44,7 @@ class _Transport:
         self._ids = itertools.count(1)
         self._pending: dict[int, Future] = {}
         self._lock = threading.Lock()
-        self._wake_addr = f"inproc://lsc-client-{id(self)}"
+        self._wake_addr = f"inproc://lsc-client-{uuid.uuid4().hex}"
         self._inbox = ctx.socket(zmq.PULL)
         self._inbox.bind(self._wake_addr)
         self._outbox = ctx.socket(zmq.PUSH)
