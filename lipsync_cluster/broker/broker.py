@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import signal
 import threading
 import time
@@ -27,10 +28,12 @@ from ..common.errors import (BadRequest, InternalError, LipsyncError, Overloaded
 from ..common.protocol import TAG, decode
 from ..config.schema import Config
 from . import management
+from .catalog_watch import CatalogWatcher
 from .queues import ModelQueues, Pending
-from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, copy_threshold_s, route
+from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, copy_threshold_s, pick_loaded, route
 from .stats import BrokerStats, format_report
 from .validate import check_deadline, check_envelope, check_infer, check_load, check_model
+from .wire import readable, recv_parts, send_parts
 from .workers import Worker, WorkerTable
 
 log = logging.getLogger("lipsync_cluster.broker")
@@ -38,10 +41,12 @@ log = logging.getLogger("lipsync_cluster.broker")
 RECV_BATCH = 256            # messages read from one socket before looking at the other
 SWEEP_S = 0.025             # deadline sweep / copy check period
 PUBLISH_S = 1.0             # stats snapshot period on the PUB socket
-CATALOG_REFRESH_S = 2.0     # re-read the catalog at most this often (plus on unknown ids)
-UNKNOWN_REFRESH_S = 0.25    # ... and at most this often when a request names an unknown id
+CATALOG_REFRESH_S = 2.0     # re-read the catalog this often (plus when an unknown id arrives)
+UNKNOWN_REFRESH_S = 0.25    # ... but at most this often
+MAX_PARKED = 1024           # requests waiting for a catalog re-read; beyond: unknown_model at once
 PRELOAD_RETRY_S = 10.0      # after a failed or impossible preload, try again this much later
 HWM = 100_000               # messages per peer queue; a client that stops reading loses replies
+SOCKET_BUFFER = 4 * 2**20   # kernel send/receive buffer per connection (SO_SNDBUF/SO_RCVBUF)
 
 Catalog = Callable[[], "dict[str, dict]"]
 
@@ -62,6 +67,10 @@ class Gather:
         self.errors: list[dict] = []
 
 
+class _Park(Exception):
+    """Raised while validating a request that names an id not (yet) in the catalog."""
+
+
 class _Busy:
     """``model in busy`` -> the model has requests queued (a Collection view, computed lazily)."""
 
@@ -80,12 +89,14 @@ class Broker:
                  no_worker_grace_s: float = 10.0) -> None:
         cl = config.cluster
         self.config = config
-        self._catalog_fn = catalog
-        self.catalog: dict[str, dict] = {}
-        self._catalog_at = -1e9
-        self._catalog_failing = False
         self._own_ctx = ctx is None
         self.ctx = ctx if ctx is not None else zmq.Context()
+        self._catalog_wake_endpoint = f"inproc://lsc-broker-catalog-{id(self):x}"
+        self._watch = CatalogWatcher(catalog, self.ctx, self._catalog_wake_endpoint,
+                                     period_s=CATALOG_REFRESH_S, min_gap_s=UNKNOWN_REFRESH_S)
+        self._catalog_wake: Optional[zmq.Socket] = None
+        self._parked: list[tuple[int, list]] = []   # (scan that must finish first, frames)
+        self._replaying = False
         self.interval = cl.heartbeat_interval_s
         self.dead_after = cl.heartbeat_interval_s * cl.heartbeat_liveness
         self.max_batch = cl.max_batch_size
@@ -143,6 +154,10 @@ class Broker:
                     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
                     sock.setsockopt(zmq.SNDHWM, HWM)
                     sock.setsockopt(zmq.RCVHWM, HWM)
+                    # Room for a whole large payload per connection in the kernel: a 1 MB frame
+                    # crosses loopback in fewer flow-control rounds (the kernel caps this value).
+                    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
+                    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
                 else:
                     sock.setsockopt(zmq.SNDHWM, 1000)  # slow subscribers miss snapshots
                 try:
@@ -157,6 +172,9 @@ class Broker:
                 sock.close(linger=0)
             raise
         self.frontend, self.backend, self.publisher = made
+        self._catalog_wake = self.ctx.socket(zmq.PULL)
+        self._catalog_wake.setsockopt(zmq.LINGER, 0)
+        self._catalog_wake.bind(self._catalog_wake_endpoint)
         log.info("broker listening: clients %s, workers %s, stats %s",
                  self.frontend_endpoint, self.backend_endpoint, self.stats_endpoint)
 
@@ -165,26 +183,27 @@ class Broker:
         if self.frontend is None:
             self.bind()
         stop = stop_event if stop_event is not None else threading.Event()
-        self._refresh_catalog(time.monotonic())
-        poller = zmq.Poller()
-        poller.register(self.backend, zmq.POLLIN)
-        poller.register(self.frontend, zmq.POLLIN)
+        self._watch.scan()  # the first read before serving; later ones run on the watcher thread
+        self._watch.start()
+        backend, frontend, wake = self.backend, self.frontend, self._catalog_wake
+        idle_poll = [(backend, zmq.POLLIN), (frontend, zmq.POLLIN), (wake, zmq.POLLIN)]
         now = time.monotonic()
         next_hb = now + self.interval
         next_sweep = now + SWEEP_S
         next_pub = now + PUBLISH_S
         report_s = self.config.logging.stats_report_minutes * 60.0
         next_report = now + report_s if report_s > 0 else float("inf")
-        backend, frontend = self.backend, self.frontend
+        on_worker, on_client = self._on_worker_message, self._on_client_message
         try:
             while not stop.is_set():
-                now = time.monotonic()
-                wait_ms = max(0.0, min(next_sweep, next_hb) - now) * 1000.0
-                for sock, _ in poller.poll(min(wait_ms, 100.0)):
-                    if sock is backend:
-                        self._drain(backend, self._on_worker_message)
+                wait_ms = max(0.0, min(next_sweep, next_hb) - time.monotonic()) * 1000.0
+                # One poll per wake-up (it returns at once when something is waiting), then read
+                # each ready socket dry. Workers first: their replies free credits.
+                for sock, _ in zmq.zmq_poll(idle_poll, min(math.ceil(wait_ms), 100)):
+                    if sock is wake:
+                        self._on_catalog_scanned()
                     else:
-                        self._drain(frontend, self._on_client_message)
+                        self._drain(sock, on_worker if sock is backend else on_client)
                 if self._dirty:
                     self._dispatch()
                 now = time.monotonic()
@@ -205,21 +224,20 @@ class Broker:
             self._shutdown()
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list], None]) -> None:
-        recv = sock.recv_multipart
+        """Handle the waiting messages (poll said at least one), at most RECV_BATCH."""
         for _ in range(RECV_BATCH):
             try:
-                frames = recv(zmq.NOBLOCK, copy=False)
+                handle(recv_parts(sock))
             except zmq.Again:
                 return
-            try:
-                handle(frames)
             except Exception:  # a bug must cost one message, not the broker
                 log.exception("broker: unexpected error handling a message; continuing")
+            if not readable(sock):
+                return
 
     def _send_client(self, client: bytes, header: dict, payloads: Any = ()) -> None:
         try:
-            self.frontend.send_multipart([client, TAG, self._packer.pack(header), *payloads],
-                                         zmq.NOBLOCK, copy=False)
+            send_parts(self.frontend, [client, TAG, self._packer.pack(header), *payloads])
         except zmq.ZMQError:  # EHOSTUNREACH: the client went away; EAGAIN: it stopped reading
             self.stats.undeliverable += 1
 
@@ -235,7 +253,7 @@ class Broker:
 
     def _send_worker(self, w: Worker, frames: list) -> bool:
         try:
-            self.backend.send_multipart([w.identity, *frames], zmq.NOBLOCK, copy=False)
+            send_parts(self.backend, [w.identity, *frames])
             return True
         except zmq.ZMQError as exc:
             log.warning("worker %s unreachable (%s); dropping it", w.name, exc)
@@ -244,38 +262,48 @@ class Broker:
 
     def _publish(self, topic: bytes, body: dict) -> None:
         try:
-            self.publisher.send_multipart([topic, self._packer.pack(body)], zmq.NOBLOCK)
+            send_parts(self.publisher, [topic, self._packer.pack(body)])
         except zmq.ZMQError:
             pass  # no subscriber keeping up: snapshots are disposable
 
     # --- catalog -------------------------------------------------------------------------
 
-    def _refresh_catalog(self, now: float) -> None:
-        self._catalog_at = now
-        try:
-            catalog = self._catalog_fn()
-            if not isinstance(catalog, dict):
-                raise TypeError(f"catalog() returned {type(catalog).__name__}, not a dict")
-        except Exception as exc:
-            if not self._catalog_failing:
-                log.warning("broker: reading the model catalog failed (%s); keeping the last one", exc)
-            self._catalog_failing = True
-            return
-        self._catalog_failing = False
-        added, removed = catalog.keys() - self.catalog.keys(), self.catalog.keys() - catalog.keys()
-        if added or removed:
-            log.info("catalog: %d model(s)%s%s", len(catalog),
-                     f"; new: {', '.join(sorted(added))}" if added else "",
-                     f"; gone: {', '.join(sorted(removed))}" if removed else "")
-        self.catalog = catalog
+    @property
+    def catalog(self) -> dict[str, dict]:
+        """Every configured model (as of the latest scan): ``{model_id: {version, preload, ...}}``."""
+        return self._watch.current
 
     def _known(self, model: str) -> bool:
-        if model in self.catalog:
+        if model in self._watch.current:
             return True
-        now = time.monotonic()
-        if now - self._catalog_at >= UNKNOWN_REFRESH_S:
-            self._refresh_catalog(now)
-        return model in self.catalog
+        if self._replaying or len(self._parked) >= MAX_PARKED:
+            return False
+        raise _Park  # wait for a fresh read: the package may have been added a moment ago
+
+    def _on_catalog_scanned(self) -> None:
+        try:
+            while True:
+                self._catalog_wake.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        if self._parked:
+            done = self._watch.scans
+            ready = [frames for needed, frames in self._parked if needed <= done]
+            self._parked = [(needed, frames) for needed, frames in self._parked if needed > done]
+            self._replay(ready)
+        self._preload(time.monotonic())
+
+    def _replay(self, parked: list[list]) -> None:
+        """Handle parked requests again; an id still unknown is now answered `unknown_model`."""
+        self._replaying = True
+        try:
+            for frames in parked:
+                try:
+                    self._on_client_message(frames)
+                except Exception:
+                    log.exception("broker: unexpected error handling a parked request; continuing")
+        finally:
+            self._replaying = False
 
     # --- client messages ------------------------------------------------------------------
 
@@ -292,6 +320,11 @@ class Broker:
             return
         try:
             self._client_ops[op](client, cid, header, payloads)
+        except _Park:
+            # Answered once a catalog read that started after this moment has finished.
+            watch = self._watch
+            self._parked.append((watch.scans + (2 if watch.busy else 1), frames))
+            watch.request()
         except LipsyncError as exc:
             model = header.get("model_id")
             self._reply_error(client, cid, exc, model if isinstance(model, str) and model in self.catalog else None)
@@ -348,25 +381,18 @@ class Broker:
         self._dirty = True
 
     def _on_list_models(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
-        self._refresh_if_stale()
         now = time.monotonic()
         self._reply(client, cid, models=management.list_models(self.catalog, self.table, self.queues,
                                                                self.stats, now))
 
     def _on_model_stats(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
         model = check_model(header, self._known) if header.get("model_id") is not None else None
-        self._refresh_if_stale()
         body = management.model_stats(self.catalog, self.table, self.queues, self.stats,
                                       time.monotonic(), model)
         self._reply(client, cid, **body)
 
     def _on_health(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
         self._reply(client, cid, **management.health(self.catalog, self.table))
-
-    def _refresh_if_stale(self) -> None:
-        now = time.monotonic()
-        if now - self._catalog_at >= CATALOG_REFRESH_S:
-            self._refresh_catalog(now)
 
     # --- queueing and dispatch ---------------------------------------------------------------
 
@@ -392,6 +418,9 @@ class Broker:
         workers: Any = self.table.values()
         if p.targets is not None:
             workers = [w for w in workers if w.name in p.targets]
+        w = pick_loaded(p.model, workers)  # the common case, without building route()'s inputs
+        if w is not None:
+            return Decision(DISPATCH, w, None, "loaded")
         return route(p.model, workers, busy_models=self._busy, value=self.heat.valuer(now),
                      head_wait_s=now - p.arrival,
                      copy_after_s=copy_threshold_s(self.stats.service_s(p.model)),
@@ -689,9 +718,6 @@ class Broker:
                 self._reply_error(p.client, p.cid, Unavailable(
                     f"no worker has been registered for {now - self._no_workers_since:.0f} s"),
                     p.model, now - p.arrival)
-        if now - self._catalog_at >= CATALOG_REFRESH_S:
-            self._refresh_catalog(now)
-            self._preload(now)
         if self.queues.total:
             self._dirty = True  # heads that waited long enough may now get another copy
 
@@ -713,8 +739,10 @@ class Broker:
                 self._send_request(p, d, now)
 
     def _heartbeat(self, now: float) -> None:
-        for w in self.table.expired(now, self.dead_after):
-            self._lost(w, f"silent for {now - w.last_seen:.1f} s")
+        # With worker messages still unread (a backlog), silence is not proven: judge next time.
+        if not readable(self.backend):
+            for w in self.table.expired(now, self.dead_after):
+                self._lost(w, f"silent for {now - w.last_seen:.1f} s")
         for w in list(self.table.values()):
             self._send_worker(w, self._hb_frames)
 
@@ -741,6 +769,9 @@ class Broker:
     def _shutdown(self) -> None:
         """Answer everything pending with `unavailable`, tell workers, close the sockets."""
         try:
+            self._watch.stop()
+            parked, self._parked = [frames for _, frames in self._parked], []
+            self._replay(parked)  # unknown ids get their answer; the rest join what is drained below
             gone = Unavailable("the broker is shutting down")
             pending = self.queues.drain() + list(self.control)
             self.control.clear()
@@ -759,10 +790,10 @@ class Broker:
         except Exception:
             log.exception("broker: error while shutting down")
         finally:
-            for sock in (self.frontend, self.backend, self.publisher):
+            for sock in (self.frontend, self.backend, self.publisher, self._catalog_wake):
                 if sock is not None:
                     sock.close()
-            self.frontend = self.backend = self.publisher = None
+            self.frontend = self.backend = self.publisher = self._catalog_wake = None
             if self._own_ctx:
                 self.ctx.term()
             log.info("broker stopped")

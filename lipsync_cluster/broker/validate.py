@@ -2,15 +2,19 @@
 
 Every failure raises :class:`BadRequest` (or :class:`UnknownModel`) naming the field, so a client
 learns what to fix and the broker never forwards a request a worker would reject for its shape.
-Tensor payloads are checked for size only (``protocol.read_arrays`` makes views, it does not read
-the data); value checks such as NaNs are the worker's job.
+Tensor payloads are checked for size only (the rules of ``protocol.read_arrays``, without building
+arrays or reading the data); value checks such as NaNs are the worker's job.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import math
+
+import numpy as np
+
 from ..common.errors import BadRequest, UnknownModel
-from ..common.protocol import (CLIENT_OPS, optional_number, read_arrays, require_choice,
+from ..common.protocol import (ALLOWED_DTYPES, CLIENT_OPS, optional_number, require_choice,
                                require_int, require_model_id)
 
 FORMATS = ("png", "jpeg", "raw", "patch")
@@ -47,14 +51,59 @@ def check_deadline(header: dict) -> Optional[float]:
     return None if ms is None else ms / 1000.0
 
 
-def _check_dims(name: str, array: Any, dtypes: tuple[str, ...], shapes: list[tuple]) -> None:
-    if array.dtype.name not in dtypes:
-        raise BadRequest(f"field 'tensors.{name}.dtype' is {array.dtype.name}; expected {' or '.join(dtypes)}")
+_ITEMSIZE = {name: np.dtype(name).itemsize for name in ALLOWED_DTYPES}
+
+
+def _nbytes(frame: Any) -> int:
+    if isinstance(frame, memoryview):
+        return frame.nbytes
+    return len(frame)  # zmq.Frame and bytes: their byte length
+
+
+def check_tensors(header: dict, payloads: list) -> dict[str, tuple[str, list]]:
+    """The checks of ``protocol.read_arrays`` (same rules, same messages) without building arrays.
+
+    Returns ``{name: (dtype, shape)}``. The broker runs this on every request, so it stays in
+    plain Python: no numpy call, and the payload bytes are never read.
+    """
+    tensors = header.get("tensors", {})
+    if tensors is None:
+        return {}
+    if not isinstance(tensors, dict):
+        raise BadRequest("field 'tensors' must be a map of name -> {frame, dtype, shape}")
+    out: dict[str, tuple[str, list]] = {}
+    for name, desc in tensors.items():
+        field = f"tensors.{name}"
+        if not isinstance(name, str) or not isinstance(desc, dict):
+            raise BadRequest(f"field '{field}' must be a map with frame, dtype, shape")
+        index, dtype, shape = desc.get("frame"), desc.get("dtype"), desc.get("shape")
+        if type(index) is not int or not 0 <= index < len(payloads):
+            raise BadRequest(
+                f"field '{field}.frame' is {index!r}; the message has {len(payloads)} payload frame(s)")
+        itemsize = _ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
+        if itemsize is None:
+            raise BadRequest(f"field '{field}.dtype' is {dtype!r}; allowed: {', '.join(ALLOWED_DTYPES)}")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(type(d) is int and 0 <= d < 2**31 for d in shape)):
+            raise BadRequest(f"field '{field}.shape' must be a list of at most 8 non-negative ints, got {shape!r}")
+        nbytes = _nbytes(payloads[index])
+        expected = math.prod(shape) * itemsize
+        if nbytes != expected:
+            raise BadRequest(
+                f"payload for '{name}' has {nbytes} bytes; dtype {dtype} x shape {shape} needs {expected}")
+        out[name] = (dtype, shape)
+    return out
+
+
+def _check_dims(name: str, desc: tuple[str, list], dtypes: tuple[str, ...], shapes: list[tuple]) -> None:
+    dtype, dims = desc
+    if dtype not in dtypes:
+        raise BadRequest(f"field 'tensors.{name}.dtype' is {dtype}; expected {' or '.join(dtypes)}")
     for shape in shapes:
-        if len(shape) == array.ndim and all(s is None or s == d for s, d in zip(shape, array.shape)):
+        if len(shape) == len(dims) and all(s is None or s == d for s, d in zip(shape, dims)):
             return
     want = " or ".join("[" + ",".join("N" if s is None else str(s) for s in shape) + "]" for shape in shapes)
-    raise BadRequest(f"field 'tensors.{name}.shape' is {list(array.shape)}; expected {want}")
+    raise BadRequest(f"field 'tensors.{name}.shape' is {list(dims)}; expected {want}")
 
 
 def check_infer(header: dict, payloads: list, max_batch_size: int) -> int:
@@ -67,7 +116,7 @@ def check_infer(header: dict, payloads: list, max_batch_size: int) -> int:
     if header.get("quality") is not None:
         lo, hi = QUALITY_RANGE[fmt]
         require_int(header, "quality", lo, hi)
-    arrays = read_arrays(header, payloads)
+    arrays = check_tensors(header, payloads)
     has_features, has_pcm = "audio_features" in arrays, "audio_pcm" in arrays
     if has_features == has_pcm:
         raise BadRequest("field 'tensors' must carry exactly one audio source: 'audio_features' or 'audio_pcm'"
@@ -77,7 +126,7 @@ def check_infer(header: dict, payloads: list, max_batch_size: int) -> int:
                     [(batch, 32, 16, 16), (32, 16, 16)])
     else:
         _check_dims("audio_pcm", arrays["audio_pcm"], ("float32", "int16"), [(None,)])
-        if arrays["audio_pcm"].shape[0] == 0:
+        if arrays["audio_pcm"][1][0] == 0:
             raise BadRequest("field 'tensors.audio_pcm.shape' is [0]; the audio is empty")
     if "visual_frames" in arrays:
         _check_dims("visual_frames", arrays["visual_frames"], ("float32",), [(batch, 6, 320, 320)])

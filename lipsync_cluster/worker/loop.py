@@ -35,6 +35,32 @@ log = logging.getLogger("lipsync_cluster.worker.loop")
 
 _wake_ids = itertools.count()
 
+# Lean multipart I/O: the Cython base methods skip pyzmq's per-frame Python sugar (enum flag
+# arithmetic, a getsockopt per frame), about a third of the cost per message. (The broker has
+# the same helpers in broker/wire.py; worker and broker never import each other.)
+_send_frame = zmq.backend.Socket.send
+_recv_frame = zmq.backend.Socket.recv
+_get_opt = zmq.backend.Socket.get
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def _recv_parts(sock: zmq.Socket) -> list:
+    frame = _recv_frame(sock, _NOBLOCK, False)
+    parts = [frame]
+    while frame.more:
+        frame = _recv_frame(sock, _NOBLOCK, False)
+        parts.append(frame)
+    return parts
+
+
+def _send_parts(sock: zmq.Socket, parts: list) -> None:
+    # copy=False: Frames go by reference, large buffers are not copied (small ones are).
+    last = len(parts) - 1
+    for i in range(last):
+        _send_frame(sock, parts[i], _NOBLOCK | _SNDMORE, False)
+    _send_frame(sock, parts[last], _NOBLOCK, False)
+
 
 @runtime_checkable
 class RequestHandler(Protocol):
@@ -97,6 +123,7 @@ class WorkerLoop:
         self._wake_addr = f"inproc://lsc-worker-wake-{os.getpid()}-{next(_wake_ids)}"
         self._wake_push: Optional[zmq.Socket] = None
         self._packer = msgpack.Packer(use_bin_type=True)  # loop thread only
+        self._sleeping = False
         self.in_flight = 0
         self.connects = 0             # how many times a socket was opened (1 + reconnects)
         self.served = 0
@@ -105,14 +132,20 @@ class WorkerLoop:
     # --- thread-safe output --------------------------------------------------------------
 
     def _emit(self, is_reply: bool, frames: list) -> None:
-        """Queue a message for the socket thread and wake it (callable from any thread)."""
+        """Queue a message for the socket thread and wake it (callable from any thread).
+
+        The wake-up is skipped while the loop is awake: it looks at the deque before it sleeps.
+        (``_sleeping`` is set before that last look, so a message appended after the look sees
+        it set and wakes the poll.)
+        """
         self._out.append((is_reply, frames))
-        with self._wake_lock:
-            if self._wake_push is not None:
-                try:
-                    self._wake_push.send(b"", zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # the pipe is full of wake-ups already; the loop will see our message
+        if self._sleeping:
+            with self._wake_lock:
+                if self._wake_push is not None:
+                    try:
+                        self._wake_push.send(b"", zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # the pipe is full of wake-ups already
 
     def _event_sink(self, event: dict) -> None:
         if not isinstance(event, dict):
@@ -169,7 +202,7 @@ class WorkerLoop:
 
     def _send(self, body: dict, payloads: Any = ()) -> None:
         try:
-            self._sock.send_multipart([TAG, self._packer.pack(body), *payloads], zmq.NOBLOCK, copy=False)
+            _send_parts(self._sock, [TAG, self._packer.pack(body), *payloads])
         except zmq.Again:
             log.debug("worker %s: broker not reachable; %s dropped", self.name, body.get("op"))
 
@@ -189,6 +222,8 @@ class WorkerLoop:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SNDBUF, 4 * 2**20)  # a large payload crosses in fewer TCP rounds
+        sock.setsockopt(zmq.RCVBUF, 4 * 2**20)
         sock.connect(self.backend)
         self._sock = sock
         self.connects += 1
@@ -217,14 +252,14 @@ class WorkerLoop:
                 log.warning("worker %s: stats cannot be encoded: %s", self.name, exc)
 
     def _flush(self) -> None:
-        out, send = self._out, self._sock.send_multipart
+        out, sock = self._out, self._sock
         while out:
             is_reply, frames = out.popleft()
             if is_reply:
                 self.in_flight -= 1
                 self.served += 1
             try:
-                send(frames, zmq.NOBLOCK, copy=False)
+                _send_parts(sock, frames)
             except zmq.Again:
                 log.warning("worker %s: broker not reachable; a %s was dropped", self.name,
                             "reply" if is_reply else "event")
@@ -283,7 +318,13 @@ class WorkerLoop:
                     break
                 now = time.monotonic()
                 timeout = min(next_hb, next_stats, next_tick, broker_deadline) - now
-                events = dict(poller.poll(max(0.0, min(timeout, 0.05)) * 1000.0))
+                # Sleep only when nothing is waiting on either side (see _emit for the flag).
+                self._sleeping = True
+                if self._out or _get_opt(self._sock, _EVENTS) & _POLLIN:
+                    events = {self._sock: zmq.POLLIN}
+                else:
+                    events = dict(poller.poll(max(0.0, min(timeout, 0.05)) * 1000.0))
+                self._sleeping = False
                 if pull in events:
                     try:
                         while True:
@@ -292,16 +333,19 @@ class WorkerLoop:
                         pass
                 self._flush()
                 if self._sock in events:
-                    broker_deadline = time.monotonic() + silent_limit
-                    backoff = silent_limit
                     reconnect = False
+                    received = 0
                     for _ in range(256):
                         try:
-                            frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = _recv_parts(self._sock)
                         except zmq.Again:
                             break
+                        received += 1
                         if self._on_broker(frames) == "disconnect":
                             reconnect = True
+                    if received:
+                        broker_deadline = time.monotonic() + silent_limit
+                        backoff = silent_limit
                     if reconnect and not self.draining:
                         log.info("worker %s: the broker asked us to register again", self.name)
                         poller.unregister(self._sock)

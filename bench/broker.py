@@ -1,0 +1,384 @@
+#!/usr/bin/env python3
+"""The broker's own cost, measured with NoopHandler workers (no inference at all).
+
+Two paths, the same noop worker process (``python -m lipsync_cluster.worker.noop``) on both:
+
+    broker:  client DEALER -> broker frontend ROUTER -> broker -> backend ROUTER -> worker DEALER
+    direct:  bench ROUTER (playing the broker, no queues, no routing) -> worker DEALER
+
+* latency: one request at a time; p50/p99 of the round trip on each path; "added" is the
+  difference, i.e. what the broker hop costs a request.
+* throughput: many requests in flight (pipelined from one or more client processes) through
+  the broker, and the same window sent directly to the worker for reference.
+
+Payloads: "small" = an ``audio_pcm`` of 16 int16 samples (32 bytes); "1 MB" = a 1 MiB
+``audio_pcm`` that the worker echoes back (so 1 MiB travels each way).
+
+    python bench/broker.py            # full run (~1 min), writes docs/BENCHMARKS.md "## Broker"
+    python bench/broker.py --quick    # a few seconds, prints the table only (add --write to save)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import msgpack
+import numpy as np
+import zmq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lipsync_cluster.common import protocol  # noqa: E402
+
+MARK_START, MARK_END = "<!-- broker:start -->", "<!-- broker:end -->"
+
+BROKER_SCRIPT = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING)
+from lipsync_cluster.broker import run_broker
+from lipsync_cluster.config.schema import load_config
+fe, be, st = sys.argv[1:4]
+cfg = load_config({"cluster": {"frontend": fe, "backend": be, "stats": st,
+                               "queue_limit_per_model": 100000, "queue_limit_total": 100000},
+                   "logging": {"stats_report_minutes": 0}})
+run_broker(cfg, lambda: {"bench": {"version": "1", "preload": False, "num_frames": 1,
+                                   "memory_estimate_mb": None}})
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def start_worker(backend: str, name: str, credits: int, echo: bool) -> subprocess.Popen:
+    args = [sys.executable, "-m", "lipsync_cluster.worker.noop", "--backend", backend, "--name", name,
+            "--credits", str(credits)]
+    return subprocess.Popen(args + (["--echo"] if echo else []), env=env())
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+def request_frames(nbytes: int) -> tuple[dict, list]:
+    samples = max(1, nbytes // 2)
+    header = {"op": "infer", "model_id": "bench", "batch_size": 1, "format": "raw"}
+    payloads = protocol.attach_arrays(header, {"audio_pcm": np.zeros(samples, np.int16)})
+    return header, payloads
+
+
+# --- the two paths -------------------------------------------------------------------------
+
+
+# The bench client uses the same lean frame I/O as the broker (the Cython base methods), so that
+# on a small machine the client's own Python overhead takes as little CPU from the broker as it can.
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_SNDMORE = int(zmq.SNDMORE)
+
+
+def send_parts(sock: zmq.Socket, parts: list) -> None:
+    for part in parts[:-1]:
+        _send(sock, part, _SNDMORE, False)
+    _send(sock, parts[-1], 0, False)
+
+
+def recv_parts(sock: zmq.Socket) -> list:
+    frame = _recv(sock, 0, False)
+    parts = [frame]
+    while frame.more:
+        frame = _recv(sock, 0, False)
+        parts.append(frame)
+    return parts
+
+
+class BrokerPath:
+    """A client DEALER talking to the broker."""
+
+    def __init__(self, ctx: zmq.Context, frontend: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.connect(frontend)
+        self.packer = msgpack.Packer()
+
+    def send(self, rid: int, header: dict, payloads: list) -> None:
+        header["id"] = rid
+        send_parts(self.sock, [protocol.TAG, self.packer.pack(header), *payloads])
+
+    def recv(self) -> dict:
+        frames = recv_parts(self.sock)
+        reply = msgpack.unpackb(frames[1].buffer)
+        if not reply.get("ok"):
+            raise RuntimeError(f"request failed: {reply}")
+        return reply
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class DirectPath:
+    """The bench plays the broker: a ROUTER the worker registers with; requests go straight in."""
+
+    def __init__(self, ctx: zmq.Context, backend_sock: zmq.Socket) -> None:
+        self.sock = backend_sock
+        self.worker: Optional[bytes] = None
+        self.next_hb = 0.0
+        deadline = time.monotonic() + 20
+        while self.worker is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the noop worker did not register")
+            if self.sock.poll(100):
+                ident, _tag, header, *_ = self.sock.recv_multipart()
+                if msgpack.unpackb(header).get("op") == "ready":
+                    self.worker = ident
+
+    def send(self, rid: int, header: dict, payloads: list) -> None:
+        now = time.monotonic()
+        if now > self.next_hb:  # keep the worker from thinking its broker died
+            self.next_hb = now + 0.5
+            self.sock.send_multipart([self.worker, protocol.TAG, msgpack.packb({"op": "heartbeat"})])
+        h = dict(header, op="request", client_op="infer", rid=rid, id=rid, deadline=None)
+        send_parts(self.sock, [self.worker, protocol.TAG, msgpack.packb(h), *payloads])
+
+    def recv(self) -> dict:
+        while True:
+            frames = recv_parts(self.sock)
+            reply = msgpack.unpackb(frames[2].buffer)
+            if reply.get("op") == "reply":
+                return reply
+
+    def close(self) -> None:
+        pass
+
+
+def measure_latency(path, header: dict, payloads: list, n: int) -> list[float]:
+    for i in range(min(50, n)):  # warm up (first request loads the model)
+        path.send(-i - 1, header, payloads)
+        path.recv()
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        path.send(i, header, payloads)
+        path.recv()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure_throughput(path, header: dict, payloads: list, n: int, window: int) -> float:
+    sent = done = 0
+    t0 = time.perf_counter()
+    while sent < min(window, n):
+        path.send(sent, header, payloads)
+        sent += 1
+    while done < n:
+        path.recv()
+        done += 1
+        if sent < n:
+            path.send(sent, header, payloads)
+            sent += 1
+    return n / (time.perf_counter() - t0)
+
+
+def _client_proc(frontend: str, nbytes: int, n: int, window: int, barrier, out) -> None:
+    ctx = zmq.Context()
+    path = BrokerPath(ctx, frontend)
+    header, payloads = request_frames(nbytes)
+    for i in range(20):
+        path.send(-i - 1, header, payloads)
+        path.recv()
+    barrier.wait()
+    t0 = time.perf_counter()
+    measure_throughput(path, header, payloads, n, window)
+    out.put((t0, time.perf_counter(), n))
+    path.close()
+    ctx.term()
+
+
+def broker_throughput(frontend: str, nbytes: int, n: int, window: int, clients: int) -> float:
+    """Requests/s over all client processes (first start to last finish)."""
+    mpctx = mp.get_context("spawn")
+    barrier, out = mpctx.Barrier(clients), mpctx.Queue()
+    procs = [mpctx.Process(target=_client_proc, args=(frontend, nbytes, n // clients, window, barrier, out))
+             for _ in range(clients)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(10)
+    start, end = min(r[0] for r in results), max(r[1] for r in results)
+    return sum(r[2] for r in results) / (end - start)
+
+
+def pct(values: list[float], q: float) -> float:
+    data = sorted(values)
+    return data[min(len(data) - 1, int(round(q / 100 * (len(data) - 1))))]
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    ctx = zmq.Context()
+    results: dict = {"latency": {}, "throughput": []}
+    sizes = [("small (32 B)", 32, args.n_small), ("1 MB", 2**20, args.n_large)]
+
+    # Direct: the bench is the worker's broker.
+    backend = ctx.socket(zmq.ROUTER)
+    backend.setsockopt(zmq.LINGER, 0)
+    backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    port = backend.bind_to_random_port("tcp://127.0.0.1")
+    worker = start_worker(f"tcp://127.0.0.1:{port}", "direct", args.credits, echo=True)
+    try:
+        direct = DirectPath(ctx, backend)
+        for label, nbytes, n in sizes:
+            header, payloads = request_frames(nbytes)
+            results["latency"].setdefault(label, {})["direct"] = measure_latency(direct, header, payloads, n)
+        header, payloads = request_frames(32)
+        results["direct_rps"] = measure_throughput(direct, header, payloads, args.n_tput, args.window)
+    finally:
+        stop([worker])
+        backend.close(linger=0)
+
+    # Through the broker.
+    ports = (free_port(), free_port(), free_port())
+    fe, be, st = (f"tcp://127.0.0.1:{p}" for p in ports)
+    broker = subprocess.Popen([sys.executable, "-c", BROKER_SCRIPT, fe, be, st], env=env())
+    workers = [start_worker(be, f"w{i}", args.credits, echo=True) for i in range(args.workers)]
+    try:
+        path = BrokerPath(ctx, fe)
+        deadline = time.monotonic() + 30
+        while True:  # wait until every worker registered
+            path.sock.send_multipart([protocol.TAG, msgpack.packb({"id": 0, "op": "health"})])
+            if path.sock.poll(2000):
+                h = msgpack.unpackb(path.sock.recv_multipart()[1])
+                if h.get("workers") == args.workers:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not register with the broker")
+            time.sleep(0.1)
+        for label, nbytes, n in sizes:
+            header, payloads = request_frames(nbytes)
+            results["latency"][label]["broker"] = measure_latency(path, header, payloads, n)
+        import psutil
+
+        me = psutil.Process(broker.pid)
+        for clients in args.clients:
+            before = me.cpu_times()
+            rps = broker_throughput(fe, 32, args.n_tput, args.window, clients)
+            after = me.cpu_times()
+            cpu = (after.user - before.user) + (after.system - before.system)
+            results["throughput"].append((clients, rps, 1e6 * cpu / args.n_tput))
+        path.close()
+    finally:
+        stop(workers + [broker])
+        ctx.term()
+    return results
+
+
+def render(results: dict, args) -> str:
+    today = _dt.date.today().isoformat()
+    lines = [
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
+        f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}; {today}"
+        + (" (`--quick`)" if args.quick else "") + ".",
+        "",
+        f"Noop workers (no inference), credits {args.credits}; everything on this one machine over "
+        "loopback TCP, so client, broker and worker processes share its cores.",
+        "",
+        "| payload | path | p50 ms | p99 ms | broker adds p50 | broker adds p99 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, paths in results["latency"].items():
+        d, b = paths["direct"], paths["broker"]
+        dp50, dp99, bp50, bp99 = (1000 * pct(d, 50), 1000 * pct(d, 99), 1000 * pct(b, 50), 1000 * pct(b, 99))
+        lines.append(f"| {label} | direct to worker | {dp50:.3f} | {dp99:.3f} | | |")
+        lines.append(f"| {label} | through broker | {bp50:.3f} | {bp99:.3f} | "
+                     f"**{bp50 - dp50:.3f} ms** | {bp99 - dp99:.3f} ms |")
+    lines += ["", f"| throughput (small payload, {args.window} in flight per client) | requests/s "
+              "| broker CPU per request |", "|---|---|---|",
+              f"| direct to one worker (no broker) | {results['direct_rps']:,.0f} | - |"]
+    for clients, rps, cpu_us in results["throughput"]:
+        lines.append(f"| through broker: {clients} client process(es), {args.workers} worker(s) "
+                     f"| **{rps:,.0f}** | {cpu_us:.0f} µs |")
+    lines += ["", "Broker CPU per request = the broker process's user+system CPU time (its ZeroMQ I/O "
+              "thread included) over the run, divided by the requests served.",
+              "", "Targets: >= 10,000 small requests/s through the broker; < 1 ms p50 added."]
+    return "\n".join(lines)
+
+
+def write_section(table: str, path: Path) -> None:
+    section = f"{MARK_START}\n## Broker\n\nMeasured by `python bench/broker.py`.\n\n{table}\n{MARK_END}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        text = head + section + rest.split(MARK_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a short run; prints only (unless --write)")
+    ap.add_argument("--write", action="store_true", help="write docs/BENCHMARKS.md even with --quick")
+    ap.add_argument("--workers", type=int, default=2, help="noop worker processes behind the broker")
+    ap.add_argument("--credits", type=int, default=32)
+    ap.add_argument("--window", type=int, default=256, help="requests in flight per client")
+    ap.add_argument("--clients", type=int, nargs="+", default=None, help="client process counts to try")
+    ap.add_argument("--n-small", type=int, default=None)
+    ap.add_argument("--n-large", type=int, default=None)
+    ap.add_argument("--n-tput", type=int, default=None)
+    ap.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
+    args = ap.parse_args()
+    args.clients = args.clients or ([1] if args.quick else [1, 2])
+    args.n_small = args.n_small or (500 if args.quick else 5000)
+    args.n_large = args.n_large or (50 if args.quick else 500)
+    args.n_tput = args.n_tput or (5000 if args.quick else 50000)
+    results = run(args)
+    table = render(results, args)
+    print(table)
+    if not args.quick or args.write:
+        write_section(table, Path(args.out))
+        print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
