@@ -254,6 +254,11 @@ class StreamCore:
         """Closed, every frame delivered (not necessarily read), nothing in flight."""
         return self.closed and self.delivered >= (self.total_frames or 0) and not self.inflight
 
+    @property
+    def backlog_frames(self) -> int:
+        """Frames whose audio has been pushed but that no batch has been sent for yet."""
+        return max(0, self.samples // SAMPLES_PER_FRAME - self.next_frame)
+
     def next_retry_at(self) -> Optional[float]:
         due = [b.retry_at for b in self.inflight.values() if b.retry_at is not None]
         return min(due) if due else None
@@ -515,6 +520,12 @@ class StreamSession:
         return self._core.total_frames
 
     @property
+    def backlog_frames(self) -> int:
+        """Frames whose audio is here but not yet sent (grows when audio comes faster than frames)."""
+        with self._cond:
+            return self._core.backlog_frames
+
+    @property
     def finished(self) -> bool:
         with self._cond:
             return self._core.finished and not self._core.ready
@@ -680,6 +691,11 @@ class AsyncStreamSession:
     @property
     def total_frames(self) -> Optional[int]:
         return self._core.total_frames
+
+    @property
+    def backlog_frames(self) -> int:
+        """Frames whose audio is here but not yet sent (grows when audio comes faster than frames)."""
+        return self._core.backlog_frames
 
     @property
     def finished(self) -> bool:
