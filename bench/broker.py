@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 from lipsync_cluster.common import protocol  # noqa: E402
 
 MARK_START, MARK_END = "<!-- broker:start -->", "<!-- broker:end -->"
+SOCKET_BUFFER = 4 * 2**20  # kernel buffers on the bench's sockets, as the broker and worker set them
 
 BROKER_SCRIPT = """
 import logging, sys
@@ -135,6 +136,8 @@ class BrokerPath:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
+        self.sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
         self.sock.connect(frontend)
         self.packer = msgpack.Packer()
 
@@ -263,6 +266,8 @@ def run(args) -> dict:
     backend = ctx.socket(zmq.ROUTER)
     backend.setsockopt(zmq.LINGER, 0)
     backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    backend.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)  # as the broker's sockets (fair 1 MB numbers)
+    backend.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
     port = backend.bind_to_random_port("tcp://127.0.0.1")
     worker = start_worker(f"tcp://127.0.0.1:{port}", "direct", args.credits, echo=True)
     try:
@@ -276,39 +281,41 @@ def run(args) -> dict:
         stop([worker])
         backend.close(linger=0)
 
-    # Through the broker.
-    ports = (free_port(), free_port(), free_port())
-    fe, be, st = (f"tcp://127.0.0.1:{p}" for p in ports)
-    broker = subprocess.Popen([sys.executable, "-c", BROKER_SCRIPT, fe, be, st], env=env())
-    workers = [start_worker(be, f"w{i}", args.credits, echo=True) for i in range(args.workers)]
-    try:
-        path = BrokerPath(ctx, fe)
-        deadline = time.monotonic() + 30
-        while True:  # wait until every worker registered
-            path.sock.send_multipart([protocol.TAG, msgpack.packb({"id": 0, "op": "health"})])
-            if path.sock.poll(2000):
-                h = msgpack.unpackb(path.sock.recv_multipart()[1])
-                if h.get("workers") == args.workers:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("workers did not register with the broker")
-            time.sleep(0.1)
-        for label, nbytes, n in sizes:
-            header, payloads = request_frames(nbytes)
-            results["latency"][label]["broker"] = measure_latency(path, header, payloads, n)
-        import psutil
+    # Through the broker: for each worker count, a fresh broker and that many noop workers.
+    import psutil
 
-        me = psutil.Process(broker.pid)
-        for clients in args.clients:
-            before = me.cpu_times()
-            rps = broker_throughput(fe, 32, args.n_tput, args.window, clients)
-            after = me.cpu_times()
-            cpu = (after.user - before.user) + (after.system - before.system)
-            results["throughput"].append((clients, rps, 1e6 * cpu / args.n_tput))
-        path.close()
-    finally:
-        stop(workers + [broker])
-        ctx.term()
+    for n_workers in args.workers:
+        ports = (free_port(), free_port(), free_port())
+        fe, be, st = (f"tcp://127.0.0.1:{p}" for p in ports)
+        broker = subprocess.Popen([sys.executable, "-c", BROKER_SCRIPT, fe, be, st], env=env())
+        workers = [start_worker(be, f"w{i}", args.credits, echo=True) for i in range(n_workers)]
+        try:
+            path = BrokerPath(ctx, fe)
+            deadline = time.monotonic() + 30
+            while True:  # wait until every worker registered
+                path.sock.send_multipart([protocol.TAG, msgpack.packb({"id": 0, "op": "health"})])
+                if path.sock.poll(2000):
+                    h = msgpack.unpackb(path.sock.recv_multipart()[1])
+                    if h.get("workers") == n_workers:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("workers did not register with the broker")
+                time.sleep(0.1)
+            if n_workers == args.workers[0]:
+                for label, nbytes, n in sizes:
+                    header, payloads = request_frames(nbytes)
+                    results["latency"][label]["broker"] = measure_latency(path, header, payloads, n)
+            me = psutil.Process(broker.pid)
+            for clients in args.clients:
+                before = me.cpu_times()
+                rps = broker_throughput(fe, 32, args.n_tput, args.window, clients)
+                after = me.cpu_times()
+                cpu = (after.user - before.user) + (after.system - before.system)
+                results["throughput"].append((n_workers, clients, rps, 1e6 * cpu / args.n_tput))
+            path.close()
+        finally:
+            stop(workers + [broker])
+    ctx.term()
     return results
 
 
@@ -334,8 +341,8 @@ def render(results: dict, args) -> str:
     lines += ["", f"| throughput (small payload, {args.window} in flight per client) | requests/s "
               "| broker CPU per request |", "|---|---|---|",
               f"| direct to one worker (no broker) | {results['direct_rps']:,.0f} | - |"]
-    for clients, rps, cpu_us in results["throughput"]:
-        lines.append(f"| through broker: {clients} client process(es), {args.workers} worker(s) "
+    for n_workers, clients, rps, cpu_us in results["throughput"]:
+        lines.append(f"| through broker: {clients} client process(es), {n_workers} worker(s) "
                      f"| **{rps:,.0f}** | {cpu_us:.0f} µs |")
     lines += ["", "Broker CPU per request = the broker process's user+system CPU time (its ZeroMQ I/O "
               "thread included) over the run, divided by the requests served.",
@@ -359,7 +366,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a short run; prints only (unless --write)")
     ap.add_argument("--write", action="store_true", help="write docs/BENCHMARKS.md even with --quick")
-    ap.add_argument("--workers", type=int, default=2, help="noop worker processes behind the broker")
+    ap.add_argument("--workers", type=int, nargs="+", default=None,
+                    help="noop worker process counts to try behind the broker (default: 1 2)")
     ap.add_argument("--credits", type=int, default=32)
     ap.add_argument("--window", type=int, default=256, help="requests in flight per client")
     ap.add_argument("--clients", type=int, nargs="+", default=None, help="client process counts to try")
@@ -369,6 +377,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
     args = ap.parse_args()
     args.clients = args.clients or ([1] if args.quick else [1, 2])
+    args.workers = args.workers or ([1] if args.quick else [1, 2])
     args.n_small = args.n_small or (500 if args.quick else 5000)
     args.n_large = args.n_large or (50 if args.quick else 500)
     args.n_tput = args.n_tput or (5000 if args.quick else 50000)

@@ -67,6 +67,25 @@ class Gather:
         self.errors: list[dict] = []
 
 
+_unpackb = msgpack.unpackb
+_SCALARS = (str, int, float, bytes, type(None))
+
+
+def _fast_header(frames: list) -> Optional[dict]:
+    """The header of a well-formed ``[identity, TAG, header, ...]`` message, else None.
+
+    The common case in a few operations; anything unusual returns None and the caller runs
+    ``protocol.decode`` to get the precise error.
+    """
+    if len(frames) < 3 or frames[1].bytes != TAG:
+        return None
+    try:
+        header = _unpackb(frames[2].buffer)
+    except Exception:
+        return None
+    return header if type(header) is dict else None
+
+
 class _Park(Exception):
     """Raised while validating a request that names an id not (yet) in the catalog."""
 
@@ -311,15 +330,23 @@ class Broker:
         client = frames[0].bytes
         header: Any = None
         try:
-            header, payloads = decode(frames[1:])
-            cid, op = check_envelope(header)
+            header = _fast_header(frames)
+            if header is None:
+                header, _ = decode(frames[1:])  # not the well-formed case: raises, saying why
+            payloads = frames[3:]
+            handler = self._client_ops.get(header.get("op"))
+            if handler is None or "id" not in header:
+                check_envelope(header)  # raises, naming the field
+            cid = header["id"]
+            if type(cid) not in _SCALARS:
+                check_envelope(header)
         except LipsyncError as exc:
             cid = header.get("id") if isinstance(header, dict) else None
             log.debug("bad request from client: %s", exc.message)
             self._reply_error(client, cid if isinstance(cid, (str, int, float, bytes)) else None, exc)
             return
         try:
-            self._client_ops[op](client, cid, header, payloads)
+            handler(client, cid, header, payloads)
         except _Park:
             # Answered once a catalog read that started after this moment has finished.
             watch = self._watch
@@ -338,10 +365,13 @@ class Broker:
     def _on_infer(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
         model = check_model(header, self._known)
         batch = check_infer(header, payloads, self.max_batch)
-        p = self._new_pending(client, cid, "infer", model, header, payloads, check_deadline(header))
+        deadline_s = check_deadline(header)
+        now = time.monotonic()
+        p = Pending(next(self._rids), client, cid, "infer", model, header, payloads, now,
+                    now + (deadline_s if deadline_s is not None else self.default_deadline_s))
         p.frames = batch
         self.stats.arrival(model)
-        self.heat.touch(model, p.arrival)  # LFU/LRU see every request, even ones shed below
+        self.heat.touch(model, now)  # LFU/LRU see every request, even ones shed below
         self._admit(p)
 
     def _on_load_model(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
@@ -467,15 +497,12 @@ class Broker:
     def _send_request(self, p: Pending, d: Decision, now: float) -> None:
         w: Worker = d.worker
         p.evict_hint = d.evict
-        header = dict(p.header)
-        header["op"] = "request"
-        header["client_op"] = p.op
-        header["rid"] = p.rid
-        header["deadline"] = None if p.deadline is None else time.time() + (p.deadline - now)
-        header["queue_ms"] = (now - p.arrival) * 1000.0
+        header = p.header.copy()
+        header.update(op="request", client_op=p.op, rid=p.rid, queue_ms=(now - p.arrival) * 1000.0,
+                      deadline=None if p.deadline is None else time.time() + (p.deadline - now))
         if d.evict is not None:
             header["evict_hint"] = d.evict
-        info = self.catalog.get(p.model)
+        info = self._watch.current.get(p.model)
         if info is not None:
             header["model_version"] = info.get("version")
         if not self._send_worker(w, [TAG, self._packer.pack(header), *p.payloads]):
@@ -493,13 +520,20 @@ class Broker:
 
     def _on_worker_message(self, frames: list) -> None:
         identity = frames[0].bytes
-        try:
-            header, payloads = decode(frames[1:])
-        except LipsyncError as exc:
-            log.warning("broker: malformed message from a worker: %s", exc.message)
-            return
+        header = _fast_header(frames)
+        if header is None:
+            try:
+                header, _ = decode(frames[1:])
+            except LipsyncError as exc:
+                log.warning("broker: malformed message from a worker: %s", exc.message)
+                return
+        payloads = frames[3:]
         op = header.get("op")
         w = self.table.get(identity)
+        if op == "reply" and w is not None:  # the hot path
+            w.last_seen = time.monotonic()
+            self._on_reply(w, header, payloads)
+            return
         if w is None:
             if op == "ready":
                 self._on_ready(identity, header)
@@ -567,6 +601,21 @@ class Broker:
         now = time.monotonic()
         ok = header.get("ok") is True
         if p.op == "infer":
+            if ok and p.client is not None and not p.answered:
+                # The common case, counted inline (see BrokerStats.outcome / .service).
+                c = self.stats.model(p.model)
+                service = now - p.dispatched_at
+                c.service_s = service if c.service_s is None else 0.8 * c.service_s + 0.2 * service
+                c.ok += 1
+                c.frames += p.frames
+                c.latency_ms.append((now - p.arrival) * 1000.0)
+                c.last_used = now
+                self.stats.total_ok += 1
+                p.answered = True
+                del header["op"]
+                header["id"] = p.cid
+                self._send_client(p.client, header, payloads)
+                return
             self.stats.service(p.model, now - p.dispatched_at)
         if p.parent is not None:
             self._gather_done(p, w.name, header)

@@ -47,8 +47,12 @@ def check_model(header: dict, known: Callable[[str], bool]) -> str:
 
 def check_deadline(header: dict) -> Optional[float]:
     """``deadline_ms`` (optional) as seconds."""
-    ms = optional_number(header, "deadline_ms", 1, MAX_DEADLINE_MS)
-    return None if ms is None else ms / 1000.0
+    ms = header.get("deadline_ms")
+    if ms is None:
+        return None
+    if type(ms) not in (int, float) or not 1 <= ms <= MAX_DEADLINE_MS:
+        ms = optional_number(header, "deadline_ms", 1, MAX_DEADLINE_MS)  # raises, naming the field
+    return ms / 1000.0
 
 
 _ITEMSIZE = {name: np.dtype(name).itemsize for name in ALLOWED_DTYPES}
@@ -83,9 +87,11 @@ def check_tensors(header: dict, payloads: list) -> dict[str, tuple[str, list]]:
         itemsize = _ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
         if itemsize is None:
             raise BadRequest(f"field '{field}.dtype' is {dtype!r}; allowed: {', '.join(ALLOWED_DTYPES)}")
-        if (not isinstance(shape, list) or len(shape) > 8
-                or not all(type(d) is int and 0 <= d < 2**31 for d in shape)):
+        if type(shape) is not list or len(shape) > 8:
             raise BadRequest(f"field '{field}.shape' must be a list of at most 8 non-negative ints, got {shape!r}")
+        for d in shape:
+            if type(d) is not int or not 0 <= d < 2**31:
+                raise BadRequest(f"field '{field}.shape' must be a list of at most 8 non-negative ints, got {shape!r}")
         nbytes = _nbytes(payloads[index])
         expected = math.prod(shape) * itemsize
         if nbytes != expected:
@@ -107,29 +113,46 @@ def _check_dims(name: str, desc: tuple[str, list], dtypes: tuple[str, ...], shap
 
 
 def check_infer(header: dict, payloads: list, max_batch_size: int) -> int:
-    """Check an ``infer`` header (everything but ``model_id``); returns the batch size."""
-    batch = require_int(header, "batch_size", 1, max_batch_size)
-    require_int(header, "start_frame_idx", 0, MAX_FRAME_INDEX, default=0)
-    if header.get("audio_frame_offset") is not None:
+    """Check an ``infer`` header (everything but ``model_id``); returns the batch size.
+
+    Runs on every request, so each field gets a cheap test first; only a failing field goes
+    through the generic check, which words the error.
+    """
+    get = header.get
+    batch = get("batch_size")
+    if type(batch) is not int or not 1 <= batch <= max_batch_size:
+        require_int(header, "batch_size", 1, max_batch_size)
+    start = get("start_frame_idx")
+    if start is not None and (type(start) is not int or not 0 <= start <= MAX_FRAME_INDEX):
+        require_int(header, "start_frame_idx", 0, MAX_FRAME_INDEX)
+    offset = get("audio_frame_offset")
+    if offset is not None and (type(offset) is not int or not -MAX_FRAME_INDEX <= offset <= MAX_FRAME_INDEX):
         require_int(header, "audio_frame_offset", -MAX_FRAME_INDEX, MAX_FRAME_INDEX)
-    fmt = require_choice(header, "format", FORMATS, default="png")
-    if header.get("quality") is not None:
+    fmt = get("format", "png")
+    if fmt not in QUALITY_RANGE:
+        require_choice(header, "format", FORMATS, default="png")
+    quality = get("quality")
+    if quality is not None:
         lo, hi = QUALITY_RANGE[fmt]
-        require_int(header, "quality", lo, hi)
+        if type(quality) is not int or not lo <= quality <= hi:
+            require_int(header, "quality", lo, hi)
     arrays = check_tensors(header, payloads)
-    has_features, has_pcm = "audio_features" in arrays, "audio_pcm" in arrays
-    if has_features == has_pcm:
+    features, pcm = arrays.get("audio_features"), arrays.get("audio_pcm")
+    if (features is None) == (pcm is None):
         raise BadRequest("field 'tensors' must carry exactly one audio source: 'audio_features' or 'audio_pcm'"
-                         + (" (both given)" if has_features else ""))
-    if has_features:
-        _check_dims("audio_features", arrays["audio_features"], ("float32",),
-                    [(batch, 32, 16, 16), (32, 16, 16)])
+                         + (" (both given)" if features is not None else ""))
+    if features is not None:
+        dims = features[1]
+        if features[0] != "float32" or (dims != [batch, 32, 16, 16] and dims != [32, 16, 16]):
+            _check_dims("audio_features", features, ("float32",), [(batch, 32, 16, 16), (32, 16, 16)])
     else:
-        _check_dims("audio_pcm", arrays["audio_pcm"], ("float32", "int16"), [(None,)])
-        if arrays["audio_pcm"][1][0] == 0:
+        if pcm[0] not in ("float32", "int16") or len(pcm[1]) != 1:
+            _check_dims("audio_pcm", pcm, ("float32", "int16"), [(None,)])
+        if pcm[1][0] == 0:
             raise BadRequest("field 'tensors.audio_pcm.shape' is [0]; the audio is empty")
-    if "visual_frames" in arrays:
-        _check_dims("visual_frames", arrays["visual_frames"], ("float32",), [(batch, 6, 320, 320)])
+    visual = arrays.get("visual_frames")
+    if visual is not None and (visual[0] != "float32" or visual[1] != [batch, 6, 320, 320]):
+        _check_dims("visual_frames", visual, ("float32",), [(batch, 6, 320, 320)])
     return batch
 
 

@@ -41,6 +41,7 @@ _wake_ids = itertools.count()
 _send_frame = zmq.backend.Socket.send
 _recv_frame = zmq.backend.Socket.recv
 _get_opt = zmq.backend.Socket.get
+_unpackb = msgpack.unpackb
 _NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
@@ -265,11 +266,20 @@ class WorkerLoop:
                             "reply" if is_reply else "event")
 
     def _on_broker(self, frames: list) -> str:
-        try:
-            header, payloads = decode(frames)
-        except LipsyncError as exc:
-            log.warning("worker %s: malformed message from the broker: %s", self.name, exc.message)
-            return ""
+        header = None
+        if len(frames) >= 2 and frames[0].bytes == TAG:  # the well-formed case, cheaply
+            try:
+                header = _unpackb(frames[1].buffer)
+            except Exception:
+                header = None
+        if type(header) is dict:
+            payloads = frames[2:]
+        else:
+            try:
+                header, payloads = decode(frames)  # says what is wrong
+            except LipsyncError as exc:
+                log.warning("worker %s: malformed message from the broker: %s", self.name, exc.message)
+                return ""
         op = header.get("op")
         if op == "request":
             self.in_flight += 1
