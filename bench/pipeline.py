@@ -55,7 +55,6 @@ def pipeline_fps(service: WorkerService, model_id: str, batch: int, fmt: str, se
     totals: dict[str, float] = {}
     count = [0]
     lock = threading.Lock()
-    stop = time.perf_counter() + seconds
 
     def one(start: int) -> None:
         header = {"client_op": "infer", "model_id": model_id, "batch_size": batch, "start_frame_idx": start,
@@ -70,6 +69,7 @@ def pipeline_fps(service: WorkerService, model_id: str, batch: int, fmt: str, se
     one(0)  # load + warm
     count[0] = 0
     totals.clear()
+    stop = time.perf_counter() + seconds
 
     def loop(k: int) -> None:
         start = k * batch

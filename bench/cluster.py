@@ -1,0 +1,138 @@
+"""End-to-end frames per second through the cluster with the `unet` demo model.
+
+Side by side in one run:
+  in-process  the worker's pipeline called directly (WorkerService.handle), two requests in flight
+  cluster-1   broker + 1 CPU worker, a client keeping 4 requests in flight
+  cluster-2   broker + 2 CPU workers, a client keeping 4 requests in flight
+both with one ONNX Runtime thread per worker (the scaling of the process model) and with the
+default threads (cores split evenly between workers: what `start` gives you).
+
+    python bench/cluster.py            # full run, writes docs/BENCHMARKS.md
+    python bench/cluster.py --quick    # short run, prints only
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, today, write_section  # noqa: E402
+from pipeline import pipeline_fps  # noqa: E402
+
+from lipsync_cluster.client import Client  # noqa: E402
+from lipsync_cluster.client.results import infer_request  # noqa: E402
+from lipsync_cluster.config import load_config  # noqa: E402
+from lipsync_cluster.demo.build import build_demo_models  # noqa: E402
+from lipsync_cluster.supervisor import Supervisor  # noqa: E402
+from lipsync_cluster.worker.service import WorkerService  # noqa: E402
+
+BATCH = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config(folder: Path, workers: int, threads: int):
+    return load_config({
+        "server": {"frontend_port": free_port(), "backend_port": free_port(), "stats_port": free_port()},
+        "models_dir": str(folder), "audio_encoder": str(folder / "audio_encoder.onnx"),
+        "onnx": {"intra_op_threads": threads},
+        "cluster": {"gpus": 0, "per_gpu": workers},
+        "logging": {"level": "warning", "stats_report_minutes": 0},
+    })
+
+
+def drive(client: Client, model_id: str, seconds: float, in_flight: int) -> float:
+    """Frames per second with ``in_flight`` requests outstanding at all times."""
+    pcm = np.clip(0.3 * np.random.default_rng(1).standard_normal(16000 * 4), -1, 1).astype(np.float32)
+
+    def send(k: int):
+        header, payloads = infer_request(model_id, audio_pcm=pcm, audio_frame_offset=0,
+                                         start_frame_idx=(k * BATCH) % 60, batch_size=BATCH, format="jpeg")
+        return client.submit(header, payloads)
+
+    # warm: load the model wherever the broker puts copies
+    for f in [send(k) for k in range(in_flight * 2)]:
+        client.wait(f, timeout=120)
+    pending = [send(k) for k in range(in_flight)]
+    frames, k, started = 0, in_flight, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        client.wait(pending.pop(0), timeout=120)
+        frames += BATCH
+        pending.append(send(k))
+        k += 1
+    elapsed = time.perf_counter() - started
+    for f in pending:
+        client.wait(f, timeout=120)
+    return frames / elapsed
+
+
+def cluster_fps(folder: Path, model_id: str, workers: int, threads: int, seconds: float) -> float:
+    cfg = config(folder, workers, threads)
+    sup = Supervisor(cfg, 0, workers)
+    sup.start()
+    try:
+        sup.wait_ready(timeout_s=120)
+        with Client(cfg.frontend, timeout=120) as client:
+            return drive(client, model_id, seconds, in_flight=4)
+    finally:
+        sup.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short run, do not write docs")
+    ap.add_argument("--seconds", type=float, default=None)
+    args = ap.parse_args()
+    seconds = args.seconds or (4.0 if args.quick else 20.0)
+    cores = os.cpu_count() or 1
+    folder = Path(tempfile.gettempdir()) / "lipsync-bench-unet"
+    build_demo_models(folder, count=1, kind="unet", frames=60, size=(1280, 720), progress=False)
+    model_id = "demo_ada"
+
+    results = {}
+    for threads_label, t1, t2 in (("1 thread per worker", 1, 1), ("default threads", cores, max(1, cores // 2))):
+        cfg = config(folder, 1, t1)
+        service = WorkerService(cfg, shm_namespace=f"bench-{uuid.uuid4().hex[:6]}")
+        try:
+            inproc, _ = pipeline_fps(service, model_id, BATCH, "jpeg", seconds)
+        finally:
+            service.close()
+            service.cache.frame_store.cleanup()
+        one = cluster_fps(folder, model_id, 1, t1, seconds)
+        two = cluster_fps(folder, model_id, 2, t2, seconds)
+        results[threads_label] = (inproc, one, two)
+        print(f"{threads_label}: in-process {inproc:.2f} fps | cluster 1 worker {one:.2f} fps | "
+              f"cluster 2 workers {two:.2f} fps | 2w/1w {two / one:.2f} | cluster-1/in-process {one / inproc:.2f}",
+              flush=True)
+    if args.quick:
+        return
+    lines = [
+        "## Cluster end to end (`bench/cluster.py`)",
+        "",
+        f"Machine: {machine()}. Date: {today()}. Model: `unet` demo, batch {BATCH}, jpeg, audio as PCM; the client",
+        f"keeps 4 requests in flight; {seconds:.0f} s per cell. In-process = the worker's pipeline called directly with",
+        "two requests in flight (the same work, no sockets, no broker).",
+        "",
+        "| ONNX Runtime threads | in-process fps | cluster, 1 worker | cluster, 2 workers | 2 workers / 1 | cluster (1 worker) / in-process |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, (inproc, one, two) in results.items():
+        lines.append(f"| {label} | {inproc:.2f} | {one:.2f} | {two:.2f} | {two / one:.2f} | {one / inproc:.2f} |")
+    write_section("cluster", "\n".join(lines))
+    print("wrote docs/BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
