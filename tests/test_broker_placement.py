@@ -5,10 +5,10 @@ import time
 
 try:
     from test_broker_support import (BrokerThread, Client, WorkerThread, call_infer, catalog_of,
-                                     features, infer, loaded_on, wait_for, wait_workers)
+                                     features, infer, loaded_on, wait_workers)
 except ImportError:  # tests/ imported as a package
     from tests.test_broker_support import (BrokerThread, Client, WorkerThread, call_infer, catalog_of,
-                                           features, infer, loaded_on, wait_for, wait_workers)
+                                           features, infer, loaded_on, wait_workers)
 
 
 def collect(client: Client, n: int, timeout: float = 5.0) -> dict:

@@ -179,3 +179,12 @@ def test_queues_bounds_order_and_expiry():
     assert q.expire(6.0) == [a2]
     assert q.depths() == {"a": 2, "b": 1} and "a" in q.busy_models()
     assert q.pop("a") is retried and q.total == 2
+
+
+def test_a_draining_worker_is_not_a_holder():
+    draining = worker("a", loaded=["m"])
+    draining.draining = True
+    fresh = worker("b")
+    assert draining.free == 0
+    d = route("m", [draining, fresh])
+    assert (d.action, d.worker) == (PLACE, fresh)

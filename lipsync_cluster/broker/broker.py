@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import msgpack
 import zmq
 
-from ..common.errors import (BadRequest, InternalError, LipsyncError, Overloaded, RequestTimeout,
+from ..common.errors import (BadRequest, LipsyncError, Overloaded, RequestTimeout,
                              Unavailable)
 from ..common.protocol import TAG, decode
 from ..config.schema import Config
@@ -84,6 +84,11 @@ def _fast_header(frames: list) -> Optional[dict]:
     except Exception:
         return None
     return header if type(header) is dict else None
+
+
+def _counted(p: Pending) -> Optional[str]:
+    """The model whose counters an outcome goes to: infer requests only (others: totals only)."""
+    return p.model if p.op == "infer" else None
 
 
 class _Park(Exception):
@@ -393,7 +398,7 @@ class Broker:
                                  + (f" named {name!r}" if name else "") + f" on GPU {gpu}")
         p = self._new_pending(client, cid, "load_model", model, header, payloads, check_deadline(header))
         p.targets = frozenset(targets) if targets is not None else None
-        self.stats.arrival(model)
+        self.stats.arrival(None)  # cluster totals only: a model's counters are about its frames
         self._admit(p)
 
     def _on_unload_model(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
@@ -437,7 +442,7 @@ class Broker:
             self.queues.push(p)
         except Overloaded as exc:
             exc.details["retry_after_ms"] = self._retry_after_ms(p.model)
-            self._reply_error(p.client, p.cid, exc, p.model)
+            self._reply_error(p.client, p.cid, exc, _counted(p))
 
     def _retry_after_ms(self, model: str) -> int:
         service = self.stats.service_s(model) or 0.05
@@ -612,7 +617,7 @@ class Broker:
                 c.last_used = now
                 self.stats.total_ok += 1
                 p.answered = True
-                del header["op"]
+                header.pop("op", None)
                 header["id"] = p.cid
                 self._send_client(p.client, header, payloads)
                 return
@@ -640,7 +645,7 @@ class Broker:
                 self._preload_at[p.model] = now
                 log.warning("preloading model %s on worker %s failed: %s", p.model, w.name, error)
             return
-        self.stats.outcome(p.model, code, now - p.arrival, p.frames if ok else 0, now)
+        self.stats.outcome(_counted(p), code, now - p.arrival, p.frames if ok else 0, now)
         header.pop("op", None)
         header["id"] = p.cid
         self._send_client(p.client, header, payloads)
@@ -705,7 +710,7 @@ class Broker:
             why = ("its target worker" if p.targets is not None else "a second worker")
             self._reply_error(p.client, p.cid, Unavailable(
                 f"{why} ({worker}) went away while handling the request", worker=worker),
-                p.model, time.monotonic() - p.arrival)
+                _counted(p), time.monotonic() - p.arrival)
             return
         p.retries += 1
         p.worker, p.evict_hint = None, None
@@ -724,7 +729,7 @@ class Broker:
         where = f"on worker {p.worker}" if p.worker else "in the broker queue"
         self._reply_error(p.client, p.cid, RequestTimeout(
             f"deadline passed after {waited:.0f} ms {where}", waited_ms=round(waited, 1)),
-            p.model, now - p.arrival)
+            _counted(p), now - p.arrival)
 
     def _gather_done(self, p: Pending, worker: str, header: dict) -> None:
         g: Gather = p.parent
@@ -766,7 +771,7 @@ class Broker:
                 p.answered = True
                 self._reply_error(p.client, p.cid, Unavailable(
                     f"no worker has been registered for {now - self._no_workers_since:.0f} s"),
-                    p.model, now - p.arrival)
+                    _counted(p), now - p.arrival)
         if self.queues.total:
             self._dirty = True  # heads that waited long enough may now get another copy
 
@@ -835,7 +840,7 @@ class Broker:
                     self._gather_done(p, next(iter(p.targets)), {"ok": False, "error": gone.to_wire()})
                 elif not p.answered and p.client is not None:
                     p.answered = True
-                    self._reply_error(p.client, p.cid, gone, p.model)
+                    self._reply_error(p.client, p.cid, gone, _counted(p))
         except Exception:
             log.exception("broker: error while shutting down")
         finally:

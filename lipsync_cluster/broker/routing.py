@@ -99,14 +99,15 @@ def route(model: str, workers: Sequence, *, busy_models: Collection[str] = (),
     w = pick_loaded(model, workers)
     if w is not None:
         return Decision(DISPATCH, w, None, "loaded")
-    holders = [w for w in workers if w.holds(model)]
+    # A draining worker takes nothing new: its copy does not count (the model is placed again).
+    holders = [w for w in workers if w.holds(model) and not getattr(w, "draining", False)]
     if holders:
         if any(w.is_loading(model) for w in holders):
             return Decision(WAIT, None, None, "loading")
         if len(holders) >= max_copies or head_wait_s < copy_after_s:
             return Decision(WAIT, None, None, "busy")
         # Every copy is busy and the queue has waited too long: add a copy elsewhere.
-        others = [w for w in workers if not w.holds(model)]
+        others = [w for w in workers if not w.holds(model)]  # (pick_* skip those without credit)
         d = place(model, others, busy_models, value, allow_evict)
         return d._replace(reason="another copy: " + d.reason) if d.action == PLACE else d
     return place(model, workers, busy_models, value, allow_evict)
