@@ -345,6 +345,16 @@ def render(results: dict, args) -> str:
                      f"| **{rps:,.0f}** | {cpu_us:.0f} µs |")
     lines += ["", "Broker CPU per request = the broker process's user+system CPU time (its ZeroMQ I/O "
               "thread included) over the run, divided by the requests served.",
+              "",
+              "Notes:",
+              "",
+              f"- The noop workers announce {args.credits} credits so that the worker leg is not the "
+              "limit. A worker with 1-2 credits (real inference) is bounded by credits / round trip "
+              "(about 0.3 ms process to process here), not by the broker.",
+              "- 1 MB: the broker forwards payload frames without copying them; what it adds is the "
+              "second loopback hop, i.e. two more 1 MB transfers through the kernel.",
+              "- On 2 cores every extra process (a second client or worker) competes with the broker "
+              "for CPU, which is why more processes do not mean more requests/s here.",
               "", "Targets: >= 10,000 small requests/s through the broker; < 1 ms p50 added."]
     return "\n".join(lines)
 
