@@ -189,7 +189,8 @@ def broker(config_path: Optional[str], models_dir: Optional[str]) -> None:
     stop = threading.Event()
     _stop_on_signals(stop)
     try:
-        run_broker(cfg, catalog.summary, stop)
+        # The broker decides when to re-read (periodically, and when an unknown id arrives).
+        run_broker(cfg, lambda: catalog.summary(max_age_s=0), stop)
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
 

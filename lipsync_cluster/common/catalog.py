@@ -76,13 +76,33 @@ class Catalog:
                 elif self._fingerprints.get(model_id) == key and model_id in self.errors:
                     errors[model_id] = self.errors[model_id]
                 else:
-                    try:
-                        packages[model_id] = load()
-                    except ModelPackageError as exc:
-                        errors[model_id] = exc.message
+                    key = self._load_stable(model_id, key, load, packages, errors)
                 fingerprints[model_id] = key
             self._packages, self._fingerprints, self.errors = packages, fingerprints, errors
             self._scanned_at = self.clock()
+
+    def _load_stable(self, model_id: str, key: tuple, load: Callable[[], ModelPackage],
+                     packages: dict, errors: dict) -> tuple:
+        """Load a package and make sure it did not change while it was read.
+
+        A re-prepare swaps the package folder; a read that straddles the swap could pair the old
+        manifest with the new frames. Re-reading until the fingerprint holds still closes that.
+        """
+        for _ in range(5):
+            try:
+                package: Optional[ModelPackage] = load()
+                problem = None
+            except ModelPackageError as exc:
+                package, problem = None, exc.message
+            after = self._sources().get(model_id, (None,))[0]
+            if after == key:
+                break
+            key = after
+        if package is not None:
+            packages[model_id] = package
+        else:
+            errors[model_id] = problem
+        return key
 
     # --- queries -----------------------------------------------------------------------------
 
@@ -104,8 +124,8 @@ class Catalog:
         known = ", ".join(sorted(packages)) or "none"
         raise UnknownModel(f"Model '{model_id}' not found (known models: {known})", model_id=model_id)
 
-    def summary(self) -> dict[str, dict]:
-        """What the broker needs to know of every servable model."""
+    def summary(self, max_age_s: Optional[float] = None) -> dict[str, dict]:
+        """What the broker needs to know of every servable model (``max_age_s=0``: rescan now)."""
         return {
             model_id: {
                 "version": p.version,
@@ -116,7 +136,7 @@ class Catalog:
                 "frame_size": list(p.frame_size),
                 "kind": p.kind,
             }
-            for model_id, p in self.packages().items()
+            for model_id, p in self.packages(max_age_s).items()
         }
 
 
