@@ -286,3 +286,34 @@ def test_a_slow_catalog_never_stalls_routing():
     finally:
         stop.set()
         t.join(10)
+
+
+def test_a_hung_catalog_does_not_hold_requests_forever(monkeypatch):
+    import lipsync_cluster.broker.broker as broker_module
+
+    monkeypatch.setattr(broker_module, "PARK_MAX_S", 0.3)
+    hang = threading.Event()
+    release = threading.Event()
+
+    def read():
+        if hang.is_set():
+            release.wait(10)  # a catalog that does not come back
+        return catalog_of("a")
+
+    broker = Broker(make_config(), read)
+    broker.bind()
+    stop = threading.Event()
+    t = threading.Thread(target=broker.run, args=(stop,), daemon=True)
+    t.start()
+    client = Client(broker.frontend_endpoint)
+    try:
+        assert client.call({"id": 0, "op": "health"})["live"]
+        hang.set()
+        t0 = time.monotonic()
+        r = client.call(infer("ghost", "g"), features(), timeout=3)
+        assert r["error"]["code"] == "unknown_model" and 0.2 < time.monotonic() - t0 < 1.5
+    finally:
+        release.set()
+        stop.set()
+        t.join(15)
+        client.close()

@@ -44,6 +44,7 @@ PUBLISH_S = 1.0             # stats snapshot period on the PUB socket
 CATALOG_REFRESH_S = 2.0     # re-read the catalog this often (plus when an unknown id arrives)
 UNKNOWN_REFRESH_S = 0.25    # ... but at most this often
 MAX_PARKED = 1024           # requests waiting for a catalog re-read; beyond: unknown_model at once
+PARK_MAX_S = 5.0            # a read that takes longer: parked requests are answered from the last one
 PRELOAD_RETRY_S = 10.0      # after a failed or impossible preload, try again this much later
 HWM = 100_000               # messages per peer queue; a client that stops reading loses replies
 SOCKET_BUFFER = 4 * 2**20   # kernel send/receive buffer per connection (SO_SNDBUF/SO_RCVBUF)
@@ -119,7 +120,7 @@ class Broker:
         self._watch = CatalogWatcher(catalog, self.ctx, self._catalog_wake_endpoint,
                                      period_s=CATALOG_REFRESH_S, min_gap_s=UNKNOWN_REFRESH_S)
         self._catalog_wake: Optional[zmq.Socket] = None
-        self._parked: list[tuple[int, list]] = []   # (scan that must finish first, frames)
+        self._parked: list[tuple[int, float, list]] = []  # (scan that must finish, parked at, frames)
         self._replaying = False
         self.interval = cl.heartbeat_interval_s
         self.dead_after = cl.heartbeat_interval_s * cl.heartbeat_liveness
@@ -310,12 +311,20 @@ class Broker:
                 self._catalog_wake.recv(zmq.NOBLOCK)
         except zmq.Again:
             pass
-        if self._parked:
-            done = self._watch.scans
-            ready = [frames for needed, frames in self._parked if needed <= done]
-            self._parked = [(needed, frames) for needed, frames in self._parked if needed > done]
-            self._replay(ready)
+        self._release_parked(time.monotonic())
         self._preload(time.monotonic())
+
+    def _release_parked(self, now: float) -> None:
+        """Replay parked requests whose catalog read finished, or that waited PARK_MAX_S."""
+        if not self._parked:
+            return
+        done = self._watch.scans
+        ready, waiting = [], []
+        for item in self._parked:
+            (ready if item[0] <= done or now - item[1] >= PARK_MAX_S else waiting).append(item)
+        if ready:
+            self._parked = waiting
+            self._replay([frames for _, _, frames in ready])
 
     def _replay(self, parked: list[list]) -> None:
         """Handle parked requests again; an id still unknown is now answered `unknown_model`."""
@@ -355,7 +364,7 @@ class Broker:
         except _Park:
             # Answered once a catalog read that started after this moment has finished.
             watch = self._watch
-            self._parked.append((watch.scans + (2 if watch.busy else 1), frames))
+            self._parked.append((watch.scans + (2 if watch.busy else 1), time.monotonic(), frames))
             watch.request()
         except LipsyncError as exc:
             model = header.get("model_id")
@@ -753,7 +762,8 @@ class Broker:
         self._send_client(g.client, {"id": g.cid, "ok": False, "model_id": g.model, "error": err})
 
     def _sweep(self, now: float) -> None:
-        """Deadlines (queued and in flight), workerless waits, preloads, copy checks."""
+        """Deadlines (queued and in flight), workerless waits, parked requests, copy checks."""
+        self._release_parked(now)
         for p in self.queues.expire(now):
             self._expire(p, now)
         if self.control:
@@ -824,7 +834,7 @@ class Broker:
         """Answer everything pending with `unavailable`, tell workers, close the sockets."""
         try:
             self._watch.stop()
-            parked, self._parked = [frames for _, frames in self._parked], []
+            parked, self._parked = [frames for _, _, frames in self._parked], []
             self._replay(parked)  # unknown ids get their answer; the rest join what is drained below
             gone = Unavailable("the broker is shutting down")
             pending = self.queues.drain() + list(self.control)
