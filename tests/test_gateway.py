@@ -213,7 +213,7 @@ def test_slow_browser_gets_oldest_frames_dropped_and_a_closed_socket_frees_its_s
 
     freed_after, final = asyncio.run(run())
     assert final["sessions"] == 0 and final["closed_sessions"] == 2
-    assert freed_after < 0.5, f"the session was freed {freed_after:.2f}s after the socket closed"
+    assert freed_after < 1.0, f"the session was freed {freed_after:.2f}s after the socket closed"
 
 
 def test_bad_control_messages_get_clear_errors(make_cluster):

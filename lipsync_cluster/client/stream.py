@@ -393,12 +393,24 @@ class StreamCore:
 
     # --- reporting ----------------------------------------------------------------------------
 
-    def latency(self) -> dict:
-        """p50/p99 of audio pushed -> frame ready, and of its parts (ms)."""
-        out = {"frames": len(self._lat["latency"]), **_percentiles(self._lat["latency"])}
-        breakdown = {f"{k}_ms": _percentiles(v) for k, v in self._lat.items() if k != "latency"}
-        breakdown.update({f"server_{k}": _percentiles(v) for k, v in sorted(self._server.items())})
-        out["breakdown"] = breakdown
+    def latency(self, recent: Optional[int] = None, breakdown: bool = True) -> dict:
+        """p50/p99 of audio pushed -> frame ready, and of its parts (ms).
+
+        Over the last ``LATENCY_WINDOW`` frames, or the last ``recent`` ones; ``breakdown=False``
+        skips the parts (cheaper, for live displays).
+        """
+        def tail(values: deque) -> list:
+            if recent is None or len(values) <= recent:
+                return values
+            return list(itertools.islice(values, len(values) - recent, None))
+
+        lat = tail(self._lat["latency"])
+        out = {"frames": len(lat), **_percentiles(lat)}
+        parts: dict = {}
+        if breakdown:
+            parts = {f"{k}_ms": _percentiles(tail(v)) for k, v in self._lat.items() if k != "latency"}
+            parts.update({f"server_{k}": _percentiles(tail(v)) for k, v in sorted(self._server.items())})
+        out["breakdown"] = parts
         out["lookahead_frames"] = SPAN_AFTER
         out["batch_size"] = self.batch_size
         out["retries"] = self.retries
@@ -438,8 +450,9 @@ class StreamSession:
         self._core = StreamCore(model_id, fps=fps, batch_size=batch_size, format=format, quality=quality,
                                 max_in_flight=max_in_flight, max_ready_frames=max_ready_frames,
                                 request_timeout=request_timeout)
-        self._cond = threading.Condition()
-        self._completions: list[tuple[_Batch, int, Any]] = []
+        self._cond = threading.Condition()  # guards the core; readers wait on it for frames
+        self._wake = threading.Event()  # wakes the background thread (never taken by reply callbacks' lock)
+        self._completions: deque[tuple[_Batch, int, Any]] = deque()
         self._cancelled = False
         self._thread = threading.Thread(target=self._run, name=f"lipsync-stream-{model_id}", daemon=True)
         self._thread.start()
@@ -451,19 +464,19 @@ class StreamSession:
         with self._cond:
             self._raise_if_failed()
             self._core.push(pcm)
-            self._cond.notify_all()
+        self._wake.set()
 
     def switch(self, model_id: str) -> None:
         """Use ``model_id`` from the next batch that is sent on."""
         with self._cond:
             self._core.switch(model_id)
-            self._cond.notify_all()
+        self._wake.set()
 
     def close(self) -> None:
         """End of audio: the remaining frames (up to round(seconds x fps)) are produced and read out."""
         with self._cond:
             self._core.close()
-            self._cond.notify_all()
+        self._wake.set()
 
     def frames(self, timeout: Optional[float] = None) -> Iterator[StreamFrame]:
         """Frames in order until the stream is closed and drained; raises the session's error.
@@ -482,6 +495,8 @@ class StreamSession:
         with self._cond:
             while True:
                 if self._core.ready:
+                    if len(self._core.ready) == self._core.max_ready_frames:
+                        self._wake.set()  # below the bound again: more batches may go out
                     return self._core.ready.popleft()
                 self._raise_if_failed()
                 if self._core.finished or self._cancelled:
@@ -498,13 +513,16 @@ class StreamSession:
             self._core.ready.clear()
             if not out:
                 self._raise_if_failed()
-            self._cond.notify_all()
-            return out
+        self._wake.set()
+        return out
 
-    def latency(self) -> dict:
-        """``{"frames", "p50_ms", "p99_ms", "mean_ms", "max_ms", "breakdown": {...}, "retries"}``."""
+    def latency(self, recent: Optional[int] = None, breakdown: bool = True) -> dict:
+        """``{"frames", "p50_ms", "p99_ms", "mean_ms", "max_ms", "breakdown": {...}, "retries"}``.
+
+        ``recent``: only the last so many frames; ``breakdown=False``: the total only (cheaper).
+        """
         with self._cond:
-            return self._core.latency()
+            return self._core.latency(recent, breakdown)
 
     def stats(self) -> dict:
         with self._cond:
@@ -534,10 +552,11 @@ class StreamSession:
         """Stop now: what is in flight is abandoned, unread frames are dropped, the thread ends."""
         with self._cond:
             self._cancelled = True
-            for b in self._core.inflight.values():
-                if b.handle is not None:
-                    b.handle.cancel()
+            handles = [b.handle for b in self._core.inflight.values() if b.handle is not None]
             self._cond.notify_all()
+        for handle in handles:
+            handle.cancel()
+        self._wake.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
 
@@ -554,9 +573,9 @@ class StreamSession:
     # --- the background thread ----------------------------------------------------------------
 
     def _on_done(self, b: _Batch, attempt: int, future) -> None:
-        with self._cond:
-            self._completions.append((b, attempt, future))
-            self._cond.notify_all()
+        # Runs on the client's I/O thread (or wherever the future completes): no locks here.
+        self._completions.append((b, attempt, future))
+        self._wake.set()
 
     def _send(self, b: _Batch) -> None:
         attempt = self._core.sent(b)
@@ -580,9 +599,14 @@ class StreamSession:
 
     def _loop(self) -> None:
         core = self._core
-        with self._cond:
-            while not self._cancelled:
-                completions, self._completions = self._completions, []
+        while True:
+            self._wake.clear()
+            with self._cond:
+                if self._cancelled:
+                    return
+                completions = []
+                while self._completions:
+                    completions.append(self._completions.popleft())
                 for b, attempt, future in completions:
                     if attempt != b.attempts or future.cancelled():
                         continue  # an attempt that was given up on
@@ -605,7 +629,7 @@ class StreamSession:
                 due = core.next_retry_at()
                 if due is not None:
                     wait = max(0.0, min(wait, due - core.clock()))
-                self._cond.wait(wait)
+            self._wake.wait(wait)
 
 
 class AsyncStreamSession:
@@ -678,8 +702,8 @@ class AsyncStreamSession:
         self._pump()
         return out
 
-    def latency(self) -> dict:
-        return self._core.latency()
+    def latency(self, recent: Optional[int] = None, breakdown: bool = True) -> dict:
+        return self._core.latency(recent, breakdown)
 
     def stats(self) -> dict:
         return self._core.stats()

@@ -262,7 +262,8 @@ class SocketSession:
                     return
                 self.queue.put_frame((generation, frame))
             self.queue.put_in_order({"type": "ended", "frames": stream.total_frames,
-                                    "latency": _short_latency(stream.latency()), "drops": self.queue.drops})
+                                    "latency": _short_latency(stream.latency(breakdown=False)),
+                                    "drops": self.queue.drops})
         except LipsyncError as exc:
             self._error(exc.code, exc.message)
         if generation == self.generation:
@@ -295,15 +296,18 @@ class SocketSession:
                "frames": 0, "audio_seconds": 0.0, "in_flight": 0}
         if stream is not None:
             st = stream.stats()
-            out.update(model_id=stream.model_id, latency=_short_latency(stream.latency()),
+            out.update(model_id=stream.model_id,
+                       latency=_short_latency(stream.latency(recent=LIVE_WINDOW, breakdown=False)),
                        frames=st["delivered"], audio_seconds=round(st["seconds"], 3), in_flight=st["in_flight"],
                        retries=st["retries"])
         return out
 
 
 def _short_latency(lat: dict) -> dict:
-    return {"p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "frames": lat["frames"],
-            "round_trip_p50_ms": lat["breakdown"]["round_trip_ms"]["p50_ms"]}
+    return {"p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "frames": lat["frames"]}
+
+
+LIVE_WINDOW = 250  # frames (10 s) behind the live latency figures
 
 
 class Gateway:

@@ -24,7 +24,7 @@ const state = {
   samplesSent: 0, sendTimes: new Map(), // frame index -> time its audio was fully sent
   received: 0, framesDrawn: 0, skipped: 0, serverDrops: 0, decodeErrors: 0,
   queue: [], anchor: null, drawTimes: [], latencies: [],
-  lastDrawn: null, lastStats: null, level: 0, errors: [], messages: [],
+  lastDrawn: null, lastStats: null, level: 0, maxLevel: 0, errors: [], messages: [],
 };
 window.lsc = state;
 
@@ -259,6 +259,7 @@ function stopMic() {
 
 function onPcm({ pcm, level }) {
   state.level = level;
+  state.maxLevel = Math.max(state.maxLevel, level);
   if (!state.ws || !state.started || state.ws.readyState !== WebSocket.OPEN) return;
   state.ws.send(pcm.buffer);
   const before = Math.floor(state.samplesSent / SAMPLES_PER_FRAME);
