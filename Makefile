@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_models
 GPUS ?= 0
 PER_GPU ?= 2
+METRICS_PORT ?= 9100
 
-.PHONY: venv test run bench demo clean
+.PHONY: venv test run bench demo clean browser-deps
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PY) -m venv --help >/dev/null 2>&1 || (apt-get update && apt-get install -y python3-venv)
@@ -18,7 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The browser test drives Debian's chromium; without it that one test is skipped, saying why.
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "chromium could not be installed: tests/test_browser.py will be skipped"
+
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q tests
 
 $(DEMO_DIR)/cluster.yaml: | $(STAMP)
@@ -27,7 +32,7 @@ $(DEMO_DIR)/cluster.yaml: | $(STAMP)
 demo: $(DEMO_DIR)/cluster.yaml
 
 run: $(STAMP) $(DEMO_DIR)/cluster.yaml
-	$(BIN)/lipsync-cluster start --config $(DEMO_DIR)/cluster.yaml --gpus $(GPUS) --per-gpu $(PER_GPU)
+	$(BIN)/lipsync-cluster start --config $(DEMO_DIR)/cluster.yaml --gpus $(GPUS) --per-gpu $(PER_GPU) --metrics-port $(METRICS_PORT)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py

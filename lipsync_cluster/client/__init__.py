@@ -3,7 +3,8 @@ from ..common.errors import (BadRequest, CapacityFull, InternalError, LipsyncErr
                              RequestTimeout, Unauthorized, Unavailable, UnknownModel)
 from .client import AsyncClient, Client
 from .results import InferResult
+from .stream import AsyncStreamSession, StreamFrame, StreamSession
 
-__all__ = ["Client", "AsyncClient", "InferResult", "LipsyncError", "BadRequest", "UnknownModel",
+__all__ = ["Client", "AsyncClient", "InferResult", "StreamSession", "AsyncStreamSession", "StreamFrame", "LipsyncError", "BadRequest", "UnknownModel",
            "ModelLoadFailed", "CapacityFull", "Overloaded", "RequestTimeout", "Unavailable", "Unauthorized",
            "InternalError"]

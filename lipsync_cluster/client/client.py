@@ -16,7 +16,7 @@ import os
 import threading
 import uuid
 from concurrent.futures import Future
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import zmq
@@ -25,6 +25,9 @@ import zmq.asyncio
 from ..common.errors import LipsyncError, Unavailable, error_from_wire
 from ..common.protocol import decode, encode
 from .results import InferResult, infer_request, infer_result
+
+if TYPE_CHECKING:
+    from .stream import AsyncStreamSession, StreamSession
 
 DEFAULT_ENDPOINT = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
 
@@ -182,6 +185,12 @@ class Client:
     def health(self) -> dict:
         return self.request({"op": "health"})[0]
 
+    def stream(self, model_id: str, **options: Any) -> "StreamSession":
+        """A real-time session: push audio, read frames in order (docs/STREAMING.md)."""
+        from .stream import StreamSession
+
+        return StreamSession(self, model_id, **options)
+
     def close(self) -> None:
         self._transport.close()
 
@@ -272,6 +281,12 @@ class AsyncClient:
 
     async def health(self) -> dict:
         return (await self.request({"op": "health"}))[0]
+
+    def stream(self, model_id: str, **options: Any) -> "AsyncStreamSession":
+        """The asyncio session: ``async with client.stream(model_id) as session: ...``."""
+        from .stream import AsyncStreamSession
+
+        return AsyncStreamSession(self, model_id, **options)
 
     async def close(self) -> None:
         if self._reader is not None:

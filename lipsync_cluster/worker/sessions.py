@@ -28,6 +28,7 @@ class SessionOptions:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     gpu_mem_limit_bytes: Optional[int] = None
+    allow_spinning: bool = False
 
     @property
     def uses_cuda(self) -> bool:
@@ -62,8 +63,10 @@ def make_session(path: str | os.PathLike, opts: SessionOptions) -> ort.Inference
             cuda["gpu_mem_limit"] = int(opts.gpu_mem_limit_bytes)
         providers: list = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
     else:
-        # No CPU memory arena: a worker that unloads a model should give the memory back.
-        so.enable_cpu_mem_arena = False
+        # A worker holds several sessions (UNets, the audio encoder) and composites on other
+        # threads: idle intra-op threads must sleep, not spin, or they steal the cores the next
+        # stage needs.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0" if not opts.allow_spinning else "1")
         providers = ["CPUExecutionProvider"]
     session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     if opts.uses_cuda and session.get_providers()[0] != "CUDAExecutionProvider":
