@@ -42,6 +42,11 @@ class Pipeline:
     def __init__(self, encoder: Optional[AudioEncoder], threads: int = 2) -> None:
         self.encoder = encoder
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="composite")
+        # One UNet run at a time per worker: it already uses every core (or the whole GPU) it was
+        # given. Two requests in flight then pipeline: one's UNet runs while the other's
+        # features, crops, paste-back and encoding use what the UNet leaves idle, instead of
+        # two UNets fighting over the same cores.
+        self._unet_lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -73,9 +78,13 @@ class Pipeline:
             batch = visual_frames  # the caller's own network input; crops still drive paste-back
         return batch, crops
 
-    @staticmethod
-    def unet(model: LoadedModel, visual: np.ndarray, feats: np.ndarray) -> np.ndarray:
-        return model.session.run(None, {model.visual_input: visual, model.audio_input: feats})[0]
+    def unet(self, model: LoadedModel, visual: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """The UNet's output, the ms it ran, and the ms it waited for the other request's run."""
+        asked = time.perf_counter()
+        with self._unet_lock:
+            started = time.perf_counter()
+            out = model.session.run(None, {model.visual_input: visual, model.audio_input: feats})[0]
+        return out, (time.perf_counter() - started) * 1000, (started - asked) * 1000
 
     def composite_and_encode(self, model: LoadedModel, req: InferRequest, bg: np.ndarray, crops: list,
                              out: np.ndarray) -> tuple[list, list, float, float]:
@@ -127,11 +136,10 @@ class Pipeline:
         bg = self.background_indices(model, req)
         visual, crops = self.inputs(model, bg, req.visual_frames)
         t2 = time.perf_counter()
-        out = self.unet(model, visual, feats)
+        out, inference_ms, unet_wait_ms = self.unet(model, visual, feats)
         t3 = time.perf_counter()
         images, payloads, composite_ms, encode_ms = self.composite_and_encode(model, req, bg, crops, out)
         t4 = time.perf_counter()
-        inference_ms = (t3 - t2) * 1000
         with_lock_free_stats(model, inference_ms)
         reply = {
             "model_id": model.model_id,
@@ -142,6 +150,7 @@ class Pipeline:
                 "features_ms": round((t1 - t0) * 1000, 3),
                 "inputs_ms": round((t2 - t1) * 1000, 3),
                 "inference_ms": round(inference_ms, 3),
+                "unet_wait_ms": round(unet_wait_ms, 3),
                 "composite_ms": round(composite_ms, 3),
                 "encode_ms": round(encode_ms, 3),
                 "postprocess_wall_ms": round((t4 - t3) * 1000, 3),
