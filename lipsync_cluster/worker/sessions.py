@@ -45,6 +45,39 @@ def cuda_available() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 
+_cuda_libraries_loaded = False
+
+
+def _load_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the nvidia-* wheels (the ``gpu`` extra) before the first CUDA session.
+
+    Without this, onnxruntime-gpu finds the libraries only on the system's library path and
+    silently falls back to the CPU when they are missing there.
+    """
+    global _cuda_libraries_loaded
+    if not _cuda_libraries_loaded and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as exc:  # a system-wide CUDA install may still serve
+            log.warning("could not preload CUDA libraries from the nvidia wheels: %s", exc)
+    _cuda_libraries_loaded = True
+
+
+def providers_for(opts: SessionOptions) -> list:
+    """ONNX Runtime providers for ``opts``: CUDA (bounded arena) then CPU, or only the CPU."""
+    if not opts.uses_cuda:
+        return ["CPUExecutionProvider"]
+    cuda = {
+        "device_id": int(opts.gpu),
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "do_copy_in_default_stream": True,
+    }
+    if opts.gpu_mem_limit_bytes:
+        cuda["gpu_mem_limit"] = int(opts.gpu_mem_limit_bytes)
+    return [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+
+
 def make_session(path: str | os.PathLike, opts: SessionOptions) -> ort.InferenceSession:
     """Open ``path`` with the providers ``opts`` allows. Raises whatever ONNX Runtime raises."""
     so = ort.SessionOptions()
@@ -53,22 +86,13 @@ def make_session(path: str | os.PathLike, opts: SessionOptions) -> ort.Inference
     so.inter_op_num_threads = opts.inter_op_threads
     so.log_severity_level = 3
     if opts.uses_cuda:
-        cuda = {
-            "device_id": int(opts.gpu),
-            "arena_extend_strategy": "kSameAsRequested",
-            "cudnn_conv_algo_search": "HEURISTIC",
-            "do_copy_in_default_stream": True,
-        }
-        if opts.gpu_mem_limit_bytes:
-            cuda["gpu_mem_limit"] = int(opts.gpu_mem_limit_bytes)
-        providers: list = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+        _load_cuda_libraries()
     else:
         # A worker holds several sessions (UNets, the audio encoder) and composites on other
         # threads: idle intra-op threads must sleep, not spin, or they steal the cores the next
         # stage needs.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0" if not opts.allow_spinning else "1")
-        providers = ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
+    session = ort.InferenceSession(str(path), sess_options=so, providers=providers_for(opts))
     if opts.uses_cuda and session.get_providers()[0] != "CUDAExecutionProvider":
         log.warning("CUDA was requested for %s but ONNX Runtime fell back to %s",
                     path, session.get_providers()[0])
