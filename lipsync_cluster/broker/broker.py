@@ -33,7 +33,7 @@ from .queues import ModelQueues, Pending
 from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, copy_threshold_s, pick_loaded, route
 from .stats import BrokerStats, format_report
 from .validate import check_deadline, check_envelope, check_infer, check_load, check_model
-from .wire import readable, recv_parts, send_parts
+from ..common.wire import readable, recv_parts, send_parts
 from .workers import Worker, WorkerTable
 
 log = logging.getLogger("lipsync_cluster.broker")

@@ -30,37 +30,13 @@ import zmq
 
 from ..common.errors import InternalError, LipsyncError, RequestTimeout
 from ..common.protocol import TAG, decode
+# Lean multipart I/O shared with the broker (common/wire.py): about a third less cost per message.
+from ..common.wire import readable, recv_parts as _recv_parts, send_parts as _send_parts
 
 log = logging.getLogger("lipsync_cluster.worker.loop")
 
 _wake_ids = itertools.count()
-
-# Lean multipart I/O: the Cython base methods skip pyzmq's per-frame Python sugar (enum flag
-# arithmetic, a getsockopt per frame), about a third of the cost per message. (The broker has
-# the same helpers in broker/wire.py; worker and broker never import each other.)
-_send_frame = zmq.backend.Socket.send
-_recv_frame = zmq.backend.Socket.recv
-_get_opt = zmq.backend.Socket.get
 _unpackb = msgpack.unpackb
-_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-
-
-def _recv_parts(sock: zmq.Socket) -> list:
-    frame = _recv_frame(sock, _NOBLOCK, False)
-    parts = [frame]
-    while frame.more:
-        frame = _recv_frame(sock, _NOBLOCK, False)
-        parts.append(frame)
-    return parts
-
-
-def _send_parts(sock: zmq.Socket, parts: list) -> None:
-    # copy=False: Frames go by reference, large buffers are not copied (small ones are).
-    last = len(parts) - 1
-    for i in range(last):
-        _send_frame(sock, parts[i], _NOBLOCK | _SNDMORE, False)
-    _send_frame(sock, parts[last], _NOBLOCK, False)
 
 
 @runtime_checkable
@@ -101,7 +77,8 @@ class WorkerLoop:
                  heartbeat_interval_s: float = 1.0, heartbeat_liveness: int = 3,
                  gpu: Optional[int] = None, ctx: Optional[zmq.Context] = None,
                  stats_interval_s: Optional[float] = None, tick_interval_s: float = 1.0,
-                 drain_timeout_s: float = 30.0, reconnect_max_s: float = 30.0) -> None:
+                 drain_timeout_s: float = 30.0, reconnect_max_s: float = 30.0,
+                 curve: Any = None, max_message_bytes: int = 0) -> None:
         if credits < 1:
             raise ValueError(f"credits must be at least 1, got {credits}")
         self.backend = backend
@@ -115,6 +92,8 @@ class WorkerLoop:
         self.tick_interval = tick_interval_s
         self.drain_timeout = drain_timeout_s
         self.reconnect_max = max(reconnect_max_s, heartbeat_interval_s * heartbeat_liveness)
+        self.curve = curve                            # common.security.CurveKeys, or None (loopback)
+        self.max_message_bytes = max_message_bytes    # ZMQ_MAXMSGSIZE (per frame); 0 = no limit
         self._own_ctx = ctx is None
         self.ctx = ctx if ctx is not None else zmq.Context()
         self._sock: Optional[zmq.Socket] = None
@@ -225,6 +204,10 @@ class WorkerLoop:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.SNDBUF, 4 * 2**20)  # a large payload crosses in fewer TCP rounds
         sock.setsockopt(zmq.RCVBUF, 4 * 2**20)
+        if self.max_message_bytes:
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        if self.curve is not None:
+            self.curve.apply(sock)  # a CURVE client of the broker; ZAP admits listed keys only
         sock.connect(self.backend)
         self._sock = sock
         self.connects += 1
@@ -330,7 +313,7 @@ class WorkerLoop:
                 timeout = min(next_hb, next_stats, next_tick, broker_deadline) - now
                 # Sleep only when nothing is waiting on either side (see _emit for the flag).
                 self._sleeping = True
-                if self._out or _get_opt(self._sock, _EVENTS) & _POLLIN:
+                if self._out or readable(self._sock):
                     events = {self._sock: zmq.POLLIN}
                 else:
                     events = dict(poller.poll(max(0.0, min(timeout, 0.05)) * 1000.0))

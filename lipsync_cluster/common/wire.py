@@ -1,4 +1,4 @@
-"""Lean multipart send/receive for the broker's hot path.
+"""Lean multipart send/receive for the hot paths of the broker and the worker loop.
 
 pyzmq's ``send_multipart`` / ``recv_multipart`` spend most of their time in Python-level sugar
 (enum flag arithmetic per frame, a ``getsockopt(RCVMORE)`` call per frame). Calling the Cython
