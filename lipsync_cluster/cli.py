@@ -125,9 +125,16 @@ def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[
 @click.option("--shm-namespace", default=None, help="Shared-memory name prefix (set by 'start').", hidden=True)
 @click.option("--workers-on-host", type=int, default=1, hidden=True)
 @click.option("--preload-share", default="0/1", hidden=True)
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False), default=None,
+              help="CurveZMQ: the folder from 'keys generate' (uses worker.key_secret and broker.key).")
+@click.option("--worker-key", type=click.Path(dir_okay=False), default=None,
+              help="CurveZMQ: this worker's secret key file (*.key_secret).")
+@click.option("--broker-key", type=click.Path(dir_okay=False), default=None,
+              help="CurveZMQ: the broker's public key file (broker.key).")
 def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optional[str], gpu: Optional[int],
            name: Optional[str], credits: Optional[int], shm_namespace: Optional[str], workers_on_host: int,
-           preload_share: str) -> None:
+           preload_share: str, keys_dir: Optional[str] = None, worker_key: Optional[str] = None,
+           broker_key: Optional[str] = None) -> None:
     """Run one worker process that joins a broker (for workers on other hosts).
 
     \b
@@ -142,8 +149,16 @@ def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optio
         # Pin before ONNX Runtime initialises CUDA; the pinned GPU is then device 0.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
         gpu = 0
+    given = {k: os.path.abspath(v) for k, v in (("security.keys_dir", keys_dir), ("security.worker_key", worker_key),
+                                                ("security.server_key", broker_key)) if v}
     cfg = _load_config(config_path, {"models_dir": models_dir, "cluster.backend": backend,
-                                     "cluster.worker_credits": credits})
+                                     "cluster.worker_credits": credits, **given,
+                                     "security.curve": True if given else None})
+    from .common.security import SecurityError, worker_keys
+    try:
+        curve = worker_keys(cfg.security)
+    except SecurityError as exc:
+        raise click.ClickException(str(exc)) from None
     from .common.logs import setup_logging
     from .supervisor import shm_namespace as default_namespace
     from .worker.loop import WorkerLoop
@@ -160,7 +175,8 @@ def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optio
     service.preload(share=(int(index), int(total or 1)))
     loop = WorkerLoop(cfg.backend, service, name=name, credits=cfg.cluster.worker_credits,
                       heartbeat_interval_s=cfg.cluster.heartbeat_interval_s,
-                      heartbeat_liveness=cfg.cluster.heartbeat_liveness, gpu=gpu)
+                      heartbeat_liveness=cfg.cluster.heartbeat_liveness, gpu=gpu, curve=curve,
+                      max_message_bytes=cfg.server.max_message_size_mb * 2**20)
     stop = threading.Event()
     _stop_on_signals(stop)
     try:
@@ -190,7 +206,9 @@ def broker(config_path: Optional[str], models_dir: Optional[str]) -> None:
     _stop_on_signals(stop)
     try:
         # The broker decides when to re-read (periodically, and when an unknown id arrives).
-        run_broker(cfg, lambda: catalog.summary(max_age_s=0), stop)
+        # Broken packages are listed too, so their requests hear `model_load_failed` and why.
+        from .broker.hardening import catalog_reader
+        run_broker(cfg, catalog_reader(catalog), stop)
     except OSError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -291,6 +309,37 @@ def health(endpoint: str, timeout: float) -> None:
     click.echo(json.dumps(reply, default=str))
     if not reply.get("ready"):
         sys.exit(1)
+
+
+# --- keys ---------------------------------------------------------------------------------
+
+
+@main.group()
+def keys() -> None:
+    """CurveZMQ keys: needed to bind the broker to any address other than loopback."""
+
+
+@keys.command("generate")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Replace keys that already exist (locks out every peer using them).")
+def keys_generate(directory: str, force: bool) -> None:
+    """Write key pairs for the broker, workers, clients and admins into DIRECTORY.
+
+    \b
+    Then, in the cluster YAML:
+      security: {curve: true, keys_dir: DIRECTORY}
+    copy worker.key_secret + broker.key to worker hosts, client.key_secret + broker.key to
+    applications (LIPSYNC_KEYS_DIR=DIR), and see docs/SECURITY.md.
+    """
+    from .common.security import SecurityError, generate_keys
+
+    try:
+        made = generate_keys(directory, force=force)
+    except SecurityError as exc:
+        raise click.ClickException(str(exc)) from None
+    for role, path in made.items():
+        click.echo(f"{role:<7} {path}  (public: {path.with_suffix('.key').name})")
+    click.echo(f"allow-lists: {directory}/allowed_workers, {directory}/allowed_clients, {directory}/admins")
 
 
 def _register() -> None:

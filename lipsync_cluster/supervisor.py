@@ -148,7 +148,13 @@ class Supervisor:
 
         deadline = time.monotonic() + timeout_s
         last: dict = {}
-        with Client(self.config.frontend, timeout=2.0) as client:
+        from .common.security import SecurityError, config_client_keys
+
+        try:  # under CurveZMQ the supervisor is a client like any other: security.client_key
+            curve = config_client_keys(self.config.security)
+        except SecurityError as exc:
+            raise StartError(str(exc)) from None
+        with Client(self.config.frontend, timeout=2.0, curve=curve) as client:
             while time.monotonic() < deadline:
                 broker = self.children[0]
                 if not broker.alive:

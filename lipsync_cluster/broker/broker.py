@@ -23,12 +23,15 @@ from typing import Any, Callable, Optional
 import msgpack
 import zmq
 
-from ..common.errors import (BadRequest, LipsyncError, Overloaded, RequestTimeout,
-                             Unavailable)
+from ..common.errors import (BadRequest, InternalError, LipsyncError, ModelLoadFailed, Overloaded,
+                             RequestTimeout, Unavailable)
+from ..common.load_backoff import LoadBackoff
 from ..common.protocol import TAG, decode
+from ..common.security import BrokerSecurity, SecurityError
 from ..config.schema import Config
 from . import management
 from .catalog_watch import CatalogWatcher
+from .hardening import check_message_size, clean_stats, open_security
 from .queues import ModelQueues, Pending
 from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, copy_threshold_s, pick_loaded, route
 from .stats import BrokerStats, format_report
@@ -128,6 +131,9 @@ class Broker:
         self.max_copies = cl.max_copies_per_model
         self.default_deadline_s = default_deadline_s
         self.no_worker_grace_s = no_worker_grace_s
+        self.security = BrokerSecurity(None)         # CURVE + ZAP once bind() has read the config
+        self.max_message_bytes = config.server.max_message_size_mb * 2**20
+        self.load_failures = LoadBackoff(cl.load_failure_backoff_s, cl.load_failure_backoff_max_s)
         now = time.monotonic()
         self.table = WorkerTable()
         self.queues = ModelQueues(cl.queue_limit_per_model, cl.queue_limit_total)
@@ -165,6 +171,10 @@ class Broker:
         ``frontend_endpoint`` / ``backend_endpoint`` / ``stats_endpoint`` afterwards.
         """
         max_bytes = self.config.server.max_message_size_mb * 2**20
+        try:  # loopback only in the clear; CURVE keys and the ZAP handler (common/security.py)
+            self.security = open_security(self.config, self.ctx)
+        except SecurityError as exc:
+            raise BindError(str(exc)) from None
         made: list[zmq.Socket] = []
         try:
             for role, endpoint, kind in (("frontend", self.config.frontend, zmq.ROUTER),
@@ -173,6 +183,7 @@ class Broker:
                 sock = self.ctx.socket(kind)
                 made.append(sock)
                 sock.setsockopt(zmq.LINGER, 500)
+                self.security.apply_server(sock, role)
                 if kind == zmq.ROUTER:
                     # A reply to a peer that went away must fail fast, never block the broker.
                     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -195,6 +206,7 @@ class Broker:
         except BaseException:
             for sock in made:
                 sock.close(linger=0)
+            self.security.stop()
             raise
         self.frontend, self.backend, self.publisher = made
         self._catalog_wake = self.ctx.socket(zmq.PULL)
@@ -348,12 +360,17 @@ class Broker:
             if header is None:
                 header, _ = decode(frames[1:])  # not the well-formed case: raises, saying why
             payloads = frames[3:]
-            handler = self._client_ops.get(header.get("op"))
+            op = header.get("op")  # a map or list as op is unhashable: no lookup, a bad_request
+            handler = self._client_ops.get(op) if type(op) is str else None
             if handler is None or "id" not in header:
                 check_envelope(header)  # raises, naming the field
             cid = header["id"]
             if type(cid) not in _SCALARS:
                 check_envelope(header)
+            if payloads:  # ZMQ_MAXMSGSIZE bounds each frame; this bounds their sum
+                check_message_size(frames[1:], self.max_message_bytes)
+            if self.security.admin_only:
+                self.security.authorize(header.get("op"), frames[1])  # ZAP User-Id: an admin key?
         except LipsyncError as exc:
             cid = header.get("id") if isinstance(header, dict) else None
             log.debug("bad request from client: %s", exc.message)
@@ -369,6 +386,9 @@ class Broker:
         except LipsyncError as exc:
             model = header.get("model_id")
             self._reply_error(client, cid, exc, model if isinstance(model, str) and model in self.catalog else None)
+        except Exception as exc:  # a bug: log it, and still answer (a client never waits for nothing)
+            log.exception("broker: unexpected error handling %r from a client", header.get("op"))
+            self._reply_error(client, cid, InternalError(f"broker error: {type(exc).__name__}: {exc}"))
 
     def _new_pending(self, client: Optional[bytes], cid: Any, op: str, model: Optional[str],
                      header: dict, payloads: list, deadline_s: Optional[float]) -> Pending:
@@ -381,6 +401,8 @@ class Broker:
         batch = check_infer(header, payloads, self.max_batch)
         deadline_s = check_deadline(header)
         now = time.monotonic()
+        if self.load_failures or "error" in self._watch.current.get(model, ()):
+            self._check_loadable(model, now)
         p = Pending(next(self._rids), client, cid, "infer", model, header, payloads, now,
                     now + (deadline_s if deadline_s is not None else self.default_deadline_s))
         p.frames = batch
@@ -388,9 +410,40 @@ class Broker:
         self.heat.touch(model, now)  # LFU/LRU see every request, even ones shed below
         self._admit(p)
 
+    def _check_loadable(self, model: str, now: float) -> None:
+        """A broken package, or a model in its load-failure backoff that no worker holds: answer
+        `model_load_failed` with the reason at once (common/load_backoff.py)."""
+        info = self._watch.current.get(model) or {}
+        if info.get("error"):
+            raise ModelLoadFailed(f"model '{model}' cannot be loaded: {info['error']}",
+                                  model_id=model, reason=info["error"])
+        if self.load_failures and not any(w.has_loaded(model) for w in self.table.values()):
+            self.load_failures.check(model, info.get("version"), now)
+
+    def _on_load_failure(self, model: str, error: Any, now: float) -> None:
+        """A load of ``model`` failed: start (or extend) its backoff; unless a worker holds it,
+        answer its queued requests with the same error now instead of trying it again for each."""
+        info = self._watch.current.get(model) or {}
+        err = error if isinstance(error, dict) else {}
+        details = err.get("details") if isinstance(err.get("details"), dict) else {}
+        reason = str(details.get("reason") or err.get("message") or "load failed")
+        # Keyed by the version the worker tried: a failure of an older package (the worker had not
+        # seen the new one yet) must not block the new one.
+        f = self.load_failures.failed(model, details.get("version", info.get("version")), reason, now)
+        if any(w.has_loaded(model) for w in self.table.values()):
+            return
+        exc = self.load_failures.error(model, f, now)
+        while self.queues.depth(model):
+            p = self.queues.pop(model)
+            if not p.answered and p.client is not None:
+                p.answered = True
+                self._reply_error(p.client, p.cid, exc, _counted(p), now - p.arrival)
+
     def _on_load_model(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
         model = check_model(header, self._known)
         check_load(header)
+        if not header.get("force_reload"):  # an operator's forced reload tries even in the backoff
+            self._check_loadable(model, time.monotonic())
         targets: Optional[set[str]] = None
         name = header.get("worker")
         if name is not None:
@@ -562,7 +615,7 @@ class Broker:
                     pass  # it went away again
             return
         w.last_seen = time.monotonic()
-        handler = self._worker_ops.get(op)
+        handler = self._worker_ops.get(op) if type(op) is str else None
         if handler is None:
             log.warning("broker: worker %s sent unknown op %r; ignored", w.name, op)
             return
@@ -646,6 +699,8 @@ class Broker:
                 header["workers"] = [w.name]
         error = header.get("error")
         code = None if ok else (error.get("code") if isinstance(error, dict) else None) or "internal"
+        if code == "model_load_failed" and p.model is not None:
+            self._on_load_failure(p.model, error, now)
         if p.client is None:  # the broker's own request (preload); a failure waits to retry
             if ok:
                 self._preload_at.pop(p.model, None)
@@ -665,6 +720,8 @@ class Broker:
             w.apply_event(event, model)
             if event == "loaded" and isinstance(header.get("version"), str):
                 w.versions[model] = header["version"]
+            if event == "loaded":
+                self.load_failures.succeeded(model)
         if "loaded" in header:
             w.apply_report(header.get("loaded"), header.get("loading"))
         if self.config.logging.log_model_operations and event != "loading":
@@ -678,7 +735,7 @@ class Broker:
 
     def _on_stats(self, w: Worker, header: dict, payloads: list) -> None:
         header.pop("op", None)
-        w.stats = header
+        w.stats = header = clean_stats(header)  # management answers are built from it: types checked
         w.stats_at = time.monotonic()
         mm = header.get("max_models")
         if isinstance(mm, int) and not isinstance(mm, bool) and mm >= 1:
@@ -858,6 +915,7 @@ class Broker:
                 if sock is not None:
                     sock.close()
             self.frontend = self.backend = self.publisher = self._catalog_wake = None
+            self.security.stop()  # the ZAP thread's socket must close before the context ends
             if self._own_ctx:
                 self.ctx.term()
             log.info("broker stopped")

@@ -129,7 +129,7 @@ def check_infer(header: dict, payloads: list, max_batch_size: int) -> int:
     if offset is not None and (type(offset) is not int or not -MAX_FRAME_INDEX <= offset <= MAX_FRAME_INDEX):
         require_int(header, "audio_frame_offset", -MAX_FRAME_INDEX, MAX_FRAME_INDEX)
     fmt = get("format", "png")
-    if fmt not in QUALITY_RANGE:
+    if type(fmt) is not str or fmt not in QUALITY_RANGE:  # a map or list is unhashable: check first
         require_choice(header, "format", FORMATS, default="png")
     quality = get("quality")
     if quality is not None:

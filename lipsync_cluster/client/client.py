@@ -11,10 +11,7 @@ asyncio event loop. Errors raise the exception of the server's error code, with 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-import threading
-import uuid
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -22,9 +19,10 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from ..common.errors import LipsyncError, Unavailable, error_from_wire
-from ..common.protocol import decode, encode
+from ..common.errors import LipsyncError, Unavailable, error_from_wire  # noqa: F401 - re-exported
+from ..common.security import CurveKeys, client_keys_from_env
 from .results import InferResult, infer_request, infer_result
+from .transport import DEFAULT_RETRY, RetryPolicy, Transport
 
 if TYPE_CHECKING:
     from .stream import AsyncStreamSession, StreamSession
@@ -38,103 +36,36 @@ def _raise_for(header: dict) -> dict:
     return header
 
 
-class _Transport:
-    """A DEALER socket owned by one I/O thread; any thread may ``submit`` a request."""
-
-    def __init__(self, endpoint: str, ctx: zmq.Context) -> None:
-        self.endpoint = endpoint
-        self._ctx = ctx
-        self._ids = itertools.count(1)
-        self._pending: dict[int, Future] = {}
-        self._lock = threading.Lock()
-        self._wake_addr = f"inproc://lsc-client-{uuid.uuid4().hex}"
-        self._inbox = ctx.socket(zmq.PULL)
-        self._inbox.bind(self._wake_addr)
-        self._outbox = ctx.socket(zmq.PUSH)
-        self._outbox.connect(self._wake_addr)
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="lipsync-client-io", daemon=True)
-        self._thread.start()
-
-    def submit(self, header: dict, payloads: list) -> Future:
-        future: Future = Future()
-        with self._lock:
-            if self._closed:
-                raise Unavailable("the client is closed")
-            request_id = next(self._ids)
-            header["id"] = request_id
-            self._pending[request_id] = future
-            self._outbox.send_multipart(encode(header, payloads), copy=False)
-        return future
-
-    def forget(self, request_id: Any) -> None:
-        with self._lock:
-            self._pending.pop(request_id, None)
-
-    def _run(self) -> None:
-        dealer = self._ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.connect(self.endpoint)
-        poller = zmq.Poller()
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(self._inbox, zmq.POLLIN)
-        try:
-            while True:
-                events = dict(poller.poll())
-                if self._inbox in events:
-                    frames = self._inbox.recv_multipart(copy=False)
-                    if len(frames) == 1 and frames[0].bytes == b"STOP":
-                        return
-                    dealer.send_multipart(frames, copy=False)
-                if dealer in events:
-                    frames = dealer.recv_multipart(copy=False)
-                    try:
-                        header, payloads = decode(frames)
-                    except LipsyncError:
-                        continue  # not ours to answer; the waiter times out with a clear message
-                    with self._lock:
-                        future = self._pending.pop(header.get("id"), None)
-                    if future is not None and not future.done():
-                        future.set_result((header, payloads))
-        finally:
-            dealer.close(0)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._outbox.send(b"STOP")
-        self._thread.join(timeout=5)
-        self._outbox.close(0)
-        self._inbox.close(0)
-        with self._lock:
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(Unavailable("the client was closed before the reply arrived"))
-            self._pending.clear()
+# The socket, its I/O thread and the retry policy live in transport.py (shared by both clients).
+_Transport = Transport
 
 
 class Client:
     """Blocking client of a lipsync-cluster broker. Thread-safe; close it (or use ``with``)."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 30.0,
-                 ctx: Optional[zmq.Context] = None) -> None:
+                 ctx: Optional[zmq.Context] = None, *, retry: Optional[RetryPolicy] = DEFAULT_RETRY,
+                 curve: Optional[CurveKeys] = None) -> None:
+        """``timeout``: seconds a request may take in all, retries included. ``retry``: resend
+        policy (``None`` sends once; see transport.py). ``curve``: CurveZMQ keys; default from
+        the environment (LIPSYNC_KEYS_DIR), else plain ZMTP for a loopback cluster."""
         self.endpoint = endpoint
         self.timeout = timeout
         self._ctx = ctx or zmq.Context.instance()
-        self._transport = _Transport(endpoint, self._ctx)
+        curve = curve if curve is not None else client_keys_from_env()
+        self._transport = _Transport(endpoint, self._ctx, retry=retry, curve=curve, timeout=timeout)
 
     # --- plumbing ---------------------------------------------------------------------------
 
     def request(self, header: dict, payloads: list = (), timeout: Optional[float] = None) -> tuple[dict, list]:
         """Send one request and wait for its reply; raises the server's error as an exception."""
-        future = self.submit(header, list(payloads))
+        future = self.submit(header, list(payloads), timeout)
         return self.wait(future, header.get("op", "request"), timeout)
 
-    def submit(self, header: dict, payloads: list = ()) -> Future:
-        """Send without waiting; the future resolves to ``(header, payload frames)``."""
-        return self._transport.submit(dict(header), list(payloads))
+    def submit(self, header: dict, payloads: list = (), timeout: Optional[float] = None) -> Future:
+        """Send without waiting; the future resolves to ``(header, payload frames)``, or fails with
+        :class:`Unavailable` when no reply came within ``timeout`` (default: the client's)."""
+        return self._transport.submit(dict(header), list(payloads), timeout)
 
     def wait(self, future: Future, what: str = "request", timeout: Optional[float] = None) -> tuple[dict, list]:
         timeout = self.timeout if timeout is None else timeout
@@ -205,42 +136,24 @@ class AsyncClient:
     """The asyncio twin of :class:`Client`, for use inside one event loop."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 30.0,
-                 ctx: Optional[zmq.asyncio.Context] = None) -> None:
+                 ctx: Optional[zmq.Context] = None, *, retry: Optional[RetryPolicy] = DEFAULT_RETRY,
+                 curve: Optional[CurveKeys] = None) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
-        self._ctx = ctx or zmq.asyncio.Context.instance()
-        self._socket = self._ctx.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(endpoint)
-        self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future] = {}
-        self._reader: Optional[asyncio.Task] = None
-
-    async def _read(self) -> None:
-        while True:
-            frames = await self._socket.recv_multipart(copy=False)
-            try:
-                header, payloads = decode(frames)
-            except LipsyncError:
-                continue
-            future = self._pending.pop(header.get("id"), None)
-            if future is not None and not future.done():
-                future.set_result((header, payloads))
+        # The same transport as Client (an I/O thread; futures bridged into the event loop), so
+        # both get the same retries and deduplication. An asyncio context is shadowed.
+        self._ctx = zmq.Context.shadow(ctx.underlying) if ctx is not None else zmq.Context.instance()
+        curve = curve if curve is not None else client_keys_from_env()
+        self._transport = Transport(endpoint, self._ctx, retry=retry, curve=curve, timeout=timeout)
 
     async def request(self, header: dict, payloads: list = (), timeout: Optional[float] = None) -> tuple[dict, list]:
-        if self._reader is None:
-            self._reader = asyncio.ensure_future(self._read())
-        header = dict(header)
-        request_id = next(self._ids)
-        header["id"] = request_id
-        future = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
-        await self._socket.send_multipart(encode(header, list(payloads)), copy=False)
         timeout = self.timeout if timeout is None else timeout
+        header = dict(header)
+        future = self._transport.submit(header, list(payloads), timeout)
         try:
-            reply, frames = await asyncio.wait_for(future, timeout)
+            reply, frames = await asyncio.wait_for(asyncio.wrap_future(future), timeout + 1.0)
         except asyncio.TimeoutError:
-            self._pending.pop(request_id, None)
+            future.cancel()
             raise Unavailable(f"no reply to '{header.get('op')}' from the broker at {self.endpoint} "
                               f"within {timeout:.1f}s; is the cluster running?") from None
         return _raise_for(reply), frames
@@ -289,17 +202,7 @@ class AsyncClient:
         return AsyncStreamSession(self, model_id, **options)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):
-                pass
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(Unavailable("the client was closed before the reply arrived"))
-        self._pending.clear()
-        self._socket.close(0)
+        self._transport.close()
 
     async def __aenter__(self) -> "AsyncClient":
         return self

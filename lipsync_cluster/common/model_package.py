@@ -595,6 +595,12 @@ def read_package(folder: str | os.PathLike, model_id: Optional[str] = None, *,
 
     def rel(key: str, default: Optional[str]) -> Optional[Path]:
         value = f.text(key, default)
+        if value is not None and (os.path.isabs(value) or ".." in Path(value).parts):
+            # A manifest names files inside its own folder only: no package can make the cluster
+            # read elsewhere (docs/SECURITY.md).
+            problems.append(f"{MANIFEST}: field '{key}' is {value!r}; a manifest path must stay inside "
+                            "the package folder (relative, without '..')")
+            value = default
         return None if value is None else folder / value
 
     version = data.get("version")

@@ -87,8 +87,31 @@ class ClusterConfig:
     queue_limit_per_model: int = 256
     queue_limit_total: int = 4096
     max_copies_per_model: int = 2
+    # A model that fails to load is not tried again for this long (doubling per failure, up to
+    # the max); requests meanwhile get the same `model_load_failed` at once (docs/RELIABILITY.md).
+    load_failure_backoff_s: float = 2.0
+    load_failure_backoff_max_s: float = 300.0
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
+
+
+@dataclass
+class SecurityConfig:
+    """CurveZMQ (docs/SECURITY.md). Required to bind any non-loopback address.
+
+    Paths default to files inside ``keys_dir`` (as written by ``lipsync-cluster keys generate``).
+    """
+
+    curve: bool = False
+    keys_dir: Optional[str] = None
+    broker_key: Optional[str] = None        # broker's secret key file (keys_dir/broker.key_secret)
+    server_key: Optional[str] = None        # broker's public key, for workers/clients (keys_dir/broker.key)
+    worker_key: Optional[str] = None        # a worker's own secret key (keys_dir/worker.key_secret)
+    client_key: Optional[str] = None        # the supervisor's client secret key (keys_dir/client.key_secret)
+    allowed_workers: Optional[str] = None   # folder of worker public keys (keys_dir/allowed_workers)
+    allowed_clients: Optional[str] = None   # folder of client public keys (keys_dir/allowed_clients)
+    admin_keys: Optional[str] = None        # folder of admin public keys (keys_dir/admins)
+    admin_only_management: bool = False     # load_model / unload_model for admin keys only
 
 
 @dataclass
@@ -101,6 +124,7 @@ class Config:
     audio_encoder: Optional[str] = None  # shared audio-encoder ONNX (mel -> 512), for audio_pcm
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     source: Optional[str] = None  # the file this came from, for messages
 
     @property
@@ -223,6 +247,10 @@ def _check_ranges(cfg: Config) -> None:
     need(cl.max_copies_per_model >= 1, "cluster.max_copies_per_model: must be at least 1")
     need(cfg.onnx.intra_op_threads >= 0, "onnx.intra_op_threads: must be >= 0")
     need(cfg.onnx.inter_op_threads >= 1, "onnx.inter_op_threads: must be >= 1")
+    need(0 < cl.load_failure_backoff_s <= cl.load_failure_backoff_max_s,
+         "cluster.load_failure_backoff_s: must be positive and <= cluster.load_failure_backoff_max_s")
+    need(cfg.security.curve or not cfg.security.admin_only_management,
+         "security.admin_only_management: needs security.curve: true (without CURVE no key says who sent a request)")
     from ..common.protocol import MODEL_ID_RE  # common imports nothing of config: no cycle
 
     for mid, entry in cfg.models.items():
@@ -246,6 +274,9 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
 
     cfg.models_dir = res(cfg.models_dir)
     cfg.audio_encoder = res(cfg.audio_encoder)
+    for name in ("keys_dir", "broker_key", "server_key", "worker_key", "client_key", "allowed_workers",
+                 "allowed_clients", "admin_keys"):
+        setattr(cfg.security, name, res(getattr(cfg.security, name)))
     for entry in cfg.models.values():
         for name in _PATH_FIELDS:
             setattr(entry, name, res(getattr(entry, name)))

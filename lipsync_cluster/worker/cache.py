@@ -23,6 +23,7 @@ import psutil
 
 from ..common.errors import CapacityFull, LipsyncError, ModelLoadFailed, UnknownModel
 from ..common.frame_store import FrameStore, SharedFrames
+from ..common.load_backoff import LoadBackoff
 from ..common.model_package import ModelPackage, bind_unet_io
 from .sessions import SessionOptions, make_session, warm_up
 
@@ -107,6 +108,8 @@ class ModelCache:
         event_sink: Optional[Callable[[dict], None]] = None,
         log_operations: bool = True,
         clock: Callable[[], float] = time.time,
+        load_backoff_s: float = 2.0,
+        load_backoff_max_s: float = 300.0,
     ) -> None:
         if policy not in ("lru", "lfu"):
             raise ValueError(f"eviction policy must be lru or lfu, got {policy!r}")
@@ -120,6 +123,8 @@ class ModelCache:
         self.event_sink = event_sink or (lambda event: None)
         self.log_operations = log_operations
         self.clock = clock
+        # A model that failed to load is not tried again at once (per model and version, doubling).
+        self._backoff = LoadBackoff(load_backoff_s, max(load_backoff_s, load_backoff_max_s))
         self._lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {}
         self._loading: dict[str, threading.Event] = {}
@@ -206,6 +211,8 @@ class ModelCache:
                         current.in_use += 1
                     return current, 0.0
                 waiting = self._loading.get(model_id)
+                if waiting is None and not force_reload:
+                    self._backoff.check(model_id, package.version, time.monotonic())  # raises in the window
                 if waiting is None:
                     done = threading.Event()
                     self._loading[model_id] = done
@@ -244,11 +251,15 @@ class ModelCache:
             if frames is not None:
                 frames.close()
             reason = exc.message if isinstance(exc, LipsyncError) else f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self._backoff.failed(model_id, package.version, reason, time.monotonic())
             self._emit("load_failed", model_id, version=package.version, reason=reason)
             log.error("❌ Model '%s' failed to load: %s", model_id, reason)
             if isinstance(exc, ModelLoadFailed):
+                exc.details.setdefault("version", package.version)  # the broker keys its backoff by it
                 raise
-            raise ModelLoadFailed(f"model '{model_id}' failed to load: {reason}", model_id=model_id) from exc
+            raise ModelLoadFailed(f"model '{model_id}' failed to load: {reason}", model_id=model_id,
+                                  version=package.version) from exc
         load_ms = (time.perf_counter() - started) * 1000
         session_bytes = psutil.Process().memory_info().rss - rss_before if not self.session_options.uses_cuda else 0
         if session_bytes <= 0:
@@ -257,10 +268,20 @@ class ModelCache:
         if package.memory_estimate_mb:
             # A declared estimate is the operator's word; measured numbers only refine it upward.
             memory = max(memory, int(package.memory_estimate_mb * 1024 * 1024))
+        if memory > estimate:
+            # Measured above the estimate: the budget must still hold, so make room for the real
+            # size (evicting idle models) or give the load up with the numbers.
+            try:
+                self._make_room(model_id, memory, evict_hint, replacing)
+            except CapacityFull:
+                frames.close()
+                session = None
+                raise
         model = LoadedModel(package=package, session=session, visual_input=visual, audio_input=audio,
                             frames=frames, memory_bytes=memory, load_ms=load_ms, loaded_at=self.clock(),
                             last_used=self.clock())
         with self._lock:
+            self._backoff.succeeded(model_id)
             old = self._models.get(model_id)
             self._models[model_id] = model
             if old is not None:

@@ -94,6 +94,7 @@ class WorkerLoop:
         self.reconnect_max = max(reconnect_max_s, heartbeat_interval_s * heartbeat_liveness)
         self.curve = curve                            # common.security.CurveKeys, or None (loopback)
         self.max_message_bytes = max_message_bytes    # ZMQ_MAXMSGSIZE (per frame); 0 = no limit
+        self._handshakes: Any = None                  # security.HandshakeWatch under CURVE
         self._own_ctx = ctx is None
         self.ctx = ctx if ctx is not None else zmq.Context()
         self._sock: Optional[zmq.Socket] = None
@@ -196,6 +197,9 @@ class WorkerLoop:
 
     def _connect(self) -> None:
         """Open a fresh DEALER (new identity) and register."""
+        if self._handshakes is not None:
+            self._handshakes.close()
+            self._handshakes = None
         if self._sock is not None:
             self._sock.close(linger=0)
         sock = self.ctx.socket(zmq.DEALER)
@@ -208,6 +212,8 @@ class WorkerLoop:
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         if self.curve is not None:
             self.curve.apply(sock)  # a CURVE client of the broker; ZAP admits listed keys only
+            from ..common.security import HandshakeWatch
+            self._handshakes = HandshakeWatch(sock)
         sock.connect(self.backend)
         self._sock = sock
         self.connects += 1
@@ -347,8 +353,10 @@ class WorkerLoop:
                         next_hb = time.monotonic() + self.interval
                 now = time.monotonic()
                 if now >= broker_deadline and not self.draining:
-                    log.warning("worker %s: no word from the broker for %.1f s; reconnecting",
-                                self.name, now - broker_deadline + backoff)
+                    refused = self._handshakes.failure() if self._handshakes is not None else None
+                    log.log(logging.ERROR if refused else logging.WARNING,
+                            "worker %s: no word from the broker for %.1f s%s; reconnecting", self.name,
+                            now - broker_deadline + backoff, f" ({refused})" if refused else "")
                     poller.unregister(self._sock)
                     self._connect()
                     poller.register(self._sock, zmq.POLLIN)
@@ -382,6 +390,9 @@ class WorkerLoop:
                 self._wake_push.close(linger=0)
                 self._wake_push = None
             pull.close(linger=0)
+            if self._handshakes is not None:
+                self._handshakes.close()
+                self._handshakes = None
             if self._sock is not None:
                 # A short linger lets the disconnect reach the broker.
                 self._sock.setsockopt(zmq.LINGER, 200)

@@ -54,6 +54,8 @@ class WorkerService:
             event_sink=lambda event: self._sink(event),
             log_operations=config.logging.log_model_operations,
             clock=clock,
+            load_backoff_s=config.cluster.load_failure_backoff_s,
+            load_backoff_max_s=config.cluster.load_failure_backoff_max_s,
         )
         encoder_path = config.audio_encoder
         encoder = AudioEncoder(lambda: make_session(encoder_path, self.session_options)) if encoder_path else None
@@ -103,6 +105,11 @@ class WorkerService:
 
     def handle(self, header: dict, payloads: list) -> tuple[dict, list]:
         op = header.get("client_op")
+        want, mid = header.get("model_version"), header.get("model_id")
+        if isinstance(want, str) and isinstance(mid, str):
+            known = self.catalog.packages().get(mid)
+            if known is None or known.version != want:  # the broker has seen a newer package: read it now
+                self.catalog.packages(max_age_s=0)
         if op == "infer":
             return self._infer(header, payloads)
         if op == "load_model":

@@ -1,0 +1,101 @@
+"""The broker's defences: security setup, message size, broken models, sane worker reports.
+
+Kept apart from ``broker.py`` (which calls in at a few points) so the hot path stays readable:
+
+* :func:`open_security` - the loopback rule and CurveZMQ/ZAP (``common/security.py``);
+* :func:`check_message_size` - ZMQ_MAXMSGSIZE limits each *frame*; a multipart message whose
+  frames are each under the limit can still be larger in total, which this refuses by name;
+* :func:`catalog_reader` - the catalog as the broker sees it, broken packages included (with their
+  ``error``) so a request for one gets ``model_load_failed`` and the reason, not ``unknown_model``;
+* :func:`clean_stats` - a worker's ``stats`` report reduced to well-typed values before the broker
+  keeps it (management answers and the stats snapshot are built from it).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import zmq
+
+from ..common.errors import BadRequest
+from ..common.protocol import MODEL_ID_RE
+from ..common.security import BrokerSecurity, check_bind_allowed
+
+_NUMBER = (int, float)
+
+
+def open_security(config: Any, ctx: zmq.Context) -> BrokerSecurity:
+    """Check the loopback rule and start the ZAP handler; raises ``SecurityError``."""
+    security = getattr(config, "security", None)
+    curve = bool(getattr(security, "curve", False))
+    check_bind_allowed((("frontend", config.frontend), ("backend", config.backend),
+                        ("stats", config.stats_endpoint)), curve)
+    sec = BrokerSecurity(security)
+    sec.start(ctx)
+    return sec
+
+
+def message_bytes(frames: list) -> int:
+    total = 0
+    for f in frames:
+        try:
+            total += len(f)
+        except TypeError:
+            total += memoryview(f).nbytes
+    return total
+
+
+def check_message_size(frames: list, max_bytes: int) -> None:
+    """``frames``: the message without the ROUTER identity frame."""
+    size = message_bytes(frames)
+    if size > max_bytes:
+        raise BadRequest(f"message is {size} bytes in {len(frames)} frames; the limit is "
+                         f"{max_bytes} bytes (server.max_message_size_mb = {max_bytes // 2**20})",
+                         size=size, limit=max_bytes)
+
+
+def catalog_reader(catalog: Any) -> Callable[[], dict]:
+    """``catalog.summary`` (rescanned on every call) plus broken packages marked with ``error``."""
+
+    def read() -> dict:
+        summary = catalog.summary(max_age_s=0)
+        for model_id, reason in list(getattr(catalog, "errors", {}).items()):
+            if isinstance(model_id, str) and MODEL_ID_RE.match(model_id) and model_id not in summary:
+                summary[model_id] = {"version": None, "preload": False, "num_frames": None,
+                                     "memory_estimate_mb": None, "error": str(reason)}
+        return summary
+
+    return read
+
+
+def _num(value: Any) -> Any:
+    return value if isinstance(value, _NUMBER) and not isinstance(value, bool) else None
+
+
+def clean_stats(header: dict) -> dict:
+    """A worker's ``stats`` body with every value the broker reads of the right type.
+
+    Unknown keys pass if they are scalars; ``models`` keeps only maps with a valid ``model_id``
+    (their values: scalars only); the numbers the broker sums must be numbers.
+    """
+    out: dict = {}
+    for key, value in header.items():
+        if not isinstance(key, str):
+            continue
+        if key == "models":
+            models = []
+            for entry in value if isinstance(value, list) else ():
+                if isinstance(entry, dict) and isinstance(entry.get("model_id"), str) \
+                        and MODEL_ID_RE.match(entry["model_id"]):
+                    models.append({k: v for k, v in entry.items() if isinstance(k, str)
+                                   and (v is None or isinstance(v, (str, bool, int, float)))})
+            out["models"] = models[:1024]
+        elif key in ("memory_bytes", "max_memory_bytes", "max_models", "loaded_models", "in_flight",
+                     "served", "total_memory_bytes"):
+            number = _num(value)
+            if number is not None and number >= 0:
+                out[key] = number
+        elif value is None or isinstance(value, (str, bool, int, float)):
+            out[key] = value
+        elif isinstance(value, (list, dict)) and len(value) <= 1024:
+            out[key] = value  # opaque extras (shown as sent); never summed
+    return out

@@ -1,0 +1,303 @@
+"""Security: loopback by default, CurveZMQ + ZAP allow-lists, admin-only management, no paths.
+
+A broker in a thread with ``security.curve`` on loopback (CURVE works on any address; only
+non-loopback *requires* it), NoopHandler workers, and clients holding listed, unlisted or no keys.
+"""
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from lipsync_cluster.broker import BindError, Broker
+from lipsync_cluster.cli import main as cli
+from lipsync_cluster.client import Client, Unauthorized
+from lipsync_cluster.common.errors import BadRequest
+from lipsync_cluster.common.security import (CurveKeys, SecurityError, check_bind_allowed,
+                                             client_keys_from_env, generate_keys, is_loopback)
+from lipsync_cluster.config.schema import ConfigError, load_config
+from lipsync_cluster.worker.loop import WorkerLoop
+from lipsync_cluster.worker.noop import NoopHandler
+
+from test_broker_support import catalog_of, wait_for
+
+HB = 0.1
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("keys")
+    generate_keys(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def other_keys(tmp_path_factory) -> Path:
+    """A second, unrelated set: none of its keys is listed by the first broker."""
+    folder = tmp_path_factory.mktemp("other-keys")
+    generate_keys(folder)
+    return folder
+
+
+def secure_config(keys: Path, **security):
+    return load_config({
+        "cluster": {"frontend": "tcp://127.0.0.1:*", "backend": "tcp://127.0.0.1:*",
+                    "stats": "tcp://127.0.0.1:*", "heartbeat_interval_s": HB, "heartbeat_liveness": 3},
+        "security": {"curve": True, "keys_dir": str(keys), **security},
+        "logging": {"stats_report_minutes": 0}})
+
+
+class SecureCluster:
+    """A CURVE broker thread plus helpers to start workers and clients with given keys."""
+
+    def __init__(self, keys: Path, **security) -> None:
+        self.keys = keys
+        self.broker = Broker(secure_config(keys, **security), lambda: catalog_of("a", "b"))
+        self.broker.bind()
+        self.frontend = self.broker.frontend_endpoint
+        self.backend = self.broker.backend_endpoint
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self.broker.run, args=(self._stop,), daemon=True)
+        self._thread.start()
+        self._workers: list[tuple[threading.Event, threading.Thread]] = []
+        self._clients: list[Client] = []
+
+    def worker(self, name: str, curve) -> WorkerLoop:
+        loop = WorkerLoop(self.backend, NoopHandler(), name=name, heartbeat_interval_s=HB,
+                          heartbeat_liveness=3, curve=curve, drain_timeout_s=2.0)
+        stop = threading.Event()
+        thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+        thread.start()
+        self._workers.append((stop, thread))
+        return loop
+
+    def client(self, curve, timeout: float = 3.0) -> Client:
+        c = Client(self.frontend, timeout=timeout, curve=curve)
+        self._clients.append(c)
+        return c
+
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        for stop, thread in self._workers:
+            stop.set()
+        for stop, thread in self._workers:
+            thread.join(5)
+        self._stop.set()
+        self._thread.join(5)
+        assert not self._thread.is_alive()
+
+    def __enter__(self) -> "SecureCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def test_keys_generate_writes_pairs_and_allow_lists(tmp_path):
+    runner = CliRunner()
+    out = runner.invoke(cli, ["keys", "generate", str(tmp_path / "k")])
+    assert out.exit_code == 0, out.output
+    k = tmp_path / "k"
+    for role in ("broker", "worker", "client", "admin"):
+        assert (k / f"{role}.key").is_file() and (k / f"{role}.key_secret").is_file()
+        assert (k / f"{role}.key_secret").stat().st_mode & 0o077 == 0, "secret keys are private"
+        assert "secret-key" not in (k / f"{role}.key").read_text()
+    assert sorted(p.name for p in (k / "allowed_workers").iterdir()) == ["worker.key"]
+    assert sorted(p.name for p in (k / "allowed_clients").iterdir()) == ["admin.key", "client.key"]
+    assert sorted(p.name for p in (k / "admins").iterdir()) == ["admin.key"]
+    again = runner.invoke(cli, ["keys", "generate", str(k)])
+    assert again.exit_code != 0 and "--force" in again.output, "keys are never overwritten by accident"
+    assert runner.invoke(cli, ["keys", "generate", str(k), "--force"]).exit_code == 0
+
+
+def test_loopback_is_the_default_and_anything_else_needs_curve():
+    assert load_config({}).frontend == "tcp://127.0.0.1:5555"
+    for ep in ("tcp://127.0.0.1:5555", "tcp://127.3.2.1:1", "tcp://localhost:5", "tcp://[::1]:5",
+               "ipc:///tmp/x", "inproc://x"):
+        assert is_loopback(ep), ep
+    for ep in ("tcp://0.0.0.0:5555", "tcp://*:5555", "tcp://10.200.0.1:5", "tcp://eth0:5",
+               "tcp://example.com:5", "tcp://[::]:5"):
+        assert not is_loopback(ep), ep
+    check_bind_allowed([("frontend", "tcp://0.0.0.0:1")], curve=True)
+    cfg = load_config({"cluster": {"frontend": "tcp://0.0.0.0:*", "backend": "tcp://127.0.0.1:*",
+                                   "stats": "tcp://127.0.0.1:*"}})
+    broker = Broker(cfg, lambda: {})
+    with pytest.raises(BindError, match="without CurveZMQ.*keys generate"):
+        broker.bind()
+    broker.ctx.term()
+    with pytest.raises(ConfigError, match="admin_only_management.*curve"):
+        load_config({"security": {"admin_only_management": True}})
+
+
+def test_curve_missing_keys_are_a_clear_bind_error(tmp_path):
+    broker = Broker(secure_config(tmp_path / "nothing-here"), lambda: {})
+    with pytest.raises(BindError, match="broker_key.*keys generate"):
+        broker.bind()
+    broker.ctx.term()
+
+
+def test_listed_keys_are_served_and_unlisted_or_missing_keys_are_refused(keys, other_keys):
+    with SecureCluster(keys) as c:
+        c.worker("w-good", CurveKeys.from_dir(keys, "worker"))
+        client = c.client(CurveKeys.from_dir(keys, "client"))
+        wait_for(lambda: client.health()["workers"] == 1, 5, "the listed worker registered")
+        header = {"op": "infer", "model_id": "a", "batch_size": 1}
+        import numpy as np
+
+        from lipsync_cluster.common.protocol import attach_arrays
+        payloads = attach_arrays(header, {"audio_features": np.zeros((1, 32, 16, 16), np.float32)})
+        reply, _ = client.request(header, payloads)
+        assert reply["ok"] and reply["worker"] == "w-good"
+
+        # Clients: an unlisted key, no key at all, the wrong broker key: refused, and told so.
+        for curve in (CurveKeys.from_dir(other_keys, "client"), None,
+                      CurveKeys.load(keys / "client.key_secret", other_keys / "broker.key")):
+            bad = c.client(curve)
+            t0 = time.monotonic()
+            with pytest.raises(Unauthorized):
+                bad.health()
+            assert time.monotonic() - t0 < 2.5, "refusal is reported, not waited out"
+        # A worker key is not a client key: the frontend only admits allowed_clients.
+        with pytest.raises(Unauthorized):
+            c.client(CurveKeys.from_dir(keys, "worker")).health()
+
+        # Workers: an unlisted key or none at all never registers; nothing reaches them.
+        intruder = c.worker("w-intruder", CurveKeys.load(other_keys / "worker.key_secret", keys / "broker.key"))
+        plain = c.worker("w-plain", None)
+        time.sleep(1.0)
+        assert client.health()["workers"] == 1
+        assert {w["worker"] for w in client.model_stats()["workers"]} == {"w-good"}
+        assert intruder.served == 0 and plain.served == 0
+        assert client.request(dict(header, model_id="b"), payloads)[0]["worker"] == "w-good"
+
+
+def test_revoking_a_key_takes_effect_without_a_restart(keys, tmp_path):
+    folder = tmp_path / "k"
+    shutil.copytree(keys, folder)
+    with SecureCluster(folder) as c:
+        assert c.client(CurveKeys.from_dir(folder, "client")).health()["live"]
+        (folder / "allowed_clients" / "client.key").unlink()
+        time.sleep(1.2)  # the allow-list folder is re-read at most once a second
+        with pytest.raises(Unauthorized):
+            c.client(CurveKeys.from_dir(folder, "client")).health()
+        assert c.client(CurveKeys.from_dir(folder, "admin")).health()["live"]
+
+
+def test_load_and_unload_can_be_restricted_to_admin_keys(keys):
+    with SecureCluster(keys, admin_only_management=True) as c:
+        c.worker("w0", CurveKeys.from_dir(keys, "worker"))
+        user = c.client(CurveKeys.from_dir(keys, "client"))
+        admin = c.client(CurveKeys.from_dir(keys, "admin"))
+        wait_for(lambda: user.health()["workers"] == 1, 5, "worker registered")
+        for call in (lambda: user.load_model("a"), lambda: user.unload_model("a")):
+            with pytest.raises(Unauthorized, match="admin"):
+                call()
+        assert admin.load_model("a")["workers"] == ["w0"]
+        assert user.list_models() and user.model_stats()["workers"], "read-only ops stay open"
+        assert admin.unload_model("a")["workers"] == ["w0"]
+        assert c.broker.stats.total_errors.get("unauthorized") == 2
+
+
+def test_client_keys_from_the_environment(keys, monkeypatch):
+    assert client_keys_from_env({}) is None
+    k = client_keys_from_env({"LIPSYNC_KEYS_DIR": str(keys)})
+    assert k == CurveKeys.from_dir(keys, "client")
+    with pytest.raises(SecurityError):
+        client_keys_from_env({"LIPSYNC_CLIENT_KEY": str(keys / "client.key_secret")})
+    with pytest.raises(SecurityError, match="secret"):
+        CurveKeys.load(keys / "client.key", keys / "broker.key")  # a public file is no identity
+    with SecureCluster(keys) as c:
+        monkeypatch.setenv("LIPSYNC_KEYS_DIR", str(keys))
+        with Client(c.frontend, timeout=3) as client:  # picks the keys up by itself
+            assert client.health()["live"]
+
+
+def test_supervisor_config_carries_security(keys, tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({"security": {"curve": True, "keys_dir": "keys"}}))
+    cfg = load_config(path)
+    assert cfg.security.keys_dir == str(tmp_path / "keys"), "paths are relative to the config file"
+    from lipsync_cluster.common.security import config_client_keys, worker_keys
+
+    cfg.security.keys_dir = str(keys)
+    assert worker_keys(cfg.security) == CurveKeys.from_dir(keys, "worker")
+    assert config_client_keys(cfg.security) == CurveKeys.from_dir(keys, "client")
+    assert worker_keys(load_config({}).security) is None
+
+
+# --- no request names a path ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", ["../demo_ada", "/etc/passwd", "demo_ada/../../x", "a/b", "A", "",
+                                      ".", "demo ada", "x" * 65, "é", "a\x00b", 5, None])
+def test_model_ids_are_validated_by_broker_and_worker(model_id):
+    from lipsync_cluster.common.protocol import require_model_id
+
+    with pytest.raises(BadRequest, match="model_id"):
+        require_model_id({"model_id": model_id})
+
+
+def test_worker_never_resolves_a_path_from_a_request(demo_dir):
+    from lipsync_cluster.config.schema import load_config as lc
+    from lipsync_cluster.worker.service import WorkerService
+
+    service = WorkerService(lc({"models_dir": str(demo_dir), "capacity": {"max_models": 1}}),
+                            shm_namespace=f"sec-{time.monotonic_ns()}")
+    try:
+        for op in ("infer", "load_model", "unload_model"):
+            for bad in ("../demo_ada", str(demo_dir / "demo_ada"), "demo_ada/model.onnx"):
+                with pytest.raises(BadRequest, match="model_id"):
+                    service.handle({"client_op": op, "model_id": bad, "batch_size": 1}, [])
+        assert service.cache.loaded_ids() == []
+    finally:
+        service.close()
+
+
+def test_a_manifest_cannot_point_outside_its_package(demo_dir, tmp_path):
+    from lipsync_cluster.common.catalog import Catalog
+
+    models = tmp_path / "models"
+    shutil.copytree(demo_dir / "demo_ada", models / "evil_abs")
+    shutil.copytree(demo_dir / "demo_ada", models / "evil_up")
+    for name, value in (("evil_abs", str(demo_dir / "demo_ben" / "model.onnx")), ("evil_up", "../../x.onnx")):
+        manifest = models / name / "model.yaml"
+        data = yaml.safe_load(manifest.read_text())
+        data.update(id=name, onnx=value)
+        data.pop("version", None)
+        manifest.write_text(yaml.safe_dump(data))
+    catalog = Catalog(str(models))
+    assert catalog.packages() == {}
+    for name in ("evil_abs", "evil_up"):
+        assert "must stay inside the package folder" in catalog.errors[name]
+
+
+def test_gateway_static_files_do_not_escape_their_folder():
+    import asyncio
+
+    from aiohttp.test_utils import TestClient, TestServer
+    from yarl import URL
+
+    from lipsync_cluster.gateway.server import make_app
+
+    async def go():
+        client = TestClient(TestServer(make_app("tcp://127.0.0.1:9")))
+        await client.start_server()
+        try:
+            ok = await client.get("/static/app.js")
+            assert ok.status == 200
+            for raw in ("/static/../server.py", "/static/%2e%2e/server.py", "/static/..%2fserver.py",
+                        "/static/%2e%2e%2f%2e%2e%2fcli.py", "/static//etc/passwd"):
+                r = await client.get(URL(raw, encoded=True))
+                body = await r.read()
+                assert r.status in (400, 403, 404), (raw, r.status)
+                assert b"import" not in body and b"root:" not in body, raw
+        finally:
+            await client.close()
+
+    asyncio.run(go())
