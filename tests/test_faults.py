@@ -393,36 +393,44 @@ def test_far_above_capacity_the_broker_sheds_at_once_and_keeps_memory_and_latenc
     try:
         wait_workers(client, 2, timeout=15)
         proc = psutil.Process(broker.pid)
-        payload = features(4)  # 32 KB per request
+        payload = features(2)  # 16 KB per request
         rss, shed_seen, codes = [], 0, {}
         latencies: list[float] = []
-        for round_ in range(4):
-            sent_at: dict[str, float] = {}
-            n = 3000
-            for i in range(n):  # as fast as a socket can send: ~50x what two workers serve
+        def take(reply: dict, round_: int) -> None:
+            nonlocal shed_seen
+            code = "ok" if reply["ok"] else reply["error"]["code"]
+            codes[code] = codes.get(code, 0) + 1
+            if code == "overloaded":
+                shed_seen += 1
+                assert reply["error"]["details"]["retry_after_ms"] > 0
+                assert reply["error"]["details"]["queue"] in ("model", "total")
+            elif code == "ok" and round_:
+                latencies.append(time.monotonic() - sent_at[reply["id"]])
+
+        sent_at: dict[str, float] = {}
+        for round_ in range(6):
+            n, got = 3000, 0
+            for i in range(n):  # ~20-50x what two workers serve, without waiting for answers
                 rid = f"{round_}-{i}"
                 sent_at[rid] = time.monotonic()
-                client.send(infer("ab"[i % 2], rid, batch=4), payload)
-            got = 0
+                client.send(infer("ab"[i % 2], rid, batch=2), payload)
+                while i % 200 == 199 and client.sock.poll(0):  # read what is there, never wait
+                    take(client.recv(1)[0], round_)
+                    got += 1
             while got < n:
-                reply, _ = client.recv(20)
+                take(client.recv(20)[0], round_)
                 got += 1
-                code = "ok" if reply["ok"] else reply["error"]["code"]
-                codes[code] = codes.get(code, 0) + 1
-                if code == "overloaded":
-                    shed_seen += 1
-                    assert reply["error"]["details"]["retry_after_ms"] > 0
-                    assert reply["error"]["details"]["queue"] in ("model", "total")
-                elif code == "ok" and round_:
-                    latencies.append(time.monotonic() - sent_at[reply["id"]])
             assert client.nothing_within(0.05)
             rss.append(proc.memory_info().rss)
         print("codes", codes, "rss MB", [r // 2**20 for r in rss], "p99", sorted(latencies)[int(len(latencies) * 0.99)] if latencies else None)
         totals = client.call({"id": "s", "op": "model_stats"})["totals"]
-        assert totals["shed"] == shed_seen == codes["overloaded"] > 4 * 3000 // 2, codes
+        assert totals["shed"] == shed_seen == codes["overloaded"] > 6 * 3000 // 2, codes
         assert set(codes) <= {"ok", "overloaded"}, codes
-        # Memory: after the first round (allocator warm-up) the broker does not grow.
-        assert max(rss[1:]) - rss[1] < 8 * 2**20, [r // 2**20 for r in rss]
+        # Memory: the same burst again and again does not make the broker grow. What the allocator
+        # keeps of one burst (it passes through ZeroMQ's buffers) varies by +-10 MB, so compare
+        # medians: a leak of 1 KB per request would move them by 9 MB.
+        mb = [r // 2**20 for r in rss]
+        assert sorted(rss[3:])[1] - sorted(rss[:3])[1] < 8 * 2**20 and max(rss) < 160 * 2**20, mb
         # Latency of accepted requests: bounded by the queue limit, not by the flood.
         latencies.sort()
         assert latencies[int(len(latencies) * 0.99)] < 2.0, latencies[-5:]
@@ -433,3 +441,24 @@ def test_far_above_capacity_the_broker_sheds_at_once_and_keeps_memory_and_latenc
         broker.kill()
         for p in (*workers, broker):
             p.wait(5)
+
+
+# --- chaos: everything at once, under load ---------------------------------------------------------
+
+
+def test_chaos_quick_nothing_lost_nothing_duplicated(demo_dir):
+    """bench/chaos.py --quick in short: kill, freeze and restart workers and the broker under load."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chaos", REPO / "bench" / "chaos.py")
+    chaos = importlib.util.module_from_spec(spec)
+    sys.modules["chaos"] = chaos  # dataclasses look their module up
+    spec.loader.exec_module(chaos)
+    r = chaos.run_chaos(demo_dir, workers=3, clients=3, in_flight=2, duration=20.0, quick=True)
+    s = chaos.summarize(r)
+    print(chaos.table(s, r.events))
+    assert len(r.events) == 5 and not any("skip" in e for e in r.events), r.events
+    assert s["lost"] == 0 and s["duplicated"] == 0, s
+    assert set(s["errors"]) <= {"unavailable", "timeout"}, s["errors"]
+    assert s["ok"] >= 0.97 * s["sent"] and s["ok"] > 100, s
+    assert s["client_resent"] > 0 and s["broker_retried"] > 0, "the faults did hit requests in flight"

@@ -301,3 +301,16 @@ def test_gateway_static_files_do_not_escape_their_folder():
             await client.close()
 
     asyncio.run(go())
+
+
+def test_a_whole_cluster_starts_and_serves_under_curve(make_cluster, keys):
+    """`start` with security on: the supervisor, its workers and clients all use their keys."""
+    import numpy as np
+
+    sup = make_cluster(security={"curve": True, "keys_dir": str(keys)}, cluster={"per_gpu": 1})
+    with Client(sup.config.frontend, timeout=30, curve=CurveKeys.from_dir(keys, "client")) as client:
+        assert client.health()["workers"] == 1
+        result = client.infer("demo_ada", audio_features=np.zeros((32, 16, 16), np.float32), format="jpeg")
+        assert result.worker == "w0-cpu"
+    with Client(sup.config.frontend, timeout=5) as stranger, pytest.raises(Unauthorized):
+        stranger.health()

@@ -681,6 +681,8 @@ class Broker:
                 p.answered = True
                 header.pop("op", None)
                 header["id"] = p.cid
+                if p.retries:  # re-dispatched after its first worker died (chaos reports count these)
+                    header["retried"] = p.retries
                 self._send_client(p.client, header, payloads)
                 return
             self.stats.service(p.model, now - p.dispatched_at)

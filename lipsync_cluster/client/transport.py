@@ -133,6 +133,7 @@ class Transport:
         self._reconnect_after = 0.0
         self._reconnect_wanted: Optional[str] = None
         self._auth_error: Optional[str] = None
+        self._handshake_failures = 0
         self._recent: "OrderedDict[int, list[int]]" = OrderedDict()  # id -> [sends, replies]
         self.counters = {"sent": 0, "resent": 0, "reconnects": 0, "replies": 0, "late_replies": 0,
                          "duplicates": 0, "gave_up": 0}
@@ -300,6 +301,7 @@ class Transport:
 
     def _finish(self, req: _Req, result: Any = None, exc: Optional[BaseException] = None) -> None:
         self._pending.pop(req.id, None)
+        req.future.tries = req.tries  # how many times it was sent (1 = never resent)
         if exc is None:
             self._recent[req.id] = [req.tries, 1]
             if len(self._recent) > RECENT:
@@ -346,15 +348,24 @@ class Transport:
             kind = event.get("event")
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._auth_error = None
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._handshake_failures = 0
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP said no: definitive
                 self._auth_error = ("the broker refused this client's CurveZMQ key (it is not in the broker's "
                                     "security.allowed_clients folder)")
                 self._fail_all(Unauthorized(self._auth_error, endpoint=self.endpoint))
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
+                    event.get("value") == getattr(zmq, "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH", -1):
+                self._fail_all(Unauthorized(
+                    "the broker requires CurveZMQ: give the client keys (LIPSYNC_KEYS_DIR)" if self.curve is None
+                    else "the broker does not use CurveZMQ but this client has keys", endpoint=self.endpoint))
             elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                why = ("the broker requires CurveZMQ: give the client keys (LIPSYNC_KEYS_DIR)"
-                       if self.curve is None else "the CurveZMQ handshake with the broker failed "
-                       "(is broker.key the broker's current public key?)")
-                self._fail_all(Unauthorized(why, endpoint=self.endpoint))
+                # Also what a broker dying mid-handshake looks like: only a run of them means the
+                # keys are wrong (a CURVE server cannot read a HELLO sealed for another key).
+                self._handshake_failures += 1
+                if self.curve is not None and self._handshake_failures >= 3:
+                    self._fail_all(Unauthorized(
+                        "the CurveZMQ handshake with the broker keeps failing (is broker.key the broker's "
+                        "current public key?)", endpoint=self.endpoint))
             elif kind == zmq.EVENT_DISCONNECTED and self._pending and self.retry is not None:
                 self._want_reconnect("the connection to the broker dropped", time.monotonic())
 
