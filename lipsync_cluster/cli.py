@@ -54,8 +54,10 @@ def _stop_on_signals(stop: threading.Event) -> None:
 @click.option("--gpus", default=None, help="GPUs to use: a number, 0 for CPU workers, or 'auto' to count them.")
 @click.option("--per-gpu", type=click.IntRange(1, 64), default=None, help="Worker processes per GPU (or CPU workers with --gpus 0).")
 @click.option("--frontend-port", type=click.IntRange(1, 65535), default=None, help="Client port (default 5555).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus /metrics and /health/{live,ready} on this port (0 = off; docs/METRICS.md).")
 def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[str], per_gpu: Optional[int],
-          frontend_port: Optional[int]) -> None:
+          frontend_port: Optional[int], metrics_port: Optional[int]) -> None:
     """Start a broker and GPUS x PER_GPU workers on this host, and keep them running.
 
     \b
@@ -78,7 +80,8 @@ def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[
         else:
             raise click.BadParameter("must be a number of GPUs, 0 for CPU workers, or 'auto'", param_hint="--gpus")
     cfg = _load_config(config_path, {"cluster.gpus": gpu_count, "cluster.per_gpu": per_gpu,
-                                     "models_dir": models_dir, "server.frontend_port": frontend_port})
+                                     "models_dir": models_dir, "server.frontend_port": frontend_port,
+                                     "cluster.metrics_port": metrics_port})
     setup_logging(cfg.logging.level, "supervisor")
     sup = Supervisor(cfg, cfg.cluster.gpus, cfg.cluster.per_gpu)
     stop = threading.Event()
@@ -100,7 +103,9 @@ def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[
     click.echo(f"lipsync-cluster ready: {health.get('workers')} workers ({kind})")
     click.echo(f"  clients connect to   {cfg.frontend}")
     click.echo(f"  workers join at      {cfg.backend}")
-    click.echo(f"  stats published on   {cfg.stats_endpoint}")
+    click.echo(f"  stats published on   {cfg.stats_endpoint}   (lipsync-cluster stats)")
+    if cfg.cluster.metrics_port:
+        click.echo(f"  metrics served on    http://{cfg.server.host}:{cfg.cluster.metrics_port}/metrics")
     click.echo(f"📦 Available models: {', '.join(models)}")
     click.echo("  try:  lipsync-cluster models    |   python -c \"from lipsync_cluster.client import Client; "
                f"print(Client('{cfg.frontend}').health())\"")
@@ -188,15 +193,17 @@ def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optio
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Cluster YAML.")
 @click.option("--models-dir", type=click.Path(file_okay=False), help="Model packages folder.")
-def broker(config_path: Optional[str], models_dir: Optional[str]) -> None:
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus /metrics and /health/{live,ready} on this port (0 = off).")
+def broker(config_path: Optional[str], models_dir: Optional[str], metrics_port: Optional[int]) -> None:
     """Run the broker alone (the 'start' command runs it for you).
 
     \b
     Example:
       lipsync-cluster broker --config cluster.yaml
     """
-    cfg = _load_config(config_path, {"models_dir": models_dir})
-    from .broker import run_broker
+    cfg = _load_config(config_path, {"models_dir": models_dir, "cluster.metrics_port": metrics_port})
+    from .broker import BindError, run_broker
     from .common.catalog import Catalog
     from .common.logs import setup_logging
 
@@ -209,7 +216,7 @@ def broker(config_path: Optional[str], models_dir: Optional[str]) -> None:
         # Broken packages are listed too, so their requests hear `model_load_failed` and why.
         from .broker.hardening import catalog_reader
         run_broker(cfg, catalog_reader(catalog), stop)
-    except OSError as exc:
+    except (OSError, BindError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -355,6 +362,9 @@ def _register() -> None:
     except ImportError:  # the console arrives with its own issue; until then, a plain one
         stats = _plain_stats
     main.add_command(stats)
+    from .client.loadtest import loadtest
+
+    main.add_command(loadtest)
 
 
 @click.command("stats")

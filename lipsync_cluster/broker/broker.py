@@ -149,6 +149,8 @@ class Broker:
         self.frontend: Optional[zmq.Socket] = None
         self.backend: Optional[zmq.Socket] = None
         self.publisher: Optional[zmq.Socket] = None
+        self.metrics: Any = None  # broker/metrics.py MetricsServer when cluster.metrics_port is set
+        self.placement_patience = cl.placement_patience  # x a load time (routing.place; 0 = off)
         self.frontend_endpoint = self.backend_endpoint = self.stats_endpoint = ""
         self._hb_frames = [TAG, self._packer.pack({"op": "heartbeat"})]
         self._disconnect_frames = [TAG, self._packer.pack({"op": "disconnect"})]
@@ -298,6 +300,8 @@ class Broker:
             return False
 
     def _publish(self, topic: bytes, body: dict) -> None:
+        if topic == b"event":
+            self.stats.record_event(body)  # counts for the console and /metrics
         try:
             send_parts(self.publisher, [topic, self._packer.pack(body)])
         except zmq.ZMQError:
@@ -518,10 +522,12 @@ class Broker:
         w = pick_loaded(p.model, workers)  # the common case, without building route()'s inputs
         if w is not None:
             return Decision(DISPATCH, w, None, "loaded")
+        load_s = self.stats.load_s(p.model)
         return route(p.model, workers, busy_models=self._busy, value=self.heat.valuer(now),
                      head_wait_s=now - p.arrival,
-                     copy_after_s=copy_threshold_s(self.stats.service_s(p.model)),
-                     max_copies=self.max_copies, allow_evict=not p.no_evict)
+                     copy_after_s=copy_threshold_s(self.stats.service_s(p.model), load_s=load_s),
+                     max_copies=self.max_copies, allow_evict=not p.no_evict,
+                     patience_s=(load_s or 0.0) * self.placement_patience)
 
     def _dispatch(self) -> None:
         """Match waiting requests with free credits: unload legs first, then oldest head first."""
@@ -637,6 +643,7 @@ class Broker:
                    credits=min(64, max(1, num("credits", 1))), max_models=max(1, num("max_models", 1)),
                    max_memory_bytes=num("max_memory_bytes", 0))
         w.apply_report(header.get("loaded"), header.get("loading"))
+        w.restarts = self.stats.registered(name, w.pid)
         for old in self.table.add(w):
             self._lost(old, f"replaced by a new registration of {name}")
         self._no_workers_since = None
@@ -673,10 +680,7 @@ class Broker:
                 c = self.stats.model(p.model)
                 service = now - p.dispatched_at
                 c.service_s = service if c.service_s is None else 0.8 * c.service_s + 0.2 * service
-                c.ok += 1
-                c.frames += p.frames
-                c.latency_ms.append((now - p.arrival) * 1000.0)
-                c.last_used = now
+                c.success(now - p.arrival, p.dispatched_at - p.arrival, header, service, p.frames, now)
                 self.stats.total_ok += 1
                 p.answered = True
                 header.pop("op", None)
@@ -877,10 +881,17 @@ class Broker:
         body["time"] = time.time()
         body["queues"] = self.queues.depths()
         body["workers_detail"] = [w.summary(now) for w in self.table.values()]
+        body["events"] = list(self.stats.events)[-20:]
+        body["health"] = management.health(self.catalog, self.table)
+        body["eviction_policy"] = self.heat.policy
         return body
 
     def _publish_stats(self, now: float) -> None:
-        self._publish(b"stats", self.snapshot(now))
+        self.stats.sample(now)
+        body = self.snapshot(now)
+        self._publish(b"stats", body)
+        if self.metrics is not None:  # hand a finished snapshot to the exporter's HTTP thread
+            self.metrics.update(body, self.stats.histograms())
 
     def report_lines(self) -> list[str]:
         now = time.monotonic()
@@ -931,10 +942,15 @@ def run_broker(config: Config, catalog: Catalog, stop_event: Optional[threading.
     stop = stop_event if stop_event is not None else threading.Event()
     broker = Broker(config, catalog)
     try:
+        if config.cluster.metrics_port:  # /metrics and /health/* over HTTP (broker/metrics.py)
+            from .metrics import MetricsServer
+            broker.metrics = MetricsServer(config.server.host, config.cluster.metrics_port).start()
         broker.bind()
-    except BindError:
+    except (BindError, OSError) as exc:
+        if broker.metrics is not None:
+            broker.metrics.stop()
         broker.ctx.term()
-        raise
+        raise exc if isinstance(exc, BindError) else BindError(str(exc)) from None
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -942,5 +958,7 @@ def run_broker(config: Config, catalog: Catalog, stop_event: Optional[threading.
     try:
         broker.run(stop)
     finally:
+        if broker.metrics is not None:
+            broker.metrics.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

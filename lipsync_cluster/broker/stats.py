@@ -6,15 +6,41 @@ plain data built on the broker's thread; nothing blocks.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from typing import Any, Iterable, Optional
 
 LATENCY_SAMPLES = 2048  # per model; enough for a stable p99 at 1 Hz snapshots
+# Histogram upper bounds (seconds) for the Prometheus exporter (broker/metrics.py).
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                     10.0, 30.0, 60.0, 120.0)
+LOAD_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RECENT_EVENTS = 50          # model/worker events kept for the snapshot (stats console)
+RATE_WINDOW_S = 5.0         # requests/s and frames/s are measured over about this window
+
+
+class Histogram:
+    """Fixed-bucket counts (non-cumulative; the last bucket is +Inf) and a sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple = LATENCY_BUCKETS_S) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def export(self) -> dict:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum}
 
 
 class ModelCounters:
     __slots__ = ("requests", "ok", "errors", "frames", "shed", "retried", "latency_ms",
-                 "service_s", "last_used")
+                 "service_s", "last_used", "request_h", "queue_h", "compute_h", "cold",
+                 "loads", "evictions", "unloads", "load_failures", "load_ms_last", "load_ms_sum")
 
     def __init__(self) -> None:
         self.requests = 0          # admitted and answered or in progress
@@ -26,6 +52,32 @@ class ModelCounters:
         self.latency_ms: deque[float] = deque(maxlen=LATENCY_SAMPLES)  # arrival -> reply
         self.service_s: Optional[float] = None  # EWMA of dispatch -> reply
         self.last_used: Optional[float] = None
+        self.request_h = Histogram()   # arrival -> reply (successes)
+        self.queue_h = Histogram()     # arrival -> dispatch (successes)
+        self.compute_h = Histogram()   # dispatch -> reply minus the model load (successes)
+        self.cold = 0                  # successes whose worker loaded the model for them
+        self.loads = 0                 # worker events: loaded / evicted / (idle_)unloaded / load_failed
+        self.evictions = 0
+        self.unloads = 0
+        self.load_failures = 0
+        self.load_ms_last: Optional[float] = None
+        self.load_ms_sum = 0.0
+
+    def success(self, latency_s: float, queue_s: float, reply: dict, dispatched_s: float,
+                frames: int, now: float) -> None:
+        """Count one successful infer (``reply``: the worker's reply header)."""
+        self.ok += 1
+        self.frames += frames
+        self.latency_ms.append(latency_s * 1000.0)
+        self.last_used = now
+        self.request_h.observe(latency_s)
+        self.queue_h.observe(queue_s)
+        load_ms = reply.get("model_load_ms")
+        if not isinstance(load_ms, (int, float)):
+            load_ms = 0.0
+        if reply.get("model_loaded"):
+            self.cold += 1
+        self.compute_h.observe(max(0.0, dispatched_s - load_ms / 1000.0))
 
 
 def percentile(values: Iterable[float], q: float) -> Optional[float]:
@@ -61,6 +113,8 @@ def merge_model_entries(entries: list[dict]) -> dict:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 merged.setdefault(key, value)
+            elif key == "last_used" or key.endswith("_at"):  # timestamps: the most recent
+                merged[key] = max(merged.get(key, value), value)
             elif key.startswith("last_used") or key.endswith("_ago_s") or key == "idle_s":
                 merged[key] = min(merged.get(key, value), value)
             elif any(t in key for t in ("avg", "_ms", "ratio", "p50", "p99", "mean")):
@@ -84,6 +138,12 @@ class BrokerStats:
         self.late_replies = 0      # replies from dead/unknown workers or for answered requests
         self.undeliverable = 0     # replies to clients that went away
         self.bad_requests = 0
+        self.load_h = Histogram(LOAD_BUCKETS_S)   # model load latency (worker `loaded` events)
+        self.events: deque[dict] = deque(maxlen=RECENT_EVENTS)
+        self.workers_seen: dict[str, dict] = {}   # name -> {pid, registrations, restarts, up}
+        self._samples: deque[tuple] = deque()     # (time, ok, frames, {model: (ok, frames)})
+        self._rates: dict[str, tuple[float, float]] = {}
+        self._total_rates = (0.0, 0.0)
 
     def model(self, model: str) -> ModelCounters:
         c = self.models.get(model)
@@ -106,6 +166,7 @@ class BrokerStats:
                 c.ok += 1
                 c.frames += frames
                 c.latency_ms.append(latency_s * 1000.0)
+                c.request_h.observe(latency_s)
                 if now is not None:
                     c.last_used = now
         else:
@@ -135,24 +196,120 @@ class BrokerStats:
     def model_summary(self, model: str, now: float) -> dict:
         c = self.models.get(model)
         if c is None:
-            return {"requests": 0, "ok": 0, "errors": {}, "frames": 0, "shed": 0, "retried": 0}
+            return {"requests": 0, "ok": 0, "errors": {}, "frames": 0, "shed": 0, "retried": 0,
+                    "requests_per_s": 0.0, "frames_per_s": 0.0, "cold_loads": 0, "loads": 0,
+                    "evictions": 0, "unloads": 0, "load_failures": 0}
         lat = list(c.latency_ms)
+        rps, fps = self._rates.get(model, (0.0, 0.0))
         out = {
             "requests": c.requests, "ok": c.ok, "errors": dict(c.errors), "frames": c.frames,
             "shed": c.shed, "retried": c.retried,
             "latency_p50_ms": percentile(lat, 50), "latency_p99_ms": percentile(lat, 99),
             "service_ms": None if c.service_s is None else c.service_s * 1000.0,
             "last_used_s": None if c.last_used is None else round(now - c.last_used, 3),
+            "requests_per_s": rps, "frames_per_s": fps, "cold_loads": c.cold,
+            "loads": c.loads, "evictions": c.evictions, "unloads": c.unloads,
+            "load_failures": c.load_failures, "load_ms_last": c.load_ms_last,
+            "load_ms_avg": c.load_ms_sum / c.loads if c.loads else None,
         }
         return out
 
     def totals(self, now: float) -> dict:
+        models = self.models.values()
         return {
             "uptime_s": round(now - self.started, 3), "requests": self.total_requests,
             "ok": self.total_ok, "errors": dict(self.total_errors), "shed": self.shed,
             "retried": self.retried, "late_replies": self.late_replies,
             "undeliverable": self.undeliverable,
+            "frames": sum(c.frames for c in models), "cold_loads": sum(c.cold for c in models),
+            "loads": sum(c.loads for c in models), "evictions": sum(c.evictions for c in models),
+            "requests_per_s": self._total_rates[0], "frames_per_s": self._total_rates[1],
         }
+
+    # --- for the stats console and the Prometheus exporter -----------------------------------
+
+    def sample(self, now: float) -> None:
+        """Take a counter sample (about once a second) and update requests/s and frames/s."""
+        frames = sum(c.frames for c in self.models.values())
+        per_model = {m: (c.ok, c.frames) for m, c in self.models.items()}
+        self._samples.append((now, self.total_ok, frames, per_model))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW_S:
+            self._samples.popleft()
+        t0, ok0, frames0, models0 = self._samples[0]
+        dt = now - t0
+        if dt <= 0:
+            return
+        self._total_rates = ((self.total_ok - ok0) / dt, (frames - frames0) / dt)
+        self._rates = {m: ((ok - models0.get(m, (0, 0))[0]) / dt, (fr - models0.get(m, (0, 0))[1]) / dt)
+                       for m, (ok, fr) in per_model.items()}
+
+    def load_s(self, model: str) -> Optional[float]:
+        """Mean load time of ``model`` (seconds), else of every model, else None (nothing loaded yet)."""
+        c = self.models.get(model)
+        if c is not None and c.loads and c.load_ms_sum > 0:
+            return c.load_ms_sum / c.loads / 1000.0
+        count = sum(self.load_h.counts)
+        return self.load_h.sum / count if count else None
+
+    def record_event(self, body: dict) -> None:
+        """Count a published ``event`` (worker model events, worker joined/left) and keep it."""
+        self.events.append(dict(body))
+        event, model = body.get("event"), body.get("model_id")
+        if event in ("worker_joined", "worker_left"):
+            name = body.get("worker")
+            if isinstance(name, str):
+                seen = self.workers_seen.setdefault(name, {"pid": None, "registrations": 0,
+                                                           "restarts": 0, "up": False})
+                seen["up"] = event == "worker_joined"
+            return
+        if not isinstance(model, str):
+            return
+        c = self.model(model)
+        if event == "loaded":
+            c.loads += 1
+            load_ms = body.get("load_ms")
+            if isinstance(load_ms, (int, float)) and not isinstance(load_ms, bool):
+                c.load_ms_last = float(load_ms)
+                c.load_ms_sum += float(load_ms)
+                self.load_h.observe(load_ms / 1000.0)
+        elif event == "evicted":
+            c.evictions += 1
+        elif event in ("unloaded", "idle_unloaded"):
+            c.unloads += 1
+        elif event == "load_failed":
+            c.load_failures += 1
+
+    def registered(self, name: str, pid: Any) -> int:
+        """A worker registered; returns its restarts (registrations under a new pid)."""
+        seen = self.workers_seen.setdefault(name, {"pid": None, "registrations": 0,
+                                                   "restarts": 0, "up": True})
+        if seen["registrations"] and pid and pid != seen["pid"]:
+            seen["restarts"] += 1
+        seen["registrations"] += 1
+        seen["pid"] = pid
+        seen["up"] = True
+        return seen["restarts"]
+
+    def histograms(self) -> dict:
+        """Copies of every histogram: ``{"models": {m: {request, queue, compute}}, "load": ...}``."""
+        return {
+            "models": {m: {"request": c.request_h.export(), "queue": c.queue_h.export(),
+                           "compute": c.compute_h.export(), "cold": c.cold, "loads": c.loads,
+                           "evictions": c.evictions, "unloads": c.unloads,
+                           "load_failures": c.load_failures, "retried": c.retried}
+                       for m, c in self.models.items()},
+            "load": self.load_h.export(),
+            "workers_seen": {n: dict(v) for n, v in self.workers_seen.items()},
+            "errors_no_model": self._errors_without_model(),
+        }
+
+    def _errors_without_model(self) -> dict[str, int]:
+        """Errors not counted against a model (bad requests, unknown ids, management ops)."""
+        out = dict(self.total_errors)
+        for c in self.models.values():
+            for code, n in c.errors.items():
+                out[code] = out.get(code, 0) - n
+        return {code: n for code, n in out.items() if n > 0}
 
 
 def format_report(models: list[dict], workers: list[dict]) -> list[str]:
