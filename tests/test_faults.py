@@ -189,6 +189,22 @@ def test_client_gives_up_at_its_timeout_with_a_clear_error():
         wait_for(lambda: not client._transport._pending, 1.0, "nothing left behind")
 
 
+def test_requests_made_before_the_broker_is_up_are_sent_when_it_comes(monkeypatch):
+    from lipsync_cluster.client.transport import Transport
+
+    monkeypatch.setattr(Transport, "SNDHWM", 2)  # the socket holds 2; the rest wait in the client
+    ports = (free_port(), free_port(), free_port())
+    with Client(f"tcp://127.0.0.1:{ports[0]}", timeout=20) as client:
+        header, payloads = infer_request("a", audio_features=SILENCE)
+        futures = [client.submit(header, payloads) for _ in range(10)]
+        time.sleep(0.5)
+        assert not any(f.done() for f in futures)
+        with BrokerThread(catalog_of("a"), ports=ports) as b, WorkerThread(b.backend, "w0"):
+            replies = [client.wait(f)[0] for f in futures]
+    assert all(r["ok"] for r in replies) and len({r["id"] for r in replies}) == 10
+    assert client._transport.counters["duplicates"] == 0
+
+
 # --- the broker killed and restarted, real workers and clients untouched ----------------------
 
 

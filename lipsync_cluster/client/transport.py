@@ -66,7 +66,7 @@ DEFAULT_RETRY = RetryPolicy()
 
 class _Req:
     __slots__ = ("id", "future", "header", "payloads", "what", "timeout", "give_up_at", "deadline_at",
-                 "next_try_at", "event_at", "tries", "sent_at", "retryable", "created")
+                 "next_try_at", "event_at", "tries", "sent_at", "retryable", "created", "unsent")
 
     def __init__(self, rid: int, future: Future, header: dict, payloads: list, timeout: float,
                  now: float, retryable: bool) -> None:
@@ -86,6 +86,7 @@ class _Req:
         self.tries = 0
         self.sent_at = -math.inf
         self.retryable = retryable
+        self.unsent = False                 # the socket's queue was full: send when the timer fires
 
 
 def _resolve(future: Future, result: Any = None, exc: Optional[BaseException] = None) -> None:
@@ -102,6 +103,8 @@ def _resolve(future: Future, result: Any = None, exc: Optional[BaseException] = 
 
 class Transport:
     """A DEALER socket owned by one I/O thread; any thread may ``submit`` a request."""
+
+    SNDHWM = 100_000  # requests queued on the socket while the broker is away; past it they wait here
 
     def __init__(self, endpoint: str, ctx: zmq.Context, *, retry: Optional[RetryPolicy] = DEFAULT_RETRY,
                  curve: Any = None, timeout: float = 30.0) -> None:
@@ -183,7 +186,7 @@ class Transport:
     def _open(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, self.SNDHWM)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         r = self.retry
         if r is not None and r.heartbeat_s > 0:
@@ -285,9 +288,11 @@ class Transport:
             self._dealer.send_multipart(encode(header, req.payloads), zmq.NOBLOCK, copy=False)
         except zmq.Again:
             # The socket's queue is full (a broker that has been away long): try again shortly.
+            req.unsent = True
             req.next_try_at = now + 0.05
             self._schedule(req)
             return
+        req.unsent = False
         self.counters["sent" if not req.tries else "resent"] += 1
         req.tries += 1
         req.sent_at = now
@@ -426,7 +431,10 @@ class Transport:
                     f"({req.tries} tr{'y' if req.tries == 1 else 'ies'}); is the cluster running? "
                     "(lipsync-cluster health)", tries=req.tries))
                 continue
-            self._per_try_expired(req, now)
+            if req.unsent:
+                self._send(req, now)
+            else:
+                self._per_try_expired(req, now)
 
     def _per_try_expired(self, req: _Req, now: float) -> None:
         r = self.retry
