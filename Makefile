@@ -38,6 +38,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/broker.py
 	$(BIN)/python bench/cluster.py
+	$(BIN)/python bench/routing.py
+	$(BIN)/python bench/stream.py
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info

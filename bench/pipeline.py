@@ -131,7 +131,7 @@ def main() -> None:
         "",
         f"Machine: {machine()}. Date: {today()}. Model: `unet` demo (SyncTalk_2D 328 topology), 1280x720 frames,",
         f"audio as 16 kHz PCM (mel + audio encoder on the worker). {threads} intra-op threads; the pipeline runs two",
-        f"requests in flight, as a worker with two credits does; the raw side runs the worker's own session.",
+        "requests in flight, as a worker with two credits does; the raw side runs the worker's own session.",
         f"{seconds:.0f} s per cell, in {rounds} interleaved rounds (median shown).",
         "",
         "| batch | raw ORT fps | pipeline fps (jpeg) | pipeline / raw |",

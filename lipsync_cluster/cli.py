@@ -237,12 +237,6 @@ def _call(endpoint: str, timeout: float, fn):
             raise click.ClickException(f"{exc.code}: {exc.message}") from None
 
 
-def _ago(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
-
-
 @main.command()
 @broker_option
 @timeout_option
@@ -350,50 +344,16 @@ def keys_generate(directory: str, force: bool) -> None:
 
 
 def _register() -> None:
-    # Subcommands defined next to what they drive; importing here keeps `cli` on top.
+    # Subcommands are defined next to what they drive; importing here keeps `cli` on top.
+    from .client.console import stats
+    from .client.loadtest import loadtest
+    from .client.render import render
     from .demo.cli import demo_models
+    from .gateway.cli import gateway
     from .prepare.cli import check_model, prepare
 
-    main.add_command(demo_models)
-    main.add_command(prepare)
-    main.add_command(check_model)
-    try:
-        from .client.console import stats
-    except ImportError:  # the console arrives with its own issue; until then, a plain one
-        stats = _plain_stats
-    main.add_command(stats)
-    from .client.loadtest import loadtest
-
-    main.add_command(loadtest)
-
-
-@click.command("stats")
-@broker_option
-@timeout_option
-@click.option("--json", "as_json", is_flag=True, help="Print the raw model_stats reply as JSON.")
-@click.argument("model_id", required=False)
-def _plain_stats(endpoint: str, timeout: float, as_json: bool, model_id: Optional[str]) -> None:
-    """Per-model and per-worker statistics (usage, memory, load times).
-
-    \b
-    Examples:
-      lipsync-cluster stats
-      lipsync-cluster stats demo_ada --json
-    """
-    reply = _call(endpoint, timeout, lambda c: c.model_stats(model_id))
-    if as_json:
-        click.echo(json.dumps(reply, indent=2, default=str))
-        return
-    mb = 2**20
-    click.echo(f"Loaded models: {reply.get('loaded_models', 0)}/{reply.get('max_models', 0)}   "
-               f"Total memory: {reply.get('total_memory_bytes', 0) / mb:.2f} MB / "
-               f"{reply.get('max_memory_bytes', 0) / mb:.0f} MB")
-    for w in reply.get("workers", []):
-        click.echo(f"  worker {w.get('worker')}: {w.get('loaded_models', 0)}/{w.get('max_models', 0)} models, "
-                   f"{w.get('total_memory_bytes', 0) / mb:.1f} MB")
-    for m in reply.get("models", []):
-        click.echo(f"  • {m.get('model_id')}: usage={m.get('usage_count', 0)}, last={_ago(m.get('idle_s'))}, "
-                   f"avg_inference={m.get('avg_inference_ms', 0):.2f}ms")
+    for command in (demo_models, prepare, check_model, stats, loadtest, render, gateway):
+        main.add_command(command)
 
 
 _register()

@@ -398,7 +398,7 @@ def test_build_demo_models_writes_packages(tmp_path):
     assert Path(cfg.models_dir) == out.resolve()
     assert Path(cfg.audio_encoder) == (out / "audio_encoder.onnx").resolve()
     assert (cfg.capacity.max_models, cfg.capacity.max_memory_gb, cfg.capacity.eviction_policy,
-            cfg.capacity.idle_unload_minutes) == (3, 4.0, "lru", 30.0)
+            cfg.capacity.idle_unload_minutes) == (3, 4.0, "lfu", 30.0)
     assert cfg.onnx.cuda_enabled is True and cfg.onnx.intra_op_threads == 1
     assert (cfg.cluster.gpus, cfg.cluster.per_gpu) == (0, 2)
     assert cfg.logging.level == "info" and cfg.logging.log_model_operations is True

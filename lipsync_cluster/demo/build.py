@@ -85,7 +85,7 @@ audio_encoder: {audio_encoder}
 capacity:
   max_models: 3            # models loaded at once per worker
   max_memory_gb: 4         # per-worker budget: ONNX sizes + decoded frames (memory_estimate_mb)
-  eviction_policy: lru     # lru: drop the least recently used model; lfu: the least used
+  eviction_policy: lfu     # lfu: evict the least requested (cluster-wide, decayed); lru: least recent
   idle_unload_minutes: 30  # unload a model no request touched for this long (0 = never)
 
 # ONNX Runtime settings for the UNet sessions.

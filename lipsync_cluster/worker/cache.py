@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import psutil
 
-from ..common.errors import CapacityFull, LipsyncError, ModelLoadFailed, UnknownModel
+from ..common.errors import CapacityFull, LipsyncError, ModelLoadFailed
 from ..common.frame_store import FrameStore, SharedFrames
 from ..common.load_backoff import LoadBackoff
 from ..common.model_package import ModelPackage, bind_unet_io

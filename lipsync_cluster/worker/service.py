@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from ..common.catalog import Catalog
 from ..common.errors import BadRequest, RequestTimeout
