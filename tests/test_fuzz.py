@@ -9,6 +9,7 @@ request still works, and that neither process's memory grew beyond a small bound
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import msgpack
@@ -40,7 +41,17 @@ def cluster(demo_dir, tmp_path_factory):
                           logging={"level": "error", "stats_report_minutes": 0, "log_model_operations": False})
     cfg = load_config(path)
     sup = Supervisor(cfg, 0, 1)
-    sup.start()
+    # A fixed mmap threshold: glibc otherwise raises it after large frees and then keeps freed
+    # image buffers on its heap, which makes memory readings swing by tens of MB without any leak.
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    try:
+        sup.start()  # the children take this environment (restarts too)
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
     try:
         sup.wait_ready(timeout_s=120)
         client = RawClient(cfg.frontend)
@@ -288,7 +299,7 @@ def test_fuzz_thousands_of_hostile_messages(cluster):
         assert broker.is_running() and broker.status() != psutil.STATUS_ZOMBIE, "the broker died"
         assert worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE, "the worker died"
 
-    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(client_messages, min_size=1, max_size=10))
     def fuzz_frontend(messages):
         for frames in messages:
@@ -316,23 +327,24 @@ def test_fuzz_thousands_of_hostile_messages(cluster):
         drain(300)
 
     t0 = time.monotonic()
-    fuzz_frontend()  # warm-up: allocators, arenas, caches reach their working size
-    settle()
-    for i, model in enumerate((MODEL, "demo_ben", MODEL)):
+    for i, model in enumerate((MODEL, "demo_ben")):  # both models resident: their arenas sized
         assert client.call(*valid_infer(f"warm-{i}", batch=2, model_id=model), timeout=60)["ok"]
-    base = (_rss(broker), _rss(worker))
-    warm = state["sent"]
-
-    fuzz_frontend()
-    fuzz_backend()
-    fuzz_frontend()
-    settle()
+    samples: list[tuple[int, int]] = []
+    for round_ in range(9):  # ~600 messages a round; three to warm up, then six measured
+        fuzz_frontend()
+        if round_ == 6:
+            fuzz_backend()
+        settle()
+        if round_ >= 3:  # the same last requests before each sample: the same residue in buffers
+            for model in (MODEL, "demo_ben"):
+                assert client.call(*valid_infer("same", batch=2, model_id=model), timeout=60)["ok"]
+            samples.append((_rss(broker), _rss(worker)))
     elapsed = time.monotonic() - t0
     front.close(0)
+    mb = [(b >> 20, w >> 20) for b, w in samples]
     print(f"fuzz: {state['sent']} client messages (+ backend fuzz), {state['replies']} replies, "
-          f"{elapsed:.1f} s; RSS broker {base[0] >> 20} -> {_rss(broker) >> 20} MB, "
-          f"worker {base[1] >> 20} -> {_rss(worker) >> 20} MB")
-    assert state["sent"] >= 2 * warm and state["sent"] > 2000
+          f"{elapsed:.1f} s; USS MB (broker, worker) per round: {mb}")
+    assert state["sent"] > 4000
     assert state["replies"] == state["sent"], "every client message got exactly one answer"
     alive()
     # The cluster still serves normally, with the same processes.
@@ -340,9 +352,14 @@ def test_fuzz_thousands_of_hostile_messages(cluster):
     assert reply["ok"] and len(reply["images"]) == 2
     assert client.call({"id": "h", "op": "health"})["workers"] == 1
     assert sup.children[0].restarts == 0 and sup.children[1].restarts == 0
-    # Memory: no growth beyond a small bound after the warm-up.
-    assert _rss(broker) - base[0] < 16 * 2**20
-    assert _rss(worker) - base[1] < 48 * 2**20
+    # Memory: no trend. Each sample follows the same two requests (the same residue in buffers and
+    # arenas); the medians of the first and last three rounds are compared.
+    def median(values: list[int]) -> int:
+        return sorted(values)[len(values) // 2]
+
+    for k, (name, bound) in enumerate((("broker", 8), ("worker", 16))):
+        first, last = median([s[k] for s in samples[:3]]), median([s[k] for s in samples[3:]])
+        assert last - first < bound * 2**20, f"{name} memory grew: {mb}"
     stats = client.call({"id": "s", "op": "model_stats"})
     assert stats["totals"]["errors"].get("bad_request", 0) > 1000
     assert "internal" not in stats["totals"]["errors"], "no message reached a code path that was not ready for it"

@@ -328,6 +328,8 @@ class Transport:
             except LipsyncError:
                 continue  # not a reply we can read; its waiter times out with a clear message
             rid = header.get("id")
+            if isinstance(rid, str) and rid.startswith("__probe-"):
+                continue  # a liveness probe's answer: its arrival (_last_rx) was the point
             req = self._pending.get(rid) if isinstance(rid, int) and not isinstance(rid, bool) else None
             if req is None:
                 self.counters["late_replies"] += 1
