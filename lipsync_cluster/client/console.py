@@ -26,6 +26,8 @@ import click
 import msgpack
 import zmq
 
+from ..common.security import client_keys_from_env
+
 DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
 DEFAULT_STATS = os.environ.get("LIPSYNC_BROKER_STATS", "tcp://127.0.0.1:5557")
 MODEL_EVENTS = ("loaded", "evicted", "unloaded", "idle_unloaded", "load_failed")
@@ -55,6 +57,9 @@ class StatsFeed:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"stats")
         self.sock.setsockopt(zmq.SUBSCRIBE, b"event")
+        keys = client_keys_from_env()  # a CURVE cluster's stats socket wants a listed client key
+        if keys is not None:
+            keys.apply(self.sock)
         self.sock.connect(endpoint)
         self.snapshot: Optional[dict] = None
         self.received_at = 0.0
