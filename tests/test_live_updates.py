@@ -74,8 +74,14 @@ def test_reprepare_under_load_switches_version_without_failures(make_cluster, de
     assert errors == [], f"requests failed during the update: {errors[:3]}"
     assert replies[0] == old_version and replies[-1] == new_version
     assert set(replies) == {old_version, new_version}
+    # the broker's catalog follows within its refresh period (a stat of each package, every 2 s)
+    deadline = time.time() + 10
     with Client(sup.config.frontend) as client:
-        listed = {m["model_id"]: m for m in client.list_models()}
+        while time.time() < deadline:
+            listed = {m["model_id"]: m for m in client.list_models()}
+            if listed["demo_ada"]["version"] == new_version:
+                break
+            time.sleep(0.2)
     assert listed["demo_ada"]["version"] == new_version
     # the old version's shared frames are released once no worker needs them
     store = FrameStore(shm_namespace(sup.config))
