@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import signal
 import socket
 import sys
@@ -37,7 +36,7 @@ from typing import Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, today  # noqa: E402
+from common import machine, today, write_section  # noqa: E402
 
 from lipsync_cluster.client import Client, LipsyncError  # noqa: E402
 from lipsync_cluster.client.results import infer_request  # noqa: E402
@@ -245,14 +244,7 @@ def table(s: dict, events: list[str]) -> str:
 
 
 def write_doc(body: str) -> None:
-    start, end = "<!-- chaos:start -->", "<!-- chaos:end -->"
-    text = DOC.read_text() if DOC.exists() else "# Reliability\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda m: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
+    write_section("chaos", body, doc=DOC, title="# Reliability\n")
 
 
 def main() -> None:

@@ -30,14 +30,16 @@ def today() -> str:
     return datetime.date.today().isoformat()
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in BENCHMARKS.md."""
+def write_section(name: str, body: str, doc: Path = DOCS,
+                  title: str = "# Benchmarks\n\nEvery number here was measured by a script in `bench/`; "
+                               "each section names the machine, the date and the command.\n") -> None:
+    """Replace the text between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``doc``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\nEvery number here was measured by a script in `bench/`; each section names the machine, the date and the command.\n"
+    text = doc.read_text() if doc.exists() else title
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text:
         text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda m: block, text, flags=re.S)
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
