@@ -209,6 +209,10 @@ class Supervisor:
 
     def stop(self, drain_timeout_s: float = 15.0) -> None:
         self._stopping = True
+        if not any(child.proc is not None for child in self.children):
+            # Nothing of ours ever ran (a start refused before spawning): the shared frames in
+            # this namespace may belong to a cluster that is running on these ports. Leave them.
+            return
         workers = [c for c in self.children[1:] if c.alive]
         for child in workers:
             child.proc.send_signal(signal.SIGTERM)

@@ -176,6 +176,7 @@ def test_start_errors_are_one_clear_line(demo_dir, tmp_path):
         out = run_cli("start", "--config", str(path), "--gpus", "0", "--per-gpu", "1")
     assert out.returncode != 0
     assert f"tcp://127.0.0.1:{port} is already in use" in out.stderr
+    assert "removed" not in out.stderr, "a refused start must not touch another cluster's shared frames"
     # bad config
     bad = tmp_path / "bad.yaml"
     bad.write_text("capacity:\n  eviction_policy: mru\n")

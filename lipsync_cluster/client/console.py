@@ -37,6 +37,16 @@ class NoBroker(RuntimeError):
     """Nothing answered on the stats socket nor on the client endpoint."""
 
 
+def broker_endpoint_for(stats: str) -> str:
+    """The broker's client endpoint next to its PUB endpoint: same host, port - 2 (5557 -> 5555)."""
+    url = urlparse(stats)
+    if url.scheme != "tcp" or url.port is None or url.port <= 2:
+        return DEFAULT_BROKER
+    host = url.hostname or "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"tcp://{host}:{url.port - 2}"
+
+
 def stats_endpoint_for(broker: str) -> str:
     """The broker's PUB endpoint next to its client endpoint: same host, port + 2 (5555 -> 5557)."""
     url = urlparse(broker)
@@ -319,7 +329,8 @@ def stats(stats_endpoint: Optional[str], broker: Optional[str], once: bool, as_j
     """
     if stats_endpoint is None:
         stats_endpoint = stats_endpoint_for(broker) if broker else DEFAULT_STATS
-    fallback = broker or DEFAULT_BROKER
+    # The fallback asks the same broker's client endpoint: never another cluster's default one.
+    fallback = broker or broker_endpoint_for(stats_endpoint)
 
     def only(snapshot: dict) -> dict:
         if model_id:

@@ -558,7 +558,7 @@ def loadtest(broker: Optional[str], ports: Optional[str], models_opt: Optional[s
 
     \b
     Examples:
-      lipsync-cluster loadtest --models demo_ada,demo_bo -c 8 -d 30
+      lipsync-cluster loadtest --models demo_ada,demo_ben -c 8 -d 30
       lipsync-cluster loadtest --model-count 3 --zipf 1.0 --rate 20 -d 60 --json out.json --plot out.png
       lipsync-cluster loadtest --demo-models 6 --slots 2 --zipf 1 -c 4 -n 200
       lipsync-cluster loadtest --ports 5555 --model-names demo_ada --num-requests 100   (seed form)
