@@ -14,13 +14,11 @@ import math
 import numpy as np
 
 from ..common.errors import BadRequest, UnknownModel
+from ..common.infer_request import FORMATS, MAX_FRAME_INDEX, QUALITY_RANGE
 from ..common.protocol import (ALLOWED_DTYPES, CLIENT_OPS, optional_number, require_choice,
                                require_int, require_model_id)
 
-FORMATS = ("png", "jpeg", "raw", "patch")
-QUALITY_RANGE = {"jpeg": (1, 100), "png": (0, 9), "raw": (0, 100), "patch": (0, 100)}
 MAX_DEADLINE_MS = 24 * 3600 * 1000
-MAX_FRAME_INDEX = 2**31 - 1
 
 _SCALAR = (str, int, float, bytes, type(None))
 
@@ -126,8 +124,8 @@ def check_infer(header: dict, payloads: list, max_batch_size: int) -> int:
     if start is not None and (type(start) is not int or not 0 <= start <= MAX_FRAME_INDEX):
         require_int(header, "start_frame_idx", 0, MAX_FRAME_INDEX)
     offset = get("audio_frame_offset")
-    if offset is not None and (type(offset) is not int or not -MAX_FRAME_INDEX <= offset <= MAX_FRAME_INDEX):
-        require_int(header, "audio_frame_offset", -MAX_FRAME_INDEX, MAX_FRAME_INDEX)
+    if offset is not None and (type(offset) is not int or not 0 <= offset <= MAX_FRAME_INDEX):
+        require_int(header, "audio_frame_offset", 0, MAX_FRAME_INDEX)
     fmt = get("format", "png")
     if type(fmt) is not str or fmt not in QUALITY_RANGE:  # a map or list is unhashable: check first
         require_choice(header, "format", FORMATS, default="png")

@@ -14,6 +14,8 @@ from .errors import BadRequest
 from .protocol import optional_number, read_arrays, require_choice, require_int, require_model_id
 
 FORMATS = ("png", "jpeg", "raw", "patch")
+# quality per format: png compression level; jpeg (and patch, a jpeg of the face) quality; raw ignores it
+QUALITY_RANGE = {"png": (0, 9), "jpeg": (1, 100), "patch": (1, 100), "raw": (0, 100)}
 MAX_FRAME_INDEX = 2**31 - 1
 MAX_PCM_SECONDS = 60  # one request's audio; a stream sends a batch's span at a time
 
@@ -50,9 +52,7 @@ def parse_infer(header: dict, payloads: Sequence[Any], max_batch_size: int = 25)
     fmt = require_choice(header, "format", FORMATS, default="png")
     quality = header.get("quality")
     if quality is not None:
-        hi = 9 if fmt == "png" else 100
-        lo = 0 if fmt == "png" else 1
-        quality = require_int(header, "quality", lo, hi)
+        quality = require_int(header, "quality", *QUALITY_RANGE[fmt])
     deadline = optional_number(header, "deadline_ms", 1, 3_600_000)
     tensors = read_arrays(header, payloads)
     unknown = sorted(set(tensors) - {"audio_features", "audio_pcm", "visual_frames"})
