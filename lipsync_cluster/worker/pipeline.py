@@ -140,7 +140,8 @@ class Pipeline:
         t3 = time.perf_counter()
         images, payloads, composite_ms, encode_ms = self.composite_and_encode(model, req, bg, crops, out)
         t4 = time.perf_counter()
-        with_lock_free_stats(model, inference_ms)
+        # A float add under the GIL; a lost update between two threads only blurs a statistic.
+        model.total_inference_ms += inference_ms
         reply = {
             "model_id": model.model_id,
             "model_version": model.version,
@@ -159,7 +160,3 @@ class Pipeline:
         }
         return reply, payloads
 
-
-def with_lock_free_stats(model: LoadedModel, inference_ms: float) -> None:
-    # A float add under the GIL; a lost update between two threads would only blur a statistic.
-    model.total_inference_ms += inference_ms

@@ -11,7 +11,7 @@ import time
 from typing import Callable, Optional
 
 from ..common.catalog import Catalog
-from ..common.errors import BadRequest, RequestTimeout
+from ..common.errors import BadRequest
 from ..common.frame_store import FrameStore
 from ..common.infer_request import parse_infer
 from ..common.protocol import require_model_id
@@ -128,9 +128,6 @@ class WorkerService:
     def _infer(self, header: dict, payloads: list) -> tuple[dict, list]:
         started = time.perf_counter()
         req = parse_infer(header, payloads, self.max_batch_size)
-        deadline = header.get("deadline")
-        if isinstance(deadline, (int, float)) and time.time() > deadline:
-            raise RequestTimeout(f"deadline passed before the worker started (by {time.time() - deadline:.3f}s)")
         with self.cache.use(req.model_id, header.get("evict_hint")) as (model, loaded_now, load_ms):
             reply, frames = self.pipeline.run(model, req)
         reply["model_loaded"] = loaded_now
