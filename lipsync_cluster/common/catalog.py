@@ -47,42 +47,46 @@ class Catalog:
 
     # --- sources -------------------------------------------------------------------------
 
-    def _sources(self) -> dict[str, tuple[tuple, Callable[[], ModelPackage]]]:
-        """Every model's fingerprint and how to (re)load it. Explicit entries win over the folder."""
-        sources: dict[str, tuple[tuple, Callable[[], ModelPackage]]] = {}
+    def _sources(self) -> dict[str, tuple[Callable[[], tuple], Callable[[], ModelPackage]]]:
+        """Every model: how to take its fingerprint and how to (re)load it. Explicit entries win
+        over the folder."""
+        sources: dict[str, tuple[Callable[[], tuple], Callable[[], ModelPackage]]] = {}
         models_dir = self.models_dir
         if models_dir and os.path.isdir(models_dir):
             for entry in sorted(os.scandir(models_dir), key=lambda e: e.name):
                 manifest = os.path.join(entry.path, MANIFEST)
                 if entry.is_dir() and os.path.isfile(manifest):
                     folder = entry.path
-                    key = _stat_key(manifest, os.path.join(folder, "crop_rects.json"), os.path.join(folder, "frames"))
-                    sources[entry.name] = (key, lambda folder=folder, name=entry.name: load_package(folder, name))
+                    paths = (manifest, os.path.join(folder, "crop_rects.json"), os.path.join(folder, "frames"))
+                    sources[entry.name] = (lambda paths=paths: _stat_key(*paths),
+                                           lambda folder=folder, name=entry.name: load_package(folder, name))
         for model_id, spec in self.entries.items():
             if spec.package:
-                key = _stat_key(os.path.join(spec.package, MANIFEST), spec.package)
+                paths = (os.path.join(spec.package, MANIFEST), spec.package)
             else:
-                key = _stat_key(spec.model_path, spec.crop_rects_path, spec.background_dir)
-            sources[model_id] = (key, lambda mid=model_id, spec=spec: package_from_entry(mid, spec))
+                paths = (spec.model_path, spec.crop_rects_path, spec.background_dir)
+            sources[model_id] = (lambda paths=paths: _stat_key(*paths),
+                                 lambda mid=model_id, spec=spec: package_from_entry(mid, spec))
         return sources
 
     def refresh(self) -> None:
         sources = self._sources()
         with self._lock:
             packages, fingerprints, errors = {}, {}, {}
-            for model_id, (key, load) in sources.items():
+            for model_id, (fingerprint, load) in sources.items():
+                key = fingerprint()
                 if self._fingerprints.get(model_id) == key and model_id in self._packages:
                     packages[model_id] = self._packages[model_id]
                 elif self._fingerprints.get(model_id) == key and model_id in self.errors:
                     errors[model_id] = self.errors[model_id]
                 else:
-                    key = self._load_stable(model_id, key, load, packages, errors)
+                    key = self._load_stable(key, fingerprint, load, packages, errors, model_id)
                 fingerprints[model_id] = key
             self._packages, self._fingerprints, self.errors = packages, fingerprints, errors
             self._scanned_at = self.clock()
 
-    def _load_stable(self, model_id: str, key: tuple, load: Callable[[], ModelPackage],
-                     packages: dict, errors: dict) -> tuple:
+    def _load_stable(self, key: tuple, fingerprint: Callable[[], tuple], load: Callable[[], ModelPackage],
+                     packages: dict, errors: dict, model_id: str) -> tuple:
         """Load a package and make sure it did not change while it was read.
 
         A re-prepare swaps the package folder; a read that straddles the swap could pair the old
@@ -94,7 +98,7 @@ class Catalog:
                 problem = None
             except ModelPackageError as exc:
                 package, problem = None, exc.message
-            after = self._sources().get(model_id, (None,))[0]
+            after = fingerprint()  # this package's files only, not a rescan of every folder
             if after == key:
                 break
             key = after
