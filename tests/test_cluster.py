@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lipsync_cluster.client import Client, UnknownModel
+from lipsync_cluster.client import Client, LipsyncError, UnknownModel
 from lipsync_cluster.common.model_package import load_package
 
 from conftest import cluster_config, free_port
@@ -130,6 +130,49 @@ def test_two_models_served_concurrently_by_different_workers(make_cluster):
         with ThreadPoolExecutor(2) as pool:
             ada, ben = pool.map(run, ["demo_ada", "demo_ben"])
     assert len(set(ada)) == 1 and len(set(ben)) == 1 and set(ada) != set(ben)
+
+
+def test_unload_and_load_floods_never_close_a_model_under_a_request(make_cluster):
+    """Infers on two models while other clients flood unload_model / load_model(force_reload) at
+    the same worker: every answer is a result or an honest refusal, never ``internal`` (a model
+    closed between its load and the request's hold answered "these shared frames were closed")."""
+    sup = make_cluster(cluster={"per_gpu": 1, "worker_credits": 4}, capacity={"max_models": 2})
+    stop = threading.Event()
+    codes: dict[str, int] = {}
+    served = [0]
+    lock = threading.Lock()
+
+    def count(code: str) -> None:
+        with lock:
+            codes[code] = codes.get(code, 0) + 1
+
+    def infers(model: str) -> None:
+        with client_for(sup) as client:
+            while not stop.is_set():
+                try:
+                    client.infer(model, audio_features=SILENCE, format="jpeg")
+                    served[0] += 1
+                except LipsyncError as exc:
+                    count(exc.code)
+
+    def flood(model: str) -> None:
+        with client_for(sup) as client:
+            i = 0
+            while not stop.is_set():
+                try:
+                    client.unload_model(model) if i % 3 else client.load_model(model, force_reload=True)
+                except LipsyncError as exc:
+                    count(exc.code)
+                i += 1
+
+    threads = [threading.Thread(target=infers, args=(m,)) for m in ("demo_ada", "demo_ada", "demo_ben")]
+    threads += [threading.Thread(target=flood, args=(m,)) for m in ("demo_ada", "demo_ben")]
+    [t.start() for t in threads]
+    stop.wait(6.0)
+    stop.set()
+    [t.join(60) for t in threads]
+    assert "internal" not in codes, codes
+    assert served[0] > 10, (served, codes)
 
 
 def test_killed_worker_is_restarted_and_its_request_answered(make_cluster):

@@ -199,8 +199,8 @@ class ModelCache:
              evict_hint: Optional[str] = None, hold: bool = False) -> tuple[LoadedModel, float]:
         """Make ``model_id`` resident. Returns ``(model, load_ms)``; load_ms is 0 if it already was.
 
-        ``hold`` marks the model in use before the lock is released, so no other thread can
-        evict it between loading and running.
+        ``hold`` marks the model in use under the same lock that publishes it (or finds it), so
+        no other thread can evict, unload or replace-and-close it between loading and running.
         """
         package = package or self.resolve(model_id)
         while True:
@@ -220,18 +220,16 @@ class ModelCache:
             waiting.wait()
             force_reload = False  # someone else just loaded it: that is the reload we wanted
         try:
-            model = self._load_new(package, evict_hint, replacing=current)
+            model = self._load_new(package, evict_hint, replacing=current, hold=hold)
         finally:
             with self._lock:
                 self._loading.pop(model_id, None)
                 self._reserved.pop(model_id, None)
             done.set()
-        with self._lock:
-            if hold:
-                model.in_use += 1
         return model, model.load_ms
 
-    def _load_new(self, package: ModelPackage, evict_hint: Optional[str], replacing: Optional[LoadedModel]) -> LoadedModel:
+    def _load_new(self, package: ModelPackage, evict_hint: Optional[str], replacing: Optional[LoadedModel],
+                  hold: bool = False) -> LoadedModel:
         model_id = package.model_id
         estimate = self._estimate_bytes(package)
         self._make_room(model_id, estimate, evict_hint, replacing)
@@ -277,9 +275,11 @@ class ModelCache:
                 frames.close()
                 session = None
                 raise
+        # A held model is published already in use: an unload or another load's eviction that runs
+        # the moment the lock is released must see the hold (an in-use model is never closed).
         model = LoadedModel(package=package, session=session, visual_input=visual, audio_input=audio,
                             frames=frames, memory_bytes=memory, load_ms=load_ms, loaded_at=self.clock(),
-                            last_used=self.clock())
+                            last_used=self.clock(), in_use=1 if hold else 0)
         with self._lock:
             self._backoff.succeeded(model_id)
             old = self._models.get(model_id)
