@@ -29,7 +29,7 @@ from lipsync_cluster.demo.light import mouth_open_pixels
 
 SR = 16000
 FPS = 25
-MODEL_A, MODEL_B = "demo_ada", "demo_ben"
+MODEL_A, MODEL_B, MODEL_C = "demo_ada", "demo_ben", "demo_cleo"
 
 
 def bursts(seconds: float, period: float = 1.6, on: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -341,3 +341,112 @@ def test_async_session_streams_the_same_frames(make_cluster):
     assert [f.index for f in frames] == list(range(75))
     assert all(f.pts == f.index / 25 for f in frames)
     assert lat["frames"] == 75
+
+
+# --- conversation: switch by audio position, interrupt, idle frames, lookahead ------------------
+
+
+def test_switch_and_interrupt_positions_in_the_core_do_not_depend_on_the_sender():
+    core = StreamCore(MODEL_A, batch_size=5, max_in_flight=100)
+    core.push(np.zeros(2 * SR + 100, np.float32))  # 50 frames + 100 samples, nothing planned yet
+    assert core.switch(MODEL_B) == 55  # the first boundary at or after 50.16 frames
+    assert core.switch(MODEL_A, at_frame=57) == 57  # an explicit frame: a batch ends there
+    core.push(np.zeros(2 * SR, np.float32))
+    planned = [(b.start, b.size, b.model_id) for b in core.plan()]
+    assert (50, 5, MODEL_A) in planned and (55, 2, MODEL_B) in planned and (57, 5, MODEL_A) in planned
+    with pytest.raises(BadRequest, match="at_frame"):
+        core.switch(MODEL_B, at_frame=-1)
+    with pytest.raises(BadRequest, match="lookahead_frames"):
+        StreamCore(MODEL_A, lookahead_frames=13)
+    # lookahead 4: batch [0, 5) goes out once 9 frames are here; the span ends there
+    core = StreamCore(MODEL_A, batch_size=5, lookahead_frames=4)
+    core.push(np.zeros(9 * SAMPLES_PER_FRAME - 1, np.float32))
+    assert core.plan() == []
+    core.push(np.zeros(1, np.float32))
+    (b,) = core.plan()
+    assert (b.first, b.end) == (0, 9)
+
+
+def test_switch_after_two_seconds_lands_at_frame_50_whatever_the_sender_did(make_cluster):
+    sup = make_cluster()
+    pcm, _ = bursts(4.0, seed=7)
+    landed = []
+    with Client(sup.config.frontend) as client:
+        for sender_ahead in (False, True):
+            with StreamSession(client, MODEL_A, batch_size=5, max_in_flight=2) as session:
+                frames = []
+                if sender_ahead:  # the sender has already sent (and got back) batches when switch() comes
+                    session.push(pcm[:SR + SR // 2])
+                    frames.append(session.get(timeout=30))
+                    session.push(pcm[SR + SR // 2:2 * SR])
+                else:  # faster than real time, all at once: nothing has been sent yet
+                    session.push(pcm[:2 * SR])
+                assert session.switch(MODEL_B) == 50
+                session.push(pcm[2 * SR:])
+                session.close()
+                frames += list(session.frames(timeout=30))
+                switches = session.stats()["switches"]
+            assert [f.index for f in frames] == list(range(100))
+            models = [f.model_id for f in frames]
+            landed.append(models.index(MODEL_B))
+            assert models == [MODEL_A] * landed[-1] + [MODEL_B] * (100 - landed[-1])
+            assert switches == [[0, MODEL_A], [50, MODEL_B]]
+    assert landed == [50, 50], f"the switch lands where the audio was, on every run: {landed}"
+
+
+def test_interrupt_mid_utterance_keeps_indices_and_drops_the_unsaid_audio(make_cluster):
+    sup = make_cluster()
+    speech, _ = bursts(4.0, period=10.0, on=10.0, seed=9)  # one utterance from 0.4 s to the end
+
+    async def run():
+        async with AsyncClient(sup.config.frontend) as client:
+            async with AsyncStreamSession(client, MODEL_A, batch_size=5, max_in_flight=3) as session:
+                session.push(speech)  # 4 s at once, as a TTS engine does
+                frames = [await session.get(timeout=30) for _ in range(20)]
+                cut = session.interrupt()
+                session.push(np.zeros(2 * SR, np.float32))  # the user talks; the avatar is silent
+                session.close()
+                frames += [f async for f in session.frames()]
+                return frames, cut, session.stats()
+
+    frames, cut, stats = asyncio.run(run())
+    assert 20 <= cut < 80, cut
+    n = cut + 50
+    assert [f.index for f in frames] == list(range(n)), "indices go on from the cut, none missing"
+    assert all(f.pts == f.index / FPS for f in frames)
+    assert stats["interrupts"][0]["cut"] == cut and stats["interrupts"][0]["dropped_samples"] > 0
+    opening = [mouth(f) for f in frames]
+    print("cut", cut, "mouth opening per frame:", opening)
+    assert np.median(opening[18:cut]) > 500, "the utterance opens the mouth before the cut"
+    # From cut+9 on, a frame's audio window holds only what came after the cut: silence. Any frame
+    # made of the dropped speech would open the mouth.
+    after = opening[cut + 9:]
+    assert max(after) < 50, f"frames after the cut show no dropped audio: {after}"
+
+
+def test_idle_frames_equal_the_full_path_on_a_real_worker(make_cluster, demo_dir):
+    import onnxruntime as ort
+
+    sup = make_cluster(cluster={"per_gpu": 1})
+    span = np.zeros((5 + 21) * SAMPLES_PER_FRAME, np.float32)  # batch [9, 14): frames [0, 26) of audio
+    enc = ort.InferenceSession(str(demo_dir / "audio_encoder.onnx"), providers=["CPUExecutionProvider"])
+    name = enc.get_inputs()[0].name
+    windows = features_from_pcm(span, lambda x: enc.run(None, {name: x})[0], 0, np.arange(9, 14))
+    with Client(sup.config.frontend) as client:
+        first = client.infer(MODEL_C, start_frame_idx=9, batch_size=5, audio_pcm=span, audio_frame_offset=0,
+                             format="raw")
+        again = client.infer(MODEL_C, start_frame_idx=9, batch_size=5, audio_pcm=np.zeros(span.size, np.int16),
+                             audio_frame_offset=0, format="raw")
+        full = client.infer(MODEL_C, start_frame_idx=9, batch_size=5, audio_features=windows, format="raw")
+        talking, _ = bursts(26 * SAMPLES_PER_FRAME / SR, period=1.0, on=0.9, seed=8)
+        spoken = client.infer(MODEL_C, start_frame_idx=9, batch_size=5, audio_pcm=talking + np.float32(0.01),
+                              audio_frame_offset=0, format="raw")
+    assert first.header["idle_frames"] == 0, "the first silent batch runs the UNet and fills the cache"
+    assert again.header["idle_frames"] == 5, "the same backgrounds again: no UNet"
+    assert spoken.header["idle_frames"] == 0
+    assert again.timings["inference_ms"] == 0
+    for a, b, c in zip(first.frames, again.frames, full.frames):
+        assert np.array_equal(a, b), "cached frames are composited bit-identically"
+        diff = np.abs(b.astype(np.int16) - c).max()
+        assert diff == 0, f"idle frame differs from the full UNet path by {diff}"
+    assert max(np.abs(s.astype(np.int16) - c).max() for s, c in zip(spoken.frames, full.frames)) > 30

@@ -63,6 +63,8 @@ RETRYABLE = (Unavailable, RequestTimeout, Overloaded)
 MAX_ATTEMPTS = 2  # a batch is retried once
 LATENCY_WINDOW = 20000  # latency samples kept (the most recent), per session
 FORMATS = ("jpeg", "png", "raw", "patch")
+IDLE_TICK_S = 0.04  # listening: how often the silence is topped up (one frame)
+IDLE_GRACE_S = 0.12  # listening: silence starts this long after the last audio (real-time chunks never wait on it)
 
 
 @dataclass
@@ -138,7 +140,8 @@ class StreamCore:
 
     def __init__(self, model_id: str, *, fps: int = FPS, batch_size: int = 5, format: str = "jpeg",
                  quality: Optional[int] = None, max_in_flight: int = 3, max_ready_frames: int = 250,
-                 request_timeout: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 request_timeout: float = 10.0, lookahead_frames: int = SPAN_AFTER,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if fps != FPS:
             raise BadRequest(f"fps must be {FPS}: the models' audio front end is fixed at {FPS} frames per second "
                              f"({SAMPLES_PER_FRAME} samples of {SAMPLE_RATE} Hz audio per frame); got {fps}",
@@ -149,7 +152,12 @@ class StreamCore:
             raise BadRequest(f"format must be one of {', '.join(FORMATS)}; got {format!r}", field="format")
         if max_in_flight < 1:
             raise BadRequest(f"max_in_flight must be >= 1; got {max_in_flight}", field="max_in_flight")
+        if isinstance(lookahead_frames, bool) or not isinstance(lookahead_frames, int) \
+                or not 0 <= lookahead_frames <= SPAN_AFTER:
+            raise BadRequest(f"lookahead_frames must be an integer in 0..{SPAN_AFTER} ({SPAN_AFTER} = exact); "
+                             f"got {lookahead_frames!r}", field="lookahead_frames")
         self._check_model(model_id)
+        self.lookahead_frames = lookahead_frames
         self.fps = fps
         self.batch_size = batch_size
         self.format = format
@@ -176,7 +184,20 @@ class StreamCore:
         self._results: dict[int, _Batch] = {}  # by start frame, waiting for an earlier batch
         self.ready: deque[StreamFrame] = deque()
         self.error: Optional[LipsyncError] = None
-        self.switches: list[tuple[int, str]] = [(0, model_id)]  # (first frame, model) of each model run
+        self.switches: list[tuple[int, str]] = [(0, model_id)]  # (first frame, model) of each planned model run
+        # Requested models by frame: (first frame, order, model); the model of frame k is the last
+        # entry with first frame <= k. Planned batches never cross an entry's first frame.
+        self._schedule: list[tuple[int, int, str]] = [(0, 0, model_id)]
+        self._order = itertools.count(1)
+        # Where the batch grid restarts: 0, every cut, every switch at an explicit frame. Batches
+        # are [a, a+B), [a+B, a+2B) ... from the last anchor a, whatever the sender has done.
+        self._anchors: list[int] = [0]
+        self.interrupts: list[dict] = []  # {"cut", "dropped_frames", "dropped_samples"} per interrupt()
+        # listening: silence is appended when no audio comes, so idle frames keep flowing
+        self.listening = False
+        self.idle_grace_s = IDLE_GRACE_S
+        self._idle_anchor: tuple[float, int] = (0.0, 0)  # (time, samples) of the last push or listen()
+        self.idle_samples = 0  # silence appended by listening
         self.batches_sent = 0
         self.retries = 0
         self.retry_log: list[dict] = []
@@ -200,6 +221,10 @@ class StreamCore:
         x = to_float_pcm(x, "audio_pcm")
         self._append(x)
         now = self.clock()
+        self._idle_anchor = (now, self.samples)
+        self._mark_complete(now)
+
+    def _mark_complete(self, now: float) -> None:
         complete = self.samples // SAMPLES_PER_FRAME
         have = self._audio_t_base + len(self._audio_t)
         if complete > have:
@@ -208,8 +233,10 @@ class StreamCore:
     def _append(self, x: np.ndarray) -> None:
         used = self.samples - self._buf_base
         if used + x.size > self._buf.size:
-            # Drop what no future batch needs (sent batches carry their own copy), then grow.
-            keep_from = max(0, self.next_frame - SPAN_BEFORE) * SAMPLES_PER_FRAME
+            # Drop what no future batch needs (sent batches carry their own copy), then grow. An
+            # interrupt() may re-plan from the first frame not yet handed out: keep its context.
+            handed_out = self.delivered - len(self.ready)
+            keep_from = max(0, min(self.next_frame, handed_out) - SPAN_BEFORE) * SAMPLES_PER_FRAME
             drop = max(0, min(keep_from, self.samples) - self._buf_base)
             kept = used - drop
             size = self._buf.size
@@ -243,9 +270,136 @@ class StreamCore:
         if self.total_frames > have:
             self._audio_t.extend([self.clock()] * (self.total_frames - have))
 
-    def switch(self, model_id: str) -> None:
+    def _grid_boundary(self, frame: int) -> int:
+        """The first batch boundary at or after ``frame`` (on the grid of the last anchor before it)."""
+        a = max(x for x in self._anchors if x <= frame)
+        return a + -(-(frame - a) // self.batch_size) * self.batch_size
+
+    def switch(self, model_id: str, at_frame: Optional[int] = None) -> int:
+        """Use ``model_id`` from a frame on; returns that frame.
+
+        Default: the first batch boundary at or after the audio pushed so far (``samples / 640``
+        rounded up), so the switch lands at the same frame whatever the sender has done.
+        ``at_frame``: exactly that frame (a batch ends there). A frame already planned cannot
+        change: a position before ``planned`` lands at ``planned``.
+        """
         self._check_model(model_id)
+        if at_frame is None:
+            frame = self._grid_boundary(-(-self.samples // SAMPLES_PER_FRAME))
+        else:
+            if isinstance(at_frame, bool) or not isinstance(at_frame, int) or at_frame < 0:
+                raise BadRequest(f"at_frame must be an integer >= 0; got {at_frame!r}", field="at_frame")
+            frame = at_frame
+        frame = max(frame, self.next_frame)
+        if at_frame is not None and frame not in self._anchors:
+            self._anchors.append(frame)
+            self._anchors.sort()
+        self._schedule.append((frame, next(self._order), model_id))
+        self._schedule.sort()
         self.model_id = model_id
+        return frame
+
+    def _model_at(self, frame: int) -> tuple[str, Optional[int]]:
+        """The model of ``frame`` and the next frame where the model or the grid changes (or None)."""
+        model = self._schedule[0][2]
+        nxt = None
+        for first, _, m in self._schedule:
+            if first <= frame:
+                model = m
+            elif nxt is None or first < nxt:
+                nxt = first
+        for a in self._anchors:
+            if a > frame and (nxt is None or a < nxt):
+                nxt = a
+        return model, nxt
+
+    # --- interruption and listening ------------------------------------------------------------
+
+    def interrupt(self, at_frame: Optional[int] = None) -> tuple[int, list]:
+        """Barge-in: drop the audio not yet turned into frames and every batch past the cut.
+
+        The cut is ``delivered`` (frames already made are kept, read or not), or ``at_frame``
+        (clamped to ``[frames handed out .. complete frames pushed]``; made frames at or past it
+        are dropped too). Frame ``cut`` then takes the next audio pushed (or the listening
+        silence); indices and pts go on from there. A closed stream ends at the cut. Returns
+        ``(cut, handles of the dropped in-flight attempts)`` for the driver to cancel.
+        """
+        handed_out = self.delivered - len(self.ready)
+        cut = self.delivered if at_frame is None else int(at_frame)
+        if at_frame is not None and (isinstance(at_frame, bool) or not isinstance(at_frame, int) or at_frame < 0):
+            raise BadRequest(f"at_frame must be an integer >= 0; got {at_frame!r}", field="at_frame")
+        cut = max(handed_out, min(cut, self.samples // SAMPLES_PER_FRAME if not self.closed
+                                  else self.total_frames))
+        handles = []
+        restart = self.next_frame
+        for seq, b in list(self.inflight.items()):
+            if b.start + b.size > cut:
+                del self.inflight[seq]
+                restart = min(restart, b.start)
+                if b.handle is not None:
+                    handles.append(b.handle)
+        for start, b in list(self._results.items()):
+            if b.start + b.size > cut:
+                del self._results[start]
+                restart = min(restart, b.start)
+        dropped_ready = 0
+        if cut < self.delivered:
+            kept = deque(f for f in self.ready if f.index < cut)
+            dropped_ready = len(self.ready) - len(kept)
+            self.ready = kept
+            self.delivered = cut
+            restart = cut
+        self.next_frame = min(restart, cut)
+        # audio: keep [.., cut*640) as the context of the frames after the cut
+        dropped_samples = 0
+        if self.closed:
+            self.total_frames = min(self.total_frames, cut)
+        else:
+            keep = cut * SAMPLES_PER_FRAME
+            if self.samples > keep:
+                dropped_samples = self.samples - keep
+                self.samples = keep
+            self._idle_anchor = (self.clock(), self.samples)
+        if cut >= self._audio_t_base:
+            while self._audio_t_base + len(self._audio_t) > cut:
+                self._audio_t.pop()
+        else:
+            self._audio_t.clear()
+            self._audio_t_base = cut
+        # the plan after the cut: switches asked for later frames apply from the cut on
+        self._schedule = [(min(f, cut), o, m) for f, o, m in self._schedule]
+        self._schedule.sort()
+        self._anchors = sorted({a for a in self._anchors if a < cut} | {cut})
+        self.switches = [s for s in self.switches if s[0] < self.next_frame] or [(0, self._schedule[0][2])]
+        self.interrupts.append({"cut": cut, "dropped_frames": dropped_ready, "dropped_samples": dropped_samples})
+        return cut, handles
+
+    def set_listening(self, on: bool) -> None:
+        """Listening: when no audio comes, silence is appended in real time (idle frames flow).
+
+        The audio then never ends more than ``idle_grace_s`` behind the clock: a caller that
+        pushes in real time is never interleaved with silence, and one that stops gets digital
+        silence (the workers serve it from their idle cache) ``idle_grace_s`` later.
+        """
+        if on and not self.listening:
+            self._idle_anchor = (self.clock(), self.samples)
+        self.listening = bool(on)
+
+    def fill_idle(self, now: Optional[float] = None) -> int:
+        """Append the listening silence due by ``now`` (whole frames); returns the samples added."""
+        if not self.listening or self.closed:
+            return 0
+        now = self.clock() if now is None else now
+        t0, s0 = self._idle_anchor
+        due = s0 + int((now - t0 - self.idle_grace_s) * SAMPLE_RATE)
+        target = (due // SAMPLES_PER_FRAME) * SAMPLES_PER_FRAME
+        if target <= self.samples:
+            return 0
+        n = target - self.samples
+        self._append(np.zeros(n, np.float32))
+        self.idle_samples += n
+        self._mark_complete(now)
+        return n
 
     # --- planning -----------------------------------------------------------------------------
 
@@ -281,26 +435,30 @@ class StreamCore:
 
     def _next_batch(self) -> Optional[_Batch]:
         start = self.next_frame
+        model_id, change = self._model_at(start)
+        size = self.batch_size if change is None else min(self.batch_size, change - start)
         if self.closed:
             if start >= self.total_frames:
                 return None
-            size = min(self.batch_size, self.total_frames - start)
+            size = min(size, self.total_frames - start)
             first, end = pcm_span_for_batch(start, size, self.total_frames)
         else:
-            size = self.batch_size
             first, end = pcm_span_for_batch(start, size)
+            # Fewer frames of future audio than the exact 12: the batch is computed as if the audio
+            # ended there (the end-of-clip rule; see lookahead_frames in docs/STREAMING.md).
+            end = min(end, start + size + self.lookahead_frames)
             if self.samples < end * SAMPLES_PER_FRAME:
                 return None  # the lookahead has not been pushed yet
         pcm = self._slice(first * SAMPLES_PER_FRAME, end * SAMPLES_PER_FRAME)
         quality = self.quality if self.quality is not None else (85 if self.format == "jpeg" else None)
         header, payloads = infer_request(
-            self.model_id, start_frame_idx=start, batch_size=size, audio_pcm=pcm, audio_frame_offset=first,
+            model_id, start_frame_idx=start, batch_size=size, audio_pcm=pcm, audio_frame_offset=first,
             format=self.format, quality=quality, deadline_ms=int(self.request_timeout * 1000))
         ready_t = self._audio_t[end - 1 - self._audio_t_base]
-        if self.model_id != self.switches[-1][1]:
-            self.switches.append((start, self.model_id))
+        if model_id != self.switches[-1][1]:
+            self.switches.append((start, model_id))
         self.next_frame = start + size
-        return _Batch(next(self._seq), start, size, self.model_id, first, end, header, payloads, ready_t)
+        return _Batch(next(self._seq), start, size, model_id, first, end, header, payloads, ready_t)
 
     def sent(self, b: _Batch, now: Optional[float] = None) -> int:
         """Record that ``b`` went out; returns the attempt number (1, 2)."""
@@ -411,7 +569,7 @@ class StreamCore:
             parts = {f"{k}_ms": _percentiles(tail(v)) for k, v in self._lat.items() if k != "latency"}
             parts.update({f"server_{k}": _percentiles(tail(v)) for k, v in sorted(self._server.items())})
         out["breakdown"] = parts
-        out["lookahead_frames"] = SPAN_AFTER
+        out["lookahead_frames"] = self.lookahead_frames
         out["batch_size"] = self.batch_size
         out["retries"] = self.retries
         return out
@@ -421,7 +579,9 @@ class StreamCore:
                 "closed": self.closed, "total_frames": self.total_frames, "planned": self.next_frame,
                 "delivered": self.delivered, "ready": len(self.ready), "in_flight": len(self.inflight),
                 "batches_sent": self.batches_sent, "retries": self.retries,
-                "switches": [list(s) for s in self.switches],
+                "switches": [list(s) for s in self.switches], "interrupts": list(self.interrupts),
+                "listening": self.listening, "idle_seconds": self.idle_samples / SAMPLE_RATE,
+                "lookahead_frames": self.lookahead_frames,
                 "error": None if self.error is None else self.error.to_wire()}
 
 
@@ -445,11 +605,11 @@ class StreamSession:
 
     def __init__(self, client, model_id: str, *, fps: int = FPS, batch_size: int = 5, format: str = "jpeg",
                  quality: Optional[int] = None, max_in_flight: int = 3, max_ready_frames: int = 250,
-                 request_timeout: float = 10.0) -> None:
+                 request_timeout: float = 10.0, lookahead_frames: int = SPAN_AFTER) -> None:
         self._client = client
         self._core = StreamCore(model_id, fps=fps, batch_size=batch_size, format=format, quality=quality,
                                 max_in_flight=max_in_flight, max_ready_frames=max_ready_frames,
-                                request_timeout=request_timeout)
+                                request_timeout=request_timeout, lookahead_frames=lookahead_frames)
         self._cond = threading.Condition()  # guards the core; readers wait on it for frames
         self._wake = threading.Event()  # wakes the background thread (never taken by reply callbacks' lock)
         self._completions: deque[tuple[_Batch, int, Any]] = deque()
@@ -466,10 +626,29 @@ class StreamSession:
             self._core.push(pcm)
         self._wake.set()
 
-    def switch(self, model_id: str) -> None:
-        """Use ``model_id`` from the next batch that is sent on."""
+    def switch(self, model_id: str, at_frame: Optional[int] = None) -> int:
+        """Use ``model_id`` from the first batch boundary at or after the audio pushed so far (or
+        from ``at_frame``); returns the frame where the switch lands."""
         with self._cond:
-            self._core.switch(model_id)
+            frame = self._core.switch(model_id, at_frame)
+        self._wake.set()
+        return frame
+
+    def interrupt(self, at_frame: Optional[int] = None) -> int:
+        """Barge-in: drop the audio not yet turned into frames and the batches past the cut; the
+        next audio (or listening silence) goes on from the cut. Returns the cut frame."""
+        with self._cond:
+            cut, handles = self._core.interrupt(at_frame)
+            self._cond.notify_all()
+        for handle in handles:
+            handle.cancel()
+        self._wake.set()
+        return cut
+
+    def set_listening(self, on: bool = True) -> None:
+        """Listening on: when no audio comes, silence is appended in real time (idle frames flow)."""
+        with self._cond:
+            self._core.set_listening(on)
         self._wake.set()
 
     def close(self) -> None:
@@ -620,12 +799,13 @@ class StreamSession:
                     if b.handle is not None:
                         b.handle.cancel()
                     core.failed(b, Unavailable(f"no reply within {core.request_timeout + 2:.0f}s"))
+                core.fill_idle()
                 for b in core.plan():
                     self._send(b)
                 self._cond.notify_all()
                 if core.error is not None or core.finished:
                     return
-                wait = 0.5
+                wait = IDLE_TICK_S if core.listening else 0.5
                 due = core.next_retry_at()
                 if due is not None:
                     wait = max(0.0, min(wait, due - core.clock()))
@@ -641,11 +821,11 @@ class AsyncStreamSession:
 
     def __init__(self, client, model_id: str, *, fps: int = FPS, batch_size: int = 5, format: str = "jpeg",
                  quality: Optional[int] = None, max_in_flight: int = 3, max_ready_frames: int = 250,
-                 request_timeout: float = 10.0) -> None:
+                 request_timeout: float = 10.0, lookahead_frames: int = SPAN_AFTER) -> None:
         self._client = client
         self._core = StreamCore(model_id, fps=fps, batch_size=batch_size, format=format, quality=quality,
                                 max_in_flight=max_in_flight, max_ready_frames=max_ready_frames,
-                                request_timeout=request_timeout)
+                                request_timeout=request_timeout, lookahead_frames=lookahead_frames)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._timer: Optional[asyncio.TimerHandle] = None
@@ -657,8 +837,20 @@ class AsyncStreamSession:
         self._core.push(pcm)
         self._pump()
 
-    def switch(self, model_id: str) -> None:
-        self._core.switch(model_id)
+    def switch(self, model_id: str, at_frame: Optional[int] = None) -> int:
+        frame = self._core.switch(model_id, at_frame)
+        self._pump()
+        return frame
+
+    def interrupt(self, at_frame: Optional[int] = None) -> int:
+        cut, handles = self._core.interrupt(at_frame)
+        for handle in handles:
+            handle.cancel()
+        self._pump()
+        return cut
+
+    def set_listening(self, on: bool = True) -> None:
+        self._core.set_listening(on)
         self._pump()
 
     def close(self) -> None:
@@ -748,6 +940,7 @@ class AsyncStreamSession:
         if self._cancelled:
             return
         core = self._core
+        core.fill_idle()
         for b in core.plan():
             attempt = core.sent(b)
             task = asyncio.ensure_future(self._attempt(b, attempt))
@@ -755,6 +948,9 @@ class AsyncStreamSession:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         due = core.next_retry_at()
+        if core.listening and not core.closed:
+            tick = core.clock() + IDLE_TICK_S
+            due = tick if due is None else min(due, tick)
         if due is not None and self._timer is None:
             delay = max(0.0, due - core.clock())
             self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
