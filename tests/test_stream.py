@@ -450,3 +450,15 @@ def test_idle_frames_equal_the_full_path_on_a_real_worker(make_cluster, demo_dir
         diff = np.abs(b.astype(np.int16) - c).max()
         assert diff == 0, f"idle frame differs from the full UNet path by {diff}"
     assert max(np.abs(s.astype(np.int16) - c).max() for s, c in zip(spoken.frames, full.frames)) > 30
+
+
+def test_silence_is_defined_so_that_the_mel_sits_at_its_floor():
+    from lipsync_cluster.common.audio import melspectrogram
+    from lipsync_cluster.worker.idle import SILENCE_THRESHOLD, is_silent
+
+    rng = np.random.default_rng(0)
+    worst = (np.sign(rng.standard_normal(SR)) * SILENCE_THRESHOLD * 0.999).astype(np.float32)
+    assert is_silent(worst) and is_silent(np.zeros(640, np.int16))
+    assert np.array_equal(melspectrogram(worst), melspectrogram(np.zeros(SR, np.float32)))
+    assert not is_silent(np.array([0, 1, 0], np.int16)), "one int16 step is not silence"
+    assert not is_silent(worst * 2) and not is_silent(None)

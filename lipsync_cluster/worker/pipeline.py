@@ -128,6 +128,17 @@ class Pipeline:
             images.append(info)
         return images, payloads, composite_ms, encode_ms
 
+    def _idle_applies(self, req: InferRequest) -> bool:
+        """Silent PCM that covers the batch, the worker's own visual inputs, an encoder to fill the
+        cache with: anything else takes the full path (which also reports what is wrong)."""
+        if req.visual_frames is not None or req.audio_pcm is None or self.encoder is None:
+            return False
+        covered = audio.frames_covered(req.audio_pcm.shape[0])
+        if not (req.audio_frame_offset <= req.start_frame_idx
+                and req.start_frame_idx + req.batch_size <= req.audio_frame_offset + covered):
+            return False
+        return is_silent(req.audio_pcm)
+
     def _idle_outputs(self, model: LoadedModel, req: InferRequest,
                       bg: np.ndarray) -> tuple[np.ndarray, list, int, float, float]:
         """UNet outputs of a silent batch from the idle cache; the frames it lacks run the UNet."""
@@ -154,7 +165,7 @@ class Pipeline:
         req.check_values()
         t0 = time.perf_counter()
         idle_frames = 0
-        if req.visual_frames is None and is_silent(req.audio_pcm):
+        if self._idle_applies(req):
             t1 = t0
             bg = self.background_indices(model, req)
             out, crops, idle_frames, inference_ms, unet_wait_ms = self._idle_outputs(model, req, bg)
