@@ -7,6 +7,7 @@ worker that dies is restarted with exponential backoff; SIGINT/SIGTERM drains th
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from urllib.parse import urlparse
 import yaml
 
 from .common.catalog import Catalog
-from .common.frame_store import FrameStore
+from .common.frame_store import FrameStore, UnsafeStoreError
 from .config import Config, ConfigError
 
 log = logging.getLogger("lipsync_cluster.supervisor")
@@ -35,8 +36,12 @@ class StartError(RuntimeError):
 
 
 def shm_namespace(config: Config) -> str:
-    """Shared frames are named per cluster (by backend port), so a restart finds what a crash left."""
-    return f"p{urlparse(config.backend).port or 0}"
+    """Shared frames are named per cluster, so a restart finds what a crash left: by the whole
+    backend endpoint (address and port, or the ipc path), not the port alone, so two clusters on
+    the same ports of different loopback addresses (or on ipc endpoints) never share, or clean up,
+    each other's frames."""
+    digest = hashlib.sha256(config.backend.encode()).hexdigest()[:12]
+    return f"p{urlparse(config.backend).port or 0}-{digest}"
 
 
 def count_gpus() -> int:
@@ -135,7 +140,11 @@ class Supervisor:
         for endpoint in (cfg.frontend, cfg.backend, cfg.stats_endpoint):
             check_port_free(endpoint)
         check_models(cfg)
-        removed = FrameStore(shm_namespace(cfg)).cleanup()
+        try:
+            removed = FrameStore(shm_namespace(cfg)).cleanup()
+        except UnsafeStoreError as exc:
+            raise StartError(f"refusing the shared frame store: {exc}; remove it (it is not this cluster's) "
+                             "or run the cluster on other ports") from None
         if removed:
             log.info("removed %d shared frame file(s) left by an earlier run", removed)
         self._plan(self._config_file())
@@ -221,8 +230,11 @@ class Supervisor:
         for child in broker:
             child.proc.send_signal(signal.SIGTERM)
         self._wait(broker, 5.0)
-        removed = FrameStore(shm_namespace(self.config)).cleanup()
-        log.info("stopped; removed %d shared frame file(s)", removed)
+        try:
+            removed = FrameStore(shm_namespace(self.config)).cleanup()
+            log.info("stopped; removed %d shared frame file(s)", removed)
+        except UnsafeStoreError as exc:
+            log.warning("stopped; left the shared frame store alone: %s", exc)
         if self.run_dir is not None:
             for p in self.run_dir.iterdir():
                 p.unlink()

@@ -175,6 +175,27 @@ def test_unload_and_load_floods_never_close_a_model_under_a_request(make_cluster
     assert served[0] > 10, (served, codes)
 
 
+def test_two_clusters_on_the_same_ports_keep_their_own_shared_frames(make_cluster):
+    """Clusters on the same ports of different loopback addresses are different clusters: the
+    second one's start-up cleanup (which removes what a crashed run of *its own* left) must not
+    delete the frames the first one is serving from."""
+    from lipsync_cluster.common.frame_store import FrameStore
+    from lipsync_cluster.supervisor import shm_namespace
+
+    first = make_cluster(server={"host": "127.0.0.2"}, cluster={"per_gpu": 1})
+    with client_for(first) as client:
+        client.infer("demo_ada", audio_features=SILENCE)
+    store = FrameStore(shm_namespace(first.config))
+    before = store.list()
+    assert [e["model_id"] for e in before] == ["demo_ada"]
+    ports = {k: getattr(first.config.server, k) for k in ("frontend_port", "backend_port", "stats_port")}
+    second = make_cluster(server={"host": "127.0.0.1", **ports}, cluster={"per_gpu": 1})
+    assert store.list() == before, "the second cluster's start-up cleanup removed the first one's frames"
+    assert shm_namespace(second.config) != shm_namespace(first.config)
+    with client_for(first) as client:
+        assert client.infer("demo_ada", audio_features=SILENCE, start_frame_idx=3).frame_indices == [3]
+
+
 def test_killed_worker_is_restarted_and_its_request_answered(make_cluster):
     sup = make_cluster()
     with client_for(sup) as client:

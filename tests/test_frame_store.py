@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 
 from lipsync_cluster.common.errors import CapacityFull
-from lipsync_cluster.common.frame_store import HEADER_SIZE, FrameStore, SharedFrames
+import json
+import shutil
+import subprocess
+
+from lipsync_cluster.common.frame_store import HEADER_SIZE, MAGIC, FrameStore, SharedFrames, UnsafeStoreError
 from lipsync_cluster.common.model_package import ModelPackageError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.isdir("/dev/shm"),
@@ -41,11 +45,9 @@ def write_frames(folder: Path, n: int, size: tuple = (W, H), ext: str = "jpg") -
 
 
 def ns_files(namespace: str) -> list[Path]:
-    """Files of exactly this namespace: lsc-{ns}-{model}-{version}.{suffix}, where the test's
-    versions have no '.' and (written in the file name) no '-'."""
-    prefix = f"lsc-{namespace}-"
-    return sorted(p for p in SHM.iterdir()
-                  if p.name.startswith(prefix) and p.name[len(prefix):].split(".")[0].count("-") == 1)
+    """Files of exactly this namespace: lsc-{ns}/{model}-{version}.{suffix}."""
+    folder = SHM / f"lsc-{namespace}"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
 
 
 @pytest.fixture
@@ -100,7 +102,7 @@ def test_attach_decodes_once_and_maps_read_only(store, tmp_path):
     paths = write_frames(tmp_path / "frames", 6, ext="png")
     frames = store.attach("alice", "v1", paths, expected_size=(W, H))
     assert isinstance(frames, SharedFrames) and frames.created
-    assert frames.path == SHM / f"lsc-{store.namespace}-alice-v1.frames"
+    assert frames.path == SHM / f"lsc-{store.namespace}" / "alice-v1.frames"
     assert len(frames) == 6 and frames.shape == (6, H, W, 3) and frames.frame_size == (W, H)
     assert frames.nbytes == 6 * H * W * 3 and isinstance(frames.array, np.memmap)
     for i, p in enumerate(paths):
@@ -204,6 +206,7 @@ def test_bad_frames_raise_naming_the_file_and_leave_nothing(store, tmp_path):
 
 def test_stale_and_corrupt_files_are_replaced(store, tmp_path):
     paths = write_frames(tmp_path / "frames", 3)
+    store.dir.mkdir(mode=0o700)
     final = store.path_for("erin", "v1")
     stale_tmp = final.with_name(final.name + ".tmp-999999999")
     stale_tmp.write_bytes(b"half written by a creator that was killed")
@@ -221,7 +224,7 @@ def test_remove_versions_and_cleanup(store, tmp_path):
         store.attach("frank", "v2-beta", paths)
         store.attach("gina", "v1", paths)
         neighbour.attach("frank", "v1", paths)
-        assert store.path_for("frank", "v2-beta").name == f"lsc-{store.namespace}-frank-v2~beta.frames"
+        assert store.path_for("frank", "v2-beta").name == "frank-v2~beta.frames"
         assert sorted((e["model_id"], e["version"]) for e in store.list()) == [
             ("frank", "v1"), ("frank", "v2-beta"), ("gina", "v1")]
         assert store.remove_other_versions("frank", "v2-beta") == 1
@@ -231,6 +234,7 @@ def test_remove_versions_and_cleanup(store, tmp_path):
         assert [e["model_id"] for e in store.list()] == ["frank"]
         assert store.cleanup() >= 1
         assert ns_files(store.namespace) == [] and store.list() == [] and store.cleanup() == 0
+        assert not store.dir.exists(), "a stopped cluster leaves nothing behind, not even the folder"
         assert neighbour.exists("frank", "v1") and len(neighbour.list()) == 1
         held.close()
     finally:
@@ -257,3 +261,119 @@ def test_names_are_checked():
         store.path_for("Bad", "v1")
     with pytest.raises(ValueError, match="version '../x'"):
         store.path_for("good", "../x")
+
+
+# --- other local users (docs/SECURITY.md: "Local users") ----------------------------------
+
+NOBODY = 65534
+
+
+def as_nobody(code: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
+    """Run Python ``code`` as an unprivileged user (uid/gid 65534, no groups) via setpriv."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux) to act as another local user")
+    python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+    return subprocess.run([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python, "-c", code],
+                          input=stdin, capture_output=True, timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin"})
+
+
+def red_copy(n: int, model_id: str, version: str, namespace: str) -> bytes:
+    """A complete frame-store file whose every pixel is red, as an attacker would forge one."""
+    header = {"shape": [n, H, W, 3], "dtype": "uint8", "model_id": model_id, "version": version,
+              "namespace": namespace, "frames": n, "created_by": 1, "created_at": 0}
+    pixels = np.zeros((n, H, W, 3), np.uint8)
+    pixels[..., 2] = 255
+    return (MAGIC + json.dumps(header).encode()).ljust(HEADER_SIZE, b"\0") + pixels.tobytes()
+
+
+def test_another_user_cannot_plant_frames_for_the_cluster(store, tmp_path):
+    """A local user pre-creates the copy the workers will look for (red pixels, open to all, so
+    that it can also truncate it later for a SIGBUS): in the namespace's folder, made first and
+    open to everyone, and under the older flat name. The store maps none of it: a folder that is
+    not ours is refused with the reason, and nothing else is looked at."""
+    paths = write_frames(tmp_path / "frames", 3)
+    flat = SHM / f"lsc-{store.namespace}-mallory-v1.frames"
+    inner = store.dir / "mallory-v1.frames"
+    planted = as_nobody(f"""
+import os, sys
+blob = sys.stdin.buffer.read()
+os.mkdir({str(store.dir)!r}); os.chmod({str(store.dir)!r}, 0o777)
+for p in ({str(flat)!r}, {str(inner)!r}):
+    with open(p, "wb") as f:
+        f.write(blob)
+    os.chmod(p, 0o666)
+""", stdin=red_copy(3, "mallory", "v1", store.namespace))
+    assert planted.returncode == 0, planted.stderr.decode()
+    try:
+        try:
+            frames = store.attach("mallory", "v1", paths)
+        except UnsafeStoreError as exc:
+            assert f"belongs to uid {NOBODY}" in str(exc) and "refusing" in str(exc)
+        else:
+            red = (frames[0][..., 2] == 255).all() and (frames[0][..., :2] == 0).all()
+            pytest.fail(f"attached a copy another user made (red pixels: {bool(red)}): {frames.path}")
+        assert store.list() == [] and not store.exists("mallory", "v1")
+        assert store.remove("mallory", "v1") is False and inner.exists(), "nothing deleted through their folder"
+        with pytest.raises(UnsafeStoreError):
+            store.cleanup()
+    finally:
+        shutil.rmtree(store.dir, ignore_errors=True)
+        flat.unlink(missing_ok=True)
+
+
+def test_planted_symlinks_make_the_worker_create_nothing(store, tmp_path):
+    """Symlinks planted by another user where the lock and temporary files used to be created
+    (and a copy) are never followed: the worker creates no file of the attacker's choosing."""
+    paths = write_frames(tmp_path / "frames", 3)
+    target = tmp_path.parent / f"chosen-by-attacker-{uuid.uuid4().hex[:6]}"
+    stem = SHM / f"lsc-{store.namespace}-oscar-v1"
+    links = [Path(f"{stem}.lock"), Path(f"{stem}.frames.tmp-{os.getpid()}")]
+    planted = as_nobody(f"""
+import os
+for link in {[str(p) for p in links]!r}:
+    os.symlink({str(target)!r}, link)
+""")
+    assert planted.returncode == 0, planted.stderr.decode()
+    try:
+        frames = store.attach("oscar", "v1", paths)
+        assert np.array_equal(frames[1], cv2.imread(str(paths[1])))
+        assert not target.exists(), "a planted symlink made the worker create a file"
+    finally:
+        for link in links:
+            link.unlink(missing_ok=True)
+    # Inside the private folder a symlink (however it got there) is not followed either: the copy
+    # is rebuilt in place and the link's target is untouched.
+    outside = tmp_path / "outside.frames"
+    outside.write_bytes(red_copy(3, "pia", "v1", store.namespace))
+    store.path_for("pia", "v1").symlink_to(outside)
+    frames = store.attach("pia", "v1", paths)
+    assert frames.created and not frames.path.is_symlink()
+    assert np.array_equal(frames[2], cv2.imread(str(paths[2])))
+    assert outside.read_bytes() == red_copy(3, "pia", "v1", store.namespace)
+    # A copy of ours that others could write (mode 0666) is not mapped but rebuilt.
+    loose = store.path_for("quin", "v1")
+    loose.write_bytes(red_copy(3, "quin", "v1", store.namespace))
+    loose.chmod(0o666)
+    frames = store.attach("quin", "v1", paths)
+    assert frames.created and np.array_equal(frames[0], cv2.imread(str(paths[0])))
+    assert (os.stat(frames.path).st_mode & 0o077) == 0
+
+
+def test_the_store_folder_is_private(store, tmp_path):
+    """0700 and ours: another user can neither list it nor create, write or truncate a file in it."""
+    frames = store.attach("rita", "v1", write_frames(tmp_path / "frames", 3))
+    st = os.lstat(store.dir)
+    assert (st.st_mode & 0o777) == 0o700 and st.st_uid == os.geteuid()
+    probe = as_nobody(f"""
+import os
+for attempt in (lambda: os.listdir({str(store.dir)!r}), lambda: os.truncate({str(frames.path)!r}, 4096),
+                lambda: open({str(store.dir / "x.frames")!r}, "wb")):
+    try:
+        attempt()
+        print("allowed")
+    except PermissionError:
+        print("refused")
+""")
+    assert probe.stdout.decode().split() == ["refused"] * 3, probe
+    assert frames[0].sum() > 0

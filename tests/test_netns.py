@@ -159,4 +159,9 @@ def test_worker_in_another_namespace_joins_over_curve_and_strangers_are_refused(
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)
-        FrameStore(f"p{be}").cleanup()
+        from lipsync_cluster.config import load_config
+        from lipsync_cluster.supervisor import shm_namespace
+
+        worker_view = load_config(worker_cfg)  # the remote worker's namespace: its --broker endpoint
+        worker_view.cluster.backend = f"tcp://{BROKER_IP}:{be}"
+        FrameStore(shm_namespace(worker_view)).cleanup()

@@ -11,21 +11,28 @@ take every other worker's frames with it. A file on tmpfs lives until someone re
 worker's crash leaves the copy usable, the supervisor's :meth:`FrameStore.cleanup` (at a clean
 stop, and at start for what a crash left) removes it.
 
-File layout, one file per (namespace, model id, version)::
+File layout: one private directory per namespace (cluster), one file per (model id, version)::
 
-    {root}/lsc-{namespace}-{model_id}-{version}.frames
-        bytes 0..4095     header: b"LSCFRAMES1\\n" + UTF-8 JSON + zero padding
-                          {"shape": [N, H, W, 3], "dtype": "uint8", "model_id", "version",
-                           "namespace", "frames": N, "created_by": pid, "created_at": unix time}
-        bytes 4096..      the frames, raw uint8 BGR, C order [N, H, W, 3]
-    {root}/lsc-{namespace}-{model_id}-{version}.lock           flock, serialises creators
-    {root}/lsc-{namespace}-{model_id}-{version}.frames.tmp-PID  being decoded (renamed when done)
+    {root}/lsc-{namespace}/                  owned by this user, mode 0700 (checked with lstat)
+        {model_id}-{version}.frames
+            bytes 0..4095     header: b"LSCFRAMES1\\n" + UTF-8 JSON + zero padding
+                              {"shape": [N, H, W, 3], "dtype": "uint8", "model_id", "version",
+                               "namespace", "frames": N, "created_by": pid, "created_at": unix time}
+            bytes 4096..      the frames, raw uint8 BGR, C order [N, H, W, 3]
+        {model_id}-{version}.lock            flock, serialises creators
+        {model_id}-{version}.frames.tmp-PID  being decoded (renamed when done)
 
 The header lives in the same file so that one ``rename`` publishes shape and data together; it
 is one page long so that the data stays page-aligned for the mapping. In the file name a ``-``
-of the version is written ``~`` (model ids and the stored versions have no ``-`` then), so the
-last two ``-``-separated fields are always the model id and version and everything between
-``lsc-`` and them is the namespace: namespaces ``a`` and ``a-b`` never claim each other's files.
+of the version is written ``~`` (model ids have no ``-``), so a name splits back into its model
+id and version at its first ``-``.
+
+Other local users (docs/SECURITY.md): ``/dev/shm`` is writable by everyone and the names are
+predictable, so nothing is trusted by name. The directory is created 0700 and, when it already
+exists, used only if ``lstat`` shows a real directory (not a symlink) owned by us that nobody
+else can enter; files are created with ``O_EXCL|O_NOFOLLOW`` (the lock file with ``O_NOFOLLOW``)
+and a copy is mapped only if it is a regular file we own that nobody else can write. Otherwise
+a planted file could hand a worker another picture, or be truncated under its mapping (SIGBUS).
 
 Creation is atomic and happens once: creators take an ``flock`` on the ``.lock`` file, look
 again, decode into ``.tmp-PID`` with a thread pool (OpenCV's decoders release the GIL) and
@@ -40,6 +47,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,10 +75,8 @@ def _file_version(version: str) -> str:
     return version.replace("-", "~")
 
 
-def _split_name(name: str) -> Optional[tuple[str, str, str, str]]:
-    """(namespace, model_id, version, kind) of one of our file names, or None."""
-    if not name.startswith(PREFIX):
-        return None
+def _split_name(name: str) -> Optional[tuple[str, str, str]]:
+    """(model_id, version, kind) of one of our file names (inside a namespace's directory), or None."""
     if TMP_MARK in name:
         stem, kind = name.split(TMP_MARK, 1)[0], "tmp"
     elif name.endswith(FRAMES_SUFFIX):
@@ -79,10 +85,33 @@ def _split_name(name: str) -> Optional[tuple[str, str, str, str]]:
         stem, kind = name[: -len(LOCK_SUFFIX)], "lock"
     else:
         return None
-    parts = stem[len(PREFIX):].rsplit("-", 2)
-    if len(parts) != 3 or not parts[0] or not MODEL_ID_RE.fullmatch(parts[1]):
+    parts = stem.split("-", 1)
+    if len(parts) != 2 or not MODEL_ID_RE.fullmatch(parts[0]) or not parts[1]:
         return None
-    return parts[0], parts[1], parts[2].replace("~", "-"), kind
+    return parts[0], parts[1].replace("~", "-"), kind
+
+
+class UnsafeStoreError(OSError):
+    """The store's directory or a file in it is not what this user made (a symlink, another
+    owner, writable by others): refused, never used."""
+
+
+def _check_private(st: os.stat_result, what: Path, kind: str) -> None:
+    """Raise UnsafeStoreError unless ``st`` (from lstat/fstat) is a ``kind`` ("dir" or "file")
+    owned by this user that nobody else can write (a directory: nobody else can even enter)."""
+    is_kind = stat.S_ISDIR(st.st_mode) if kind == "dir" else stat.S_ISREG(st.st_mode)
+    others = 0o077 if kind == "dir" else 0o022
+    if not is_kind:
+        raise UnsafeStoreError(f"{what} is not a {'directory' if kind == 'dir' else 'regular file'} "
+                               "(a symlink or something planted there?)")
+    if st.st_uid != os.geteuid():
+        raise UnsafeStoreError(f"{what} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})")
+    if st.st_mode & others:
+        raise UnsafeStoreError(f"{what} has mode {stat.S_IMODE(st.st_mode):o}: other users can "
+                               f"{'enter' if kind == 'dir' else 'write'} it")
+
+
+_OPEN_FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
 
 def _read_header(fd: int) -> dict:
@@ -176,6 +205,7 @@ class FrameStore:
             raise ValueError(f"frame store namespace {namespace!r} must be 1-64 of A-Z a-z 0-9 _ -")
         self.namespace = namespace
         self.root = Path(root)
+        self.dir = self.root / f"{PREFIX}{namespace}"  # private: see the module's docstring
         self.decode_threads = max(1, int(decode_threads))
         self.lock_timeout_s = lock_timeout_s
 
@@ -186,24 +216,55 @@ class FrameStore:
             raise ValueError(f"model id {model_id!r} is not valid ({MODEL_ID_RE.pattern})")
         if not isinstance(version, str) or not VERSION_RE.match(version):
             raise ValueError(f"version {version!r} of model '{model_id}' must be 1-64 of A-Z a-z 0-9 _ . -")
-        return f"{PREFIX}{self.namespace}-{model_id}-{_file_version(version)}"
+        return f"{model_id}-{_file_version(version)}"
 
     def path_for(self, model_id: str, version: str) -> Path:
-        return self.root / (self._stem(model_id, version) + FRAMES_SUFFIX)
+        return self.dir / (self._stem(model_id, version) + FRAMES_SUFFIX)
 
     def _lock_path(self, model_id: str, version: str) -> Path:
-        return self.root / (self._stem(model_id, version) + LOCK_SUFFIX)
+        return self.dir / (self._stem(model_id, version) + LOCK_SUFFIX)
 
-    def _own_files(self) -> Iterator[tuple[Path, str, str, str]]:
-        """(path, model_id, version, kind) of every file of this namespace."""
+    def _private_dir(self) -> Path:
+        """The namespace's directory, made 0700 if absent; raises UnsafeStoreError when what is
+        there is not a directory of ours that only we can enter (another user made it first)."""
         try:
-            names = os.listdir(self.root)
+            os.mkdir(self.dir, 0o700)
+        except FileExistsError:
+            pass
+        try:
+            _check_private(os.lstat(self.dir), self.dir, "dir")
+        except UnsafeStoreError as exc:
+            raise UnsafeStoreError(f"refusing the shared frame store: {exc}; remove it (it is not this "
+                                   "cluster's) or run the cluster on other ports") from None
+        return self.dir
+
+    def _existing_dir(self, strict: bool = False) -> Optional[Path]:
+        """The namespace's directory if it exists and is ours, else None. Queries and removals
+        never create it and never look into (or delete through) someone else's; with ``strict``
+        one that is not ours raises UnsafeStoreError instead."""
+        try:
+            _check_private(os.lstat(self.dir), self.dir, "dir")
+        except FileNotFoundError:
+            return None
+        except UnsafeStoreError:
+            if strict:
+                raise
+            return None
+        return self.dir
+
+    def _own_files(self, strict: bool = False) -> Iterator[tuple[Path, str, str, str]]:
+        """(path, model_id, version, kind) of every file of this namespace."""
+        folder = self._existing_dir(strict)
+        if folder is None:
+            return
+        try:
+            names = os.listdir(folder)
         except FileNotFoundError:
             return
         for name in names:
             parsed = _split_name(name)
-            if parsed is not None and parsed[0] == self.namespace:
-                yield self.root / name, parsed[1], parsed[2], parsed[3]
+            if parsed is not None:
+                yield folder / name, parsed[0], parsed[1], parsed[2]
 
     # --- attach -----------------------------------------------------------------------
 
@@ -217,6 +278,7 @@ class FrameStore:
         """
         path = self.path_for(model_id, version)
         size = None if expected_size is None else (int(expected_size[0]), int(expected_size[1]))
+        self._private_dir()
         frames = self._open(path, len(frame_paths), size, created=False)
         if frames is not None:
             return frames
@@ -239,11 +301,18 @@ class FrameStore:
               created: bool) -> Optional[SharedFrames]:
         """The mapping of a complete file, or None when there is none (or it is not usable)."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return None  # a symlink: never followed; the creator path removes it under the lock
+            raise
         try:
             try:
+                # Only a file we own and nobody else can write is mapped: another user could
+                # otherwise change the pictures or truncate the file under the mapping (SIGBUS).
+                _check_private(os.fstat(fd), path, "file")
                 header = _read_header(fd)
             except (ValueError, OSError):
                 return None  # corrupt or foreign: the creator path replaces it under the lock
@@ -262,7 +331,13 @@ class FrameStore:
     def _lock(self, lock_path: Path) -> int:
         deadline = time.monotonic() + self.lock_timeout_s
         while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._private_dir()  # cleanup() may have removed it since attach() made it
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
+            try:
+                _check_private(os.fstat(fd), lock_path, "file")
+            except UnsafeStoreError:
+                os.close(fd)
+                raise
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -288,9 +363,9 @@ class FrameStore:
         # Called under the lock, so no live creator of this key exists: any leftover tmp file
         # (a creator killed mid-decode) or unusable final file is garbage.
         prefix = path.name + ".tmp-"
-        for name in os.listdir(self.root):
+        for name in os.listdir(path.parent):
             if name.startswith(prefix):
-                _unlink(self.root / name)
+                _unlink(path.parent / name)
         _unlink(path)
 
     def _create(self, path: Path, model_id: str, version: str, frame_paths: list[Path],
@@ -323,7 +398,7 @@ class FrameStore:
         blob = MAGIC + json.dumps(header).encode()
         assert len(blob) < HEADER_SIZE, "header grew past one page"
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600)
         try:
             try:
                 os.posix_fallocate(fd, 0, HEADER_SIZE + nbytes)
@@ -332,7 +407,8 @@ class FrameStore:
                     raise
                 raise self._no_room(model_id, nbytes) from None
             os.pwrite(fd, blob.ljust(HEADER_SIZE, b"\0"), 0)
-            out = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=HEADER_SIZE, shape=shape)
+            with open(fd, "r+b", closefd=False) as f:  # the file we created, not the path again
+                out = np.memmap(f, dtype=np.uint8, mode="r+", offset=HEADER_SIZE, shape=shape)
             out[0] = first
             failed = threading.Event()
 
@@ -389,11 +465,18 @@ class FrameStore:
     # --- management -------------------------------------------------------------------
 
     def exists(self, model_id: str, version: str) -> bool:
-        return self.path_for(model_id, version).is_file()
+        if self._existing_dir() is None:
+            return False
+        try:
+            return stat.S_ISREG(os.lstat(self.path_for(model_id, version)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def remove(self, model_id: str, version: str) -> bool:
         """Remove one copy. Processes that have it mapped keep their view; the memory is freed
         when the last of them closes it. Returns whether a copy was there."""
+        if self._existing_dir() is None:
+            return False
         _unlink(self._lock_path(model_id, version))
         return _unlink(self.path_for(model_id, version))
 
@@ -407,9 +490,18 @@ class FrameStore:
         return removed
 
     def cleanup(self) -> int:
-        """Remove every file of this namespace (copies, locks, half-written files); returns the
-        number of files removed."""
-        return sum(1 for path, *_ in list(self._own_files()) if _unlink(path))
+        """Remove every file of this namespace (copies, locks, half-written files) and its
+        directory; returns the number of files removed. A directory that is not ours is left
+        alone (UnsafeStoreError)."""
+        removed = sum(1 for path, *_ in list(self._own_files(strict=True)) if _unlink(path))
+        try:
+            os.rmdir(self.dir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:  # a file that is not ours stays, and so does the folder
+                raise
+        return removed
 
     def list(self) -> list[dict]:
         """The copies of this namespace: model_id, version, bytes (the file's size), frames,
@@ -420,7 +512,7 @@ class FrameStore:
                 continue
             entry: dict[str, Any] = {"model_id": model_id, "version": version, "path": str(path)}
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = os.open(path, os.O_RDONLY | _OPEN_FLAGS)
             except FileNotFoundError:
                 continue
             try:
@@ -441,7 +533,7 @@ class FrameStore:
         total = 0
         for path, *_ in self._own_files():
             try:
-                total += path.stat().st_size
+                total += path.lstat().st_size
             except FileNotFoundError:
                 pass
         return total
