@@ -167,18 +167,18 @@ def broker_main(args: argparse.Namespace) -> None:
     catalog = {m: {"version": "1", "preload": False, "num_frames": 1, "memory_estimate_mb": None}
                for m in model_ids(args.models)}
 
-    class LeastLoadedBroker(Broker):
+    broker = Broker(cfg, lambda: catalog)
+
+    def least_loaded(p, now):  # noqa: ANN001 - Dispatcher.route's signature
         """Plain least-loaded routing: the idlest worker with a credit, whatever it holds."""
+        free = [w for w in broker.table.values() if w.free > 0]
+        if not free:
+            return Decision(WAIT, None, None, "no free credit")
+        w = min(free, key=lambda w: (w.in_flight, w.served, w.name))
+        return Decision(DISPATCH if w.has_loaded(p.model) else PLACE, w, None, "least loaded")
 
-        def _route(self, p, now):  # noqa: ANN001 - the Broker's signature
-            free = [w for w in self.table.values() if w.free > 0]
-            if not free:
-                return Decision(WAIT, None, None, "no free credit")
-            w = min(free, key=lambda w: (w.in_flight, w.served, w.name))
-            return Decision(DISPATCH if w.has_loaded(p.model) else PLACE, w, None, "least loaded")
-
-    cls = LeastLoadedBroker if args.routing == "least_loaded" else Broker
-    broker = cls(cfg, lambda: catalog)
+    if args.routing == "least_loaded":
+        broker.dispatcher.route = least_loaded  # the decision swapped; queues and dispatch as they are
     broker.bind()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -4,40 +4,38 @@
     backend  ROUTER  <- workers (DEALER): ready / heartbeat / reply / event / stats / disconnect
     PUB              -> stats console, exporters: b"stats" snapshots (~1 s), b"event" as they happen
 
-Requests are validated, queued per model (``queues.py``) and sent to a worker chosen by the pure
-decisions in ``routing.py`` over the worker table (``workers.py``). A worker never has more
+This module holds the sockets, the poll loop and its two op tables (client ops, worker ops).
+Requests are validated (``validate.py``), become one of the request kinds (``requests.py``) and
+go to the :class:`~.dispatch.Dispatcher` (``dispatch.py``: queues per model, deadlines, the pure
+decisions of ``routing.py`` over the worker table of ``workers.py``). A worker never has more
 requests than the credits it announced. Payload frames are forwarded as the zmq Frames they
 arrived in (no copy, no re-encoding); only the small msgpack header is rewritten per leg.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import signal
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Optional
 
 import msgpack
 import zmq
 
-from ..common.errors import (BadRequest, InternalError, LipsyncError, ModelLoadFailed, Overloaded,
-                             RequestTimeout, Unavailable)
-from ..common.load_backoff import LoadBackoff
+from ..common.errors import BadRequest, InternalError, LipsyncError, Unavailable
 from ..common.protocol import TAG, decode
 from ..common.security import BrokerSecurity, SecurityError
+from ..common.wire import readable, recv_parts, send_parts
 from ..config.schema import Config
 from . import management
 from .catalog_watch import CatalogWatcher
+from .dispatch import Dispatcher
 from .hardening import check_message_size, clean_stats, open_security
-from .queues import ModelQueues, Pending
-from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, copy_threshold_s, pick_loaded, route
+from .requests import Gather, UnloadLeg
 from .stats import BrokerStats, format_report
 from .validate import check_deadline, check_envelope, check_infer, check_load, check_model
-from ..common.wire import readable, recv_parts, send_parts
-from .workers import Worker, WorkerTable
+from .workers import Worker
 
 log = logging.getLogger("lipsync_cluster.broker")
 
@@ -48,7 +46,6 @@ CATALOG_REFRESH_S = 2.0     # re-read the catalog this often (plus when an unkno
 UNKNOWN_REFRESH_S = 0.25    # ... but at most this often
 MAX_PARKED = 1024           # requests waiting for a catalog re-read; beyond: unknown_model at once
 PARK_MAX_S = 5.0            # a read that takes longer: parked requests are answered from the last one
-PRELOAD_RETRY_S = 10.0      # after a failed or impossible preload, try again this much later
 HWM = 100_000               # messages per peer queue; a client that stops reading loses replies
 SOCKET_BUFFER = 4 * 2**20   # kernel send/receive buffer per connection (SO_SNDBUF/SO_RCVBUF)
 
@@ -57,18 +54,6 @@ Catalog = Callable[[], "dict[str, dict]"]
 
 class BindError(RuntimeError):
     """An endpoint could not be bound (most often: the port is already in use)."""
-
-
-class Gather:
-    """An ``unload_model`` fanned out to every worker holding the model; answered once."""
-
-    __slots__ = ("client", "cid", "model", "remaining", "workers", "errors")
-
-    def __init__(self, client: bytes, cid: Any, model: str, count: int) -> None:
-        self.client, self.cid, self.model = client, cid, model
-        self.remaining = count
-        self.workers: list[str] = []
-        self.errors: list[dict] = []
 
 
 _unpackb = msgpack.unpackb
@@ -90,25 +75,8 @@ def _fast_header(frames: list) -> Optional[dict]:
     return header if type(header) is dict else None
 
 
-def _counted(p: Pending) -> Optional[str]:
-    """The model whose counters an outcome goes to: infer requests only (others: totals only)."""
-    return p.model if p.op == "infer" else None
-
-
 class _Park(Exception):
     """Raised while validating a request that names an id not (yet) in the catalog."""
-
-
-class _Busy:
-    """``model in busy`` -> the model has requests queued (a Collection view, computed lazily)."""
-
-    __slots__ = ("queues",)
-
-    def __init__(self, queues: ModelQueues) -> None:
-        self.queues = queues
-
-    def __contains__(self, model: object) -> bool:
-        return self.queues.depth(model) > 0  # type: ignore[arg-type]
 
 
 class Broker:
@@ -128,29 +96,20 @@ class Broker:
         self.interval = cl.heartbeat_interval_s
         self.dead_after = cl.heartbeat_interval_s * cl.heartbeat_liveness
         self.max_batch = cl.max_batch_size
-        self.max_copies = cl.max_copies_per_model
-        self.default_deadline_s = default_deadline_s
-        self.no_worker_grace_s = no_worker_grace_s
         self.security = BrokerSecurity(None)         # CURVE + ZAP once bind() has read the config
         self.max_message_bytes = config.server.max_message_size_mb * 2**20
-        self.load_failures = LoadBackoff(cl.load_failure_backoff_s, cl.load_failure_backoff_max_s)
-        now = time.monotonic()
-        self.table = WorkerTable()
-        self.queues = ModelQueues(cl.queue_limit_per_model, cl.queue_limit_total)
-        self.control: deque[Pending] = deque()       # unload fan-out legs, each for one worker
-        self.heat = Heat(config.capacity.eviction_policy, lfu_half_life_s)
-        self.stats = BrokerStats(now)
-        self._busy = _Busy(self.queues)
-        self._rids = itertools.count(1)
+        self.stats = BrokerStats(time.monotonic())
+        self.dispatcher = Dispatcher(config, self.stats, lambda: self._watch.current,
+                                     send_client=self._send_client, send_worker=self._send_worker,
+                                     default_deadline_s=default_deadline_s,
+                                     lfu_half_life_s=lfu_half_life_s, no_worker_grace_s=no_worker_grace_s)
+        self.table = self.dispatcher.table
+        self.queues = self.dispatcher.queues
         self._packer = msgpack.Packer(use_bin_type=True)
-        self._preload_at: dict[str, float] = {}      # model -> when we last tried to preload it
-        self._no_workers_since: Optional[float] = now
-        self._dirty = False
         self.frontend: Optional[zmq.Socket] = None
         self.backend: Optional[zmq.Socket] = None
         self.publisher: Optional[zmq.Socket] = None
         self.metrics: Any = None  # broker/metrics.py MetricsServer when cluster.metrics_port is set
-        self.placement_patience = cl.placement_patience  # x a load time (routing.place; 0 = off)
         self.frontend_endpoint = self.backend_endpoint = self.stats_endpoint = ""
         self._hb_frames = [TAG, self._packer.pack({"op": "heartbeat"})]
         self._disconnect_frames = [TAG, self._packer.pack({"op": "disconnect"})]
@@ -160,7 +119,7 @@ class Broker:
             "model_stats": self._on_model_stats, "health": self._on_health,
         }
         self._worker_ops = {
-            "heartbeat": self._on_heartbeat, "reply": self._on_reply, "event": self._on_event,
+            "heartbeat": self._on_heartbeat, "reply": self.dispatcher.replied, "event": self._on_event,
             "stats": self._on_stats, "disconnect": self._on_disconnect, "ready": self._on_ready_again,
         }
 
@@ -233,6 +192,7 @@ class Broker:
         report_s = self.config.logging.stats_report_minutes * 60.0
         next_report = now + report_s if report_s > 0 else float("inf")
         on_worker, on_client = self._on_worker_message, self._on_client_message
+        dispatcher = self.dispatcher
         try:
             while not stop.is_set():
                 wait_ms = max(0.0, min(next_sweep, next_hb) - time.monotonic()) * 1000.0
@@ -243,8 +203,8 @@ class Broker:
                         self._on_catalog_scanned()
                     else:
                         self._drain(sock, on_worker if sock is backend else on_client)
-                if self._dirty:
-                    self._dispatch()
+                if dispatcher.dirty:
+                    dispatcher.dispatch()
                 now = time.monotonic()
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_S
@@ -280,15 +240,10 @@ class Broker:
         except zmq.ZMQError:  # EHOSTUNREACH: the client went away; EAGAIN: it stopped reading
             self.stats.undeliverable += 1
 
-    def _reply(self, client: Optional[bytes], cid: Any, **fields: Any) -> None:
-        if client is not None:
-            self._send_client(client, {"id": cid, "ok": True, **fields})
-
-    def _reply_error(self, client: Optional[bytes], cid: Any, error: LipsyncError,
-                     model: Optional[str] = None, latency_s: float = 0.0) -> None:
-        self.stats.outcome(model, error.code, latency_s)
-        if client is not None:
-            self._send_client(client, {"id": cid, "ok": False, "error": error.to_wire()})
+    def _refuse(self, client: bytes, cid: Any, error: LipsyncError, model: Optional[str] = None) -> None:
+        """Answer a message that never became a request (bad header, unknown model, ...)."""
+        self.stats.outcome(model, error.code, 0.0)
+        self._send_client(client, {"id": cid, "ok": False, "error": error.to_wire()})
 
     def _send_worker(self, w: Worker, frames: list) -> bool:
         try:
@@ -328,7 +283,7 @@ class Broker:
         except zmq.Again:
             pass
         self._release_parked(time.monotonic())
-        self._preload(time.monotonic())
+        self.dispatcher.preload(time.monotonic())
 
     def _release_parked(self, now: float) -> None:
         """Replay parked requests whose catalog read finished, or that waited PARK_MAX_S."""
@@ -378,7 +333,7 @@ class Broker:
         except LipsyncError as exc:
             cid = header.get("id") if isinstance(header, dict) else None
             log.debug("bad request from client: %s", exc.message)
-            self._reply_error(client, cid if isinstance(cid, (str, int, float, bytes)) else None, exc)
+            self._refuse(client, cid if isinstance(cid, (str, int, float, bytes)) else None, exc)
             return
         try:
             handler(client, cid, header, payloads)
@@ -389,65 +344,30 @@ class Broker:
             watch.request()
         except LipsyncError as exc:
             model = header.get("model_id")
-            self._reply_error(client, cid, exc, model if isinstance(model, str) and model in self.catalog else None)
+            self._refuse(client, cid, exc, model if isinstance(model, str) and model in self.catalog else None)
         except Exception as exc:  # a bug: log it, and still answer (a client never waits for nothing)
             log.exception("broker: unexpected error handling %r from a client", header.get("op"))
-            self._reply_error(client, cid, InternalError(f"broker error: {type(exc).__name__}: {exc}"))
-
-    def _new_pending(self, client: Optional[bytes], cid: Any, op: str, model: Optional[str],
-                     header: dict, payloads: list, deadline_s: Optional[float]) -> Pending:
-        now = time.monotonic()
-        return Pending(next(self._rids), client, cid, op, model, header, payloads, now,
-                       now + (deadline_s if deadline_s is not None else self.default_deadline_s))
+            self._refuse(client, cid, InternalError(f"broker error: {type(exc).__name__}: {exc}"))
 
     def _on_infer(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
         model = check_model(header, self._known)
         batch = check_infer(header, payloads, self.max_batch)
         deadline_s = check_deadline(header)
-        now = time.monotonic()
-        if self.load_failures or "error" in self._watch.current.get(model, ()):
-            self._check_loadable(model, now)
-        p = Pending(next(self._rids), client, cid, "infer", model, header, payloads, now,
-                    now + (deadline_s if deadline_s is not None else self.default_deadline_s))
+        d = self.dispatcher
+        if d.load_failures or "error" in self._watch.current.get(model, ()):
+            d.check_loadable(model, time.monotonic())
+        p = d.client_request(client, cid, "infer", model, header, payloads, deadline_s)
         p.frames = batch
         self.stats.arrival(model)
-        self.heat.touch(model, now)  # LFU/LRU see every request, even ones shed below
-        self._admit(p)
-
-    def _check_loadable(self, model: str, now: float) -> None:
-        """A broken package, or a model in its load-failure backoff that no worker holds: answer
-        `model_load_failed` with the reason at once (common/load_backoff.py)."""
-        info = self._watch.current.get(model) or {}
-        if info.get("error"):
-            raise ModelLoadFailed(f"model '{model}' cannot be loaded: {info['error']}",
-                                  model_id=model, reason=info["error"])
-        if self.load_failures and not any(w.has_loaded(model) for w in self.table.values()):
-            self.load_failures.check(model, info.get("version"), now)
-
-    def _on_load_failure(self, model: str, error: Any, now: float) -> None:
-        """A load of ``model`` failed: start (or extend) its backoff; unless a worker holds it,
-        answer its queued requests with the same error now instead of trying it again for each."""
-        info = self._watch.current.get(model) or {}
-        err = error if isinstance(error, dict) else {}
-        details = err.get("details") if isinstance(err.get("details"), dict) else {}
-        reason = str(details.get("reason") or err.get("message") or "load failed")
-        # Keyed by the version the worker tried: a failure of an older package (the worker had not
-        # seen the new one yet) must not block the new one.
-        f = self.load_failures.failed(model, details.get("version", info.get("version")), reason, now)
-        if any(w.has_loaded(model) for w in self.table.values()):
-            return
-        exc = self.load_failures.error(model, f, now)
-        while self.queues.depth(model):
-            p = self.queues.pop(model)
-            if not p.answered and p.client is not None:
-                p.answered = True
-                self._reply_error(p.client, p.cid, exc, _counted(p), now - p.arrival)
+        d.heat.touch(model, p.arrival)  # LFU/LRU see every request, even ones shed below
+        d.admit(p)
 
     def _on_load_model(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
         model = check_model(header, self._known)
         check_load(header)
+        d = self.dispatcher
         if not header.get("force_reload"):  # an operator's forced reload tries even in the backoff
-            self._check_loadable(model, time.monotonic())
+            d.check_loadable(model, time.monotonic())
         targets: Optional[set[str]] = None
         name = header.get("worker")
         if name is not None:
@@ -462,132 +382,36 @@ class Broker:
             if not targets:
                 raise BadRequest(f"field 'gpu' is {gpu}: no registered worker"
                                  + (f" named {name!r}" if name else "") + f" on GPU {gpu}")
-        p = self._new_pending(client, cid, "load_model", model, header, payloads, check_deadline(header))
+        p = d.client_request(client, cid, "load_model", model, header, payloads, check_deadline(header))
         p.targets = frozenset(targets) if targets is not None else None
         self.stats.arrival(None)  # cluster totals only: a model's counters are about its frames
-        self._admit(p)
+        d.admit(p)
 
     def _on_unload_model(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
         model = check_model(header, self._known)
         deadline_s = check_deadline(header)
         holders = [w for w in self.table.values() if w.holds(model)]
         if not holders:
-            self._reply(client, cid, model_id=model, workers=[])
+            self._send_client(client, {"id": cid, "ok": True, "model_id": model, "workers": []})
             return
+        d = self.dispatcher
         gather = Gather(client, cid, model, len(holders))
-        for w in holders:
-            p = self._new_pending(None, None, "unload_model", model, header, payloads, deadline_s)
-            p.targets, p.parent = frozenset((w.name,)), gather
-            self.control.append(p)
-        self._dirty = True
+        now = time.monotonic()
+        d.fan_out([UnloadLeg(d.next_rid(), gather, w.name, header, payloads, now, d.deadline(now, deadline_s))
+                   for w in holders])
 
     def _on_list_models(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
-        now = time.monotonic()
-        self._reply(client, cid, models=management.list_models(self.catalog, self.table, self.queues,
-                                                               self.stats, now))
+        models = management.list_models(self.catalog, self.table, self.queues, self.stats, time.monotonic())
+        self._send_client(client, {"id": cid, "ok": True, "models": models})
 
     def _on_model_stats(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
         model = check_model(header, self._known) if header.get("model_id") is not None else None
         body = management.model_stats(self.catalog, self.table, self.queues, self.stats,
                                       time.monotonic(), model)
-        self._reply(client, cid, **body)
+        self._send_client(client, {"id": cid, "ok": True, **body})
 
     def _on_health(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
-        self._reply(client, cid, **management.health(self.catalog, self.table))
-
-    # --- queueing and dispatch ---------------------------------------------------------------
-
-    def _admit(self, p: Pending) -> None:
-        """Send ``p`` now if its queue is empty and a worker fits; else queue it (bounded)."""
-        if not self.queues.depth(p.model):
-            d = self._route(p, p.arrival)
-            if d.action != WAIT:
-                self._send_request(p, d, p.arrival)
-                return
-        try:
-            self.queues.push(p)
-        except Overloaded as exc:
-            exc.details["retry_after_ms"] = self._retry_after_ms(p.model)
-            self._reply_error(p.client, p.cid, exc, _counted(p))
-
-    def _retry_after_ms(self, model: str) -> int:
-        service = self.stats.service_s(model) or 0.05
-        capacity = sum(w.credits for w in self.table.values() if w.holds(model)) or 1
-        return int(min(10_000, max(10, 1000 * service * self.queues.depth(model) / capacity)))
-
-    def _route(self, p: Pending, now: float) -> Decision:
-        workers: Any = self.table.values()
-        if p.targets is not None:
-            workers = [w for w in workers if w.name in p.targets]
-        w = pick_loaded(p.model, workers)  # the common case, without building route()'s inputs
-        if w is not None:
-            return Decision(DISPATCH, w, None, "loaded")
-        load_s = self.stats.load_s(p.model)
-        return route(p.model, workers, busy_models=self._busy, value=self.heat.valuer(now),
-                     head_wait_s=now - p.arrival,
-                     copy_after_s=copy_threshold_s(self.stats.service_s(p.model), load_s=load_s),
-                     max_copies=self.max_copies, allow_evict=not p.no_evict,
-                     patience_s=(load_s or 0.0) * self.placement_patience)
-
-    def _dispatch(self) -> None:
-        """Match waiting requests with free credits: unload legs first, then oldest head first."""
-        self._dirty = False
-        now = time.monotonic()
-        if self.control:
-            self._dispatch_control(now)
-        if not self.queues.total or not self.table.any_free():
-            return
-        queues = self.queues
-        for model in queues.by_head_age():
-            while True:
-                p = queues.head(model)
-                if p is None:
-                    break
-                if p.deadline is not None and p.deadline <= now:
-                    queues.pop(model)
-                    self._expire(p, now)
-                    continue
-                d = self._route(p, now)
-                if d.action == WAIT:
-                    break
-                queues.pop(model)
-                self._send_request(p, d, now)
-            if not self.table.any_free():
-                return
-
-    def _dispatch_control(self, now: float) -> None:
-        for _ in range(len(self.control)):
-            p = self.control.popleft()
-            (name,) = p.targets
-            w = self.table.by_name(name)
-            if w is None:  # the worker left: the model went with it
-                self._gather_done(p, name, {"ok": True, "note": "worker left"})
-            elif w.free > 0:
-                self._send_request(p, Decision(DISPATCH, w), now)
-            else:
-                self.control.append(p)
-
-    def _send_request(self, p: Pending, d: Decision, now: float) -> None:
-        w: Worker = d.worker
-        p.evict_hint = d.evict
-        header = p.header.copy()
-        header.update(op="request", client_op=p.op, rid=p.rid, queue_ms=(now - p.arrival) * 1000.0,
-                      deadline=None if p.deadline is None else time.time() + (p.deadline - now))
-        if d.evict is not None:
-            header["evict_hint"] = d.evict
-        info = self._watch.current.get(p.model)
-        if info is not None:
-            header["model_version"] = info.get("version")
-        if not self._send_worker(w, [TAG, self._packer.pack(header), *p.payloads]):
-            self.queues.push_front(p) if p.parent is None else self.control.appendleft(p)
-            self._dirty = True
-            return
-        w.start(p, now)
-        p.worker = w.name
-        p.dispatched_at = now
-        if d.action == PLACE and self.config.logging.log_model_operations:
-            log.info("placing model %s on worker %s (%s%s)", p.model, w.name, d.reason,
-                     f"; evicting {d.evict}" if d.evict else "")
+        self._send_client(client, {"id": cid, "ok": True, **management.health(self.catalog, self.table)})
 
     # --- worker messages ------------------------------------------------------------------
 
@@ -605,7 +429,7 @@ class Broker:
         w = self.table.get(identity)
         if op == "reply" and w is not None:  # the hot path
             w.last_seen = time.monotonic()
-            self._on_reply(w, header, payloads)
+            self.dispatcher.replied(w, header, payloads)
             return
         if w is None:
             if op == "ready":
@@ -646,12 +470,12 @@ class Broker:
         w.restarts = self.stats.registered(name, w.pid)
         for old in self.table.add(w):
             self._lost(old, f"replaced by a new registration of {name}")
-        self._no_workers_since = None
+        self.dispatcher.no_workers_since = None
         log.info("worker %s registered (host %s, pid %s, gpu %s, credits %d, max_models %d, loaded: %s)",
                  name, w.host, w.pid, w.gpu, w.credits, w.max_models, ", ".join(sorted(w.loaded)) or "-")
         self._publish(b"event", {"event": "worker_joined", "worker": name, "time": time.time(),
                                  "host": w.host, "pid": w.pid, "gpu": w.gpu, "credits": w.credits})
-        self._dirty = True
+        self.dispatcher.dirty = True
 
     def _on_ready_again(self, w: Worker, header: dict, payloads: list) -> None:
         # The same socket registering again: start from a clean slate.
@@ -664,70 +488,14 @@ class Broker:
         if draining and not w.draining:
             log.info("worker %s is draining", w.name)
         w.draining = draining
-        self._dirty = True
-
-    def _on_reply(self, w: Worker, header: dict, payloads: list) -> None:
-        p = w.finish(header.pop("rid", None))
-        if p is None:
-            self.stats.late_replies += 1
-            return
-        self._dirty = True
-        now = time.monotonic()
-        ok = header.get("ok") is True
-        if p.op == "infer":
-            if ok and p.client is not None and not p.answered:
-                # The common case, counted inline (see BrokerStats.outcome / .service).
-                c = self.stats.model(p.model)
-                service = now - p.dispatched_at
-                c.service_s = service if c.service_s is None else 0.8 * c.service_s + 0.2 * service
-                c.success(now - p.arrival, p.dispatched_at - p.arrival, header, service, p.frames, now)
-                self.stats.total_ok += 1
-                p.answered = True
-                header.pop("op", None)
-                header["id"] = p.cid
-                if p.retries:  # re-dispatched after its first worker died (chaos reports count these)
-                    header["retried"] = p.retries
-                self._send_client(p.client, header, payloads)
-                return
-            self.stats.service(p.model, now - p.dispatched_at)
-        if p.parent is not None:
-            self._gather_done(p, w.name, header)
-            return
-        if p.answered:  # the broker already answered (timeout): this reply is late
-            self.stats.late_replies += 1
-            return
-        p.answered = True
-        if p.op == "load_model":
-            if ok:
-                w.loaded.add(p.model)
-                w.loading.discard(p.model)
-                header.setdefault("model_id", p.model)
-                header["workers"] = [w.name]
-        error = header.get("error")
-        code = None if ok else (error.get("code") if isinstance(error, dict) else None) or "internal"
-        if code == "model_load_failed" and p.model is not None:
-            self._on_load_failure(p.model, error, now)
-        if p.client is None:  # the broker's own request (preload); a failure waits to retry
-            if ok:
-                self._preload_at.pop(p.model, None)
-                log.info("preloaded model %s on worker %s", p.model, w.name)
-            else:
-                self._preload_at[p.model] = now
-                log.warning("preloading model %s on worker %s failed: %s", p.model, w.name, error)
-            return
-        self.stats.outcome(_counted(p), code, now - p.arrival, p.frames if ok else 0, now)
-        header.pop("op", None)
-        header["id"] = p.cid
-        self._send_client(p.client, header, payloads)
+        self.dispatcher.dirty = True
 
     def _on_event(self, w: Worker, header: dict, payloads: list) -> None:
         event, model = header.get("event"), header.get("model_id")
         if isinstance(event, str) and isinstance(model, str):
             w.apply_event(event, model)
-            if event == "loaded" and isinstance(header.get("version"), str):
-                w.versions[model] = header["version"]
             if event == "loaded":
-                self.load_failures.succeeded(model)
+                self.dispatcher.load_failures.succeeded(model)
         if "loaded" in header:
             w.apply_report(header.get("loaded"), header.get("loading"))
         if self.config.logging.log_model_operations and event != "loading":
@@ -737,12 +505,11 @@ class Broker:
         header["worker"] = w.name
         header.setdefault("time", time.time())
         self._publish(b"event", header)
-        self._dirty = True
+        self.dispatcher.dirty = True
 
     def _on_stats(self, w: Worker, header: dict, payloads: list) -> None:
         header.pop("op", None)
         w.stats = header = clean_stats(header)  # management answers are built from it: types checked
-        w.stats_at = time.monotonic()
         mm = header.get("max_models")
         if isinstance(mm, int) and not isinstance(mm, bool) and mm >= 1:
             w.max_models = mm
@@ -750,120 +517,25 @@ class Broker:
     def _on_disconnect(self, w: Worker, header: dict, payloads: list) -> None:
         self._lost(w, "disconnected")
 
-    # --- failures, deadlines, fan-out ---------------------------------------------------------
+    # --- lost workers, timers ---------------------------------------------------------------
 
     def _lost(self, w: Worker, reason: str) -> None:
         """Forget ``w``; its in-flight requests go back to the front of their queue once."""
         if self.table.get(w.identity) is w:
             self.table.remove(w.identity)
-        pending = w.take_all_inflight()
+        pending = w.take_all_sent()
         log.log(logging.INFO if reason == "disconnected" else logging.WARNING,
                 "worker %s gone (%s); %d request(s) in flight", w.name, reason, len(pending))
         self._publish(b"event", {"event": "worker_left", "worker": w.name, "reason": reason,
                                  "time": time.time(), "in_flight": len(pending)})
-        # Re-queue in reverse so the oldest ends up at the very front.
-        for p in sorted(pending, key=lambda p: p.arrival, reverse=True):
-            self._retry(p, w.name)
-        if not len(self.table) and self._no_workers_since is None:
-            self._no_workers_since = time.monotonic()
-        self._dirty = True
-
-    def _retry(self, p: Pending, worker: str) -> None:
-        if p.parent is not None:
-            self._gather_done(p, worker, {"ok": True, "note": "worker left"})
-            return
-        if p.answered:
-            return
-        if p.client is None:
-            self._preload_at[p.model] = time.monotonic()
-            return
-        if p.targets is not None or p.retries >= 1:
-            p.answered = True
-            why = ("its target worker" if p.targets is not None else "a second worker")
-            self._reply_error(p.client, p.cid, Unavailable(
-                f"{why} ({worker}) went away while handling the request", worker=worker),
-                _counted(p), time.monotonic() - p.arrival)
-            return
-        p.retries += 1
-        p.worker, p.evict_hint = None, None
-        self.stats.retry(p.model)
-        self.queues.push_front(p)
-
-    def _expire(self, p: Pending, now: float) -> None:
-        p.answered = True
-        if p.parent is not None:
-            self._gather_done(p, next(iter(p.targets)), {"ok": False, "error": RequestTimeout(
-                "the worker did not answer before the deadline").to_wire()})
-            return
-        if p.client is None:
-            return
-        waited = (now - p.arrival) * 1000.0
-        where = f"on worker {p.worker}" if p.worker else "in the broker queue"
-        self._reply_error(p.client, p.cid, RequestTimeout(
-            f"deadline passed after {waited:.0f} ms {where}", waited_ms=round(waited, 1)),
-            _counted(p), now - p.arrival)
-
-    def _gather_done(self, p: Pending, worker: str, header: dict) -> None:
-        g: Gather = p.parent
-        p.parent = None
-        if header.get("ok") is True:
-            g.workers.append(worker)
-        else:
-            g.errors.append({"worker": worker, "error": header.get("error")})
-        g.remaining -= 1
-        if g.remaining > 0:
-            return
-        if not g.errors:
-            self._reply(g.client, g.cid, model_id=g.model, workers=sorted(g.workers))
-            return
-        first = g.errors[0].get("error") or {}
-        message = f"unload_model failed on {len(g.errors)} worker(s): " + "; ".join(
-            f"{e['worker']}: {(e.get('error') or {}).get('message', 'error')}" for e in g.errors)
-        err = {"code": first.get("code", "internal") if isinstance(first, dict) else "internal",
-               "message": message, "details": {"workers": sorted(g.workers), "errors": g.errors}}
-        self.stats.outcome(g.model, err["code"], 0.0)
-        self._send_client(g.client, {"id": g.cid, "ok": False, "model_id": g.model, "error": err})
+        self.dispatcher.worker_lost(pending, w.name)
+        if not len(self.table) and self.dispatcher.no_workers_since is None:
+            self.dispatcher.no_workers_since = time.monotonic()
 
     def _sweep(self, now: float) -> None:
-        """Deadlines (queued and in flight), workerless waits, parked requests, copy checks."""
+        """Parked requests, then deadlines and workerless waits (dispatch.py)."""
         self._release_parked(now)
-        for p in self.queues.expire(now):
-            self._expire(p, now)
-        if self.control:
-            for p in [p for p in self.control if p.deadline is not None and p.deadline <= now]:
-                self.control.remove(p)
-                self._expire(p, now)
-        for w in self.table.values():
-            for p in w.inflight.values():
-                if not p.answered and p.deadline is not None and p.deadline <= now and p.parent is None:
-                    # The credit stays taken until the worker answers; the client hears now.
-                    self._expire(p, now)
-        if (self._no_workers_since is not None and self.queues.total
-                and now - self._no_workers_since >= self.no_worker_grace_s):
-            for p in self.queues.drain():
-                p.answered = True
-                self._reply_error(p.client, p.cid, Unavailable(
-                    f"no worker has been registered for {now - self._no_workers_since:.0f} s"),
-                    _counted(p), now - p.arrival)
-        if self.queues.total:
-            self._dirty = True  # heads that waited long enough may now get another copy
-
-    def _preload(self, now: float) -> None:
-        """Place each `preload` model that no worker holds, into a free slot only (no eviction)."""
-        if not len(self.table):
-            return
-        for model, info in self.catalog.items():
-            if (not info.get("preload") or self.queues.depth(model)
-                    or now - self._preload_at.get(model, -1e9) < PRELOAD_RETRY_S
-                    or any(w.holds(model) for w in self.table.values())):
-                continue
-            p = self._new_pending(None, None, "load_model", model,
-                                  {"id": None, "op": "load_model", "model_id": model}, [], None)
-            p.no_evict = True
-            self._preload_at[model] = now
-            d = self._route(p, now)
-            if d.action != WAIT:  # never queued: it must not hold up client requests
-                self._send_request(p, d, now)
+        self.dispatcher.sweep(now)
 
     def _heartbeat(self, now: float) -> None:
         # With worker messages still unread (a backlog), silence is not proven: judge next time.
@@ -883,7 +555,7 @@ class Broker:
         body["workers_detail"] = [w.summary(now) for w in self.table.values()]
         body["events"] = list(self.stats.events)[-20:]
         body["health"] = management.health(self.catalog, self.table)
-        body["eviction_policy"] = self.heat.policy
+        body["eviction_policy"] = self.dispatcher.heat.policy
         return body
 
     def _publish_stats(self, now: float) -> None:
@@ -906,21 +578,15 @@ class Broker:
             self._watch.stop()
             parked, self._parked = [frames for _, _, frames in self._parked], []
             self._replay(parked)  # unknown ids get their answer; the rest join what is drained below
-            gone = Unavailable("the broker is shutting down")
-            pending = self.queues.drain() + list(self.control)
-            self.control.clear()
             for w in list(self.table.values()):
-                pending.extend(w.take_all_inflight())
                 try:
                     self.backend.send_multipart([w.identity, *self._disconnect_frames], zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
-            for p in pending:
-                if p.parent is not None:
-                    self._gather_done(p, next(iter(p.targets)), {"ok": False, "error": gone.to_wire()})
-                elif not p.answered and p.client is not None:
-                    p.answered = True
-                    self._reply_error(p.client, p.cid, gone, _counted(p))
+            gone = Unavailable("the broker is shutting down")
+            now = time.monotonic()
+            for p in self.dispatcher.drain_all():
+                p.finish(self.dispatcher, gone, now=now)
         except Exception:
             log.exception("broker: error while shutting down")
         finally:

@@ -7,48 +7,22 @@ with ``overloaded`` at once instead of growing memory and latency without limit.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from ..common.errors import Overloaded
+from .requests import Pending  # what waits here (tests and benches build them from this module)
 
 
-class Pending:
-    """One client request from arrival until it is answered.
+class Busy:
+    """``model in busy``: the model has requests waiting (a live view, nothing copied)."""
 
-    ``client`` is the frontend identity (None for the broker's own requests, e.g. preloads);
-    ``cid`` the client's ``id``; ``rid`` the broker's id for the worker leg. ``payloads`` are the
-    received zmq Frames, forwarded as they are (no copy). ``deadline`` is on the monotonic clock.
-    """
+    __slots__ = ("_queues",)
 
-    __slots__ = (
-        "rid", "client", "cid", "op", "model", "header", "payloads", "arrival", "deadline",
-        "retries", "worker", "dispatched_at", "evict_hint", "targets", "answered", "parent",
-        "no_evict", "frames",
-    )
+    def __init__(self, queues: dict[str, deque]) -> None:
+        self._queues = queues
 
-    def __init__(self, rid: int, client: Optional[bytes], cid: Any, op: str, model: Optional[str],
-                 header: dict, payloads: list, arrival: float, deadline: Optional[float]) -> None:
-        self.rid = rid
-        self.client = client
-        self.cid = cid
-        self.op = op
-        self.model = model
-        self.header = header
-        self.payloads = payloads
-        self.arrival = arrival
-        self.deadline = deadline
-        self.retries = 0
-        self.worker: Optional[str] = None        # name of the worker it was sent to
-        self.dispatched_at = 0.0
-        self.evict_hint: Optional[str] = None
-        self.targets: Optional[frozenset[str]] = None  # worker names it may go to (None: any)
-        self.answered = False                    # the client already got an answer (timeout)
-        self.parent: Any = None                  # a fan-out it belongs to (unload_model)
-        self.no_evict = False                    # place only into a free slot (preloads)
-        self.frames = 0                          # frames produced (batch_size for infer)
-
-    def __repr__(self) -> str:  # for logs and test failures
-        return f"Pending(rid={self.rid}, op={self.op}, model={self.model}, cid={self.cid!r})"
+    def __contains__(self, model: object) -> bool:
+        return bool(self._queues.get(model))  # type: ignore[call-overload]
 
 
 class ModelQueues:
@@ -59,6 +33,7 @@ class ModelQueues:
         self.total_limit = total_limit
         self._queues: dict[str, deque[Pending]] = {}
         self.total = 0
+        self._busy = Busy(self._queues)
 
     def __len__(self) -> int:
         return self.total
@@ -70,9 +45,9 @@ class ModelQueues:
     def depths(self) -> dict[str, int]:
         return {m: len(q) for m, q in self._queues.items() if q}
 
-    def busy_models(self) -> set[str]:
-        """Models with at least one request waiting (never evict these)."""
-        return {m for m, q in self._queues.items() if q}
+    def busy_models(self) -> Busy:
+        """Models with at least one request waiting (never evict these), as a live view."""
+        return self._busy
 
     def push(self, p: Pending, retry_after_ms: int = 100) -> None:
         """Append at the back; raise :class:`Overloaded` when a bound is reached."""

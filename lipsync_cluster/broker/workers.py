@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator, Optional
 
-from .queues import Pending
+from .requests import Pending
 
 
 class Worker:
@@ -20,9 +20,8 @@ class Worker:
 
     __slots__ = (
         "identity", "name", "host", "pid", "gpu", "credits", "max_models", "max_memory_bytes",
-        "loaded", "loading", "versions", "inflight", "inflight_by_model", "hints",
-        "model_last_used", "model_uses", "last_seen", "registered_at", "draining", "restarts",
-        "stats", "stats_at", "served",
+        "loaded", "loading", "sent", "inflight_by_model", "hints", "last_seen", "registered_at",
+        "draining", "restarts", "stats", "served",
     )
 
     def __init__(self, identity: bytes, name: str, *, host: str = "", pid: int = 0,
@@ -40,18 +39,14 @@ class Worker:
         self.max_memory_bytes = int(max_memory_bytes or 0)
         self.loaded: set[str] = set(loaded)       # as last reported by the worker
         self.loading: set[str] = set(loading)     # as last reported by the worker
-        self.versions: dict[str, str] = {}
-        self.inflight: dict[int, Pending] = {}    # rid -> request sent and not yet answered
+        self.sent: dict[int, Pending] = {}        # rid -> request sent and not yet answered
         self.inflight_by_model: dict[str, int] = {}
         self.hints: dict[str, int] = {}           # eviction hints sent and not yet answered
-        self.model_last_used: dict[str, float] = {}
-        self.model_uses: dict[str, int] = {}
         self.last_seen = now
         self.registered_at = now
         self.draining = False
-        self.restarts = 0                         # placeholder: the supervisor owns restarts
+        self.restarts = 0                         # earlier registrations of this name by another pid
         self.stats: dict = {}                     # the worker's latest `stats` message
-        self.stats_at = 0.0
         self.served = 0
 
     # --- capacity ------------------------------------------------------------------------
@@ -59,11 +54,12 @@ class Worker:
     @property
     def free(self) -> int:
         """Requests the broker may still send (credits minus in flight; none while draining)."""
-        return 0 if self.draining else self.credits - len(self.inflight)
+        return 0 if self.draining else self.credits - len(self.sent)
 
     @property
     def in_flight(self) -> int:
-        return len(self.inflight)
+        """How many requests were sent to it and not yet answered."""
+        return len(self.sent)
 
     # --- what the worker holds (reported state corrected by what is in transit) -------------
 
@@ -98,18 +94,15 @@ class Worker:
     # --- in-flight bookkeeping -----------------------------------------------------------
 
     def start(self, p: Pending, now: float) -> None:
-        self.inflight[p.rid] = p
+        self.sent[p.rid] = p
         m = p.model
         if m is not None:
             self.inflight_by_model[m] = self.inflight_by_model.get(m, 0) + 1
-            if p.op == "infer":
-                self.model_last_used[m] = now
-                self.model_uses[m] = self.model_uses.get(m, 0) + 1
         if p.evict_hint is not None:
             self.hints[p.evict_hint] = self.hints.get(p.evict_hint, 0) + 1
 
     def finish(self, rid: Any) -> Optional[Pending]:
-        p = self.inflight.pop(rid, None) if isinstance(rid, int) else None
+        p = self.sent.pop(rid, None) if isinstance(rid, int) else None
         if p is None:
             return None
         m = p.model
@@ -128,9 +121,9 @@ class Worker:
         self.served += 1
         return p
 
-    def take_all_inflight(self) -> list[Pending]:
-        pending = list(self.inflight.values())
-        self.inflight.clear()
+    def take_all_sent(self) -> list[Pending]:
+        pending = list(self.sent.values())
+        self.sent.clear()
         self.inflight_by_model.clear()
         self.hints.clear()
         return pending
@@ -153,12 +146,11 @@ class Worker:
         elif event in ("evicted", "unloaded", "idle_unloaded", "load_failed"):
             self.loading.discard(model)
             self.loaded.discard(model)
-            self.versions.pop(model, None)
 
     def summary(self, now: float) -> dict:
         return {
             "worker": self.name, "host": self.host, "pid": self.pid, "gpu": self.gpu,
-            "credits": self.credits, "in_flight": len(self.inflight),
+            "credits": self.credits, "in_flight": len(self.sent),
             "loaded": sorted(self.loaded), "loading": sorted(self.loading),
             "max_models": self.max_models, "max_memory_bytes": self.max_memory_bytes,
             "draining": self.draining, "restarts": self.restarts, "served": self.served,
@@ -213,9 +205,6 @@ class WorkerTable:
 
     def expired(self, now: float, timeout_s: float) -> list[Worker]:
         return [w for w in self._by_id.values() if now - w.last_seen > timeout_s]
-
-    def holders(self, model: str) -> list[Worker]:
-        return [w for w in self._by_id.values() if w.holds(model)]
 
     def any_free(self) -> bool:
         for w in self._by_id.values():

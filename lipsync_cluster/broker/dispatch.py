@@ -1,0 +1,280 @@
+"""Admission and dispatch: the broker's queues, deadlines and the legs it sends to workers.
+
+The :class:`Dispatcher` owns what waits (per-model queues, unload legs) and decides where each
+request goes by calling the pure ``routing.route`` once per decision. It sends through the
+callables the broker gives it (it has no sockets) and is the :class:`requests.Outlet` through
+which every request kind is answered.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+import msgpack
+
+from ..common.errors import ModelLoadFailed, Overloaded, Unavailable
+from ..common.load_backoff import LoadBackoff
+from ..common.protocol import TAG
+from .queues import ModelQueues
+from .requests import ClientRequest, Pending, Preload, UnloadLeg, error_code
+from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, copy_threshold_s, route
+from .stats import BrokerStats
+from .workers import Worker, WorkerTable
+
+log = logging.getLogger("lipsync_cluster.broker")
+
+PRELOAD_RETRY_S = 10.0      # after a failed or impossible preload, try again this much later
+
+
+class Dispatcher:
+    """Queues, deadlines, routing decisions and the worker legs; the broker's single thread only."""
+
+    def __init__(self, config: Any, stats: BrokerStats, catalog: Callable[[], dict], *,
+                 send_client: Callable[..., None], send_worker: Callable[[Worker, list], bool],
+                 default_deadline_s: float, lfu_half_life_s: float, no_worker_grace_s: float) -> None:
+        cl = config.cluster
+        self.stats = stats
+        self.catalog = catalog                       # () -> {model_id: {version, preload, ...}}
+        self.to_client = send_client                 # (Outlet) the broker's frontend
+        self._send_worker = send_worker
+        self.table = WorkerTable()
+        self.queues = ModelQueues(cl.queue_limit_per_model, cl.queue_limit_total)
+        self.control: deque[UnloadLeg] = deque()     # unload legs, each waiting for its one worker
+        self.heat = Heat(config.capacity.eviction_policy, lfu_half_life_s)
+        self.load_failures = LoadBackoff(cl.load_failure_backoff_s, cl.load_failure_backoff_max_s)
+        self.max_copies = cl.max_copies_per_model
+        self.placement_patience = cl.placement_patience  # x a load time (routing.place; 0 = off)
+        self.default_deadline_s = default_deadline_s
+        self.no_worker_grace_s = no_worker_grace_s
+        self.log_model_operations = config.logging.log_model_operations
+        self.no_workers_since: Optional[float] = time.monotonic()
+        self.dirty = False                           # something changed: dispatch() has work
+        self._rids = itertools.count(1)
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self._preload_at: dict[str, float] = {}      # model -> when we last tried to preload it
+
+    def next_rid(self) -> int:
+        return next(self._rids)
+
+    def deadline(self, now: float, deadline_s: Optional[float]) -> float:
+        return now + (deadline_s if deadline_s is not None else self.default_deadline_s)
+
+    def client_request(self, client: bytes, cid: Any, op: str, model: str, header: dict,
+                       payloads: list, deadline_s: Optional[float]) -> ClientRequest:
+        now = time.monotonic()
+        return ClientRequest(self.next_rid(), client, cid, op, model, header, payloads, now,
+                             self.deadline(now, deadline_s))
+
+    # --- admission -----------------------------------------------------------------------
+
+    def admit(self, p: Pending) -> None:
+        """Send ``p`` now if its queue is empty and a worker fits; else queue it (bounded)."""
+        if not self.queues.depth(p.model):
+            d = self.route(p, p.arrival)
+            if d.action != WAIT:
+                self.send(p, d, p.arrival)
+                return
+        try:
+            self.queues.push(p)
+        except Overloaded as exc:
+            exc.details["retry_after_ms"] = self._retry_after_ms(p.model)
+            p.finish(self, exc, now=time.monotonic())
+
+    def fan_out(self, legs: list[UnloadLeg]) -> None:
+        self.control.extend(legs)
+        self.dirty = True
+
+    def _retry_after_ms(self, model: str) -> int:
+        service = self.stats.service_s(model) or 0.05
+        capacity = sum(w.credits for w in self.table.values() if w.holds(model)) or 1
+        return int(min(10_000, max(10, 1000 * service * self.queues.depth(model) / capacity)))
+
+    def check_loadable(self, model: str, now: float) -> None:
+        """A broken package, or a model in its load-failure backoff that no worker holds: raise
+        `model_load_failed` with the reason (common/load_backoff.py)."""
+        info = self.catalog().get(model) or {}
+        if info.get("error"):
+            raise ModelLoadFailed(f"model '{model}' cannot be loaded: {info['error']}",
+                                  model_id=model, reason=info["error"])
+        if self.load_failures and not any(w.has_loaded(model) for w in self.table.values()):
+            self.load_failures.check(model, info.get("version"), now)
+
+    def load_failed(self, model: str, error: Any, now: float) -> None:
+        """A load of ``model`` failed: start (or extend) its backoff; unless a worker holds it,
+        answer its queued requests with the same error now instead of trying it again for each."""
+        info = self.catalog().get(model) or {}
+        err = error if isinstance(error, dict) else {}
+        details = err.get("details") if isinstance(err.get("details"), dict) else {}
+        reason = str(details.get("reason") or err.get("message") or "load failed")
+        # Keyed by the version the worker tried: a failure of an older package (the worker had not
+        # seen the new one yet) must not block the new one.
+        f = self.load_failures.failed(model, details.get("version", info.get("version")), reason, now)
+        if any(w.has_loaded(model) for w in self.table.values()):
+            return
+        exc = self.load_failures.error(model, f, now)
+        while self.queues.depth(model):
+            self.queues.pop(model).finish(self, exc, now=now)
+
+    # --- routing and sending -------------------------------------------------------------------
+
+    def route(self, p: Pending, now: float) -> Decision:
+        workers: Any = self.table.values()
+        if p.targets is not None:
+            workers = [w for w in workers if w.name in p.targets]
+        stats = self.stats
+        load_s = stats.load_s(p.model)
+        return route(p.model, workers, busy_models=self.queues.busy_models(), value=self.heat.valuer(now),
+                     head_wait_s=now - p.arrival,
+                     copy_after_s=copy_threshold_s(stats.service_s(p.model), load_s=load_s),
+                     max_copies=self.max_copies, allow_evict=not p.no_evict,
+                     patience_s=(load_s or 0.0) * self.placement_patience)
+
+    def dispatch(self) -> None:
+        """Match waiting requests with free credits: unload legs first, then oldest head first."""
+        self.dirty = False
+        now = time.monotonic()
+        if self.control:
+            self._dispatch_control(now)
+        if not self.queues.total or not self.table.any_free():
+            return
+        queues = self.queues
+        for model in queues.by_head_age():
+            while True:
+                p = queues.head(model)
+                if p is None:
+                    break
+                if p.deadline is not None and p.deadline <= now:
+                    queues.pop(model)
+                    p.expire(self, now)
+                    continue
+                d = self.route(p, now)
+                if d.action == WAIT:
+                    break
+                queues.pop(model)
+                self.send(p, d, now)
+            if not self.table.any_free():
+                return
+
+    def _dispatch_control(self, now: float) -> None:
+        for _ in range(len(self.control)):
+            p = self.control.popleft()
+            w = self.table.by_name(p.target)
+            if w is None:
+                p.lost(self, p.target, now)
+            elif w.free > 0:
+                self.send(p, Decision(DISPATCH, w), now)
+            else:
+                self.control.append(p)
+
+    def send(self, p: Pending, d: Decision, now: float) -> None:
+        w: Worker = d.worker
+        p.evict_hint = d.evict
+        header = p.header.copy()
+        header.update(op="request", client_op=p.op, rid=p.rid, queue_ms=(now - p.arrival) * 1000.0,
+                      deadline=None if p.deadline is None else time.time() + (p.deadline - now))
+        if d.evict is not None:
+            header["evict_hint"] = d.evict
+        info = self.catalog().get(p.model)
+        if info is not None:
+            header["model_version"] = info.get("version")
+        if not self._send_worker(w, [TAG, self._packer.pack(header), *p.payloads]):
+            # The worker was dropped meanwhile: the leg waits again, or finishes as if it was lost.
+            if p.unsent(self, w.name, now):
+                self.queues.push_front(p)
+            self.dirty = True
+            return
+        w.start(p, now)
+        p.worker = w.name
+        p.dispatched_at = now
+        if d.action == PLACE and self.log_model_operations:
+            log.info("placing model %s on worker %s (%s%s)", p.model, w.name, d.reason,
+                     f"; evicting {d.evict}" if d.evict else "")
+
+    # --- replies and losses ----------------------------------------------------------------
+
+    def replied(self, w: Worker, header: dict, payloads: list) -> None:
+        """A worker's ``reply``: note what it tells about the worker, then finish the request."""
+        p = w.finish(header.pop("rid", None))
+        if p is None:
+            self.stats.late_replies += 1
+            return
+        self.dirty = True
+        now = time.monotonic()
+        if p.op == "infer":
+            self.stats.service(p.model, now - p.dispatched_at)
+        code = error_code(header)
+        if code is None:
+            if p.op == "load_model":
+                w.loaded.add(p.model)
+                w.loading.discard(p.model)
+        elif code == "model_load_failed" and not p.answered:
+            self.load_failed(p.model, header.get("error"), now)
+        if not p.finish(self, header, payloads, now):
+            self.stats.late_replies += 1  # the broker already answered it (timeout)
+
+    def worker_lost(self, pending: list[Pending], worker: str) -> None:
+        """``worker``'s in-flight legs: each finishes, or goes back to the front of its queue once."""
+        now = time.monotonic()
+        # Re-queue in reverse so the oldest ends up at the very front.
+        for p in sorted(pending, key=lambda p: p.arrival, reverse=True):
+            if p.lost(self, worker, now):
+                self.queues.push_front(p)
+        self.dirty = True
+
+    def sweep(self, now: float) -> None:
+        """Deadlines (queued and in flight) and requests waiting too long for any worker."""
+        for p in self.queues.expire(now):
+            p.expire(self, now)
+        if self.control:
+            for p in [p for p in self.control if p.deadline is not None and p.deadline <= now]:
+                self.control.remove(p)
+                p.expire(self, now)
+        for w in self.table.values():
+            for p in w.sent.values():
+                if p.expires_in_flight and not p.answered and p.deadline is not None and p.deadline <= now:
+                    # The credit stays taken until the worker answers; the client hears now.
+                    p.expire(self, now)
+        since = self.no_workers_since
+        if since is not None and self.queues.total and now - since >= self.no_worker_grace_s:
+            gone = Unavailable(f"no worker has been registered for {now - since:.0f} s")
+            for p in self.queues.drain():
+                p.finish(self, gone, now=now)
+        if self.queues.total:
+            self.dirty = True  # heads that waited long enough may now get another copy
+
+    def drain_all(self) -> list[Pending]:
+        """Everything waiting or in flight (shutdown); the worker table keeps its workers."""
+        pending: list[Pending] = self.queues.drain() + list(self.control)
+        self.control.clear()
+        for w in self.table.values():
+            pending.extend(w.take_all_sent())
+        return pending
+
+    # --- preloads --------------------------------------------------------------------------
+
+    def preload(self, now: float) -> None:
+        """Place each `preload` model that no worker holds, into a free slot only (no eviction)."""
+        if not len(self.table):
+            return
+        for model, info in self.catalog().items():
+            if (not info.get("preload") or self.queues.depth(model)
+                    or now - self._preload_at.get(model, -1e9) < PRELOAD_RETRY_S
+                    or any(w.holds(model) for w in self.table.values())):
+                continue
+            p = Preload(self.next_rid(), model, now, self.deadline(now, None))
+            self._preload_at[model] = now
+            d = self.route(p, now)
+            if d.action != WAIT:  # never queued: it must not hold up client requests
+                self.send(p, d, now)
+
+    def preload_settled(self, model: str, worker: Optional[str], error: Any, now: float) -> None:
+        """(Outlet) A preload finished: forget it on success; otherwise try again later."""
+        if error is None:
+            self._preload_at.pop(model, None)
+            log.info("preloaded model %s on worker %s", model, worker)
+        else:
+            self._preload_at[model] = now
+            log.warning("preloading model %s on worker %s failed: %s", model, worker, error)
