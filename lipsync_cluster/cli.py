@@ -345,14 +345,19 @@ def keys_generate(directory: str, force: bool) -> None:
 
 def _register() -> None:
     # Subcommands are defined next to what they drive; importing here keeps `cli` on top.
-    from .client.console import stats
-    from .client.loadtest import loadtest
-    from .client.render import render
     from .demo.cli import demo_models
     from .gateway.cli import gateway
     from .prepare.cli import check_model, prepare
+    from .tools.console import stats
+    from .tools.loadtest import loadtest_command
+    from .tools.render import render
 
-    for command in (demo_models, prepare, check_model, stats, loadtest, render, gateway):
+    def demo_cluster(*args: Any, **kwargs: Any):
+        from .supervisor import demo_cluster
+
+        return demo_cluster(*args, **kwargs)
+
+    for command in (demo_models, prepare, check_model, stats, loadtest_command(demo_cluster), render, gateway):
         main.add_command(command)
 
 

@@ -7,6 +7,7 @@ worker that dies is restarted with exponential backoff; SIGINT/SIGTERM drains th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -19,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 from urllib.parse import urlparse
 
 import yaml
@@ -252,4 +253,46 @@ class Supervisor:
                 child.proc.wait()
 
 
-__all__ = ["Supervisor", "StartError", "ConfigError", "count_gpus", "shm_namespace", "check_models"]
+@contextlib.contextmanager
+def demo_cluster(count: int, demo_dir: Optional[str], workers: int, slots: int,
+                 gpus: int = 0, eviction_policy: str = "lru") -> Iterator[str]:
+    """Build ``count`` light demo models (kept in ``demo_dir``; a temporary folder when None), start a
+    local cluster on free loopback ports, yield its client endpoint, stop it (``loadtest --demo-models``).
+    """
+    from .config import load_config
+    from .demo.build import build_demo_models
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    with contextlib.ExitStack() as stack:
+        folder = Path(demo_dir) if demo_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(
+            prefix="lipsync-loadtest-")))
+        print(f"building {count} demo model(s) in {folder} ...", file=sys.stderr)
+        build_demo_models(folder, count=count, kind="light", frames=24, size=(1280, 720), seed=0,
+                          progress=sys.stderr.isatty())
+        cfg = load_config({
+            "server": {"host": "127.0.0.1", "frontend_port": free_port(), "backend_port": free_port(),
+                       "stats_port": free_port()},
+            "models_dir": str(folder), "audio_encoder": str(folder / "audio_encoder.onnx"),
+            "capacity": {"max_models": slots, "max_memory_gb": 8, "eviction_policy": eviction_policy,
+                         "idle_unload_minutes": 0},
+            "onnx": {"intra_op_threads": 1},
+            "cluster": {"gpus": gpus, "per_gpu": workers},
+            "logging": {"level": "warning", "stats_report_minutes": 0},
+        })
+        sup = Supervisor(cfg, cfg.cluster.gpus, cfg.cluster.per_gpu)
+        print(f"starting a local cluster: {workers} worker(s) x {slots} slots at {cfg.frontend} "
+              f"(stats {cfg.stats_endpoint}) ...", file=sys.stderr)
+        try:
+            sup.start()
+            sup.wait_ready(timeout_s=180)
+            sup.watch_in_background()
+            yield cfg.frontend
+        finally:
+            sup.stop(drain_timeout_s=10)
+
+
+__all__ = ["Supervisor", "StartError", "ConfigError", "count_gpus", "shm_namespace", "check_models", "demo_cluster"]

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import free_port
 from lipsync_cluster.cli import main
 from lipsync_cluster.client import Client
-from lipsync_cluster.client.loadtest import LoadSpec, run_loadtest
+from lipsync_cluster.tools.loadtest import LoadSpec, run_loadtest
 
 
 @pytest.fixture

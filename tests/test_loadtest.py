@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from lipsync_cluster.cli import main
-from lipsync_cluster.client.loadtest import zipf_weights
+from lipsync_cluster.tools.loadtest import zipf_weights
 
 REPORT_KEYS = {"requests", "ok", "errors", "requests_per_s", "frames_per_s", "latency_ms", "cold_loads",
                "hit_ratio", "per_model", "timeline", "duration_s", "config"}

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import free_port
 from lipsync_cluster.broker.metrics import MetricsServer
 from lipsync_cluster.client import Client
-from lipsync_cluster.client.loadtest import LoadSpec, run_loadtest
+from lipsync_cluster.tools.loadtest import LoadSpec, run_loadtest
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "METRICS.md"
 

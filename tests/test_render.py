@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from lipsync_cluster.client.render import load_audio_16k, read_wav, render
+from lipsync_cluster.tools.render import load_audio_16k, read_wav, render
 from lipsync_cluster.common import imageops
 from lipsync_cluster.common.errors import BadRequest
 from lipsync_cluster.demo.light import mouth_open_pixels

@@ -13,7 +13,7 @@
 * ``--demo-models K`` (without ``--broker``) builds K light demo models (kept in ``--demo-dir``)
   and starts a local CPU cluster on free ports for the run, then stops it.
 
-The seeds' multi-process test maps onto it: ``--ports P`` = ``--broker tcp://127.0.0.1:P``,
+The earlier server's multi-process test script's options map onto it: ``--ports P`` = ``--broker tcp://127.0.0.1:P``,
 ``--model-names`` = ``--models``, ``--num-requests`` = ``--requests``.
 
 Python use: ``run_loadtest(client, LoadSpec(models=[...], concurrency=8, requests=200))``.
@@ -25,20 +25,19 @@ import contextlib
 import json
 import math
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import click
 import numpy as np
 
 from ..common.audio import SAMPLES_PER_FRAME, pcm_span_for_batch
-from .client import DEFAULT_ENDPOINT, Client
-from .results import infer_request
+from ..client.client import DEFAULT_ENDPOINT, Client
+from ..client.results import infer_request
 
 AUDIO_SECONDS = 20.0
 AUDIO_VARIANTS = 32
@@ -453,187 +452,150 @@ def plot_report(rep: dict, path: str) -> None:
 
 # --- a local cluster for --demo-models ------------------------------------------------------------------
 
-@contextlib.contextmanager
-def demo_cluster(count: int, demo_dir: Optional[str], workers: int, slots: int,
-                 gpus: int = 0, eviction_policy: str = "lru") -> Iterator[str]:
-    """Build ``count`` light demo models (kept in ``demo_dir``; a temporary folder when None), start a
-    local cluster on free loopback ports through the Supervisor, yield its client endpoint, stop it.
-
-    The one place the client package reaches up to the supervisor and the demo builder, imported
-    only when asked for.
-    """
-    import socket
-
-    from ..config import load_config
-    from ..demo.build import build_demo_models
-    from ..supervisor import Supervisor
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    with contextlib.ExitStack() as stack:
-        folder = Path(demo_dir) if demo_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(
-            prefix="lipsync-loadtest-")))
-        click.echo(f"building {count} demo model(s) in {folder} ...", err=True)
-        build_demo_models(folder, count=count, kind="light", frames=24, size=(1280, 720), seed=0,
-                          progress=sys.stderr.isatty())
-        cfg = load_config({
-            "server": {"host": "127.0.0.1", "frontend_port": free_port(), "backend_port": free_port(),
-                       "stats_port": free_port()},
-            "models_dir": str(folder), "audio_encoder": str(folder / "audio_encoder.onnx"),
-            "capacity": {"max_models": slots, "max_memory_gb": 8, "eviction_policy": eviction_policy,
-                         "idle_unload_minutes": 0},
-            "onnx": {"intra_op_threads": 1},
-            "cluster": {"gpus": gpus, "per_gpu": workers},
-            "logging": {"level": "warning", "stats_report_minutes": 0},
-        })
-        sup = Supervisor(cfg, cfg.cluster.gpus, cfg.cluster.per_gpu)
-        click.echo(f"starting a local cluster: {workers} worker(s) x {slots} slots at {cfg.frontend} "
-                   f"(stats {cfg.stats_endpoint}) ...", err=True)
-        try:
-            sup.start()
-            sup.wait_ready(timeout_s=180)
-            sup.watch_in_background()
-            yield cfg.frontend
-        finally:
-            sup.stop(drain_timeout_s=10)
-
-
 # --- command -------------------------------------------------------------------------------------------
 
 def _split(value: Optional[str]) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-@click.command("loadtest")
-@click.option("--broker", default=None, envvar="LIPSYNC_BROKER",
-              help=f"The broker's client endpoint [default: {DEFAULT_ENDPOINT}].")
-@click.option("--ports", default=None, help="Seed alias: broker port(s) on 127.0.0.1 (the first is used).")
-@click.option("--models", "models_opt", default=None, help="Models to ask for, comma-separated (Zipf rank order).")
-@click.option("--model-names", default=None, help="Seed alias of --models.")
-@click.option("--model-count", type=click.IntRange(1, 100_000), default=None,
-              help="Use the first K models the broker lists (sorted by id).")
-@click.option("--zipf", type=click.FloatRange(0, 10), default=None,
-              help="Zipf exponent S of model popularity (rank k ~ 1/k^S); default uniform.")
-@click.option("--concurrency", "-c", type=click.IntRange(1, 100_000), default=None,
-              help="Closed loop: requests kept in flight (default 4 unless --rate).")
-@click.option("--rate", "-r", type=click.FloatRange(0, None, min_open=True), default=None,
-              help="Open loop: Poisson arrivals at R requests/s.")
-@click.option("--duration", "-d", type=click.FloatRange(0, None, min_open=True), default=None,
-              help="Seconds of sending (default 10 unless --requests).")
-@click.option("--requests", "-n", "num_requests", type=click.IntRange(1, None), default=None,
-              help="Number of requests.")
-@click.option("--num-requests", "seed_num_requests", type=click.IntRange(1, None), default=None,
-              help="Seed alias of --requests.")
-@click.option("--batch", "-b", type=click.IntRange(1, 256), default=5, show_default=True, help="Frames per request.")
-@click.option("--format", "fmt", type=click.Choice(["jpeg", "png", "raw", "patch"]), default="jpeg",
-              show_default=True, help="Frame encoding asked for.")
-@click.option("--quality", type=click.IntRange(0, 100), default=None, help="jpeg quality / png compression.")
-@click.option("--deadline-ms", type=click.FloatRange(1, None), default=None, help="Per-request deadline.")
-@click.option("--timeout", type=float, default=120.0, show_default=True,
-              help="Seconds to wait for a reply before counting it as client_timeout.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the model draws and audio.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Write the full report (per model, per second) as JSON ('-' for stdout).")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Write a PNG: throughput and p99 per second, with model loads marked.")
-@click.option("--demo-models", type=click.IntRange(1, 1000), default=None,
-              help="Without --broker: build K light demo models and run against a local cluster started for it.")
-@click.option("--demo-dir", type=click.Path(file_okay=False), default=None,
-              help="Where --demo-models keeps the models (reused next time) [default: a temporary folder].")
-@click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
-              help="With --demo-models: CPU workers of the local cluster.")
-@click.option("--slots", type=click.IntRange(1, 1000), default=3, show_default=True,
-              help="With --demo-models: models each worker holds (capacity.max_models).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def loadtest(broker: Optional[str], ports: Optional[str], models_opt: Optional[str], model_names: Optional[str],
-             model_count: Optional[int], zipf: Optional[float], concurrency: Optional[int], rate: Optional[float],
-             duration: Optional[float], num_requests: Optional[int], seed_num_requests: Optional[int], batch: int,
-             fmt: str, quality: Optional[int], deadline_ms: Optional[float], timeout: float, seed: int,
-             json_path: Optional[str], plot_path: Optional[str], demo_models: Optional[int],
-             demo_dir: Optional[str], workers: int, slots: int, quiet: bool) -> None:
-    """Load-test a cluster: closed or open loop, uniform or Zipf models, a report per model and per second.
+LocalCluster = Callable[[int, Optional[str], int, int], ContextManager[str]]
 
-    \b
-    Examples:
-      lipsync-cluster loadtest --models demo_ada,demo_ben -c 8 -d 30
-      lipsync-cluster loadtest --model-count 3 --zipf 1.0 --rate 20 -d 60 --json out.json --plot out.png
-      lipsync-cluster loadtest --demo-models 6 --slots 2 --zipf 1 -c 4 -n 200
-      lipsync-cluster loadtest --ports 5555 --model-names demo_ada --num-requests 100   (seed form)
+
+def loadtest_command(local_cluster: LocalCluster) -> click.Command:
+    """The ``loadtest`` command. ``local_cluster(count, demo_dir, workers, slots)`` is what
+    ``--demo-models`` runs against: the supervisor's ``demo_cluster``, handed in by the CLI,
+    because the tools sit below the supervisor and never import it.
     """
-    if ports:
-        port_list = _split(ports)
-        if broker:
-            raise click.UsageError("give --broker or --ports, not both")
-        if not port_list or not all(p.isdigit() for p in port_list):
-            raise click.BadParameter(f"expected port numbers, got {ports!r}", param_hint="--ports")
-        broker = f"tcp://127.0.0.1:{port_list[0]}"
-        if len(port_list) > 1:
-            click.echo(f"note: one broker routes for every worker; using port {port_list[0]}", err=True)
-    if models_opt and model_names:
-        raise click.UsageError("give --models or --model-names, not both")
-    models = _split(models_opt or model_names)
-    if models and model_count:
-        raise click.UsageError("give --models or --model-count, not both")
-    if num_requests and seed_num_requests:
-        raise click.UsageError("give --requests or --num-requests, not both")
-    num_requests = num_requests or seed_num_requests
-    if concurrency is not None and rate is not None:
-        raise click.UsageError("give --concurrency (closed loop) or --rate (open loop), not both")
-    if concurrency is None and rate is None:
-        concurrency = 4
-    if duration is None and num_requests is None:
-        duration = 10.0
-    if demo_models and broker:
-        raise click.UsageError("--demo-models starts its own local cluster; leave out --broker/--ports")
 
-    with contextlib.ExitStack() as stack:
-        if demo_models:
+    @click.command("loadtest")
+    @click.option("--broker", default=None, envvar="LIPSYNC_BROKER",
+                  help=f"The broker's client endpoint [default: {DEFAULT_ENDPOINT}].")
+    @click.option("--ports", default=None, help="The earlier test script's form: broker port(s) on 127.0.0.1 (the first is used).")
+    @click.option("--models", "models_opt", default=None, help="Models to ask for, comma-separated (Zipf rank order).")
+    @click.option("--model-names", default=None, help="The earlier test script's name for --models.")
+    @click.option("--model-count", type=click.IntRange(1, 100_000), default=None,
+                  help="Use the first K models the broker lists (sorted by id).")
+    @click.option("--zipf", type=click.FloatRange(0, 10), default=None,
+                  help="Zipf exponent S of model popularity (rank k ~ 1/k^S); default uniform.")
+    @click.option("--concurrency", "-c", type=click.IntRange(1, 100_000), default=None,
+                  help="Closed loop: requests kept in flight (default 4 unless --rate).")
+    @click.option("--rate", "-r", type=click.FloatRange(0, None, min_open=True), default=None,
+                  help="Open loop: Poisson arrivals at R requests/s.")
+    @click.option("--duration", "-d", type=click.FloatRange(0, None, min_open=True), default=None,
+                  help="Seconds of sending (default 10 unless --requests).")
+    @click.option("--requests", "-n", "num_requests", type=click.IntRange(1, None), default=None,
+                  help="Number of requests.")
+    @click.option("--num-requests", "script_num_requests", type=click.IntRange(1, None), default=None,
+                  help="The earlier test script's name for --requests.")
+    @click.option("--batch", "-b", type=click.IntRange(1, 256), default=5, show_default=True, help="Frames per request.")
+    @click.option("--format", "fmt", type=click.Choice(["jpeg", "png", "raw", "patch"]), default="jpeg",
+                  show_default=True, help="Frame encoding asked for.")
+    @click.option("--quality", type=click.IntRange(0, 100), default=None, help="jpeg quality / png compression.")
+    @click.option("--deadline-ms", type=click.FloatRange(1, None), default=None, help="Per-request deadline.")
+    @click.option("--timeout", type=float, default=120.0, show_default=True,
+                  help="Seconds to wait for a reply before counting it as client_timeout.")
+    @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the model draws and audio.")
+    @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+                  help="Write the full report (per model, per second) as JSON ('-' for stdout).")
+    @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+                  help="Write a PNG: throughput and p99 per second, with model loads marked.")
+    @click.option("--demo-models", type=click.IntRange(1, 1000), default=None,
+                  help="Without --broker: build K light demo models and run against a local cluster started for it.")
+    @click.option("--demo-dir", type=click.Path(file_okay=False), default=None,
+                  help="Where --demo-models keeps the models (reused next time) [default: a temporary folder].")
+    @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
+                  help="With --demo-models: CPU workers of the local cluster.")
+    @click.option("--slots", type=click.IntRange(1, 1000), default=3, show_default=True,
+                  help="With --demo-models: models each worker holds (capacity.max_models).")
+    @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+    def loadtest(broker: Optional[str], ports: Optional[str], models_opt: Optional[str], model_names: Optional[str],
+                 model_count: Optional[int], zipf: Optional[float], concurrency: Optional[int], rate: Optional[float],
+                 duration: Optional[float], num_requests: Optional[int], script_num_requests: Optional[int], batch: int,
+                 fmt: str, quality: Optional[int], deadline_ms: Optional[float], timeout: float, seed: int,
+                 json_path: Optional[str], plot_path: Optional[str], demo_models: Optional[int],
+                 demo_dir: Optional[str], workers: int, slots: int, quiet: bool) -> None:
+        """Load-test a cluster: closed or open loop, uniform or Zipf models, a report per model and per second.
+
+        \b
+        Examples:
+          lipsync-cluster loadtest --models demo_ada,demo_ben -c 8 -d 30
+          lipsync-cluster loadtest --model-count 3 --zipf 1.0 --rate 20 -d 60 --json out.json --plot out.png
+          lipsync-cluster loadtest --demo-models 6 --slots 2 --zipf 1 -c 4 -n 200
+          lipsync-cluster loadtest --ports 5555 --model-names demo_ada --num-requests 100   (the earlier script's form)
+        """
+        if ports:
+            port_list = _split(ports)
+            if broker:
+                raise click.UsageError("give --broker or --ports, not both")
+            if not port_list or not all(p.isdigit() for p in port_list):
+                raise click.BadParameter(f"expected port numbers, got {ports!r}", param_hint="--ports")
+            broker = f"tcp://127.0.0.1:{port_list[0]}"
+            if len(port_list) > 1:
+                click.echo(f"note: one broker routes for every worker; using port {port_list[0]}", err=True)
+        if models_opt and model_names:
+            raise click.UsageError("give --models or --model-names, not both")
+        models = _split(models_opt or model_names)
+        if models and model_count:
+            raise click.UsageError("give --models or --model-count, not both")
+        if num_requests and script_num_requests:
+            raise click.UsageError("give --requests or --num-requests, not both")
+        num_requests = num_requests or script_num_requests
+        if concurrency is not None and rate is not None:
+            raise click.UsageError("give --concurrency (closed loop) or --rate (open loop), not both")
+        if concurrency is None and rate is None:
+            concurrency = 4
+        if duration is None and num_requests is None:
+            duration = 10.0
+        if demo_models and broker:
+            raise click.UsageError("--demo-models starts its own local cluster; leave out --broker/--ports")
+
+        with contextlib.ExitStack() as stack:
+            if demo_models:
+                try:
+                    broker = stack.enter_context(local_cluster(demo_models, demo_dir, workers, slots))
+                except Exception as exc:  # StartError, build errors: one clear line
+                    raise click.ClickException(f"could not start the demo cluster: {exc}") from None
+            endpoint = broker or DEFAULT_ENDPOINT
+            client = stack.enter_context(Client(endpoint, timeout=timeout))
             try:
-                broker = stack.enter_context(demo_cluster(demo_models, demo_dir, workers, slots))
-            except Exception as exc:  # StartError, build errors: one clear line
-                raise click.ClickException(f"could not start the demo cluster: {exc}") from None
-        endpoint = broker or DEFAULT_ENDPOINT
-        client = stack.enter_context(Client(endpoint, timeout=timeout))
-        try:
-            catalog = [m["model_id"] for m in client.request({"op": "list_models"}, timeout=5.0)[0]["models"]]
-        except Exception as exc:
-            raise click.ClickException(f"no broker answered at {endpoint}: {getattr(exc, 'message', exc)}") from None
-        if not models:
-            if not catalog:
-                raise click.ClickException(f"the broker at {endpoint} serves no models")
-            count = model_count or (demo_models or len(catalog))
-            if count > len(catalog):
-                raise click.ClickException(f"--model-count {count}: the broker serves only {len(catalog)} model(s)")
-            models = sorted(catalog)[:count]
-        unknown = [m for m in models if m not in catalog]
-        if unknown:
-            click.echo(f"note: not in the broker's catalog (expect unknown_model): {', '.join(unknown)}", err=True)
-        spec = LoadSpec(models=models, zipf=zipf, concurrency=concurrency, rate=rate, duration=duration,
-                        requests=num_requests, batch=batch, format=fmt, quality=quality, deadline_ms=deadline_ms,
-                        timeout_s=timeout, seed=seed)
+                catalog = [m["model_id"] for m in client.request({"op": "list_models"}, timeout=5.0)[0]["models"]]
+            except Exception as exc:
+                raise click.ClickException(f"no broker answered at {endpoint}: {getattr(exc, 'message', exc)}") from None
+            if not models:
+                if not catalog:
+                    raise click.ClickException(f"the broker at {endpoint} serves no models")
+                count = model_count or (demo_models or len(catalog))
+                if count > len(catalog):
+                    raise click.ClickException(f"--model-count {count}: the broker serves only {len(catalog)} model(s)")
+                models = sorted(catalog)[:count]
+            unknown = [m for m in models if m not in catalog]
+            if unknown:
+                click.echo(f"note: not in the broker's catalog (expect unknown_model): {', '.join(unknown)}", err=True)
+            spec = LoadSpec(models=models, zipf=zipf, concurrency=concurrency, rate=rate, duration=duration,
+                            requests=num_requests, batch=batch, format=fmt, quality=quality, deadline_ms=deadline_ms,
+                            timeout_s=timeout, seed=seed)
 
-        def broker_totals() -> Optional[dict]:
-            try:
-                return client.request({"op": "model_stats"}, timeout=5.0)[0].get("totals")
-            except Exception:
-                return None
+            def broker_totals() -> Optional[dict]:
+                try:
+                    return client.request({"op": "model_stats"}, timeout=5.0)[0].get("totals")
+                except Exception:
+                    return None
 
-        rep = run_loadtest(client, spec, progress=not quiet, broker_totals=broker_totals)
-        rep["broker_endpoint"] = endpoint
-    if json_path == "-":
-        click.echo(json.dumps(rep, indent=2, default=str))
-    else:
-        print_report(rep)
-        if json_path:
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_path).write_text(json.dumps(rep, indent=2, default=str))
-            click.echo(f"report written to {json_path}", err=True)
-    if plot_path:
-        plot_report(rep, plot_path)
-        click.echo(f"plot written to {plot_path}", err=True)
-    if rep["ok"] == 0:
-        click.echo("Error: no request succeeded", err=True)
-        sys.exit(1)
+            rep = run_loadtest(client, spec, progress=not quiet, broker_totals=broker_totals)
+            rep["broker_endpoint"] = endpoint
+        if json_path == "-":
+            click.echo(json.dumps(rep, indent=2, default=str))
+        else:
+            print_report(rep)
+            if json_path:
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                Path(json_path).write_text(json.dumps(rep, indent=2, default=str))
+                click.echo(f"report written to {json_path}", err=True)
+        if plot_path:
+            plot_report(rep, plot_path)
+            click.echo(f"plot written to {plot_path}", err=True)
+        if rep["ok"] == 0:
+            click.echo("Error: no request succeeded", err=True)
+            sys.exit(1)
+
+    return loadtest

@@ -116,7 +116,7 @@ class StatsFeed:
 
 def snapshot_from_broker(endpoint: str, timeout_s: float) -> dict:
     """The same shape as a PUB snapshot (less rates history and events), asked over the frontend."""
-    from .client import Client, LipsyncError
+    from ..client import Client, LipsyncError
 
     with Client(endpoint, timeout=timeout_s) as client:
         try:

@@ -84,7 +84,7 @@ def render_file(client, model_id: str, audio_path: str | os.PathLike, out_path: 
     import imageio_ffmpeg
     from tqdm import tqdm
 
-    from .stream import StreamSession, total_frames_for
+    from ..client.stream import StreamSession, total_frames_for
 
     pcm = load_audio_16k(audio_path)
     total = total_frames_for(pcm.size)
@@ -161,7 +161,7 @@ def render(model_id: str, audio_path: str, out_path: str, fmt: str, quality: Opt
       lipsync-cluster render --model demo_ada --audio speech.wav --out talk.mp4
       lipsync-cluster render --model demo_ben --audio voice_44k_stereo.wav --out ben.mp4 --format png
     """
-    from .client import Client
+    from ..client import Client
 
     with Client(endpoint, timeout=timeout) as client:
         try:
