@@ -27,7 +27,7 @@ See ARCHITECTURE.md, "Model package". This module is the one place that reads th
 
 An unknown key is an error (it is usually a typo of one of these).
 
-The seeds' explicit config form (``models: {id: {model_path, background_dir, crop_rects_path,
+The earlier single-process server's explicit config form (``models: {id: {model_path, background_dir, crop_rects_path,
 num_frames, ...}}``) becomes the same :class:`ModelPackage` through :func:`package_from_entry`.
 
 Every problem is reported as a sentence that names the file and the fact;
@@ -56,6 +56,10 @@ MANIFEST = "model.yaml"
 MANIFEST_KEYS = ("id", "onnx", "frames", "crop_rects", "fps", "frame_count", "frame_size", "version",
                  "kind", "memory_estimate_mb", "preload", "audio_encoder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# A session's memory cannot be measured on a GPU before it exists; the worker's cache (before a
+# load) and `prepare` (the manifest's memory_estimate_mb) estimate it from the ONNX file: weights
+# once, plus activations and workspace about as much again.
+SESSION_MEMORY_FACTOR = 2.0
 # The UNet's tensors without the batch dimension (SyncTalk_2D, 328 crop / 320 network).
 VISUAL_SHAPE = (6, 320, 320)
 AUDIO_SHAPE = (32, 16, 16)
@@ -648,8 +652,8 @@ def package_from_entry(model_id: str, entry: Any, *, check_onnx: bool = True,
 
     ``entry.package`` set: the package folder is read (:func:`load_package`), and the entry's
     ``preload: true``, ``memory_estimate_mb``, ``audio_encoder_path`` and a non-default ``fps``
-    override the manifest; ``num_frames`` is checked against the frames. Otherwise the seeds'
-    explicit form: ``model_path``, ``background_dir``, ``crop_rects_path`` (+ ``num_frames``,
+    override the manifest; ``num_frames`` is checked against the frames. Otherwise the earlier
+    server's explicit form: ``model_path``, ``background_dir``, ``crop_rects_path`` (+ ``num_frames``,
     ``fps``, ``preload``, ``memory_estimate_mb``, ``audio_encoder_path``); the version is the
     content hash.
     """

@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from ..common.protocol import MODEL_ID_RE  # config sits above common; common never imports config
+
 
 class ConfigError(ValueError):
     """The configuration is wrong; the message names the key path and what is allowed."""
@@ -51,12 +53,12 @@ class OnnxConfig:
     cuda_enabled: bool = True
     intra_op_threads: int = 0  # 0 = let ONNX Runtime decide (CPU workers get cores // workers)
     inter_op_threads: int = 1
-    library_path: Optional[str] = None  # accepted for seed configs; unused by the Python runtime
+    library_path: Optional[str] = None  # accepted in the earlier server's configs; unused by the Python runtime
 
 
 @dataclass
 class ModelEntry:
-    """The seeds' explicit model form. ``package`` may point at a package folder instead."""
+    """The earlier server's explicit model form (model_path, background_dir, crop_rects_path). ``package`` may point at a package folder instead."""
 
     package: Optional[str] = None
     model_path: Optional[str] = None
@@ -260,8 +262,6 @@ def _check_ranges(cfg: Config) -> None:
          "cluster.load_failure_backoff_s: must be positive and <= cluster.load_failure_backoff_max_s")
     need(cfg.security.curve or not cfg.security.admin_only_management,
          "security.admin_only_management: needs security.curve: true (without CURVE no key says who sent a request)")
-    from ..common.protocol import MODEL_ID_RE  # common imports nothing of config: no cycle
-
     for mid, entry in cfg.models.items():
         need(bool(MODEL_ID_RE.match(mid)),
              f"models.{mid}: {mid!r} is not a valid model id ({MODEL_ID_RE.pattern})")

@@ -36,8 +36,9 @@ import cv2
 import numpy as np
 import yaml
 
-from ..common.model_package import (MANIFEST, ModelPackageError, check_unet_onnx, compute_version,
-                                    list_frame_files, read_crop_rects, read_package, validate_package)
+from ..common.model_package import (MANIFEST, SESSION_MEMORY_FACTOR, ModelPackageError, check_unet_onnx,
+                                    compute_version, list_frame_files, read_crop_rects, read_package,
+                                    validate_package)
 from . import faces
 from .video import Letterbox, VideoError, VideoSource
 
@@ -49,7 +50,6 @@ FRAMES_DIR = "frames"
 RECTS_FILE = "crop_rects.json"
 KIND = "prepared"
 WRITE_AHEAD = 8  # frames being encoded at once per video
-SESSION_MEMORY_FACTOR_DEFAULT = 2.0  # the worker's estimate of an ONNX session's memory / file size
 
 
 class PrepareError(Exception):
@@ -107,18 +107,10 @@ class Result:
 # --- small helpers ------------------------------------------------------------------------
 
 
-def session_memory_factor() -> float:
-    try:  # the same factor the worker's cache uses for a model it has not measured yet
-        from ..worker.cache import SESSION_MEMORY_FACTOR  # noqa: PLC0415
-        return float(SESSION_MEMORY_FACTOR)
-    except Exception:  # noqa: BLE001 - any import problem: fall back to the documented value
-        return SESSION_MEMORY_FACTOR_DEFAULT
-
-
 def estimate_memory_mb(frames: int, frame_size: tuple[int, int], onnx_bytes: int) -> float:
     """Memory when loaded: every frame decoded (N x H x W x 3 bytes) plus the UNet's session."""
     w, h = frame_size
-    total = frames * w * h * 3 + onnx_bytes * session_memory_factor()
+    total = frames * w * h * 3 + onnx_bytes * SESSION_MEMORY_FACTOR
     return round(total / 2**20, 1)
 
 
@@ -267,6 +259,7 @@ def parameters(task: Task, settings: Settings) -> dict:
 
 
 def read_record(package: Path) -> Optional[dict]:
+    """The package's prepare.json (what it was made from, and how), or None when absent or unreadable."""
     try:
         data = json.loads((package / PREPARE_RECORD).read_text())
     except (OSError, ValueError):

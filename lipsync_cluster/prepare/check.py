@@ -1,13 +1,12 @@
 """``check-model``: what the cluster would load from a package folder, or every problem with it."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..common.model_package import (ModelPackageError, bind_unet_io, compute_version, read_package,
                                     validate_package)
-from .build import PREPARE_RECORD, estimate_memory_mb
+from .build import estimate_memory_mb, read_record
 
 
 def _dims(value_info: Any) -> tuple[list, str]:
@@ -84,7 +83,7 @@ def check_package(folder: str | Path) -> dict:
     if not problems and not info["version"]:
         info["version"] = compute_version(pkg.onnx_path, pkg.crop_rects_path, pkg.frame_paths)
         info["version_from"] = "content hash"
-    record = _record(folder)
+    record = read_record(folder)
     if record:
         info["prepared"] = {"source": record.get("params", {}).get("source", {}).get("file"),
                             "at": record.get("prepared_at"), "boxes": record.get("boxes_from"),
@@ -92,14 +91,6 @@ def check_package(folder: str | Path) -> dict:
     out["model"] = info
     out["ok"] = not problems
     return out
-
-
-def _record(folder: Path) -> Optional[dict]:
-    try:
-        data = json.loads((folder / PREPARE_RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _shape(shape: list) -> str:

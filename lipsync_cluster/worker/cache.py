@@ -3,7 +3,7 @@ idle unload, and never an eviction under a running request.
 
 A *loaded model* is an ONNX Runtime session plus the model's background frames attached from
 the host's shared-memory frame store. Every load, eviction and unload is a log line in the
-seeds' words and an event handed to ``event_sink`` (the worker loop forwards it to the broker).
+earlier server's words (its log lines, so log searches keep working) and an event handed to ``event_sink`` (the worker loop forwards it to the broker).
 
 Thread safety: several request threads use the cache at once. ``_lock`` guards the tables;
 loading happens outside it, one loader per model (others wanting that model wait for it), so a
@@ -24,14 +24,10 @@ import psutil
 from ..common.errors import CapacityFull, LipsyncError, ModelLoadFailed
 from ..common.frame_store import FrameStore, SharedFrames
 from ..common.load_backoff import LoadBackoff
-from ..common.model_package import ModelPackage, bind_unet_io
+from ..common.model_package import SESSION_MEMORY_FACTOR, ModelPackage, bind_unet_io
 from .sessions import SessionOptions, make_session, warm_up
 
 log = logging.getLogger("lipsync_cluster.worker.cache")
-
-# A session's memory cannot be measured on a GPU from here; before a load we estimate it from
-# the ONNX file (weights once, plus activations and workspace about as much again).
-SESSION_MEMORY_FACTOR = 2.0
 
 
 def _ago(seconds: float) -> str:
