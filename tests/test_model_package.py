@@ -329,26 +329,26 @@ def test_bind_symbolic_shapes_and_errors():
 
 
 def test_package_from_entry_explicit_form(tmp_path):
-    root = tmp_path / "seed"
+    root = tmp_path / "explicit"
     make_frames(root / "bg", 12, names="{}.jpg")
     make_unet(root / "unet.onnx", visual="visual_input", audio="audio_input")
     (root / "rects.json").write_text(json.dumps({str(i): {"rect": r} for i, r in enumerate(rects_list())}))
     entry = ModelEntry(model_path=str(root / "unet.onnx"), background_dir=str(root / "bg"),
                        crop_rects_path=str(root / "rects.json"), num_frames=12, preload=True,
                        memory_estimate_mb=300)
-    pkg = mp.package_from_entry("seed_model", entry)
-    assert pkg.source == "config" and pkg.model_id == "seed_model" and pkg.kind is None
+    pkg = mp.package_from_entry("explicit_model", entry)
+    assert pkg.source == "config" and pkg.model_id == "explicit_model" and pkg.kind is None
     assert pkg.num_frames == 12 and pkg.frame_paths[10].name == "10.jpg"
     assert pkg.preload and pkg.memory_estimate_mb == 300.0 and pkg.frame_size == (W, H)
     assert pkg.version == mp.compute_version(root / "unet.onnx", root / "rects.json", pkg.frame_paths)
     entry.num_frames = 20
-    with pytest.raises(mp.ModelPackageError, match="models.seed_model.num_frames is 20 but .*/bg/ has 12 frames"):
-        mp.package_from_entry("seed_model", entry)
+    with pytest.raises(mp.ModelPackageError, match="models.explicit_model.num_frames is 20 but .*/bg/ has 12 frames"):
+        mp.package_from_entry("explicit_model", entry)
     entry.num_frames, entry.background_dir = None, str(root / "missing")
     with pytest.raises(mp.ModelPackageError, match="missing/: frames folder not found"):
-        mp.package_from_entry("seed_model", entry)
-    with pytest.raises(mp.ModelPackageError, match="models.seed_model.crop_rects_path: required"):
-        mp.package_from_entry("seed_model", ModelEntry(model_path="x.onnx", background_dir="bg"))
+        mp.package_from_entry("explicit_model", entry)
+    with pytest.raises(mp.ModelPackageError, match="models.explicit_model.crop_rects_path: required"):
+        mp.package_from_entry("explicit_model", ModelEntry(model_path="x.onnx", background_dir="bg"))
 
 
 def test_package_from_entry_package_form_with_overrides(tmp_path):

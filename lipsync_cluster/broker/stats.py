@@ -313,7 +313,7 @@ class BrokerStats:
 
 
 def format_report(models: list[dict], workers: list[dict]) -> list[str]:
-    """The seeds' "Model Statistics Report", cluster-wide.
+    """The earlier server's "Model Statistics Report" (its log layout), cluster-wide.
 
     ``models``: list_models entries; ``workers``: model_stats' per-worker entries.
     """

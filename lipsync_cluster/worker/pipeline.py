@@ -60,7 +60,7 @@ class Pipeline:
     def features(self, req: InferRequest) -> np.ndarray:
         if req.audio_features is not None:
             feats = req.audio_features
-            if feats.ndim == 3:  # one window for the whole batch, as the seeds' clients send
+            if feats.ndim == 3:  # one window for the whole batch, as the earlier server's clients send
                 feats = np.broadcast_to(feats, (req.batch_size, *feats.shape))
             return np.ascontiguousarray(feats, dtype=np.float32)
         if self.encoder is None:
