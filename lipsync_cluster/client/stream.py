@@ -167,7 +167,6 @@ class StreamCore:
         self.request_timeout = float(request_timeout)
         self.clock = clock
         self.model_id = model_id
-        self.started_t = clock()
         # audio: samples [buf_base, n) live in buf[:n - buf_base]
         self._buf = np.zeros(SAMPLE_RATE * 4, np.float32)
         self._buf_base = 0

@@ -52,7 +52,6 @@ PREEMPHASIS = 0.97
 MEL_STEP = 16  # mel columns per audio-encoder window
 CONTEXT_BEFORE = 8  # UNet window for frame i = encoder outputs of frames i-8 .. i+7
 CONTEXT_AFTER = 7
-WINDOW_FRAMES = CONTEXT_BEFORE + 1 + CONTEXT_AFTER  # 16
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
 ENCODER_DIM = 512
 UNET_AUDIO_SHAPE = (32, 16, 16)  # 16 x 512 = 8192 = 32 x 16 x 16

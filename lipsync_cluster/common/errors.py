@@ -7,21 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-ERROR_CODES = (
-    "bad_request",
-    "unknown_model",
-    "model_load_failed",
-    "capacity_full",
-    "overloaded",
-    "timeout",
-    "unavailable",
-    "unauthorized",
-    "internal",
-)
-
-
 class LipsyncError(Exception):
-    """Base of every error the cluster reports. ``code`` is one of :data:`ERROR_CODES`."""
+    """Base of every error the cluster reports. ``code`` is a key of :data:`ERROR_CLASSES`."""
 
     code = "internal"
 

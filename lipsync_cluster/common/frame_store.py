@@ -528,16 +528,6 @@ class FrameStore:
             out.append(entry)
         return out
 
-    def total_bytes(self) -> int:
-        """Bytes of every file of this namespace in the store (what it costs the host)."""
-        total = 0
-        for path, *_ in self._own_files():
-            try:
-                total += path.lstat().st_size
-            except FileNotFoundError:
-                pass
-        return total
-
 
 def _unlink(path: Path) -> bool:
     try:

@@ -66,11 +66,6 @@ def reference_audio_encoder(mel: np.ndarray) -> np.ndarray:
     return (reference_energy(mel)[:, None] * channel_weights()[None, :]).astype(np.float32)
 
 
-def features_energy(features: np.ndarray) -> np.ndarray:
-    """Read ``a`` back from encoder outputs ``[..., 512]`` (their mean over the last axis)."""
-    return np.asarray(features, np.float32).mean(axis=-1)
-
-
 def make_audio_encoder_model() -> onnx.ModelProto:
     """The encoder as an in-memory ONNX model (opset 17, checked)."""
     c0, c1 = ENERGY_COLUMNS

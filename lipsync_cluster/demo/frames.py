@@ -134,10 +134,6 @@ class PersonRenderer:
         y1 = min(max(0, y1), height - n)
         return [x1, y1, x1 + n, y1 + n]
 
-    def mouth_centre(self, i: int) -> tuple[float, float]:
-        hx, hy, side = self.pose(i)
-        return hx, hy + MOUTH_Y * side
-
     # --- drawing --------------------------------------------------------------------------
 
     def _draw_background(self, rng: np.random.RandomState) -> np.ndarray:

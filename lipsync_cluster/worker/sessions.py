@@ -35,16 +35,6 @@ class SessionOptions:
         return self.gpu is not None
 
 
-def cuda_available() -> bool:
-    """True when this onnxruntime build has the CUDA provider *and* a device is visible."""
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return False
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
-
-
 _cuda_libraries_loaded = False
 
 
