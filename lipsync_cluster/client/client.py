@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import zmq
@@ -36,12 +36,23 @@ def _raise_for(header: dict) -> dict:
     return header
 
 
-# The socket, its I/O thread and the retry policy live in transport.py (shared by both clients).
-_Transport = Transport
+class _Call(NamedTuple):
+    """One op's request (header, payload frames, reply timeout) and how its reply is read."""
+
+    header: dict
+    payloads: list
+    timeout: Optional[float]
+    parse: Callable[[dict, list], Any]
 
 
-class Client:
-    """Blocking client of a lipsync-cluster broker. Thread-safe; close it (or use ``with``)."""
+def _header(header: dict, payloads: list) -> dict:  # noqa: ARG001 - the reply parser shape
+    return header
+
+
+class _BaseClient:
+    """What both clients share: their settings, the transport, and every op's request and reply
+    (as httpx's BaseClient does). :class:`Client` and :class:`AsyncClient` differ only in how they
+    wait for a reply: on a future, or awaiting it."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 30.0,
                  ctx: Optional[zmq.Context] = None, *, retry: Optional[RetryPolicy] = DEFAULT_RETRY,
@@ -51,9 +62,65 @@ class Client:
         the environment (LIPSYNC_KEYS_DIR), else plain ZMTP for a loopback cluster."""
         self.endpoint = endpoint
         self.timeout = timeout
-        self._ctx = ctx or zmq.Context.instance()
+        # One transport for both (an I/O thread; futures, bridged into the event loop for
+        # AsyncClient), so both get the same retries and deduplication. The I/O thread needs a
+        # plain context: an asyncio one is shadowed.
+        if ctx is None:
+            ctx = zmq.Context.instance()
+        elif isinstance(ctx, zmq.asyncio.Context):
+            ctx = zmq.Context.shadow(ctx.underlying)
+        self._ctx = ctx
         curve = curve if curve is not None else client_keys_from_env()
-        self._transport = _Transport(endpoint, self._ctx, retry=retry, curve=curve, timeout=timeout)
+        self._transport = Transport(endpoint, self._ctx, retry=retry, curve=curve, timeout=timeout)
+
+    def _no_reply(self, what: Any, timeout: float) -> Unavailable:
+        return Unavailable(f"no reply to '{what}' from the broker at {self.endpoint} within {timeout:.1f}s; "
+                           "is the cluster running? (lipsync-cluster health)")
+
+    # --- the ops' requests and replies ---------------------------------------------------
+
+    def _infer(self, model_id: str, *, start_frame_idx: int, batch_size: Optional[int],
+               audio_features: Optional[np.ndarray], audio_pcm: Optional[np.ndarray],
+               audio_frame_offset: Optional[int], visual_frames: Optional[np.ndarray], format: str,
+               quality: Optional[int], deadline_ms: Optional[float]) -> _Call:
+        header, payloads = infer_request(
+            model_id, start_frame_idx=start_frame_idx, batch_size=batch_size, audio_features=audio_features,
+            audio_pcm=audio_pcm, audio_frame_offset=audio_frame_offset, visual_frames=visual_frames,
+            format=format, quality=quality, deadline_ms=deadline_ms)
+        timeout = self.timeout if deadline_ms is None else max(self.timeout, deadline_ms / 1000 + 1)
+        return _Call(header, payloads, timeout, infer_result)
+
+    @staticmethod
+    def _list_models() -> _Call:
+        return _Call({"op": "list_models"}, [], None, lambda header, _: header["models"])
+
+    @staticmethod
+    def _load_model(model_id: str, force_reload: bool, worker: Optional[str], gpu: Optional[int]) -> _Call:
+        header: dict = {"op": "load_model", "model_id": model_id, "force_reload": force_reload}
+        if worker is not None:
+            header["worker"] = worker
+        if gpu is not None:
+            header["gpu"] = gpu
+        return _Call(header, [], None, _header)
+
+    @staticmethod
+    def _unload_model(model_id: str) -> _Call:
+        return _Call({"op": "unload_model", "model_id": model_id}, [], None, _header)
+
+    @staticmethod
+    def _model_stats(model_id: Optional[str]) -> _Call:
+        header: dict = {"op": "model_stats"}
+        if model_id is not None:
+            header["model_id"] = model_id
+        return _Call(header, [], None, _header)
+
+    @staticmethod
+    def _health() -> _Call:
+        return _Call({"op": "health"}, [], None, _header)
+
+
+class Client(_BaseClient):
+    """Blocking client of a lipsync-cluster broker. Thread-safe; close it (or use ``with``)."""
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -73,9 +140,11 @@ class Client:
             header, payloads = future.result(timeout=timeout)
         except TimeoutError:
             future.cancel()
-            raise Unavailable(f"no reply to '{what}' from the broker at {self.endpoint} within {timeout:.1f}s; "
-                              "is the cluster running? (lipsync-cluster health)") from None
+            raise self._no_reply(what, timeout) from None
         return _raise_for(header), payloads
+
+    def _run(self, call: _Call) -> Any:
+        return call.parse(*self.request(call.header, call.payloads, call.timeout))
 
     # --- ops --------------------------------------------------------------------------------
 
@@ -84,37 +153,26 @@ class Client:
               audio_frame_offset: Optional[int] = None, visual_frames: Optional[np.ndarray] = None,
               format: str = "png", quality: Optional[int] = None,
               deadline_ms: Optional[float] = None) -> InferResult:
-        header, payloads = infer_request(
+        return self._run(self._infer(
             model_id, start_frame_idx=start_frame_idx, batch_size=batch_size, audio_features=audio_features,
             audio_pcm=audio_pcm, audio_frame_offset=audio_frame_offset, visual_frames=visual_frames,
-            format=format, quality=quality, deadline_ms=deadline_ms)
-        timeout = self.timeout if deadline_ms is None else max(self.timeout, deadline_ms / 1000 + 1)
-        reply, frames = self.request(header, payloads, timeout)
-        return infer_result(reply, frames)
+            format=format, quality=quality, deadline_ms=deadline_ms))
 
     def list_models(self) -> list[dict]:
-        return self.request({"op": "list_models"})[0]["models"]
+        return self._run(self._list_models())
 
     def load_model(self, model_id: str, force_reload: bool = False, *, worker: Optional[str] = None,
                    gpu: Optional[int] = None) -> dict:
-        header: dict = {"op": "load_model", "model_id": model_id, "force_reload": force_reload}
-        if worker is not None:
-            header["worker"] = worker
-        if gpu is not None:
-            header["gpu"] = gpu
-        return self.request(header)[0]
+        return self._run(self._load_model(model_id, force_reload, worker, gpu))
 
     def unload_model(self, model_id: str) -> dict:
-        return self.request({"op": "unload_model", "model_id": model_id})[0]
+        return self._run(self._unload_model(model_id))
 
     def model_stats(self, model_id: Optional[str] = None) -> dict:
-        header: dict = {"op": "model_stats"}
-        if model_id is not None:
-            header["model_id"] = model_id
-        return self.request(header)[0]
+        return self._run(self._model_stats(model_id))
 
     def health(self) -> dict:
-        return self.request({"op": "health"})[0]
+        return self._run(self._health())
 
     def stream(self, model_id: str, **options: Any) -> "StreamSession":
         """A real-time session: push audio, read frames in order (docs/STREAMING.md)."""
@@ -132,68 +190,47 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_BaseClient):
     """The asyncio twin of :class:`Client`, for use inside one event loop."""
-
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 30.0,
-                 ctx: Optional[zmq.Context] = None, *, retry: Optional[RetryPolicy] = DEFAULT_RETRY,
-                 curve: Optional[CurveKeys] = None) -> None:
-        self.endpoint = endpoint
-        self.timeout = timeout
-        # The same transport as Client (an I/O thread; futures bridged into the event loop), so
-        # both get the same retries and deduplication. An asyncio context is shadowed.
-        self._ctx = zmq.Context.shadow(ctx.underlying) if ctx is not None else zmq.Context.instance()
-        curve = curve if curve is not None else client_keys_from_env()
-        self._transport = Transport(endpoint, self._ctx, retry=retry, curve=curve, timeout=timeout)
 
     async def request(self, header: dict, payloads: list = (), timeout: Optional[float] = None) -> tuple[dict, list]:
         timeout = self.timeout if timeout is None else timeout
-        header = dict(header)
-        future = self._transport.submit(header, list(payloads), timeout)
+        future = self._transport.submit(dict(header), list(payloads), timeout)
         try:
             reply, frames = await asyncio.wait_for(asyncio.wrap_future(future), timeout + 1.0)
         except asyncio.TimeoutError:
             future.cancel()
-            raise Unavailable(f"no reply to '{header.get('op')}' from the broker at {self.endpoint} "
-                              f"within {timeout:.1f}s; is the cluster running?") from None
+            raise self._no_reply(header.get("op", "request"), timeout) from None
         return _raise_for(reply), frames
+
+    async def _run(self, call: _Call) -> Any:
+        return call.parse(*await self.request(call.header, call.payloads, call.timeout))
 
     async def infer(self, model_id: str, *, start_frame_idx: int = 0, batch_size: Optional[int] = None,
                     audio_features: Optional[np.ndarray] = None, audio_pcm: Optional[np.ndarray] = None,
                     audio_frame_offset: Optional[int] = None, visual_frames: Optional[np.ndarray] = None,
                     format: str = "png", quality: Optional[int] = None,
                     deadline_ms: Optional[float] = None) -> InferResult:
-        header, payloads = infer_request(
+        return await self._run(self._infer(
             model_id, start_frame_idx=start_frame_idx, batch_size=batch_size, audio_features=audio_features,
             audio_pcm=audio_pcm, audio_frame_offset=audio_frame_offset, visual_frames=visual_frames,
-            format=format, quality=quality, deadline_ms=deadline_ms)
-        timeout = self.timeout if deadline_ms is None else max(self.timeout, deadline_ms / 1000 + 1)
-        reply, frames = await self.request(header, payloads, timeout)
-        return infer_result(reply, frames)
+            format=format, quality=quality, deadline_ms=deadline_ms))
 
     async def list_models(self) -> list[dict]:
-        return (await self.request({"op": "list_models"}))[0]["models"]
+        return await self._run(self._list_models())
 
     async def load_model(self, model_id: str, force_reload: bool = False, *, worker: Optional[str] = None,
                          gpu: Optional[int] = None) -> dict:
-        header: dict = {"op": "load_model", "model_id": model_id, "force_reload": force_reload}
-        if worker is not None:
-            header["worker"] = worker
-        if gpu is not None:
-            header["gpu"] = gpu
-        return (await self.request(header))[0]
+        return await self._run(self._load_model(model_id, force_reload, worker, gpu))
 
     async def unload_model(self, model_id: str) -> dict:
-        return (await self.request({"op": "unload_model", "model_id": model_id}))[0]
+        return await self._run(self._unload_model(model_id))
 
     async def model_stats(self, model_id: Optional[str] = None) -> dict:
-        header: dict = {"op": "model_stats"}
-        if model_id is not None:
-            header["model_id"] = model_id
-        return (await self.request(header))[0]
+        return await self._run(self._model_stats(model_id))
 
     async def health(self) -> dict:
-        return (await self.request({"op": "health"}))[0]
+        return await self._run(self._health())
 
     def stream(self, model_id: str, **options: Any) -> "AsyncStreamSession":
         """The asyncio session: ``async with client.stream(model_id) as session: ...``."""
@@ -209,6 +246,3 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
-
-
-

@@ -38,6 +38,7 @@ import zmq
 
 from ..common.errors import LipsyncError, RequestTimeout, Unauthorized, Unavailable
 from ..common.protocol import decode, encode
+from ..common.security import HandshakeDiagnosis, read_monitor
 
 log = logging.getLogger("lipsync_cluster.client")
 
@@ -124,7 +125,7 @@ class Transport:
         self._inbox = ctx.socket(zmq.PULL)
         self._inbox.bind(self._wake_addr)
         self._outbox = ctx.socket(zmq.PUSH)
-        self._outbox.setsockopt(zmq.SNDHWM, 0)  # wake-ups and forgets are never refused
+        self._outbox.setsockopt(zmq.SNDHWM, 0)  # wake-ups are never refused
         self._outbox.connect(self._wake_addr)
         self._closed = False
         self._dealer: Optional[zmq.Socket] = None
@@ -135,8 +136,7 @@ class Transport:
         self._reconnect_gap = retry.reconnect_min_s if retry else 0.0
         self._reconnect_after = 0.0
         self._reconnect_wanted: Optional[str] = None
-        self._auth_error: Optional[str] = None
-        self._handshake_failures = 0
+        self._handshake = HandshakeDiagnosis("client", curve=curve is not None)
         self._recent: "OrderedDict[int, list[int]]" = OrderedDict()  # id -> [sends, replies]
         self.counters = {"sent": 0, "resent": 0, "reconnects": 0, "replies": 0, "late_replies": 0,
                          "duplicates": 0, "gave_up": 0}
@@ -159,12 +159,6 @@ class Transport:
             self._new.append(_Req(rid, future, header, payloads, timeout, time.monotonic(), retryable))
             self._outbox.send(b"", zmq.NOBLOCK)
         return future
-
-    def forget(self, request_id: Any) -> None:
-        """Stop waiting for ``request_id`` (its waiter gave up); a later reply is dropped."""
-        with self._lock:
-            if not self._closed:
-                self._outbox.send_multipart([b"F", str(request_id).encode()], zmq.NOBLOCK)
 
     def close(self) -> None:
         with self._lock:
@@ -197,9 +191,7 @@ class Transport:
             sock.setsockopt(zmq.HEARTBEAT_TTL, int(r.heartbeat_timeout_s * 1000))
         if self.curve is not None:
             self.curve.apply(sock)
-        self._monitor = sock.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HandshakeDiagnosis.EVENTS)
         sock.connect(self.endpoint)
         self._dealer = sock
         self._poller = zmq.Poller()
@@ -260,11 +252,6 @@ class Transport:
                 return False
             if frames[0] == b"STOP":
                 return True
-            if frames[0] == b"F" and len(frames) == 2:
-                try:
-                    self._pending.pop(int(frames[1]), None)
-                except ValueError:
-                    pass
 
     def _send_new(self) -> None:
         now = time.monotonic()
@@ -343,37 +330,11 @@ class Transport:
             self._finish(req, (header, payloads))
 
     def _read_monitor(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        while self._monitor is not None:
-            try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                return
-            kind = event.get("event")
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._auth_error = None
-                self._handshake_failures = 0
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP said no: definitive
-                self._auth_error = ("the broker refused this client's CurveZMQ key (it is not in the broker's "
-                                    "security.allowed_clients folder)")
-                self._fail_all(Unauthorized(self._auth_error, endpoint=self.endpoint))
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
-                    event.get("value") == getattr(zmq, "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH", -1):
-                self._fail_all(Unauthorized(
-                    "the broker requires CurveZMQ: give the client keys (LIPSYNC_KEYS_DIR)" if self.curve is None
-                    else "the broker does not use CurveZMQ but this client has keys", endpoint=self.endpoint))
-            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                # Also what a broker dying mid-handshake looks like: only a run of them means the
-                # keys are wrong (a CURVE server cannot read a HELLO sealed for another key).
-                self._handshake_failures += 1
-                if self.curve is not None and self._handshake_failures >= 3:
-                    self._fail_all(Unauthorized(
-                        "the CurveZMQ handshake with the broker keeps failing (is broker.key the broker's "
-                        "current public key?)", endpoint=self.endpoint))
-            elif kind == zmq.EVENT_DISCONNECTED and self._pending and self.retry is not None:
+        for event in read_monitor(self._monitor) if self._monitor is not None else ():
+            refused = self._handshake.feed(event)
+            if refused is not None:
+                self._fail_all(Unauthorized(refused, endpoint=self.endpoint))
+            if event.get("event") == zmq.EVENT_DISCONNECTED and self._pending and self.retry is not None:
                 self._want_reconnect("the connection to the broker dropped", time.monotonic())
 
     def _fail_all(self, exc: LipsyncError) -> None:

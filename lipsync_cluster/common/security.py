@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 from urllib.parse import urlparse
 
 import zmq
@@ -376,33 +376,72 @@ class BrokerSecurity:
                                op=op)
 
 
-class HandshakeWatch:
-    """Watches a CURVE client socket's handshakes, to say *why* a broker is not heard from."""
+class HandshakeDiagnosis:
+    """Reads a broker peer's socket-monitor events and says, in words, why the broker is not heard
+    from. The one reading of CurveZMQ handshakes: the client transport and the worker loop both use it.
+    """
 
     EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    # A broker dying mid-handshake also fails one; only a run of failures means the keys are wrong
+    # (a CURVE server cannot read a HELLO sealed for another server key).
+    FAILURES_IN_A_ROW = 3
+    KEYS_FROM = {"client": "LIPSYNC_KEYS_DIR", "worker": "--keys, or security.keys_dir in the config"}
 
-    def __init__(self, sock: zmq.Socket) -> None:
+    def __init__(self, role: str, curve: bool) -> None:
+        self.role = role                  # "client" or "worker": names the allow-list folder
+        self.curve = curve                # whether this peer holds keys
+        self.last: Optional[str] = None   # the latest failure since the last success
+        self.failures = 0
+
+    def feed(self, event: dict) -> Optional[str]:
+        """Read one monitor event; return the failure in words once it is certain (a refused key, a
+        security mechanism that differs, or a run of failed handshakes), else None."""
+        kind = event.get("event")
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.last, self.failures = None, 0
+            return None
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP said no: definitive
+            self.last = (f"the broker refused this key (this {self.role}'s CurveZMQ key is not in the broker's "
+                         f"security.allowed_{self.role}s folder)")
+            return self.last
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and \
+                event.get("value") == getattr(zmq, "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH", -1):
+            self.last = ("the broker does not use CurveZMQ but this peer has keys" if self.curve else
+                         f"the broker requires CurveZMQ: give the {self.role} keys ({self.KEYS_FROM[self.role]})")
+            return self.last
+        if kind in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            self.failures += 1
+            self.last = ("the CurveZMQ handshake with the broker keeps failing (is broker.key the broker's "
+                         "current public key?)")
+            return self.last if self.curve and self.failures >= self.FAILURES_IN_A_ROW else None
+        return None
+
+
+def read_monitor(monitor: zmq.Socket) -> Iterator[dict]:
+    """The events waiting on a socket monitor, without blocking."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    while True:
+        try:
+            yield recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.ZMQError:  # Again: nothing more; any other: the monitor is gone
+            return
+
+
+class HandshakeWatch:
+    """Watches a worker's CURVE socket's handshakes, to say *why* the broker is not heard from."""
+
+    def __init__(self, sock: zmq.Socket, role: str = "worker") -> None:
         self.sock = sock
-        self.monitor = sock.get_monitor_socket(self.EVENTS)
-        self.last: Optional[str] = None
+        self.monitor = sock.get_monitor_socket(HandshakeDiagnosis.EVENTS)
+        self.diagnosis = HandshakeDiagnosis(role, curve=True)
 
     def failure(self) -> Optional[str]:
         """The latest handshake failure since the last success, in words (None: none seen)."""
-        from zmq.utils.monitor import recv_monitor_message
-
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.ZMQError:
-                return self.last
-            kind = event.get("event")
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.last = None
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self.last = "the broker refused this key (it is not in the broker's allow-list)"
-            else:
-                self.last = "the CurveZMQ handshake failed (is broker.key the broker's current public key?)"
+        for event in read_monitor(self.monitor):
+            self.diagnosis.feed(event)
+        return self.diagnosis.last
 
     def close(self) -> None:
         try:
@@ -424,6 +463,6 @@ def user_id(frame: Any) -> Optional[str]:
     return value or None
 
 
-__all__ = ["BrokerSecurity", "CurveKeys", "HandshakeWatch", "KeyFolder", "SecurityError", "check_bind_allowed",
+__all__ = ["BrokerSecurity", "CurveKeys", "HandshakeDiagnosis", "HandshakeWatch", "KeyFolder", "SecurityError", "check_bind_allowed",
            "client_keys_from_env", "config_client_keys", "generate_keys", "is_loopback", "load_public",
-           "load_secret", "setting_path", "user_id", "worker_keys"]
+           "load_secret", "read_monitor", "setting_path", "user_id", "worker_keys"]
