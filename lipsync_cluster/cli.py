@@ -51,7 +51,9 @@ def _stop_on_signals(stop: threading.Event) -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Cluster YAML (see docs/CONFIG.md).")
 @click.option("--models-dir", type=click.Path(file_okay=False), help="Serve every model package in this folder.")
-@click.option("--gpus", default=None, help="GPUs to use: a number, 0 for CPU workers, or 'auto' to count them.")
+@click.option("--gpus", default=None,
+              help="GPUs to use: a number (0 = CPU workers), 'auto' (every visible GPU), or a list of indices "
+                   "or GPU-/MIG- UUIDs (2,3). An inherited CUDA_VISIBLE_DEVICES is what is visible.")
 @click.option("--per-gpu", type=click.IntRange(1, 64), default=None, help="Worker processes per GPU (or CPU workers with --gpus 0).")
 @click.option("--frontend-port", type=click.IntRange(1, 65535), default=None, help="Client port (default 5555).")
 @click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
@@ -69,21 +71,23 @@ def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[
     Stops cleanly on Ctrl-C / SIGTERM: workers finish what they hold, shared frames are removed.
     """
     from .common.logs import setup_logging
-    from .supervisor import StartError, Supervisor, count_gpus
+    from .gpu_select import GpuSelectionError, parse_request
+    from .supervisor import StartError, Supervisor, select_devices
 
-    gpu_count: Optional[int] = None
-    if gpus is not None:
-        if gpus == "auto":
-            gpu_count = count_gpus()
-        elif gpus.isdigit():
-            gpu_count = int(gpus)
-        else:
-            raise click.BadParameter("must be a number of GPUs, 0 for CPU workers, or 'auto'", param_hint="--gpus")
-    cfg = _load_config(config_path, {"cluster.gpus": gpu_count, "cluster.per_gpu": per_gpu,
+    try:
+        request = parse_request(gpus)
+    except GpuSelectionError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gpus") from None
+    cfg = _load_config(config_path, {"cluster.gpus": request if isinstance(request, int) else None,
+                                     "cluster.per_gpu": per_gpu,
                                      "models_dir": models_dir, "server.frontend_port": frontend_port,
                                      "cluster.metrics_port": metrics_port})
     setup_logging(cfg.logging.level, "supervisor")
-    sup = Supervisor(cfg, cfg.cluster.gpus, cfg.cluster.per_gpu)
+    try:  # before anything starts: a GPU that is not there stops here, saying what is visible
+        devices = select_devices(cfg.cluster.gpus if request is None else request)
+    except StartError as exc:
+        raise click.ClickException(str(exc)) from None
+    sup = Supervisor(cfg, cfg.cluster.gpus if request is None else request, cfg.cluster.per_gpu, devices=devices)
     stop = threading.Event()
     try:
         sup.start()
@@ -98,7 +102,8 @@ def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[
     from .common.catalog import Catalog
 
     models = sorted(Catalog(cfg.models_dir, cfg.models).packages())
-    kind = f"{cfg.cluster.gpus} GPU(s) x {cfg.cluster.per_gpu}" if cfg.cluster.gpus else f"{cfg.cluster.per_gpu} CPU"
+    kind = (f"{len(devices)} GPU(s) x {cfg.cluster.per_gpu}: " + ", ".join(d.describe() for d in devices)
+            if devices else f"{cfg.cluster.per_gpu} CPU")
     click.echo("=" * 72)
     click.echo(f"lipsync-cluster ready: {health.get('workers')} workers ({kind})")
     click.echo(f"  clients connect to   {cfg.frontend}")
@@ -124,7 +129,10 @@ def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[
 @click.option("--broker", "backend", default=None, help="The broker's worker endpoint, e.g. tcp://HOST:5556.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Cluster YAML (models, capacity).")
 @click.option("--models-dir", type=click.Path(file_okay=False), help="Model packages folder on this host.")
-@click.option("--gpu", type=click.IntRange(0, 1023), default=None, help="GPU index to pin this worker to (omit for CPU).")
+@click.option("--gpu", default=None,
+              help="GPU to pin this worker to: an index among the visible GPUs or a GPU-/MIG- UUID (omit for CPU).")
+@click.option("--gpu-index", type=click.IntRange(0, 4096), default=None, hidden=True,
+              help="The GPU's number in stats (set by 'start'; default: its index among the visible GPUs).")
 @click.option("--name", default=None, help="Worker name in stats (default: HOST-PID).")
 @click.option("--credits", type=click.IntRange(1, 64), default=None, help="Requests taken at once (default from config).")
 @click.option("--shm-namespace", default=None, help="Shared-memory name prefix (set by 'start').", hidden=True)
@@ -136,8 +144,8 @@ def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[
               help="CurveZMQ: this worker's secret key file (*.key_secret).")
 @click.option("--broker-key", type=click.Path(dir_okay=False), default=None,
               help="CurveZMQ: the broker's public key file (broker.key).")
-def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optional[str], gpu: Optional[int],
-           name: Optional[str], credits: Optional[int], shm_namespace: Optional[str], workers_on_host: int,
+def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optional[str], gpu: Optional[str],
+           gpu_index: Optional[int], name: Optional[str], credits: Optional[int], shm_namespace: Optional[str], workers_on_host: int,
            preload_share: str, keys_dir: Optional[str] = None, worker_key: Optional[str] = None,
            broker_key: Optional[str] = None) -> None:
     """Run one worker process that joins a broker (for workers on other hosts).
@@ -150,10 +158,21 @@ def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optio
     import os
     import socket
 
-    if gpu is not None and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        # Pin before ONNX Runtime initialises CUDA; the pinned GPU is then device 0.
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        gpu = 0
+    device_label: Optional[str] = None
+    if gpu is not None:
+        # Pin before ONNX Runtime initialises CUDA: the worker sees its GPU alone, as device 0.
+        from .gpu_select import GpuSelectionError, pin_one, probe_physical, universe
+
+        try:
+            physical = probe_physical()
+            device = pin_one(gpu, os.environ, physical)
+        except GpuSelectionError as exc:
+            raise click.ClickException(str(exc)) from None
+        if gpu_index is None:
+            gpu_index = universe(os.environ, physical)[0].index(device)
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.pin
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        device_label = device.pin
     given = {k: os.path.abspath(v) for k, v in (("security.keys_dir", keys_dir), ("security.worker_key", worker_key),
                                                 ("security.server_key", broker_key)) if v}
     cfg = _load_config(config_path, {"models_dir": models_dir, "cluster.backend": backend,
@@ -173,14 +192,14 @@ def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optio
     setup_logging(cfg.logging.level, name)
     if gpu is not None and not cfg.onnx.cuda_enabled:
         logging.getLogger("lipsync_cluster.worker").warning("onnx.cuda_enabled is false: running on the CPU")
-        gpu = None
-    service = WorkerService(cfg, gpu=gpu, shm_namespace=shm_namespace or default_namespace(cfg),
-                            workers_on_host=workers_on_host)
+        gpu_index = device_label = None
+    service = WorkerService(cfg, gpu=gpu_index, device=device_label,
+                            shm_namespace=shm_namespace or default_namespace(cfg), workers_on_host=workers_on_host)
     index, _, total = preload_share.partition("/")
     service.preload(share=(int(index), int(total or 1)))
     loop = WorkerLoop(cfg.backend, service, name=name, credits=cfg.cluster.worker_credits,
                       heartbeat_interval_s=cfg.cluster.heartbeat_interval_s,
-                      heartbeat_liveness=cfg.cluster.heartbeat_liveness, gpu=gpu, curve=curve,
+                      heartbeat_liveness=cfg.cluster.heartbeat_liveness, gpu=gpu_index, curve=curve,
                       max_message_bytes=cfg.server.max_message_size_mb * 2**20)
     stop = threading.Event()
     _stop_on_signals(stop)

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 import yaml
 
+from . import gpu_select
 from .common.catalog import Catalog
 from .common.frame_store import FrameStore, UnsafeStoreError
 from .config import Config, ConfigError
@@ -46,14 +47,19 @@ def shm_namespace(config: Config) -> str:
 
 
 def count_gpus() -> int:
-    """GPUs present on this host (``--gpus auto``): nvidia-smi when it is there, else /dev/nvidiaN."""
+    """GPUs this process may use (``--gpus auto``): an inherited CUDA_VISIBLE_DEVICES, else nvidia-smi."""
+    return len(gpu_select.universe(os.environ, gpu_select.probe_physical())[0])
+
+
+def select_devices(request: gpu_select.GpuRequest) -> list[gpu_select.Device]:
+    """The GPUs for ``--gpus`` on this host (``[]`` = CPU workers); a GPU that is not there is a
+    :class:`StartError` naming what is visible."""
+    if request is None or request == 0:
+        return []
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return len([p for p in Path("/dev").glob("nvidia[0-9]*")])
+        return gpu_select.select(request, os.environ, gpu_select.probe_physical())
+    except gpu_select.GpuSelectionError as exc:
+        raise StartError(str(exc)) from None
 
 
 def check_port_free(endpoint: str) -> None:
@@ -104,9 +110,12 @@ class Child:
 
 @dataclass
 class Supervisor:
+    """``gpus``: a count, ``"auto"``, or a list of GPU indices / UUIDs (gpu_select.py); 0 = CPU."""
+
     config: Config
-    gpus: int
+    gpus: gpu_select.GpuRequest
     per_gpu: int
+    devices: Optional[list] = None  # gpu_select.Device per GPU; resolved at start() when not given
     children: list[Child] = field(default_factory=list)
     run_dir: Optional[Path] = None
     _stopping: bool = False
@@ -122,25 +131,26 @@ class Supervisor:
         env = dict(os.environ)
         ns = shm_namespace(self.config)
         self.children.append(Child("broker", base + ["broker", "--config", config_file], env))
-        slots = [(g, p) for g in range(self.gpus) for p in range(self.per_gpu)] if self.gpus else \
-            [(None, p) for p in range(self.per_gpu)]
-        for index, (gpu, _) in enumerate(slots):
-            name = f"w{index}" + (f"-gpu{gpu}" if gpu is not None else "-cpu")
-            wenv = dict(env)
-            # The pin: a worker sees exactly its GPU (as device 0), or none at all.
-            wenv["CUDA_VISIBLE_DEVICES"] = str(gpu) if gpu is not None else ""
-            argv = base + ["worker", "--config", config_file, "--broker", self.config.backend, "--name", name,
+        if self.devices is None:
+            self.devices = select_devices(self.gpus)
+        slots = gpu_select.plan_workers(self.devices, self.per_gpu)
+        for index, slot in enumerate(slots):
+            # The pin: a worker sees exactly its GPU (as device 0, named by UUID), or none at all.
+            wenv = {**env, **slot.env}
+            argv = base + ["worker", "--config", config_file, "--broker", self.config.backend, "--name", slot.name,
                            "--shm-namespace", ns, "--workers-on-host", str(len(slots)),
                            "--preload-share", f"{index}/{len(slots)}"]
-            if gpu is not None:
-                argv += ["--gpu", "0"]
-            self.children.append(Child(name, argv, wenv))
+            if slot.device is not None:
+                argv += ["--gpu", "0", "--gpu-index", str(slot.gpu_index)]
+            self.children.append(Child(slot.name, argv, wenv))
 
     def start(self) -> None:
         cfg = self.config
         for endpoint in (cfg.frontend, cfg.backend, cfg.stats_endpoint):
             check_port_free(endpoint)
         check_models(cfg)
+        if self.devices is None:
+            self.devices = select_devices(self.gpus)
         try:
             removed = FrameStore(shm_namespace(cfg)).cleanup()
         except UnsafeStoreError as exc:
@@ -295,4 +305,4 @@ def demo_cluster(count: int, demo_dir: Optional[str], workers: int, slots: int,
             sup.stop(drain_timeout_s=10)
 
 
-__all__ = ["Supervisor", "StartError", "ConfigError", "count_gpus", "shm_namespace", "check_models", "demo_cluster"]
+__all__ = ["Supervisor", "StartError", "ConfigError", "count_gpus", "select_devices", "shm_namespace", "check_models", "demo_cluster"]

@@ -12,6 +12,9 @@ from .queues import ModelQueues
 from .stats import BrokerStats, merge_model_entries
 from .workers import WorkerTable
 
+# Per-worker GPU readings a worker's stats may carry (worker/gpu_monitor.py); numbers only.
+GPU_STATS = ("gpu_memory_used_bytes", "gpu_device_memory_used_bytes", "gpu_memory_total_bytes", "gpu_utilization")
+
 
 def _worker_model_entries(table: WorkerTable) -> dict[str, list[dict]]:
     """model_id -> the per-model entries of every worker's latest stats."""
@@ -19,7 +22,8 @@ def _worker_model_entries(table: WorkerTable) -> dict[str, list[dict]]:
     for w in table.values():
         for entry in w.stats.get("models", ()) or ():
             if isinstance(entry, dict) and isinstance(entry.get("model_id"), str):
-                out.setdefault(entry["model_id"], []).append({**entry, "worker": w.name})
+                out.setdefault(entry["model_id"], []).append({**entry, "worker": w.name,
+                                                              "provider": w.stats.get("provider")})
     return out
 
 
@@ -63,6 +67,10 @@ def worker_entry(w: Any) -> dict:
         "total_memory_bytes": int(s.get("memory_bytes", 0) or 0),
         "max_memory_bytes": int(s.get("max_memory_bytes", w.max_memory_bytes) or 0),
         "draining": w.draining, "restarts": w.restarts,
+        # What ONNX Runtime really gave the worker ("cuda", "cpu"), the device it is pinned to, and
+        # its GPU readings (worker/gpu_monitor.py) when it has a GPU.
+        "provider": s.get("provider"), "device": s.get("device"),
+        **{k: s[k] for k in GPU_STATS if isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool)},
     }
 
 
@@ -86,7 +94,12 @@ def model_stats(catalog: dict[str, dict], table: WorkerTable, queues: ModelQueue
 
 def health(catalog: dict[str, dict], table: WorkerTable) -> dict:
     """Live always (we answered); ready when a worker is registered and every preload is loaded."""
-    reply: dict[str, Any] = {"live": True, "workers": len(table)}
+    providers: dict[str, int] = {}
+    for w in table.values():  # what each worker's sessions really run on, as the worker measured it
+        name = w.stats.get("provider")
+        name = name if isinstance(name, str) else "unknown"
+        providers[name] = providers.get(name, 0) + 1
+    reply: dict[str, Any] = {"live": True, "workers": len(table), "providers": providers}
     if not len(table):
         reply.update(ready=False, reason="no worker registered")
         return reply

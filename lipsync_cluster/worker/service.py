@@ -5,6 +5,7 @@ threads; this owns what a request means.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -17,8 +18,9 @@ from ..common.infer_request import parse_infer
 from ..common.protocol import require_model_id
 from ..config import Config
 from .cache import ModelCache
+from .gpu_monitor import GpuMonitor
 from .pipeline import AudioEncoder, Pipeline
-from .sessions import SessionOptions, make_session
+from .sessions import SessionOptions, make_session, probe_provider
 
 log = logging.getLogger("lipsync_cluster.worker")
 
@@ -29,11 +31,12 @@ def default_threads(workers_on_host: int) -> int:
 
 
 class WorkerService:
-    def __init__(self, config: Config, *, gpu: Optional[int] = None, shm_namespace: str = "default",
-                 workers_on_host: int = 1, catalog: Optional[Catalog] = None,
+    def __init__(self, config: Config, *, gpu: Optional[int] = None, device: Optional[str] = None,
+                 shm_namespace: str = "default", workers_on_host: int = 1, catalog: Optional[Catalog] = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.gpu = gpu
+        self.device = device  # the CUDA_VISIBLE_DEVICES entry this worker is pinned to (a UUID or index)
         threads = config.onnx.intra_op_threads or default_threads(workers_on_host)
         self.session_options = SessionOptions(
             gpu=0 if gpu is not None else None,  # CUDA_VISIBLE_DEVICES pins the worker: device 0 is its GPU
@@ -41,6 +44,15 @@ class WorkerService:
             inter_op_threads=config.onnx.inter_op_threads,
             gpu_mem_limit_bytes=config.max_memory_bytes if gpu is not None else None,
         )
+        # What ONNX Runtime really gives, not what was asked: a worker whose CUDA provider cannot
+        # start says so once and runs (and reports) the CPU provider, instead of a fallback per load.
+        self.provider = probe_provider(self.session_options)
+        if self.session_options.uses_cuda and self.provider != "cuda":
+            log.error("CUDA was asked for on GPU %s (CUDA_VISIBLE_DEVICES=%s) but ONNX Runtime gave the %s "
+                      "provider; this worker runs on the CPU (is the 'gpu' extra installed and the GPU visible?)",
+                      gpu, device, self.provider)
+            self.session_options = dataclasses.replace(self.session_options, gpu=None, gpu_mem_limit_bytes=None)
+        self.gpu_monitor = GpuMonitor(device if self.session_options.uses_cuda else None)
         self.catalog = catalog or Catalog(config.models_dir, config.models)
         self._sink: Callable[[dict], None] = lambda event: None
         self.cache = ModelCache(
@@ -74,11 +86,13 @@ class WorkerService:
             "loaded": self.cache.loaded_ids(),
             "loaded_versions": self.cache.loaded_versions(),
             "eviction_policy": self.cache.policy,
-            "provider": "cuda" if self.session_options.uses_cuda else "cpu",
+            "provider": self.provider,
+            "device": self.device,
         }
 
     def stats(self) -> dict:
-        return {**self.cache.stats(), "memory_bytes": self.cache.memory_bytes()}
+        return {**self.cache.stats(), "memory_bytes": self.cache.memory_bytes(), "provider": self.provider,
+                "device": self.device, **self.gpu_monitor.read()}
 
     def tick(self) -> None:
         self.cache.unload_idle()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import onnxruntime as ort
@@ -87,6 +87,51 @@ def make_session(path: str | os.PathLike, opts: SessionOptions) -> ort.Inference
         log.warning("CUDA was requested for %s but ONNX Runtime fell back to %s",
                     path, session.get_providers()[0])
     return session
+
+
+def provider_name(session: Any) -> str:
+    """``cuda``, ``cpu``, ... for the provider ONNX Runtime actually gave ``session`` (its first)."""
+    providers = session.get_providers() or ["CPUExecutionProvider"]
+    return providers[0].removesuffix("ExecutionProvider").lower()
+
+
+def _field(number: int, value: bytes | int) -> bytes:
+    """One protobuf field: varint for ints, length-delimited for bytes."""
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def _probe_model() -> bytes:
+    """A one-node ONNX model (y = Identity(x), float32 [1]), encoded by hand so a worker needs no
+    ``onnx`` package to ask ONNX Runtime which provider it really gets."""
+    tensor_type = _field(1, _field(1, 1) + _field(2, _field(1, _field(1, 1))))  # FLOAT, shape [1]
+
+    def value_info(name: bytes) -> bytes:
+        return _field(1, name) + _field(2, tensor_type)
+
+    node = _field(1, b"x") + _field(2, b"y") + _field(4, b"Identity")
+    graph = _field(1, node) + _field(2, b"probe") + _field(11, value_info(b"x")) + _field(12, value_info(b"y"))
+    return _field(1, 8) + _field(7, graph) + _field(8, _field(1, b"") + _field(2, 13))  # IR 8, opset 13
+
+
+def probe_provider(opts: SessionOptions) -> str:
+    """The provider a session with ``opts`` really gets (``session.get_providers()`` after
+    creation): ``cuda`` only when ONNX Runtime could open the CUDA device, else ``cpu``."""
+    if opts.uses_cuda:
+        _load_cuda_libraries()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(_probe_model(), sess_options=so, providers=providers_for(opts))
+    session.run(None, {"x": np.zeros(1, dtype=np.float32)})
+    return provider_name(session)
 
 
 def warm_up(session: ort.InferenceSession, batch_size: int = 1) -> None:
