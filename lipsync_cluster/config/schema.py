@@ -101,7 +101,13 @@ class ClusterConfig:
     load_failure_backoff_max_s: float = 300.0
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 30.0
-    metrics_port: int = 0  # the broker's Prometheus /metrics + /health/* HTTP port on server.host; 0 = off
+    metrics_port: int = 0  # the broker's Prometheus /metrics + /health/* HTTP port; 0 = off (5558 suggested)
+    # Where it binds: default server.host; another address than loopback only when named here (or
+    # with security.curve on), as for the ZeroMQ sockets (docs/SECURITY.md).
+    metrics_host: Optional[str] = None
+    # Per-model latency histograms for this many of the busiest models (57 series each); 0 = the
+    # cluster-wide histograms only (docs/METRICS.md, series per model).
+    metrics_model_histograms: int = 0
 
 
 @dataclass
@@ -256,6 +262,8 @@ def _check_ranges(cfg: Config) -> None:
     need(cl.max_copies_per_model >= 1, "cluster.max_copies_per_model: must be at least 1")
     need(cl.placement_patience >= 0, "cluster.placement_patience: must be >= 0 (0 disables)")
     need(0 <= cl.metrics_port < 65536, f"cluster.metrics_port: {cl.metrics_port} is not a TCP port (1..65535, or 0 for off)")
+    need(0 <= cl.metrics_model_histograms <= 1000,
+         f"cluster.metrics_model_histograms: {cl.metrics_model_histograms} must be in 0..1000 (0 = cluster-wide only)")
     need(cfg.onnx.intra_op_threads >= 0, "onnx.intra_op_threads: must be >= 0")
     need(cfg.onnx.inter_op_threads >= 1, "onnx.inter_op_threads: must be >= 1")
     need(0 < cl.load_failure_backoff_s <= cl.load_failure_backoff_max_s,
