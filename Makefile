@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_models
 GPUS ?= 0
 PER_GPU ?= 2
-METRICS_PORT ?= 9100
+METRICS_PORT ?= 5558
 
 .PHONY: venv test run bench demo clean browser-deps
 

@@ -110,7 +110,7 @@ def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[
     click.echo(f"  workers join at      {cfg.backend}")
     click.echo(f"  stats published on   {cfg.stats_endpoint}   (lipsync-cluster stats)")
     if cfg.cluster.metrics_port:
-        click.echo(f"  metrics served on    http://{cfg.server.host}:{cfg.cluster.metrics_port}/metrics")
+        click.echo(f"  metrics served on    http://{cfg.cluster.metrics_host or cfg.server.host}:{cfg.cluster.metrics_port}/metrics")
     click.echo(f"📦 Available models: {', '.join(models)}")
     click.echo("  try:  lipsync-cluster models    |   python -c \"from lipsync_cluster.client import Client; "
                f"print(Client('{cfg.frontend}').health())\"")

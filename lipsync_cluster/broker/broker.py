@@ -610,7 +610,7 @@ def run_broker(config: Config, catalog: Catalog, stop_event: Optional[threading.
     try:
         if config.cluster.metrics_port:  # /metrics and /health/* over HTTP (broker/metrics.py)
             from .metrics import MetricsServer
-            broker.metrics = MetricsServer(config.server.host, config.cluster.metrics_port).start()
+            broker.metrics = MetricsServer.from_config(config).start()  # the loopback rule, top-K histograms
         broker.bind()
     except (BindError, OSError) as exc:
         if broker.metrics is not None:
