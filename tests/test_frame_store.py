@@ -377,3 +377,26 @@ for attempt in (lambda: os.listdir({str(store.dir)!r}), lambda: os.truncate({str
 """)
     assert probe.stdout.decode().split() == ["refused"] * 3, probe
     assert frames[0].sum() > 0
+
+
+def test_a_copy_is_published_only_if_its_source_still_holds(store, tmp_path):
+    """``check_source`` runs after decoding and before the copy is renamed into place: when it
+    raises (the package was re-prepared while decoding), nothing is published."""
+    paths = write_frames(tmp_path / "frames", 3)
+
+    def changed() -> None:
+        raise ModelPackageError("the files changed while they were decoded")
+
+    with pytest.raises(ModelPackageError, match="changed while"):
+        store.attach("sam", "v1", paths, check_source=changed)
+    assert not store.exists("sam", "v1") and [p.name for p in ns_files(store.namespace)] == ["sam-v1.lock"]
+    assert store.attach("sam", "v1", paths, check_source=lambda: None).created
+
+
+def test_a_frame_bomb_is_refused_before_decoding(store, tmp_path):
+    from test_model_package import png_bomb
+
+    paths = write_frames(tmp_path / "frames", 2, ext="png")
+    png_bomb(paths[1], 8000, 8000)
+    with pytest.raises(ModelPackageError, match=r"frame_0001.png is 8000x8000 .* at most"):
+        store.attach("tom", "v1", paths)

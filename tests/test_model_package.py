@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -395,3 +398,91 @@ def test_model_ids():
     assert mp.is_valid_model_id("alice_2") and mp.is_valid_model_id("0a")
     for bad in ("", "_a", "Alice", "a-b", "a" * 65, "alice\n", None, 3):
         assert not mp.is_valid_model_id(bad)
+
+
+# --- package authors are not trusted with the host (docs/SECURITY.md) --------------------
+
+
+@pytest.mark.parametrize("victim", ["crop_rects.json", "model.onnx", "frames/frame_0003.jpg", "frames", "model.yaml"])
+def test_a_symlink_out_of_the_package_is_refused_before_it_is_read(tmp_path, victim):
+    folder = make_package(tmp_path / "models")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "host.json").write_text(json.dumps([[1, 2, 3, "SECRET-TOKEN"]]))
+    target = folder / victim
+    if target.is_dir():
+        shutil.copytree(target, secret / "frames")
+        shutil.rmtree(target)
+        target.symlink_to(secret / "frames")
+    else:
+        target.unlink()
+        target.symlink_to(secret / "host.json")
+    with pytest.raises(mp.ModelPackageError) as info:
+        mp.load_package(folder)
+    assert "leads outside the package folder" in info.value.message
+    assert "SECRET-TOKEN" not in info.value.message and str(secret) not in info.value.message
+    # A symlink that stays inside the package is fine.
+    target.unlink()
+    inner = folder / "inner"
+    inner.mkdir()
+    if victim == "frames":
+        make_frames(inner / "frames")
+        target.symlink_to(inner / "frames")
+    else:
+        writers = {"crop_rects.json": lambda p: p.write_text(json.dumps(rects_list())),
+                   "model.onnx": make_unet,
+                   "frames/frame_0003.jpg": lambda p: cv2.imwrite(str(p), np.zeros((H, W, 3), np.uint8)),
+                   "model.yaml": lambda p: p.write_text(yaml.safe_dump({"id": "alice"}))}
+        writers[victim](inner / "x.jpg")
+        target.symlink_to(inner / "x.jpg")
+    assert mp.load_package(folder).model_id == "alice"
+
+
+def test_public_reason_keeps_server_paths_to_itself():
+    text = ("model 'alice' (/srv/secret/models/alice): frames/frame_0001.jpg: file not found; "
+            "/srv/secret/models/alice/model.onnx: not a loadable ONNX model " + "x" * 400)
+    short = mp.public_reason(text)
+    assert "/srv" not in short and "model.onnx" in short and "frames/frame_0001.jpg" in short
+    assert len(short) <= mp.MAX_REASON_CHARS
+
+
+def png_bomb(path: Path, w: int, h: int) -> Path:
+    """A grayscale PNG of w x h zeros: a few dozen KB on disk, w*h*3 bytes once decoded in color."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (w + 1)  # filter byte + pixels
+    body = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def test_an_image_bomb_is_refused_from_its_header(tmp_path):
+    """A package whose frames are 8000x8000 PNGs of a few dozen KB: the scan reads the sizes from
+    the headers and refuses the frames without decoding them (memory of the scanning process flat)."""
+    folder = make_package(tmp_path, n_frames=2)
+    for p in sorted((folder / "frames").iterdir()):
+        p.unlink()
+        png_bomb(p.with_suffix(".png"), 8000, 8000)
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(mp.__file__).parents[2])!r})
+from lipsync_cluster.common import model_package as mp
+import cv2, PIL.Image  # the imports' own memory is not the scan's
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    mp.load_package({str(folder)!r}, check_onnx=False)
+    print("loaded")
+except mp.ModelPackageError as exc:
+    print(exc.message)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    message, grew_mb = out.stdout.strip().rsplit("\n", 1)
+    assert "8000x8000" in message and "at most" in message, out.stdout + out.stderr
+    assert int(grew_mb) < 40, f"the scan decoded the bomb: its peak memory grew {grew_mb} MB"

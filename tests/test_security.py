@@ -314,3 +314,34 @@ def test_a_whole_cluster_starts_and_serves_under_curve(make_cluster, keys):
         assert result.worker == "w0-cpu"
     with Client(sup.config.frontend, timeout=5) as stranger, pytest.raises(Unauthorized):
         stranger.health()
+
+
+def test_a_package_symlinked_out_gets_a_short_reason_and_reads_nothing(make_cluster, demo_dir, tmp_path):
+    """A package's crop_rects.json (or a frame) symlinked to a file of the host: a running cluster
+    refuses the package, and the client hears a short reason, without the file's content or the
+    server's paths (those are in the log)."""
+    import json
+
+    import numpy as np
+
+    from lipsync_cluster.client import ModelLoadFailed
+
+    models = tmp_path / "models"
+    secret = tmp_path / "host-secret.json"
+    secret.write_text(json.dumps([[1, 2, 3, "SECRET-TOKEN-7"]] * 12))
+    shutil.copytree(demo_dir / "demo_ada", models / "demo_ada")
+    for name, victim in (("evil_rects", "crop_rects.json"), ("evil_frame", "frames/frame_0004.jpg")):
+        shutil.copytree(demo_dir / "demo_ben", models / name)
+        manifest = models / name / "model.yaml"
+        manifest.write_text(manifest.read_text().replace("id: demo_ben", f"id: {name}"))
+        (models / name / victim).unlink()
+        (models / name / victim).symlink_to(secret)
+    sup = make_cluster(models_dir=str(models), cluster={"per_gpu": 1})
+    with Client(sup.config.frontend, timeout=30) as client:
+        for name in ("evil_rects", "evil_frame"):
+            with pytest.raises(ModelLoadFailed) as info:
+                client.infer(name, audio_features=np.zeros((32, 16, 16), np.float32))
+            said = info.value.message + repr(info.value.details)
+            assert "leads outside the package folder" in said, said
+            assert "SECRET-TOKEN" not in said and str(tmp_path) not in said, said
+        assert client.infer("demo_ada", audio_features=np.zeros((32, 16, 16), np.float32)).worker

@@ -234,3 +234,38 @@ def test_unload_and_load_floods_against_concurrent_requests(demo_dir, store):
     with cache._lock:
         assert all(m.in_use == 0 for m in cache._models.values())
         assert cache._retired == [], "every retired model was closed when its last request ended"
+
+
+def test_a_re_prepare_between_resolve_and_read_never_pairs_versions(demo_dir, store, tmp_path):
+    """Replays the window deterministically: the package is resolved (version v1), then the folder
+    is re-prepared with other pictures, then the load reads the files. The load must not serve,
+    or publish to the host's shared copy, v1 with the new pictures: it fails, saying why, and the
+    next resolve (the new version) loads the new files."""
+    import shutil
+
+    from lipsync_cluster.common.model_package import load_package
+
+    root = tmp_path / "models"
+    shutil.copytree(demo_dir / "demo_ada", root / "demo_ada")
+    stale = load_package(root / "demo_ada")
+    # Re-prepare in place: ben's pictures and face boxes under ada's name (same sizes).
+    for name in ("frames", "crop_rects.json"):
+        target = root / "demo_ada" / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        (shutil.copytree if name == "frames" else shutil.copy)(demo_dir / "demo_ben" / name, target)
+    manifest = root / "demo_ada" / "model.yaml"
+    manifest.write_text(manifest.read_text().replace(f"version: {stale.version}", "version: reprepared2"))
+    fresh = load_package(root / "demo_ada")
+    assert fresh.version != stale.version
+    packages = {"demo_ada": stale}
+    cache = ModelCache(lambda mid: packages[mid], store, max_models=2, max_memory_bytes=4 * 2**30,
+                       session_options=SessionOptions(intra_op_threads=1))
+    with pytest.raises(ModelLoadFailed, match="changed since version .* was read"):
+        with cache.use("demo_ada"):
+            pass
+    assert not store.exists("demo_ada", stale.version), "no shared copy of v1 made from the new files"
+    packages["demo_ada"] = fresh  # the catalog's next look: the new version, not backed off
+    with cache.use("demo_ada") as (model, loaded_now, _):
+        assert loaded_now and model.version == fresh.version
+        import cv2
+        assert (model.frames[0] == cv2.imread(str(fresh.frame_paths[0]))).all()

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import zmq
 
 from ..common.errors import BadRequest
+from ..common.model_package import public_reason
 from ..common.protocol import MODEL_ID_RE
 from ..common.security import BrokerSecurity, check_bind_allowed
 
@@ -61,7 +62,7 @@ def catalog_reader(catalog: Any) -> Callable[[], dict]:
         for model_id, reason in list(getattr(catalog, "errors", {}).items()):
             if isinstance(model_id, str) and MODEL_ID_RE.match(model_id) and model_id not in summary:
                 summary[model_id] = {"version": None, "preload": False, "num_frames": None,
-                                     "memory_estimate_mb": None, "error": str(reason)}
+                                     "memory_estimate_mb": None, "error": public_reason(str(reason))}
         return summary
 
     return read

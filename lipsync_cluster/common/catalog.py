@@ -8,6 +8,7 @@ a restart; a deleted one disappears.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -16,7 +17,9 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional
 if TYPE_CHECKING:  # common sits below config: the entries are only duck-typed here
     from ..config import ModelEntry
 from .errors import ModelLoadFailed, UnknownModel
-from .model_package import MANIFEST, ModelPackage, ModelPackageError, load_package, package_from_entry
+from .model_package import MANIFEST, ModelPackage, ModelPackageError, load_package, package_from_entry, public_reason
+
+log = logging.getLogger("lipsync_cluster.catalog")
 
 
 def _stat_key(*paths: Optional[str | os.PathLike]) -> tuple:
@@ -106,6 +109,8 @@ class Catalog:
             packages[model_id] = package
         else:
             errors[model_id] = problem
+            if self.errors.get(model_id) != problem:  # the details go to the log, once per change
+                log.warning("model '%s' is not servable: %s", model_id, problem)
         return key
 
     # --- queries -----------------------------------------------------------------------------
@@ -124,7 +129,8 @@ class Catalog:
         if model_id in packages:
             return packages[model_id]
         if model_id in self.errors:
-            raise ModelLoadFailed(f"model '{model_id}' cannot be loaded: {self.errors[model_id]}", model_id=model_id)
+            raise ModelLoadFailed(f"model '{model_id}' cannot be loaded: {public_reason(self.errors[model_id])}",
+                                  model_id=model_id)
         known = ", ".join(sorted(packages)) or "none"
         raise UnknownModel(f"Model '{model_id}' not found (known models: {known})", model_id=model_id)
 

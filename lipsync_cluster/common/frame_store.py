@@ -52,12 +52,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from .errors import CapacityFull
-from .model_package import VERSION_RE, ModelPackageError
+from .model_package import VERSION_RE, ModelPackageError, frame_too_big, image_size
 from .protocol import MODEL_ID_RE
 
 HEADER_SIZE = 4096
@@ -269,12 +269,16 @@ class FrameStore:
     # --- attach -----------------------------------------------------------------------
 
     def attach(self, model_id: str, version: str, frame_paths: Sequence[str | os.PathLike],
-               expected_size: Optional[Sequence[int]] = None) -> SharedFrames:
+               expected_size: Optional[Sequence[int]] = None,
+               check_source: Optional[Callable[[], None]] = None) -> SharedFrames:
         """Map the model's frames read-only, decoding them into shared memory first if absent.
 
         ``expected_size``: (w, h) every frame must have (default: the first frame's size).
         Unreadable or missing frames and size mismatches raise :class:`ModelPackageError` naming
-        the file; a full ``/dev/shm`` raises :class:`CapacityFull`.
+        the file; a full ``/dev/shm`` raises :class:`CapacityFull`. ``check_source`` is called
+        after decoding and before the copy is published (it raises when the frame files are no
+        longer the version's, e.g. re-prepared meanwhile): a copy never pairs a version with
+        another version's pictures.
         """
         path = self.path_for(model_id, version)
         size = None if expected_size is None else (int(expected_size[0]), int(expected_size[1]))
@@ -289,7 +293,7 @@ class FrameStore:
             if frames is not None:
                 return frames
             self._remove_stale(path)
-            self._create(path, model_id, version, [Path(p) for p in frame_paths], expected_size)
+            self._create(path, model_id, version, [Path(p) for p in frame_paths], expected_size, check_source)
             frames = self._open(path, len(frame_paths), size, created=True)
             if frames is None:  # pragma: no cover - we just wrote it under the lock
                 raise ModelPackageError(f"{path}: frames vanished right after they were created")
@@ -369,7 +373,7 @@ class FrameStore:
         _unlink(path)
 
     def _create(self, path: Path, model_id: str, version: str, frame_paths: list[Path],
-                expected_size: Optional[Sequence[int]]) -> None:
+                expected_size: Optional[Sequence[int]], check_source: Optional[Callable[[], None]] = None) -> None:
         import cv2  # noqa: PLC0415 - only the creating process needs the decoder
 
         if not frame_paths:
@@ -378,6 +382,9 @@ class FrameStore:
         def decode(p: Path) -> np.ndarray:
             if not p.is_file():  # asked first: cv2.imread would only log a warning and say None
                 raise ModelPackageError(f"{p}: file not found")
+            size = image_size(p)  # from the header: a bomb is refused before it is decoded
+            if size is not None and frame_too_big(size):
+                raise ModelPackageError(f"{p} {frame_too_big(size)}")
             img = cv2.imread(str(p), cv2.IMREAD_COLOR)
             if img is None:
                 raise ModelPackageError(f"{p}: cannot be decoded as an image")
@@ -432,6 +439,8 @@ class FrameStore:
                     for future in [pool.submit(fill, i) for i in range(1, len(frame_paths))]:
                         future.result()  # the first failure (in frame order) is raised
             del out  # unmap before publishing; tmpfs pages are already the shared copy
+            if check_source is not None:
+                check_source()
             os.rename(tmp, path)
         except BaseException:
             _unlink(tmp)

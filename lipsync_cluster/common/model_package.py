@@ -27,6 +27,13 @@ See ARCHITECTURE.md, "Model package". This module is the one place that reads th
 
 An unknown key is an error (it is usually a typo of one of these).
 
+Package authors are not trusted with the host (docs/SECURITY.md): every file a package names,
+its defaults included, is resolved (symlinks followed) and must stay inside the package folder,
+or the package is refused before any of its files is read; image sizes come from the files'
+headers and a frame may have at most :data:`MAX_FRAME_PIXELS` pixels, so a small image bomb
+costs no decoding. :func:`files_key` identifies the exact files a version was computed from, so a
+load can check, after reading, that it read that version's files and not a re-prepared set.
+
 The earlier single-process server's explicit config form (``models: {id: {model_path, background_dir, crop_rects_path,
 num_frames, ...}}``) becomes the same :class:`ModelPackage` through :func:`package_from_entry`.
 
@@ -70,6 +77,9 @@ _AUDIO_NAMES = ("audio", "audio_input", "audio_feat", "audio_features")
 # A version names a shared-memory file, so it must be a safe file name part.
 VERSION_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _MAX_LISTED = 5  # per kind of bad rect, so that one broken file does not produce 500 lines
+# Frames bigger than 8K UHD are refused from their header: decoding a 16000x16000 image costs
+# 768 MB and seconds in every process that looks at it.
+MAX_FRAME_PIXELS = 7680 * 4320
 
 
 def compute_version(onnx_path: Path, crop_rects_path: Path, frame_paths: list[Path]) -> str:
@@ -117,6 +127,11 @@ class ModelPackage:
     declared_frames: Optional[int] = None  # model.yaml frame_count / config num_frames
     frame_size_declared: bool = False  # frame_size came from the manifest, not the first frame
     load_problems: list[str] = field(default_factory=list, repr=False)
+    files: tuple = field(default=(), repr=False, compare=False)  # files_key() when the version was fixed
+
+    def files_changed(self) -> bool:
+        """True when the files on disk are no longer the ones this package's version describes."""
+        return files_key(self) != self.files
 
     def frames_bytes(self) -> int:
         """Bytes of all background frames decoded (N x H x W x 3), i.e. the shared-memory copy."""
@@ -272,18 +287,46 @@ def _list_frames(folder: Path, name: str) -> tuple[list[Path], list[str]]:
     return [p for _, p in numbered], problems
 
 
-def _image_size(path: Path) -> Optional[tuple[int, int]]:
-    """(w, h) of an image, or None when it cannot be decoded."""
-    import cv2  # noqa: PLC0415 - only needed when frames are checked
+def image_size(path: str | os.PathLike) -> Optional[tuple[int, int]]:
+    """(w, h) of an image as decoders will return it, read from the file's header (no pixels are
+    decoded), or None when it is not an image. EXIF rotations by 90 degrees swap w and h, as
+    OpenCV's reader applies them."""
+    from PIL import Image, UnidentifiedImageError  # noqa: PLC0415 - only needed when frames are checked
 
     try:
-        data = np.fromfile(str(path), np.uint8)
-    except OSError:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112) if img.format == "JPEG" else None
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError):
         return None
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if img is None:
-        return None
-    return img.shape[1], img.shape[0]
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def frame_too_big(size: tuple[int, int]) -> Optional[str]:
+    """Why a frame of ``size`` (w, h) is refused, or None."""
+    w, h = size
+    if w * h > MAX_FRAME_PIXELS:
+        return f"is {w}x{h} ({w * h} pixels); a frame may have at most {MAX_FRAME_PIXELS} pixels (8K UHD)"
+    return None
+
+
+def files_key(pkg: "ModelPackage") -> tuple:
+    """(path, device, inode, size, mtime) of every file a package is made of: equal keys mean the
+    same files as when the key was taken (a re-prepare writes new files, so their inodes or times
+    change, also when it swaps the whole folder)."""
+    paths: list[Optional[Path]] = [pkg.onnx_path, pkg.crop_rects_path, pkg.audio_encoder_path, *pkg.frame_paths]
+    if pkg.source != "config":
+        paths.append(Path(pkg.source) / MANIFEST)
+    key = []
+    for p in paths:
+        if p is None:
+            continue
+        try:
+            st = os.stat(p)
+            key.append((str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            key.append((str(p), None))
+    return tuple(key)
 
 
 # --- the UNet's inputs and outputs ------------------------------------------------------
@@ -450,9 +493,11 @@ def validate_package(pkg: ModelPackage, check_onnx: bool = True, check_frames: b
         for p in ends:
             if not Path(p).is_file():
                 continue
-            size = _image_size(Path(p))
+            size = image_size(Path(p))
             if size is None:
                 problems.append(f"{pkg.name(p)}: cannot be decoded as an image")
+            elif frame_too_big(size):
+                problems.append(f"{pkg.name(p)} {frame_too_big(size)}")
             elif pkg.frame_size is not None and size != tuple(pkg.frame_size):
                 said = (f"{MANIFEST} frame_size is" if pkg.frame_size_declared
                         else f"the first frame {Path(pkg.frame_paths[0]).name} is")
@@ -469,6 +514,17 @@ def _raise_if(pkg_id: str, where: str, problems: list[str]) -> None:
     raise ModelPackageError(f"model {pkg_id!r} ({where}): {shown}{more}", problems, model_id=pkg_id)
 
 
+_ABSOLUTE_PATH_RE = re.compile(r"(?<![\w.~])/(?:[^\s'\"/:,;()\[\]{}]+/)+([^\s'\"/:,;()\[\]{}]*)")
+MAX_REASON_CHARS = 300
+
+
+def public_reason(text: str) -> str:
+    """A load failure as a client may see it: absolute server paths cut to their last part, at
+    most :data:`MAX_REASON_CHARS` characters. The whole text belongs in the log."""
+    short = _ABSOLUTE_PATH_RE.sub(lambda m: m.group(1) or "/", str(text))
+    return short if len(short) <= MAX_REASON_CHARS else short[:MAX_REASON_CHARS - 1] + "…"
+
+
 # --- reading ----------------------------------------------------------------------------
 
 
@@ -476,7 +532,7 @@ def _finish(pkg: ModelPackage) -> None:
     """Fill what depends on the files: frame count, frame size (from the first frame)."""
     pkg.num_frames = len(pkg.frame_paths)
     if pkg.frame_size is None and pkg.frame_paths and Path(pkg.frame_paths[0]).is_file():
-        pkg.frame_size = _image_size(Path(pkg.frame_paths[0]))  # None -> validate reports it
+        pkg.frame_size = image_size(Path(pkg.frame_paths[0]))  # None -> validate reports it
 
 
 def _rects_or_problem(pkg: ModelPackage) -> np.ndarray:
@@ -489,12 +545,24 @@ def _rects_or_problem(pkg: ModelPackage) -> np.ndarray:
         return np.zeros((0, 4), np.int32)
 
 
+def _inside(folder: Path, path: Path) -> bool:
+    """Whether ``path``, symlinks resolved, is ``folder`` (resolved) or lies under it."""
+    try:
+        real = path.resolve(strict=False)
+    except (OSError, RuntimeError):  # a symlink loop
+        return False
+    return real == folder or folder in real.parents
+
+
 def _read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not folder.is_dir():
         raise ModelPackageError(f"{folder}: model package folder not found")
     if not path.is_file():
         raise ModelPackageError(f"{path}: not found (a model package folder needs a {MANIFEST} manifest)")
+    if not _inside(folder, path):
+        raise ModelPackageError(f"{path}: leads outside the package folder (a symlink?); a package's files "
+                                "must stay inside it")
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
@@ -597,6 +665,8 @@ def read_package(folder: str | os.PathLike, model_id: Optional[str] = None, *,
     if model_id is not None and manifest_id != model_id:
         problems.append(f"{MANIFEST}: id is {manifest_id!r} but {_id_from} {model_id!r}; they must match")
 
+    outside: list[str] = []
+
     def rel(key: str, default: Optional[str]) -> Optional[Path]:
         value = f.text(key, default)
         if value is not None and (os.path.isabs(value) or ".." in Path(value).parts):
@@ -605,7 +675,11 @@ def read_package(folder: str | os.PathLike, model_id: Optional[str] = None, *,
             problems.append(f"{MANIFEST}: field '{key}' is {value!r}; a manifest path must stay inside "
                             "the package folder (relative, without '..')")
             value = default
-        return None if value is None else folder / value
+        if value is None:
+            return None
+        if not _inside(folder, folder / value):  # the text is fine, a symlink leads out
+            outside.append(f"{value} ({MANIFEST} field '{key}') leads outside the package folder (a symlink?)")
+        return folder / value
 
     version = data.get("version")
     if version is not None:
@@ -634,16 +708,33 @@ def read_package(folder: str | os.PathLike, model_id: Optional[str] = None, *,
         load_problems=problems,
     )
     pkg.frame_size_declared = pkg.frame_size is not None
-    pkg.frame_paths, frame_problems = _list_frames(pkg.frames_dir, pkg.name(pkg.frames_dir))
-    problems.extend(frame_problems)
+    if not outside:
+        pkg.frame_paths, frame_problems = _list_frames(pkg.frames_dir, pkg.name(pkg.frames_dir))
+        problems.extend(frame_problems)
+        escaped = [p for p in pkg.frame_paths if not _inside(folder, p)]
+        outside.extend(f"{pkg.name(p)} leads outside the package folder (a symlink?)" for p in escaped[:_MAX_LISTED])
+        if len(escaped) > _MAX_LISTED:
+            outside.append(f"{len(escaped) - _MAX_LISTED} more frames lead outside the package folder")
+    if outside:
+        # Refused before any of these files is read: a package cannot make the cluster read (and
+        # echo back) a file of the host's.
+        raise ModelPackageError(f"model {manifest_id!r}: " + "; ".join(outside[:3]) +
+                                "; every file of a package must stay inside its folder", outside,
+                                model_id=manifest_id)
     pkg.crop_rects = _rects_or_problem(pkg)
     _finish(pkg)
     return pkg
 
 
 def _ensure_version(pkg: ModelPackage) -> None:
+    """Fix the version and the files it stands for; raise when the files changed meanwhile."""
+    before = files_key(pkg)
     if not pkg.version:
         pkg.version = compute_version(pkg.onnx_path, pkg.crop_rects_path, pkg.frame_paths)
+    pkg.files = files_key(pkg)
+    if pkg.files != before:
+        raise ModelPackageError(f"model {pkg.model_id!r}: its files changed while they were read "
+                                "(being re-prepared?); try again", model_id=pkg.model_id)
 
 
 def package_from_entry(model_id: str, entry: Any, *, check_onnx: bool = True,

@@ -24,10 +24,21 @@ import psutil
 from ..common.errors import CapacityFull, LipsyncError, ModelLoadFailed
 from ..common.frame_store import FrameStore, SharedFrames
 from ..common.load_backoff import LoadBackoff
-from ..common.model_package import SESSION_MEMORY_FACTOR, ModelPackage, bind_unet_io
+from ..common.model_package import (SESSION_MEMORY_FACTOR, ModelPackage, ModelPackageError, bind_unet_io,
+                                    public_reason)
 from .sessions import SessionOptions, make_session, warm_up
 
 log = logging.getLogger("lipsync_cluster.worker.cache")
+
+
+class PackageChanged(ModelPackageError):
+    """The package's files are no longer the ones its version was computed from."""
+
+
+def _check_same_files(package: ModelPackage) -> None:
+    if package.files and package.files_changed():
+        raise PackageChanged(f"the files of model '{package.model_id}' changed since version {package.version} "
+                             "was read (re-prepared?); try again", model_id=package.model_id)
 
 
 def _ago(seconds: float) -> str:
@@ -236,23 +247,27 @@ class ModelCache:
         rss_before = psutil.Process().memory_info().rss
         frames = None
         try:
+            _check_same_files(package)
             session = make_session(package.onnx_path, self.session_options)
             visual, audio = bind_unet_io(session.get_inputs())
             warm_up(session)
             frames = self.frame_store.attach(model_id, package.version, package.frame_paths,
-                                             expected_size=tuple(package.frame_size))
+                                             expected_size=tuple(package.frame_size),
+                                             check_source=lambda: _check_same_files(package))
+            # The version is re-checked after everything was read: a re-prepare between resolving
+            # the package and reading its files must not pair this version with the new files.
+            _check_same_files(package)
         except Exception as exc:
             if frames is not None:
                 frames.close()
             reason = exc.message if isinstance(exc, LipsyncError) else f"{type(exc).__name__}: {exc}"
-            with self._lock:
-                self._backoff.failed(model_id, package.version, reason, time.monotonic())
-            self._emit("load_failed", model_id, version=package.version, reason=reason)
-            log.error("❌ Model '%s' failed to load: %s", model_id, reason)
-            if isinstance(exc, ModelLoadFailed):
-                exc.details.setdefault("version", package.version)  # the broker keys its backoff by it
-                raise
-            raise ModelLoadFailed(f"model '{model_id}' failed to load: {reason}", model_id=model_id,
+            changed = isinstance(exc, PackageChanged)
+            if not changed:  # a package caught mid re-prepare is not broken: no backoff
+                with self._lock:
+                    self._backoff.failed(model_id, package.version, public_reason(reason), time.monotonic())
+            self._emit("load_failed", model_id, version=package.version, reason=public_reason(reason))
+            log.error("❌ Model '%s' failed to load: %s", model_id, reason)  # the details: here only
+            raise ModelLoadFailed(f"model '{model_id}' failed to load: {public_reason(reason)}", model_id=model_id,
                                   version=package.version) from exc
         load_ms = (time.perf_counter() - started) * 1000
         session_bytes = psutil.Process().memory_info().rss - rss_before if not self.session_options.uses_cuda else 0
