@@ -116,6 +116,37 @@ def test_keys_generate_writes_pairs_and_allow_lists(tmp_path):
     assert runner.invoke(cli, ["keys", "generate", str(k), "--force"]).exit_code == 0
 
 
+def test_secret_key_files_are_created_private_and_checked_when_loaded(tmp_path):
+    """Secret files are created 0600 (never chmodded afterwards: no moment at 0644), a new keys
+    folder is 0700, and a secret file others can read is refused when loaded, by a real worker too."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os
+os.umask(0o022)
+os.chmod = None  # generating must not need a chmod: the files are created with their mode
+from lipsync_cluster.common.security import generate_keys
+generate_keys({str(tmp_path / "k")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    k = tmp_path / "k"
+    assert k.stat().st_mode & 0o777 == 0o700
+    for role in ("broker", "worker", "client", "admin"):
+        assert (k / f"{role}.key_secret").stat().st_mode & 0o777 == 0o600
+        assert (k / f"{role}.key").stat().st_mode & 0o777 == 0o644
+    CurveKeys.from_dir(k, "client")  # loads
+    (k / "worker.key_secret").chmod(0o644)
+    with pytest.raises(SecurityError, match=r"mode 644: a secret key file must be readable by its owner only"):
+        CurveKeys.from_dir(k, "worker")
+    worker = subprocess.run([sys.executable, "-m", "lipsync_cluster.cli", "worker", "--broker", "tcp://127.0.0.1:9",
+                             "--keys", str(k), "--models-dir", str(tmp_path)], capture_output=True, text=True,
+                            timeout=60, cwd=str(Path(__file__).resolve().parents[1]))
+    assert worker.returncode != 0 and "chmod 600" in worker.stderr, worker.stderr[-2000:]
+
+
 def test_loopback_is_the_default_and_anything_else_needs_curve():
     assert load_config({}).frontend == "tcp://127.0.0.1:5555"
     for ep in ("tcp://127.0.0.1:5555", "tcp://127.3.2.1:1", "tcp://localhost:5", "tcp://[::1]:5",
