@@ -147,6 +147,11 @@ def ws_handshake(port: int, rcvbuf: int = 4096) -> socket.socket:
 
 
 def ws_send(s: socket.socket, payload: bytes, opcode: int) -> None:
+    s.sendall(ws_frame(payload, opcode))
+
+
+def ws_frame(payload: bytes, opcode: int) -> bytes:
+    """One masked client frame."""
     mask = os.urandom(4)
     n = len(payload)
     head = bytes([0x80 | opcode])
@@ -158,7 +163,7 @@ def ws_send(s: socket.socket, payload: bytes, opcode: int) -> None:
         head += bytes([0x80 | 127]) + struct.pack(">Q", n)
     body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if n < 4096 else \
         (np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8), n)).tobytes()
-    s.sendall(head + mask + body)
+    return head + mask + body
 
 
 def test_slow_browser_gets_oldest_frames_dropped_and_a_closed_socket_frees_its_session(make_cluster):
@@ -249,3 +254,89 @@ def test_bad_control_messages_get_clear_errors(make_cluster):
     assert bad["code"] == "bad_request"
     assert started["type"] == "started" and started["model_id"] == "demo_ada"
     assert odd["code"] == "bad_request" and "16-bit" in odd["message"]
+
+
+# --- browsers and sockets that attack (docs/SECURITY.md) ---------------------------------------
+
+
+def test_origin_host_and_status_are_checked(tmp_path):
+    """A page of another site (its Origin) cannot open a stream; a DNS-rebinding name (its Host)
+    gets nothing; /api/status (peer addresses) answers loopback peers only. Real sockets, real
+    aiohttp server; no cluster is needed for any of these answers."""
+    from lipsync_cluster.gateway.server import host_allowed
+
+    async def run():
+        server = TestServer(make_app("tcp://127.0.0.1:9", request_timeout=0.5,
+                                     allowed_origins=["https://app.example.com"], allowed_hosts=["avatar.lan"]))
+        await server.start_server()
+        own = f"http://127.0.0.1:{server.port}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                refused = await http.get(server.make_url("/ws"), headers={
+                    "Origin": "https://evil.example", "Upgrade": "websocket", "Connection": "Upgrade",
+                    "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), "Sec-WebSocket-Version": "13"})
+                assert refused.status == 403 and "origin" in (await refused.text())
+                for origin in (own, "https://app.example.com", None):  # None: not a browser, no Origin
+                    async with http.ws_connect(server.make_url("/ws"),
+                                               headers={"Origin": origin} if origin else {}) as ws:
+                        kinds = [(await ws.receive_json(timeout=10))["type"] for _ in range(2)]
+                        assert "hello" in kinds, kinds
+                rebound = await http.get(server.make_url("/api/status"), headers={"Host": f"evil.example:{server.port}"})
+                assert rebound.status == 403 and "allow-host" in await rebound.text()
+                page = await http.get(server.make_url("/"), headers={"Host": f"evil.example:{server.port}"})
+                assert page.status == 403
+                assert (await http.get(server.make_url("/"), headers={"Host": f"avatar.lan:{server.port}"})).status == 200
+                assert (await http.get(server.make_url("/api/status"))).status == 200  # from loopback
+        finally:
+            await server.close()
+
+    asyncio.run(run())
+    assert host_allowed("127.0.0.1:8086") and host_allowed("[::1]:8086") and host_allowed("localhost")
+    assert host_allowed("10.0.0.5") and not host_allowed("evil.example:8086") and not host_allowed("")
+    # Status from another address: the gateway bound to a second loopback address sees a peer
+    # that is not loopback only on a real network, so the rule is checked on the function itself.
+    from lipsync_cluster.gateway.server import _is_loopback
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and not _is_loopback("10.0.0.7")
+    assert not _is_loopback(None)
+
+
+def test_a_socket_that_never_reads_is_closed_not_buffered():
+    """A client sends pings (or bad messages) and never reads the answers: the gateway's control
+    queue stays bounded and the socket is closed; memory does not follow the attacker."""
+    async def run():
+        server = TestServer(make_app("tcp://127.0.0.1:9", request_timeout=0.5))
+        await server.start_server()
+        loop = asyncio.get_running_loop()
+        try:
+            async with aiohttp.ClientSession() as http:
+                s = await loop.run_in_executor(None, ws_handshake, server.port)
+                s.settimeout(2.0)
+                batch = b"".join(ws_frame(json.dumps({"type": "ping", "t": i}).encode() if i % 2 else b"not json", 0x1)
+                                 for i in range(500))
+                t0 = time.monotonic()
+                for _ in range(400):  # up to 200,000 messages, each answered, none read
+                    try:
+                        await loop.run_in_executor(None, s.sendall, batch)
+                    except socket.timeout:
+                        continue  # the gateway is busy reading: go on
+                    except OSError:
+                        break  # the gateway hung up on us
+                    status = await (await http.get(server.make_url("/api/status"))).json()
+                    if status["closed_sessions"] == 1:
+                        break
+                # Still holding our end open: the gateway must have closed the session by itself.
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    status = await (await http.get(server.make_url("/api/status"))).json()
+                    if status["closed_sessions"] == 1 and status["sessions"] == 0:
+                        break
+                    await asyncio.sleep(0.1)
+                closed = status["closed_sessions"] == 1
+                s.close()
+                return closed, status, time.monotonic() - t0
+        finally:
+            await server.close()
+
+    closed, status, took = asyncio.run(run())
+    assert closed, f"the socket that never reads was not closed: {status}"
+    assert status["sessions"] == 0 and status["closed_sessions"] == 1

@@ -27,8 +27,15 @@ DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
               help="Concurrent browser sessions.")
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="A host name the page is served under (repeatable). IP addresses and localhost are always "
+                   "served; any other name is refused unless listed (DNS rebinding).")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="URL",
+              help="Another origin whose pages may open streams, e.g. https://app.example.com (repeatable). "
+                   "By default only the gateway's own page may.")
 def gateway(port: int, host: str, endpoint: str, batch_size: int, fmt: str, quality: int, max_queue: int,
-            max_sessions: int, cert: Optional[str], key: Optional[str]) -> None:
+            max_sessions: int, cert: Optional[str], key: Optional[str], allow_hosts: tuple[str, ...] = (),
+            allow_origins: tuple[str, ...] = ()) -> None:
     """Serve a page where you talk into the microphone and an avatar speaks back, live.
 
     \b
@@ -51,7 +58,8 @@ def gateway(port: int, host: str, endpoint: str, batch_size: int, fmt: str, qual
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(cert, key)
     app = make_app(endpoint, batch_size=batch_size, format=fmt, quality=quality if fmt == "jpeg" else None,
-                   max_queue=max_queue, max_sessions=max_sessions)
+                   max_queue=max_queue, max_sessions=max_sessions, allowed_hosts=allow_hosts,
+                   allowed_origins=allow_origins)
     scheme = "https" if ssl_context else "http"
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     click.echo(f"🎙️  lipsync-cluster gateway: open {scheme}://{shown}:{port}/  (broker {endpoint})")

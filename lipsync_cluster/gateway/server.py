@@ -9,11 +9,20 @@ protocol (JSON control messages, binary PCM in, binary frames out) is in docs/ST
 Isolation: each socket owns its own :class:`AsyncStreamSession`; its frames go to that socket's
 queue only. A socket that closes cancels its session at once (in-flight requests are abandoned).
 A slow browser does not grow memory: each socket's frame queue is bounded and drops the oldest
-frame when full; the drop count travels in every frame header and stats message.
+frame when full; the drop count travels in every frame header and stats message. Control
+messages cannot be dropped, so their queue is bounded too: a socket that lets more than
+:data:`MAX_CONTROL` of them wait (it sends but never reads) is closed (code 1008).
+
+Browsers (docs/SECURITY.md): every request's ``Host`` must be an IP address, ``localhost`` or a
+name given with ``allowed_hosts`` (a DNS-rebinding page cannot reach the gateway under its own
+name), and a WebSocket whose ``Origin`` is not the page's own origin (or in ``allowed_origins``)
+is refused before the upgrade: another site open in the same browser cannot drive a stream.
+``/api/status`` (every session's peer address) answers loopback peers only.
 """
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import json
 import logging
@@ -21,7 +30,7 @@ import struct
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -43,6 +52,7 @@ STATS_INTERVAL_S = 0.5
 GATEWAY_KEY: "web.AppKey[Gateway]" = web.AppKey("gateway")
 MAX_BACKLOG_S = 30.0  # audio that has arrived but could not be sent to the cluster yet
 MODELS_TTL_S = 5.0
+MAX_CONTROL = 64  # control (and in-order) messages waiting for one socket before it is closed
 
 
 def pack_frame(frame: StreamFrame, drops: int) -> bytes:
@@ -73,13 +83,28 @@ class FrameQueue:
     :meth:`put_in_order` and are never dropped.
     """
 
-    def __init__(self, max_frames: int) -> None:
+    def __init__(self, max_frames: int, max_control: int = MAX_CONTROL,
+                 on_overflow: Optional[Callable[[], None]] = None) -> None:
         self.max_frames = max(1, max_frames)
+        self.max_control = max(1, max_control)
+        self.on_overflow = on_overflow  # called once when control messages exceed max_control
+        self.overflowed = False
         self.frames: deque = deque()
         self.control: deque = deque()
         self.waiting = 0  # frames (not in-order messages) in `frames`
         self.drops = 0
         self._ready = asyncio.Event()
+
+    def _room_for_control(self, waiting: int) -> bool:
+        """False (once calling ``on_overflow``) when ``waiting`` messages already wait: they are
+        never dropped, so the socket that does not read them must go."""
+        if waiting < self.max_control and not self.overflowed:
+            return True
+        if not self.overflowed:
+            self.overflowed = True
+            if self.on_overflow is not None:
+                self.on_overflow()
+        return False
 
     def put_frame(self, item: Any) -> None:
         if self.waiting >= self.max_frames:
@@ -94,12 +119,16 @@ class FrameQueue:
         self._ready.set()
 
     def put_in_order(self, message: dict) -> None:
+        if not self._room_for_control(len(self.frames) - self.waiting):
+            return
         self.frames.append(message)
         self._ready.set()
 
     def put_control(self, message: dict) -> None:
         if message.get("type") == "stats":  # only the newest stats matter
             self.control = deque(m for m in self.control if m.get("type") != "stats")
+        if not self._room_for_control(len(self.control)):
+            return
         self.control.append(message)
         self._ready.set()
 
@@ -122,9 +151,11 @@ class FrameQueue:
 class SocketSession:
     """One WebSocket: control messages, PCM in, frames out."""
 
-    def __init__(self, gateway: "Gateway", ws: web.WebSocketResponse, sid: str, peer: str) -> None:
+    def __init__(self, gateway: "Gateway", ws: web.WebSocketResponse, sid: str, peer: str,
+                 transport: Any = None) -> None:
         self.gateway, self.ws, self.id, self.peer = gateway, ws, sid, peer
-        self.queue = FrameQueue(gateway.max_queue)
+        self._transport = transport
+        self.queue = FrameQueue(gateway.max_queue, on_overflow=self._overflowed)
         self.stream: Optional[AsyncStreamSession] = None
         self.last_stream: Optional[AsyncStreamSession] = None  # the stream that ended last (for status)
         self.generation = 0  # a new start() begins a new stream; old frames are ignored
@@ -166,6 +197,22 @@ class SocketSession:
                 except (asyncio.CancelledError, Exception):  # noqa: BLE001 - closing anyway
                     pass
         self._sender = self._stats = None
+
+    def _overflowed(self) -> None:
+        log.warning("session %s (%s): more than %d messages wait for a socket that does not read; closing it",
+                    self.id, self.peer, self.queue.max_control)
+        asyncio.ensure_future(self._close_socket())
+
+    async def _close_socket(self) -> None:
+        await self._stop_stream()
+        try:  # a peer that does not read may never take the close frame either
+            await asyncio.wait_for(self.ws.close(code=1008, message=b"not reading its messages"), 1.0)
+        except (asyncio.TimeoutError, ConnectionError, RuntimeError):
+            pass
+        if self._transport is not None and not self.ws.closed:
+            self._transport.abort()
+        elif self._transport is not None:
+            self._transport.close()
 
     async def _stop_stream(self) -> None:
         stream, forward = self.stream, self._forward
@@ -224,7 +271,9 @@ class SocketSession:
             if self.stream is not None:
                 self.stream.close()  # the tail is flushed, then 'ended'
         elif kind == "ping":
-            self.queue.put_control({"type": "pong", "t": msg.get("t"), "server_time": time.time()})
+            t = msg.get("t")  # echoed only as a number: a pong is never bigger than its ping's header
+            t = t if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+            self.queue.put_control({"type": "pong", "t": t, "server_time": time.time()})
         else:
             self._error("bad_request", f"unknown control message type {kind!r}")
 
@@ -315,8 +364,11 @@ class Gateway:
 
     def __init__(self, broker: str, *, batch_size: int = 5, format: str = "jpeg", quality: Optional[int] = 80,
                  max_queue: int = 10, max_in_flight: int = 3, max_sessions: int = 64,
-                 request_timeout: float = 10.0) -> None:
+                 request_timeout: float = 10.0, allowed_hosts: Iterable[str] = (),
+                 allowed_origins: Iterable[str] = ()) -> None:
         self.broker = broker
+        self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts}
+        self.allowed_origins = {o.lower().rstrip("/") for o in allowed_origins}
         self.batch_size, self.format, self.quality = batch_size, format, quality
         self.max_queue, self.max_in_flight, self.max_sessions = max_queue, max_in_flight, max_sessions
         self.request_timeout = request_timeout
@@ -355,11 +407,35 @@ class Gateway:
         return web.json_response({"models": rows})
 
     async def api_status(self, request: web.Request) -> web.Response:
+        if not _is_loopback(request.remote):  # peer addresses of every session: local/admin use only
+            return web.json_response({"error": {"code": "unauthorized", "message": "/api/status answers "
+                                                "requests from this host only"}}, status=403)
         return web.json_response({"sessions": len(self.sessions), "closed_sessions": self.closed_sessions,
                                   "broker": self.broker,
                                   "detail": [s.status() for s in self.sessions.values()]})
 
+    def origin_allowed(self, request: web.Request) -> bool:
+        """A browser's WebSocket must come from the page's own origin (or an allowed one); a
+        client that sends no Origin is not a browser (a browser always sends it)."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        origin = origin.lower().rstrip("/")
+        return origin == f"{request.scheme}://{request.host}".lower() or origin in self.allowed_origins
+
+    @web.middleware
+    async def check_host(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        if not host_allowed(request.host, self.allowed_hosts):
+            log.warning("refused a request for Host %r from %s", request.host, request.remote)
+            return web.Response(status=403, text=f"Host {request.host!r} is not served here (an IP address, "
+                                                 "localhost or a name given with --allow-host)\n")
+        return await handler(request)
+
     async def websocket(self, request: web.Request) -> web.StreamResponse:
+        if not self.origin_allowed(request):
+            log.warning("refused a WebSocket from Origin %r (%s)", request.headers.get("Origin"), request.remote)
+            return web.Response(status=403, text="this page's origin may not open streams here "
+                                                 "(the gateway's own page, or --allow-origin)\n")
         ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=1 << 20)
         await ws.prepare(request)
         if len(self.sessions) >= self.max_sessions:
@@ -368,7 +444,7 @@ class Gateway:
             await ws.close()
             return ws
         sid = f"s{next(self._ids)}"
-        session = SocketSession(self, ws, sid, request.remote or "?")
+        session = SocketSession(self, ws, sid, request.remote or "?", request.transport)
         self.sessions[sid] = session
         log.info("session %s opened from %s (%d open)", sid, session.peer, len(self.sessions))
         try:
@@ -398,7 +474,7 @@ class Gateway:
             await self.client.close()
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.check_host])
         app[GATEWAY_KEY] = self
         app.router.add_get("/", self.index)
         app.router.add_get("/api/models", self.api_models)
@@ -409,6 +485,35 @@ class Gateway:
         app.on_shutdown.append(self._shutdown)
         app.on_cleanup.append(self._cleanup)
         return app
+
+
+def _is_loopback(address: Optional[str]) -> bool:
+    try:
+        return address is not None and ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(host: Optional[str], allowed: Iterable[str] = ()) -> bool:
+    """Whether a request's Host names this gateway safely: an IP address (a rebinding page cannot
+    use one of ours), ``localhost``, or a name the operator allowed."""
+    if not host:
+        return False
+    name = host.strip()
+    if name.startswith("["):  # [v6]:port
+        name = name[1:name.find("]")] if "]" in name else ""
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    name = name.lower().rstrip(".")
+    if not name:
+        return False
+    if name == "localhost" or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 def make_app(broker: str, **settings: Any) -> web.Application:
