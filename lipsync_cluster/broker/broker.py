@@ -24,6 +24,7 @@ import msgpack
 import zmq
 
 from ..common.errors import BadRequest, InternalError, LipsyncError, Unavailable
+from ..common.infer_request import check_deadline, check_infer, strip_broker_fields
 from ..common.protocol import TAG, decode
 from ..common.security import BrokerSecurity, SecurityError
 from ..common.wire import readable, recv_parts, send_parts
@@ -34,7 +35,7 @@ from .dispatch import Dispatcher
 from .hardening import check_message_size, clean_stats, open_security
 from .requests import Gather, UnloadLeg
 from .stats import BrokerStats, format_report
-from .validate import check_deadline, check_envelope, check_infer, check_load, check_model
+from .validate import check_envelope, check_load, check_model
 from .workers import Worker
 
 log = logging.getLogger("lipsync_cluster.broker")
@@ -335,6 +336,7 @@ class Broker:
             log.debug("bad request from client: %s", exc.message)
             self._refuse(client, cid if isinstance(cid, (str, int, float, bytes)) else None, exc)
             return
+        strip_broker_fields(header)  # a client cannot set what the broker tells a worker
         try:
             handler(client, cid, header, payloads)
         except _Park:

@@ -17,8 +17,8 @@ from typing import Any, Callable
 import zmq
 
 from ..common.errors import BadRequest
+from ..common.infer_request import is_model_id
 from ..common.model_package import public_reason
-from ..common.protocol import MODEL_ID_RE
 from ..common.security import BrokerSecurity, check_bind_allowed
 
 _NUMBER = (int, float)
@@ -60,7 +60,7 @@ def catalog_reader(catalog: Any) -> Callable[[], dict]:
     def read() -> dict:
         summary = catalog.summary(max_age_s=0)
         for model_id, reason in list(getattr(catalog, "errors", {}).items()):
-            if isinstance(model_id, str) and MODEL_ID_RE.match(model_id) and model_id not in summary:
+            if is_model_id(model_id) and model_id not in summary:
                 summary[model_id] = {"version": None, "preload": False, "num_frames": None,
                                      "memory_estimate_mb": None, "error": public_reason(str(reason))}
         return summary
@@ -85,8 +85,7 @@ def clean_stats(header: dict) -> dict:
         if key == "models":
             models = []
             for entry in value if isinstance(value, list) else ():
-                if isinstance(entry, dict) and isinstance(entry.get("model_id"), str) \
-                        and MODEL_ID_RE.match(entry["model_id"]):
+                if isinstance(entry, dict) and is_model_id(entry.get("model_id")):
                     models.append({k: v for k, v in entry.items() if isinstance(k, str)
                                    and (v is None or isinstance(v, (str, bool, int, float)))})
             out["models"] = models[:1024]

@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import re
 import threading
 import time
 from collections import deque
@@ -56,13 +55,12 @@ import numpy as np
 from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, SPAN_AFTER, SPAN_BEFORE, pcm_span_for_batch, to_float_pcm
 from ..common.errors import (BadRequest, InternalError, LipsyncError, Overloaded, RequestTimeout, Unavailable,
                              error_from_wire)
+from ..common.infer_request import FORMATS, MAX_BATCH_SIZE, MODEL_ID_RE, is_model_id
 from .results import infer_request, infer_result
 
-MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,63}$")
 RETRYABLE = (Unavailable, RequestTimeout, Overloaded)
 MAX_ATTEMPTS = 2  # a batch is retried once
 LATENCY_WINDOW = 20000  # latency samples kept (the most recent), per session
-FORMATS = ("jpeg", "png", "raw", "patch")
 IDLE_TICK_S = 0.04  # listening: how often the silence is topped up (one frame)
 IDLE_GRACE_S = 0.12  # listening: silence starts this long after the last audio (real-time chunks never wait on it)
 
@@ -146,8 +144,9 @@ class StreamCore:
             raise BadRequest(f"fps must be {FPS}: the models' audio front end is fixed at {FPS} frames per second "
                              f"({SAMPLES_PER_FRAME} samples of {SAMPLE_RATE} Hz audio per frame); got {fps}",
                              field="fps")
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= 25:
-            raise BadRequest(f"batch_size must be an integer in 1..25; got {batch_size!r}", field="batch_size")
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise BadRequest(f"batch_size must be an integer in 1..{MAX_BATCH_SIZE}; got {batch_size!r}",
+                             field="batch_size")
         if format not in FORMATS:
             raise BadRequest(f"format must be one of {', '.join(FORMATS)}; got {format!r}", field="format")
         if max_in_flight < 1:
@@ -208,7 +207,7 @@ class StreamCore:
 
     @staticmethod
     def _check_model(model_id: str) -> None:
-        if not isinstance(model_id, str) or not MODEL_ID_RE.match(model_id):
+        if not is_model_id(model_id):
             raise BadRequest(f"model_id must match {MODEL_ID_RE.pattern}; got {model_id!r}", field="model_id")
 
     def push(self, pcm: np.ndarray) -> None:

@@ -8,6 +8,8 @@ frame is a zmq Frame received without copying; Frames are re-sent by reference (
 """
 from __future__ import annotations
 
+from typing import Any
+
 import zmq
 
 _Base = zmq.backend.Socket
@@ -38,6 +40,12 @@ def send_parts(sock: zmq.Socket, parts: list, flags: int = NOBLOCK) -> None:
     for i in range(last):
         _send(sock, parts[i], more, False)
     _send(sock, parts[last], flags, False)
+
+
+def frame_buffer(frame: Any) -> Any:
+    """The bytes of a zmq Frame (its buffer, not a copy); bytes and memoryviews as they are."""
+    buf = getattr(frame, "buffer", None)
+    return buf if buf is not None else frame
 
 
 def readable(sock: zmq.Socket) -> bool:

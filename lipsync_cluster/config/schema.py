@@ -271,7 +271,7 @@ def _check_ranges(cfg: Config) -> None:
     need(cfg.security.curve or not cfg.security.admin_only_management,
          "security.admin_only_management: needs security.curve: true (without CURVE no key says who sent a request)")
     for mid, entry in cfg.models.items():
-        need(bool(MODEL_ID_RE.match(mid)),
+        need(bool(MODEL_ID_RE.fullmatch(mid)),
              f"models.{mid}: {mid!r} is not a valid model id ({MODEL_ID_RE.pattern})")
         need(entry.package is not None or entry.model_path is not None,
              f"models.{mid}: give either 'package' (a package folder) or 'model_path' + 'background_dir' + 'crop_rects_path'")

@@ -52,7 +52,7 @@ NAMES = ("ada", "ben", "cleo", "dev", "eva", "finn", "gia", "hugo", "iris", "jon
 def model_id(index: int) -> str:
     """The id of the ``index``-th demo model (0-based): ``demo_ada`` ... ``demo_zeke``, then ``demo_27`` ..."""
     mid = f"demo_{NAMES[index]}" if index < len(NAMES) else f"demo_{index + 1:02d}"
-    assert MODEL_ID_RE.match(mid), mid
+    assert MODEL_ID_RE.fullmatch(mid), mid
     return mid
 
 

@@ -36,9 +36,10 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from ..client.client import AsyncClient
-from ..client.stream import MODEL_ID_RE, AsyncStreamSession, StreamFrame
+from ..client.stream import AsyncStreamSession, StreamFrame
 from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
 from ..common.errors import LipsyncError
+from ..common.infer_request import MODEL_ID_RE, is_model_id
 
 log = logging.getLogger("lipsync_cluster.gateway")
 
@@ -278,7 +279,7 @@ class SocketSession:
             self._error("bad_request", f"unknown control message type {kind!r}")
 
     async def _check_model(self, model: Any) -> bool:
-        if not isinstance(model, str) or not MODEL_ID_RE.match(model):
+        if not is_model_id(model):
             self._error("bad_request", f"model_id must match {MODEL_ID_RE.pattern}; got {model!r}")
             return False
         models = await self.gateway.model_ids()
