@@ -10,7 +10,8 @@ queued, routed, or makes a model load):
 * field checks naming the field and the limit: :func:`require_int`, :func:`require_choice`,
   :func:`optional_number`, :func:`require_model_id`, :func:`check_deadline`;
 * tensors: :func:`check_tensors` (descriptors and byte sizes from the header alone) and
-  :func:`read_arrays` (the same checks, then read-only numpy views);
+  :func:`read_arrays` (the same checks, then read-only numpy views); an ``infer`` uses
+  :data:`INFER_TENSORS`, and any other tensor is checked like them and otherwise ignored;
 * ``infer``: :func:`check_infer` checks everything that can be checked without reading tensor
   contents (the broker's per-request budget; PCM length included); :func:`parse_infer` is the
   worker's: the same checks, plus the arrays; :meth:`InferRequest.check_values` reads contents;
@@ -175,7 +176,7 @@ def _check_dims(name: str, desc: tuple[str, list], dtypes: tuple[str, ...], shap
     for shape in shapes:
         if len(shape) == len(dims) and all(s is None or s == d for s, d in zip(shape, dims)):
             return
-    want = " or ".join("[" + ",".join("N" if s is None else str(s) for s in shape) + "]" for shape in shapes)
+    want = " or ".join("[" + ", ".join("N" if s is None else str(s) for s in shape) + "]" for shape in shapes)
     raise BadRequest(f"field 'tensors.{name}.shape' is {list(dims)}; expected {want}")
 
 
@@ -213,12 +214,7 @@ def check_infer(header: dict, payloads: Sequence[Any], max_batch_size: int = MAX
     deadline = get("deadline_ms")
     if deadline is not None:
         check_deadline(header)
-    arrays = check_tensors(header, payloads)
-    if len(arrays) > 1 or (arrays and next(iter(arrays)) not in INFER_TENSORS):
-        unknown = sorted(set(arrays) - set(INFER_TENSORS))
-        if unknown:
-            raise BadRequest(f"field 'tensors.{unknown[0]}' is not an infer input; expected one of "
-                             + ", ".join(INFER_TENSORS))
+    arrays = check_tensors(header, payloads)  # other tensors than INFER_TENSORS: checked, not used
     features, pcm = arrays.get("audio_features"), arrays.get("audio_pcm")
     if (features is None) == (pcm is None):
         raise BadRequest("field 'tensors' must carry exactly one audio source: 'audio_features' "
