@@ -57,7 +57,7 @@ def test_infer_reply_and_large_payload_pass_through(cluster):
     client.call({"id": "l", "op": "load_model", "model_id": "b", "worker": "w1"})
     blob = np.random.default_rng(0).integers(0, 255, 2**20, dtype=np.uint8)
     header = infer("b", "big", format="raw")
-    client.send(header, {**features(), "visual_extra": blob})
+    client.send(header, features(), payloads=[blob])  # a frame no tensor names: forwarded as it is
     reply, payloads = client.recv()
     assert reply["ok"] and reply["worker"] == "w1" and reply["sizes"][1] == 2**20
     assert bytes(payloads[1]) == blob.tobytes()

@@ -86,7 +86,7 @@ TABLE = [
     ({}, {"audio_features": np.zeros((2, 32, 16, 16), np.float32)}, False),
     ({}, {"audio_features": np.zeros((1, 32, 16, 16), np.float64)}, False),
     ({}, {**F1, "visual_frames": np.zeros((1, 3, 320, 320), np.float32)}, False),
-    ({}, {**F1, "extra": np.zeros(4, np.float32)}, True),  # checked, forwarded, not used
+    ({}, {**F1, "extra": np.zeros(4, np.float32)}, False),
     ({"tensors": {"extra": {"frame": 0, "dtype": "float32", "shape": [5]}}}, F1, False),
     ({"tensors": []}, {}, False),
     ({"tensors": {"audio_features": {"frame": 1, "dtype": "float32", "shape": [1, 32, 16, 16]}}}, F1, False),

@@ -10,8 +10,8 @@ queued, routed, or makes a model load):
 * field checks naming the field and the limit: :func:`require_int`, :func:`require_choice`,
   :func:`optional_number`, :func:`require_model_id`, :func:`check_deadline`;
 * tensors: :func:`check_tensors` (descriptors and byte sizes from the header alone) and
-  :func:`read_arrays` (the same checks, then read-only numpy views); an ``infer`` uses
-  :data:`INFER_TENSORS`, and any other tensor is checked like them and otherwise ignored;
+  :func:`read_arrays` (the same checks, then read-only numpy views); an ``infer`` names only
+  :data:`INFER_TENSORS`;
 * ``infer``: :func:`check_infer` checks everything that can be checked without reading tensor
   contents (the broker's per-request budget; PCM length included); :func:`parse_infer` is the
   worker's: the same checks, plus the arrays; :meth:`InferRequest.check_values` reads contents;
@@ -214,7 +214,12 @@ def check_infer(header: dict, payloads: Sequence[Any], max_batch_size: int = MAX
     deadline = get("deadline_ms")
     if deadline is not None:
         check_deadline(header)
-    arrays = check_tensors(header, payloads)  # other tensors than INFER_TENSORS: checked, not used
+    arrays = check_tensors(header, payloads)
+    if len(arrays) > 1 or (arrays and next(iter(arrays)) not in INFER_TENSORS):
+        unknown = sorted(set(arrays) - set(INFER_TENSORS))
+        if unknown:
+            raise BadRequest(f"field 'tensors.{unknown[0]}' is not an infer input; expected one of "
+                             + ", ".join(INFER_TENSORS))
     features, pcm = arrays.get("audio_features"), arrays.get("audio_pcm")
     if (features is None) == (pcm is None):
         raise BadRequest("field 'tensors' must carry exactly one audio source: 'audio_features' "

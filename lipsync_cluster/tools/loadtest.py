@@ -36,6 +36,7 @@ import click
 import numpy as np
 
 from ..common.audio import SAMPLES_PER_FRAME, pcm_span_for_batch
+from ..common.infer_request import FORMATS
 from ..client.client import DEFAULT_ENDPOINT, Client
 from ..client.results import infer_request
 
@@ -488,7 +489,7 @@ def loadtest_command(local_cluster: LocalCluster) -> click.Command:
     @click.option("--num-requests", "script_num_requests", type=click.IntRange(1, None), default=None,
                   help="The earlier test script's name for --requests.")
     @click.option("--batch", "-b", type=click.IntRange(1, 256), default=5, show_default=True, help="Frames per request.")
-    @click.option("--format", "fmt", type=click.Choice(["jpeg", "png", "raw", "patch"]), default="jpeg",
+    @click.option("--format", "fmt", type=click.Choice(FORMATS), default="jpeg",
                   show_default=True, help="Frame encoding asked for.")
     @click.option("--quality", type=click.IntRange(0, 100), default=None, help="jpeg quality / png compression.")
     @click.option("--deadline-ms", type=click.FloatRange(1, None), default=None, help="Per-request deadline.")
