@@ -196,6 +196,7 @@ class StreamCore:
         self.idle_grace_s = IDLE_GRACE_S
         self._idle_anchor: tuple[float, int] = (0.0, 0)  # (time, samples) of the last push or listen()
         self.idle_samples = 0  # silence appended by listening
+        self.idle_frames = 0  # frames the workers served from their idle cache (no UNet)
         self.batches_sent = 0
         self.retries = 0
         self.retry_log: list[dict] = []
@@ -442,11 +443,12 @@ class StreamCore:
             first, end = pcm_span_for_batch(start, size, self.total_frames)
         else:
             first, end = pcm_span_for_batch(start, size)
-            # Fewer frames of future audio than the exact 12: the batch is computed as if the audio
-            # ended there (the end-of-clip rule; see lookahead_frames in docs/STREAMING.md).
-            end = min(end, start + size + self.lookahead_frames)
-            if self.samples < end * SAMPLES_PER_FRAME:
-                return None  # the lookahead has not been pushed yet
+        # Fewer frames of future audio than the exact 12: the batch is computed as if the audio
+        # ended there (the end-of-clip rule; docs/STREAMING.md, "lookahead_frames"). Always, not
+        # only while the audio is short of it, so the video never depends on the sender's timing.
+        end = min(end, start + size + self.lookahead_frames)
+        if not self.closed and self.samples < end * SAMPLES_PER_FRAME:
+            return None  # the lookahead has not been pushed yet
         pcm = self._slice(first * SAMPLES_PER_FRAME, end * SAMPLES_PER_FRAME)
         quality = self.quality if self.quality is not None else (85 if self.format == "jpeg" else None)
         header, payloads = infer_request(
@@ -506,6 +508,8 @@ class StreamCore:
         if not header.get("ok", False):
             self.failed(b, error_from_wire(header.get("error")), now)
             return
+        idle = header.get("idle_frames", 0)
+        self.idle_frames += idle if isinstance(idle, int) else 0
         now = self.clock() if now is None else now
         try:
             result = infer_result(header, payloads)
@@ -579,6 +583,7 @@ class StreamCore:
                 "batches_sent": self.batches_sent, "retries": self.retries,
                 "switches": [list(s) for s in self.switches], "interrupts": list(self.interrupts),
                 "listening": self.listening, "idle_seconds": self.idle_samples / SAMPLE_RATE,
+                "idle_frames": self.idle_frames,
                 "lookahead_frames": self.lookahead_frames,
                 "error": None if self.error is None else self.error.to_wire()}
 
