@@ -3,7 +3,9 @@
 The microphone is Chromium's fake capture device fed from a WAV of speech-like bursts; the page
 resamples it to 16 kHz in its AudioWorklet and streams it. Checked: the page lists the models,
 connects, frames arrive and are drawn (pixels read back from the canvas match the model's
-background), and switching the model while audio flows changes the drawn background.
+background), switching the model while audio flows changes the drawn background at the frame the
+gateway announced, listening keeps frames coming from the workers' idle cache without sending the
+microphone, and an interrupt gives frames that go on from the cut.
 
 Needs `apt-get install -y chromium` and `pip install playwright` (no `playwright install`: the
 system browser is used). Without them the test is skipped and says why.
@@ -182,6 +184,36 @@ def test_page_streams_the_microphone_and_switches_models(make_cluster, demo_dir,
             assert stats and stats["model_id"] == "demo_ben" and stats["latency"]["p99_ms"] is not None
             latency_text = page.inner_text("#latency")
             assert "/" in latency_text, f"the page shows its measured latency, got {latency_text!r}"
+
+            # the switch landed where the gateway said: the first demo_ben frame is at that position
+            (switch,) = page.evaluate("window.lsc.switches")
+            runs = page.evaluate("window.lsc.runs")
+            assert [m for _, m in runs] == ["demo_ada", "demo_ben"], runs
+            if page.evaluate("window.lsc.serverDrops") == 0:
+                assert runs[1][0] == switch["at_frame"], (runs, switch)
+            assert runs[1][0] >= switch["at_frame"] > 0
+
+            # listening: the microphone is not sent, idle frames (served without the UNet) keep coming
+            page.click("#listen")
+            page.wait_for_function("window.lsc.lastStats && window.lsc.lastStats.listening === true "
+                                   "&& window.lsc.lastStats.idle_frames > 0", timeout=30000)
+            sent = page.evaluate("window.lsc.samplesSent")
+            drawn = page.evaluate("window.lsc.framesDrawn")
+            page.wait_for_function(f"window.lsc.framesDrawn > {drawn + 10}", timeout=15000)
+            assert page.evaluate("window.lsc.samplesSent") == sent, "no microphone audio while listening"
+
+            # talk again, then barge in: frames go on from the cut, in sequence
+            page.click("#listen")
+            page.wait_for_function("window.lsc.lastStats && window.lsc.lastStats.listening === false", timeout=15000)
+            page.click("#interrupt")
+            page.wait_for_function("window.lsc.cuts.length === 1", timeout=15000)
+            cut = page.evaluate("window.lsc.cuts[0]")
+            page.wait_for_function(f"window.lsc.lastIndex > {cut + 10}", timeout=15000)
+            state = page.evaluate("({gaps: window.lsc.indexGaps, drops: window.lsc.serverDrops, "
+                                  "errors: window.lsc.errors, stats: window.lsc.lastStats})")
+            assert state["errors"] == [], state["errors"]
+            assert state["gaps"] == 0 or state["drops"] > 0, f"frame indices go on from the cut: {state}"
+            page.wait_for_function(f"window.lsc.lastStats.interrupts.includes({cut})", timeout=5000)
         finally:
             browser.close()
     assert not [c for c in console if c.startswith("pageerror")], console

@@ -462,3 +462,26 @@ def test_silence_is_defined_so_that_the_mel_sits_at_its_floor():
     assert np.array_equal(melspectrogram(worst), melspectrogram(np.zeros(SR, np.float32)))
     assert not is_silent(np.array([0, 1, 0], np.int16)), "one int16 step is not silence"
     assert not is_silent(worst * 2) and not is_silent(None)
+
+
+def test_listening_keeps_frames_flowing_from_the_idle_cache(make_cluster):
+    sup = make_cluster()
+    pcm, _ = bursts(1.0, period=10.0, on=10.0, seed=12)
+
+    async def run():
+        async with AsyncClient(sup.config.frontend) as client:
+            async with AsyncStreamSession(client, MODEL_A, batch_size=5) as session:
+                session.push(pcm)
+                session.set_listening(True)
+                frames = []
+                t0 = time.monotonic()
+                while time.monotonic() - t0 < 4.0:
+                    frame = await session.get(timeout=10)
+                    frames.append(frame)
+                return frames, session.stats()
+
+    frames, stats = asyncio.run(run())
+    print("frames", len(frames), "stats", stats)
+    assert [f.index for f in frames] == list(range(len(frames)))
+    assert len(frames) >= 25 + 50, "the speech, then idle frames in real time"
+    assert stats["listening"] and stats["idle_frames"] >= 25 and stats["idle_seconds"] > 1.5

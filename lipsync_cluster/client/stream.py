@@ -2,7 +2,8 @@
 
     with Client() as client, StreamSession(client, "demo_ada") as session:
         session.push(pcm_chunk)          # 16 kHz mono, float32 in [-1, 1] or int16, any size
-        session.switch("demo_ben")       # from the next batch on
+        session.switch("demo_ben")       # from the batch boundary at the audio pushed so far
+        session.interrupt()              # barge-in: drop the unsaid audio, go on from the cut
         session.close()                  # end of audio: the tail is flushed
         for frame in session.frames():   # index, pts, background_index, model_id, image ...
             ...
@@ -30,8 +31,14 @@ How it works (the workers stay stateless; the session keeps the audio and the fr
   worker's requests once, so a worker's death costs a delay, not a frame. A second failure, or a
   non-retryable error (``unknown_model``, ``bad_request``...), ends the session: ``frames()``
   raises it.
-* ``switch(model_id)`` applies to the next batch that is sent (a batch boundary); frames carry
-  the model that drew them.
+* ``switch(model_id)`` lands at the first batch boundary at or after the audio pushed so far
+  (or at ``at_frame``), whatever the sender has sent; frames carry the model that drew them.
+* ``interrupt()`` drops the audio not yet turned into frames and the batches past the cut; the
+  next audio goes on from the cut frame (indices and pts continuous). ``set_listening(True)``
+  appends silence in real time when no audio comes (idle frames, which workers serve from their
+  idle cache without the UNet).
+* ``lookahead_frames`` (default 12 = exact) trades mouth accuracy for latency: a batch waits for
+  only that many frames of future audio and is computed as if the audio ended there.
 
 Latency of frame ``k`` = (time frame ``k`` is ready, in order) - (time the push that completed
 frame ``k``'s own audio returned). It is the lookahead (the batch's later frames plus 12 frames of
@@ -55,7 +62,7 @@ import numpy as np
 from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, SPAN_AFTER, SPAN_BEFORE, pcm_span_for_batch, to_float_pcm
 from ..common.errors import (BadRequest, InternalError, LipsyncError, Overloaded, RequestTimeout, Unavailable,
                              error_from_wire)
-from ..common.infer_request import FORMATS, MAX_BATCH_SIZE, MODEL_ID_RE, is_model_id
+from ..common.infer_request import FORMATS, MAX_BATCH_SIZE, MAX_FRAME_INDEX, MODEL_ID_RE, is_model_id
 from .results import infer_request, infer_result
 
 RETRYABLE = (Unavailable, RequestTimeout, Overloaded)
@@ -117,6 +124,11 @@ def _percentiles(values) -> dict:
     a = np.asarray(values, np.float64)
     return {"p50_ms": round(float(np.percentile(a, 50)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
             "mean_ms": round(float(a.mean()), 2), "max_ms": round(float(a.max()), 2)}
+
+
+def _check_frame(at_frame: Any) -> None:
+    if isinstance(at_frame, bool) or not isinstance(at_frame, int) or not 0 <= at_frame <= MAX_FRAME_INDEX:
+        raise BadRequest(f"at_frame must be an integer in 0..{MAX_FRAME_INDEX}; got {at_frame!r}", field="at_frame")
 
 
 def total_frames_for(num_samples: int) -> int:
@@ -286,8 +298,7 @@ class StreamCore:
         if at_frame is None:
             frame = self._grid_boundary(-(-self.samples // SAMPLES_PER_FRAME))
         else:
-            if isinstance(at_frame, bool) or not isinstance(at_frame, int) or at_frame < 0:
-                raise BadRequest(f"at_frame must be an integer >= 0; got {at_frame!r}", field="at_frame")
+            _check_frame(at_frame)
             frame = at_frame
         frame = max(frame, self.next_frame)
         if at_frame is not None and frame not in self._anchors:
@@ -323,10 +334,10 @@ class StreamCore:
         silence); indices and pts go on from there. A closed stream ends at the cut. Returns
         ``(cut, handles of the dropped in-flight attempts)`` for the driver to cancel.
         """
+        if at_frame is not None:
+            _check_frame(at_frame)
         handed_out = self.delivered - len(self.ready)
-        cut = self.delivered if at_frame is None else int(at_frame)
-        if at_frame is not None and (isinstance(at_frame, bool) or not isinstance(at_frame, int) or at_frame < 0):
-            raise BadRequest(f"at_frame must be an integer >= 0; got {at_frame!r}", field="at_frame")
+        cut = self.delivered if at_frame is None else at_frame
         cut = max(handed_out, min(cut, self.samples // SAMPLES_PER_FRAME if not self.closed
                                   else self.total_frames))
         handles = []
@@ -593,7 +604,8 @@ _SESSION_DOC = """
     jpeg (default), png, raw or patch; ``quality`` (jpeg 1..100, default 85; png 0..9);
     ``max_in_flight`` batches at once (default 3); ``max_ready_frames``: no new batch is sent while
     this many frames wait unread (default 250 = 10 s); ``request_timeout`` s per request (also the
-    broker's deadline; a batch is retried once after a retryable failure).
+    broker's deadline; a batch is retried once after a retryable failure); ``lookahead_frames``:
+    frames of future audio a batch waits for (0..12, default 12 = exact; docs/STREAMING.md).
 """
 
 

@@ -25,6 +25,9 @@ DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
               help="Frames queued per browser before the oldest is dropped.")
 @click.option("--max-sessions", type=click.IntRange(1, 10000), default=64, show_default=True,
               help="Concurrent browser sessions.")
+@click.option("--lookahead-frames", type=click.IntRange(0, 12), default=12, show_default=True,
+              help="Frames of future audio a batch waits for (12 = exact; fewer = lower latency, see "
+                   "docs/STREAMING.md).")
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
@@ -34,8 +37,8 @@ DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
               help="Another origin whose pages may open streams, e.g. https://app.example.com (repeatable). "
                    "By default only the gateway's own page may.")
 def gateway(port: int, host: str, endpoint: str, batch_size: int, fmt: str, quality: int, max_queue: int,
-            max_sessions: int, cert: Optional[str], key: Optional[str], allow_hosts: tuple[str, ...] = (),
-            allow_origins: tuple[str, ...] = ()) -> None:
+            max_sessions: int, lookahead_frames: int, cert: Optional[str], key: Optional[str],
+            allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = ()) -> None:
     """Serve a page where you talk into the microphone and an avatar speaks back, live.
 
     \b
@@ -59,7 +62,7 @@ def gateway(port: int, host: str, endpoint: str, batch_size: int, fmt: str, qual
         ssl_context.load_cert_chain(cert, key)
     app = make_app(endpoint, batch_size=batch_size, format=fmt, quality=quality if fmt == "jpeg" else None,
                    max_queue=max_queue, max_sessions=max_sessions, allowed_hosts=allow_hosts,
-                   allowed_origins=allow_origins)
+                   allowed_origins=allow_origins, lookahead_frames=lookahead_frames)
     scheme = "https" if ssl_context else "http"
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     click.echo(f"🎙️  lipsync-cluster gateway: open {scheme}://{shown}:{port}/  (broker {endpoint})")

@@ -37,7 +37,7 @@ from aiohttp import WSMsgType, web
 
 from ..client.client import AsyncClient
 from ..client.stream import AsyncStreamSession, StreamFrame
-from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME
+from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, SPAN_AFTER
 from ..common.errors import LipsyncError
 from ..common.infer_request import MODEL_ID_RE, is_model_id
 
@@ -266,8 +266,19 @@ class SocketSession:
             if self.stream is None:
                 self._error("bad_request", "switch before start")
             elif await self._check_model(model):
-                self.stream.switch(model)
-                self.queue.put_control({"type": "switched", "model_id": model})
+                self._call(lambda s: {"type": "switched", "model_id": model,
+                                      "at_frame": s.switch(model, msg.get("at_frame"))})
+        elif kind in ("interrupt", "listen"):
+            if self.stream is None:
+                self._error("bad_request", f"{kind} before start")
+            elif kind == "interrupt":
+                self._call(lambda s: {"type": "interrupted", "cut": s.interrupt(),
+                                      "samples": s.stats()["samples"]})
+            elif not isinstance(msg.get("on"), bool):
+                self._error("bad_request", "listen needs 'on': true or false")
+            else:
+                self._call(lambda s: (s.set_listening(msg["on"]),
+                                      {"type": "listening", "on": msg["on"], "samples": s.stats()["samples"]})[1])
         elif kind == "stop":
             if self.stream is not None:
                 self.stream.close()  # the tail is flushed, then 'ended'
@@ -277,6 +288,13 @@ class SocketSession:
             self.queue.put_control({"type": "pong", "t": t, "server_time": time.time()})
         else:
             self._error("bad_request", f"unknown control message type {kind!r}")
+
+    def _call(self, action) -> None:
+        """Run a stream control (switch, interrupt, listen) and queue its answer; a refusal is an error."""
+        try:
+            self.queue.put_control(action(self.stream))
+        except LipsyncError as exc:
+            self._error(exc.code, exc.message)
 
     async def _check_model(self, model: Any) -> bool:
         if not is_model_id(model):
@@ -294,13 +312,19 @@ class SocketSession:
             return
         await self._stop_stream()
         g = self.gateway
-        self.stream = AsyncStreamSession(g.client, model, batch_size=g.batch_size, format=g.format,
-                                         quality=g.quality, max_in_flight=g.max_in_flight,
-                                         request_timeout=g.request_timeout)
+        lookahead = msg.get("lookahead_frames", g.lookahead_frames)
+        try:
+            stream = AsyncStreamSession(g.client, model, batch_size=g.batch_size, format=g.format,
+                                        quality=g.quality, max_in_flight=g.max_in_flight,
+                                        request_timeout=g.request_timeout, lookahead_frames=lookahead)
+        except LipsyncError as exc:
+            self._error(exc.code, exc.message)
+            return
+        self.stream = stream
         self._forward = asyncio.ensure_future(self._forward_loop(self.stream, self.generation))
         self.queue.clear_frames()
         self.queue.put_control({"type": "started", "model_id": model, "batch_size": g.batch_size,
-                                "format": g.format, "generation": self.generation})
+                                "format": g.format, "generation": self.generation, "lookahead_frames": lookahead})
         log.info("session %s (%s): started on %s", self.id, self.peer, model)
 
     # --- output ---------------------------------------------------------------------------------
@@ -349,7 +373,8 @@ class SocketSession:
             out.update(model_id=stream.model_id,
                        latency=_short_latency(stream.latency(recent=LIVE_WINDOW, breakdown=False)),
                        frames=st["delivered"], audio_seconds=round(st["seconds"], 3), in_flight=st["in_flight"],
-                       retries=st["retries"])
+                       retries=st["retries"], listening=st["listening"], idle_frames=st["idle_frames"],
+                       interrupts=[i["cut"] for i in st["interrupts"]][-10:])
         return out
 
 
@@ -366,13 +391,14 @@ class Gateway:
     def __init__(self, broker: str, *, batch_size: int = 5, format: str = "jpeg", quality: Optional[int] = 80,
                  max_queue: int = 10, max_in_flight: int = 3, max_sessions: int = 64,
                  request_timeout: float = 10.0, allowed_hosts: Iterable[str] = (),
-                 allowed_origins: Iterable[str] = ()) -> None:
+                 allowed_origins: Iterable[str] = (), lookahead_frames: int = SPAN_AFTER) -> None:
         self.broker = broker
         self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts}
         self.allowed_origins = {o.lower().rstrip("/") for o in allowed_origins}
         self.batch_size, self.format, self.quality = batch_size, format, quality
         self.max_queue, self.max_in_flight, self.max_sessions = max_queue, max_in_flight, max_sessions
         self.request_timeout = request_timeout
+        self.lookahead_frames = lookahead_frames
         self.client: Optional[AsyncClient] = None
         self.sessions: dict[str, SocketSession] = {}
         self._ids = itertools.count(1)

@@ -12,7 +12,7 @@ const MAX_BUFFERED = 12; // frames waiting to be drawn before the oldest are ski
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  model: $("model"), connect: $("connect"), mic: $("mic"), stop: $("stop"), level: $("level"), status: $("status"),
+  model: $("model"), connect: $("connect"), mic: $("mic"), stop: $("stop"), interrupt: $("interrupt"), listen: $("listen"), level: $("level"), status: $("status"),
   canvas: $("view"), overlay: $("overlay"), fps: $("fps"), latency: $("latency"), glatency: $("glatency"),
   drops: $("drops"), frame: $("frame"), log: $("log"),
 };
@@ -25,6 +25,9 @@ const state = {
   received: 0, framesDrawn: 0, skipped: 0, serverDrops: 0, decodeErrors: 0,
   queue: [], anchor: null, drawTimes: [], latencies: [],
   lastDrawn: null, lastStats: null, level: 0, maxLevel: 0, errors: [], messages: [],
+  // conversation controls: listening (mic not sent, idle frames), interrupts, where switches landed
+  listening: false, held: null, cuts: [], switches: [], runs: [], // runs: [first index received, model]
+  lastIndex: null, indexGaps: 0, // frames received out of sequence (only gateway drops may cause them)
 };
 window.lsc = state;
 
@@ -72,6 +75,22 @@ ui.model.addEventListener("change", () => {
   }
 });
 
+// Interrupt and leaving listening move the stream's audio position: the microphone's chunks are
+// held until the gateway says where the next audio starts, so the page's latency clock stays right.
+function sendPositionControl(message) {
+  if (!state.ws || !state.started) return;
+  state.held = [];
+  state.ws.send(JSON.stringify(message));
+}
+
+function resumeAt(samples) {
+  state.samplesSent = samples;
+  state.sendTimes.clear();
+  const held = state.held || [];
+  state.held = null;
+  for (const pcm of held) sendPcm(pcm);
+}
+
 // --- socket ---------------------------------------------------------------------------------
 
 function connect() {
@@ -85,6 +104,8 @@ function connect() {
     ui.connect.textContent = "Disconnect";
     ui.mic.disabled = false;
     ui.stop.disabled = false;
+    ui.interrupt.disabled = false;
+    ui.listen.disabled = false;
     startStream();
   };
   ws.onmessage = (ev) => (typeof ev.data === "string" ? onControl(JSON.parse(ev.data)) : onFrame(ev.data));
@@ -94,6 +115,8 @@ function connect() {
     state.ws = null;
     ui.connect.textContent = "Connect";
     ui.stop.disabled = true;
+    ui.interrupt.disabled = true;
+    ui.listen.disabled = true;
     setStatus("disconnected");
   };
   ws.onerror = () => log("socket error");
@@ -101,6 +124,9 @@ function connect() {
 
 function startStream() {
   state.samplesSent = 0;
+  state.held = null;
+  state.runs = [];
+  state.lastIndex = null;
   state.sendTimes.clear();
   state.queue.forEach((f) => f.bitmap.close());
   state.queue = [];
@@ -118,12 +144,23 @@ function onControl(msg) {
       state.started = true;
       state.samplesSent = 0;
       state.sendTimes.clear();
+      if (state.listening) state.ws.send(JSON.stringify({ type: "listen", on: true }));
       setStatus(`streaming ${msg.model_id}`);
       ui.overlay.textContent = state.micOn ? "" : "Start the microphone and speak.";
       break;
     case "switched":
-      log(`switching to ${msg.model_id} at the next batch`);
+      state.switches.push({ model_id: msg.model_id, at_frame: msg.at_frame });
+      log(`switching to ${msg.model_id} at frame ${msg.at_frame}`);
       setStatus(`streaming ${msg.model_id}`);
+      break;
+    case "interrupted":
+      state.cuts.push(msg.cut);
+      log(`interrupted: frames go on from ${msg.cut}`);
+      resumeAt(msg.samples);
+      break;
+    case "listening":
+      log(msg.on ? "listening: idle frames" : "talking");
+      if (!msg.on) resumeAt(msg.samples);
       break;
     case "stats":
       state.lastStats = msg;
@@ -139,6 +176,7 @@ function onControl(msg) {
       break;
     case "error":
       state.errors.push(msg);
+      if (state.held) resumeAt(state.samplesSent);
       log(`error ${msg.code}: ${msg.message}`);
       break;
     default:
@@ -160,11 +198,16 @@ function onFrame(buf) {
   const model = new TextDecoder().decode(new Uint8Array(buf, HEADER_BYTES, modelLen));
   const image = new Blob([new Uint8Array(buf, HEADER_BYTES + modelLen)], { type: FORMATS[format] || "image/jpeg" });
   state.received += 1;
+  const run = state.runs[state.runs.length - 1];
+  if (!run || run[1] !== model) state.runs.push([index, model]);
+  if (state.lastIndex !== null && index !== state.lastIndex + 1) state.indexGaps += 1;
+  state.lastIndex = index;
   state.serverDrops = Math.max(state.serverDrops, drops);
   const arrived = performance.now();
   createImageBitmap(image).then((bitmap) => {
     state.queue.push({ index, pts, background, model, gatewayLatency, bitmap, arrived });
     state.queue.sort((a, b) => a.index - b.index);
+    if (state.queue.length > MAX_BUFFERED) state.anchor = null; // the playout clock fell behind: catch up
     while (state.queue.length > MAX_BUFFERED) { state.queue.shift().bitmap.close(); state.skipped += 1; }
   }).catch(() => { state.decodeErrors += 1; });
 }
@@ -261,6 +304,12 @@ function onPcm({ pcm, level }) {
   state.level = level;
   state.maxLevel = Math.max(state.maxLevel, level);
   if (!state.ws || !state.started || state.ws.readyState !== WebSocket.OPEN) return;
+  if (state.listening) return; // the avatar listens: the gateway plays idle frames
+  if (state.held) { state.held.push(pcm); return; }
+  sendPcm(pcm);
+}
+
+function sendPcm(pcm) {
   state.ws.send(pcm.buffer);
   const before = Math.floor(state.samplesSent / SAMPLES_PER_FRAME);
   state.samplesSent += pcm.length;
@@ -281,6 +330,15 @@ ui.stop.addEventListener("click", () => {
   if (state.ws && state.started) state.ws.send(JSON.stringify({ type: "stop" }));
   else if (state.ws) startStream();
   ui.stop.textContent = state.started ? "Restart" : "Stop";
+});
+
+ui.interrupt.addEventListener("click", () => sendPositionControl({ type: "interrupt" }));
+ui.listen.addEventListener("click", () => {
+  state.listening = !state.listening;
+  ui.listen.textContent = state.listening ? "Talk" : "Listen";
+  if (!state.ws || !state.started) return;
+  if (state.listening) state.ws.send(JSON.stringify({ type: "listen", on: true }));
+  else sendPositionControl({ type: "listen", on: false });
 });
 
 loadModels();
