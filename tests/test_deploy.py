@@ -19,7 +19,8 @@ import yaml
 
 from conftest import free_port
 from lipsync_cluster.broker.metrics import HEALTH_PATHS, metrics_bind
-from lipsync_cluster.common.security import check_bind_allowed, setting_path
+from lipsync_cluster.common.security import (SecurityError, check_bind_allowed, check_secret_file_mode,
+                                             setting_path)
 from lipsync_cluster.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,12 +173,25 @@ def test_images_install_extras_that_exist_and_expose_the_configured_ports():
 
 
 def materialize(secret: dict, items: list[dict], into: Path) -> None:
-    """What the kubelet writes for a secret volume with ``items``."""
+    """What the kubelet writes for a secret volume with ``items`` and an fsGroup: files mode 0440."""
     for item in items:
         path = into / item["path"]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(base64.b64decode(secret["data"][item["key"]]))
-        path.chmod(0o400)
+        path.chmod(0o440)
+
+
+def run_init_container(workload: dict, secret_dir: Path, keys_dir: Path) -> None:
+    """The pod's `keys` init container, its command run here with its paths and user mapped."""
+    (init,) = workload["spec"]["template"]["spec"]["initContainers"]
+    mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    user = workload["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    script = init["command"][2]
+    assert init["command"][:2] == ["sh", "-c"] and f"chown -R {user}:{user} " in script
+    script = (script.replace(mounts["key-secret"], str(secret_dir)).replace(mounts["keys"], str(keys_dir))
+              .replace(f"{user}:{user}", f"{os.getuid()}:{os.getgid()}"))
+    keys_dir.mkdir(parents=True)
+    subprocess.run(["sh", "-c", script], check=True, timeout=30)
 
 
 def test_the_secrets_give_each_pod_the_key_files_the_config_names_and_they_work(tmp_path, demo_dir):
@@ -191,14 +205,23 @@ def test_the_secrets_give_each_pod_the_key_files_the_config_names_and_they_work(
            {n: sorted(d["data"]) for n, d in generated.items()}
     dirs = {}
     for role, workload in (("broker", find("Deployment", "lipsync-broker")), ("worker", find("StatefulSet", "lipsync-worker"))):
-        secret_volume = volume(workload, "keys")["secret"]
+        secret_volume = volume(workload, "key-secret")["secret"]
         secret = generated[secret_volume["secretName"]]
         assert sorted(i["key"] for i in secret_volume["items"]) == sorted(secret["data"])  # every key mounted
+        materialize(secret, secret_volume["items"], tmp_path / role / "secret")
+        # as the kubelet mounts it, a secret key file is group-readable: refused (docs/SECURITY.md) ...
+        (secret_file,) = (tmp_path / role / "secret").glob("*.key_secret")
+        with pytest.raises(SecurityError, match="readable by its owner only"):
+            check_secret_file_mode(secret_file)
+        # ... so the init container copies the keys into the memory emptyDir the container mounts
+        assert volume(workload, "keys")["emptyDir"]["medium"] == "Memory"
         dirs[role] = tmp_path / role / "keys"
-        materialize(secret, secret_volume["items"], dirs[role])
+        run_init_container(workload, tmp_path / role / "secret", dirs[role])
+        check_secret_file_mode(dirs[role] / secret_file.name)
     (tmp_path / "client" / "keys").mkdir(parents=True)
     for key, data in generated["lipsync-client-keys"]["data"].items():
         (tmp_path / "client" / "keys" / key).write_bytes(base64.b64decode(data))
+        (tmp_path / "client" / "keys" / key).chmod(0o600)
 
     # each role finds every file the config's security section names, where keys_dir says
     needs = {"broker": ("broker_key", "allowed_workers", "allowed_clients", "admin_keys"),
