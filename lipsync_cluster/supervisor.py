@@ -46,11 +46,6 @@ def shm_namespace(config: Config) -> str:
     return f"p{urlparse(config.backend).port or 0}-{digest}"
 
 
-def count_gpus() -> int:
-    """GPUs this process may use (``--gpus auto``): an inherited CUDA_VISIBLE_DEVICES, else nvidia-smi."""
-    return len(gpu_select.universe(os.environ, gpu_select.probe_physical())[0])
-
-
 def select_devices(request: gpu_select.GpuRequest) -> list[gpu_select.Device]:
     """The GPUs for ``--gpus`` on this host (``[]`` = CPU workers); a GPU that is not there is a
     :class:`StartError` naming what is visible."""
@@ -305,4 +300,4 @@ def demo_cluster(count: int, demo_dir: Optional[str], workers: int, slots: int,
             sup.stop(drain_timeout_s=10)
 
 
-__all__ = ["Supervisor", "StartError", "ConfigError", "count_gpus", "select_devices", "shm_namespace", "check_models", "demo_cluster"]
+__all__ = ["Supervisor", "StartError", "ConfigError", "select_devices", "shm_namespace", "check_models", "demo_cluster"]
