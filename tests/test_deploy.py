@@ -81,7 +81,7 @@ def make_secrets(*args: str) -> list[dict]:
 def test_every_manifest_validates_against_the_kubernetes_schemas():
     docs = [(name, d) for name, ds in manifests().items() for d in ds] + [("make-secrets.py", d) for d in make_secrets()]
     assert {d["kind"] for _, d in docs} >= {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment",
-                                             "Service", "StatefulSet"}
+                                             "Service", "StatefulSet", "NetworkPolicy"}
     for version in VERSIONS:
         for name, doc in docs:
             kubernetes_validate.validate(doc, version, strict=True)  # raises naming the field
@@ -121,6 +121,15 @@ def test_ports_and_probes_agree_with_the_config():
     for svc in (clients, workers_svc):
         assert svc["spec"]["selector"].items() <= broker["spec"]["template"]["metadata"]["labels"].items()
         assert all(p["targetPort"] in ports for p in svc["spec"]["ports"])
+    # the network policy lets workers (and only them) reach the backend port; the rest stays open
+    policy = find("NetworkPolicy", "lipsync-broker")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= broker["spec"]["template"]["metadata"]["labels"].items()
+    from_workers, others = policy["spec"]["ingress"]
+    worker_labels = find("StatefulSet", "lipsync-worker")["spec"]["template"]["metadata"]["labels"]
+    assert from_workers["from"][0]["podSelector"]["matchLabels"].items() <= worker_labels.items()
+    assert [p["port"] for p in from_workers["ports"]] == [cfg.server.backend_port]
+    assert sorted(p["port"] for p in others["ports"]) == sorted(
+        [cfg.server.frontend_port, cfg.server.stats_port, cfg.cluster.metrics_port])
     # the worker joins through that Service, on the backend port
     w = container(find("StatefulSet", "lipsync-worker"))
     assert w["args"][w["args"].index("--broker") + 1] == f"tcp://lipsync-broker-workers:{cfg.server.backend_port}"
