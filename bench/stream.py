@@ -137,8 +137,26 @@ async def one_session(client: AsyncClient, model: str, pcm: np.ndarray, delay: f
     }
 
 
+CLUSTER_PIDS: list[int] = []  # broker + workers when this script started the cluster (for CPU time)
+
+
+def cluster_cpu_s() -> float:
+    """CPU seconds (user + system) the cluster's processes have used so far."""
+    import psutil
+
+    total = 0.0
+    for pid in CLUSTER_PIDS:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 async def run_level(endpoint: str, n: int, seconds: float, batch: int, models: list[str], silence: float = 0.0,
                     lookahead: int = 12) -> dict:
+    cpu0, own0 = cluster_cpu_s(), sum(os.times()[:2])
     async with AsyncClient(endpoint, timeout=30) as client:
         started = time.monotonic()
         results = await asyncio.gather(*[
@@ -146,6 +164,7 @@ async def run_level(endpoint: str, n: int, seconds: float, batch: int, models: l
                         delay=0.2 * i / max(1, n), batch=batch, lookahead=lookahead)
             for i in range(n)])
         wall = time.monotonic() - started
+    cpu, own = cluster_cpu_s() - cpu0, sum(os.times()[:2]) - own0
     lats = np.concatenate([r["latencies"] for r in results])
     p50, p99 = float(np.percentile(lats, 50)), float(np.percentile(lats, 99))
     frames = sum(r["frames"] for r in results)
@@ -161,7 +180,9 @@ async def run_level(endpoint: str, n: int, seconds: float, batch: int, models: l
     return {"n": n, "ok": ok, "exact": exact, "p50": p50, "p99": p99, "drift": drift, "fps": frames / wall,
             "per_session_fps": frames / wall / n, "tail_s": max(r["tail_s"] for r in results),
             "retries": sum(r["retries"] for r in results), "breakdown": merged,
-            "idle_share": sum(r["idle_frames"] for r in results) / max(1, frames)}
+            "idle_share": sum(r["idle_frames"] for r in results) / max(1, frames),
+            # CPU seconds per second of one 25 fps stream: immune to how busy the machine is otherwise
+            "cluster_cpu": cpu * 25 / max(1, frames), "client_cpu": own * 25 / max(1, frames)}
 
 
 def sweep(endpoint: str, start: int, max_n: int, seconds: float, batch: int, models: list[str],
@@ -177,7 +198,8 @@ def sweep(endpoint: str, start: int, max_n: int, seconds: float, batch: int, mod
             rt = r["breakdown"].get("round_trip_ms", (0, 0))
             print(f"silence {silence:4.0%} {n:3d} session(s): p50 {r['p50']:6.0f} ms  p99 {r['p99']:6.0f} ms  "
                   f"drift {r['drift']:+5.0f} ms  {r['fps']:6.1f} frames/s  round trip p50 {rt[0]:.0f} / p99 "
-                  f"{rt[1]:.0f} ms  idle {r['idle_share']:.0%}  exact={r['exact']}  load {r['load']:.1f}  "
+                  f"{rt[1]:.0f} ms  idle {r['idle_share']:.0%}  cpu/stream-s {r['cluster_cpu']:.3f}+"
+                  f"{r['client_cpu']:.3f}  exact={r['exact']}  load {r['load']:.1f}  "
                   f"{'OK' if r['ok'] else 'FAIL'}", flush=True)
             if r["ok"]:
                 break
@@ -273,6 +295,7 @@ def main() -> None:
         print(f"starting a cluster: broker + {workers} CPU worker(s) ...", flush=True)
         sup = start_cluster(models_dir, workers)
         endpoint = sup.config.frontend
+        CLUSTER_PIDS.extend(c.proc.pid for c in sup.children if c.proc is not None)
     load_before = os.getloadavg()
     sweeps: list = []
     curve: list = []
@@ -312,14 +335,26 @@ def main() -> None:
                      f"of real-time audio per session in 20 ms chunks), by the share of time the avatar listens:")
         lines.append("")
         lines.append("| silence | sessions sustained | p50 latency ms | p99 latency ms | frames/s (all) | "
-                     "frames served idle |")
-        lines.append("|---:|---:|---:|---:|---:|---:|")
+                     "frames served idle | cluster CPU s per stream-s | + client | 2 cores / CPU per stream |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for silence, levels, best in sweeps:
+            # CPU per stream-second: the median over every level run (it does not depend on N)
+            cpu = float(np.median([r["cluster_cpu"] for r in levels])) if levels else float("nan")
+            client = float(np.median([r["client_cpu"] for r in levels])) if levels else float("nan")
+            capacity = 2.0 / (cpu + client) if CLUSTER_PIDS and cpu + client > 0 else float("nan")
+            tail = (f"{best['idle_share']:.0%}" if best else f"{levels[-1]['idle_share']:.0%}" if levels else "-")
+            cpu_cols = f"{cpu:.3f} | {client:.3f} | {capacity:.1f}" if CLUSTER_PIDS else "- | - | -"
             if best:
                 lines.append(f"| {silence:.0%} | **{best['n']}** | {best['p50']:.0f} | {best['p99']:.0f} | "
-                             f"{best['fps']:.1f} | {best['idle_share']:.0%} |")
+                             f"{best['fps']:.1f} | {tail} | {cpu_cols} |")
             else:
-                lines.append(f"| {silence:.0%} | 0 | - | - | - | - |")
+                lines.append(f"| {silence:.0%} | 0 | - | - | - | {tail} | {cpu_cols} |")
+        lines.append("")
+        lines.append("CPU per stream-second is what the cluster's processes (broker + workers) and the benchmark "
+                     "client used per second of one 25 fps stream, measured from their own CPU time: it does not "
+                     "depend on what else runs on the machine, so its ratio across silence levels is the fair "
+                     "side-by-side comparison; `2 cores / CPU per stream` is the session count it allows on an "
+                     "otherwise idle 2-core machine.")
         lines.append("")
         lines.append("Every level run (a failing level is run once more):")
         lines.append("")

@@ -441,6 +441,13 @@ def test_idle_frames_equal_the_full_path_on_a_real_worker(make_cluster, demo_dir
         talking, _ = bursts(26 * SAMPLES_PER_FRAME / SR, period=1.0, on=0.9, seed=8)
         spoken = client.infer(MODEL_C, start_frame_idx=9, batch_size=5, audio_pcm=talking + np.float32(0.01),
                               audio_frame_offset=0, format="raw")
+        jpeg_full = client.infer(MODEL_C, start_frame_idx=9, batch_size=5, audio_features=windows, format="jpeg")
+        jpeg_idle = [client.infer(MODEL_C, start_frame_idx=9, batch_size=5, audio_pcm=span, audio_frame_offset=0,
+                                  format="jpeg") for _ in range(2)]
+    # the finished frames are kept too: the second silent jpeg batch is a lookup, byte for byte the same
+    assert jpeg_idle[1].header["idle_frames"] == 5 and jpeg_idle[1].timings["encode_ms"] == 0
+    for idle_run in jpeg_idle:
+        assert [bytes(f) for f in idle_run.frames] == [bytes(f) for f in jpeg_full.frames]
     assert first.header["idle_frames"] == 0, "the first silent batch runs the UNet and fills the cache"
     assert again.header["idle_frames"] == 5, "the same backgrounds again: no UNet"
     assert spoken.header["idle_frames"] == 0
@@ -485,3 +492,22 @@ def test_listening_keeps_frames_flowing_from_the_idle_cache(make_cluster):
     assert [f.index for f in frames] == list(range(len(frames)))
     assert len(frames) >= 25 + 50, "the speech, then idle frames in real time"
     assert stats["listening"] and stats["idle_frames"] >= 25 and stats["idle_seconds"] > 1.5
+
+
+def test_sync_interrupt_drops_batches_in_flight_and_goes_on_from_the_cut():
+    client = FlakyClient()
+    with StreamSession(client, MODEL_A, batch_size=5, max_in_flight=4) as session:
+        session.push(np.zeros(3 * SR, np.float32))
+        frames = [session.get(timeout=10) for _ in range(10)]
+        cut = session.interrupt()
+        sent_before = len(client.calls)
+        session.push(np.zeros(SR, np.float32))
+        session.close()
+        frames += list(session.frames(timeout=10))
+        stats = session.stats()
+    assert 10 <= cut <= 75
+    assert [f.index for f in frames] == list(range(cut + 25))
+    assert all(f.pts == f.index / FPS for f in frames)
+    assert stats["interrupts"][0]["cut"] == cut and stats["total_frames"] == cut + 25
+    # after the cut, batches start again at the cut: [cut, cut+5), ...
+    assert client.calls[sent_before] == cut

@@ -14,7 +14,11 @@ the paste-back makes of it (``trunc(out * 255)``, 300 KB per frame instead of 1.
 and hands back ``(q + 0.5) / 255`` as float32, which the paste-back turns into exactly ``q`` again
 (the product is within 1e-4 of ``q + 0.5``, far from an integer), so a cached frame is composited
 bit-identically to the UNet output it came from. A listening avatar then costs composite + encode.
-The cache is bounded (least recently used out first).
+
+It also keeps the finished frame of a silent background (per format and quality; not ``raw``):
+the same UNet output on the same background composites and encodes to the same bytes, so once a
+model's ping-pong cycle has been seen in silence, a listening avatar costs a lookup. Both kinds
+share one byte budget (least recently used out first).
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ class IdleCache:
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (value, bytes)
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
@@ -72,12 +76,8 @@ class IdleCache:
         from the cache).
         """
         planes: list[Optional[np.ndarray]] = []
-        with self._lock:
-            for b in backgrounds:
-                q = self._entries.get((*key, int(b)))
-                if q is not None:
-                    self._entries.move_to_end((*key, int(b)))
-                planes.append(q)
+        for b in backgrounds:
+            planes.append(self.get((*key, int(b))))
         missing = [i for i, q in enumerate(planes) if q is None]
         hits = len(planes) - len(missing)
         if missing:
@@ -87,7 +87,7 @@ class IdleCache:
                 np.clip(scaled, 0, 255, out=scaled)
                 q = scaled.astype(np.uint8)
                 planes[i] = q
-                self._store((*key, int(backgrounds[i])), q)
+                self.put((*key, int(backgrounds[i])), q, q.nbytes)
         with self._lock:
             self.hits += hits
             self.misses += len(missing)
@@ -96,18 +96,42 @@ class IdleCache:
         stacked /= np.float32(255)
         return stacked, hits
 
-    def _store(self, key: tuple, q: np.ndarray) -> None:
-        if q.nbytes > self.max_bytes:
+    def get(self, key: tuple):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: tuple, value, nbytes: int) -> None:
+        if nbytes > self.max_bytes:
             return
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= old.nbytes
-            self._entries[key] = q
-            self._bytes += q.nbytes
+                self._bytes -= old[1]
+            self._entries[key] = (value, nbytes)
+            self._bytes += nbytes
             while self._bytes > self.max_bytes:
-                _, gone = self._entries.popitem(last=False)
-                self._bytes -= gone.nbytes
+                _, (_, gone) = self._entries.popitem(last=False)
+                self._bytes -= gone
+
+    def encoded(self, key: tuple, backgrounds: np.ndarray, fmt: str, quality) -> Optional[list]:
+        """The finished frames (bytes) of ``backgrounds`` in ``fmt``/``quality``, or None unless all are here."""
+        out = []
+        for b in backgrounds:
+            data = self.get(("frame", *key, int(b), fmt, quality))
+            if data is None:
+                return None
+            out.append(data)
+        with self._lock:
+            self.hits += len(out)
+        return out
+
+    def keep_encoded(self, key: tuple, backgrounds: np.ndarray, fmt: str, quality, frames: list) -> None:
+        for b, data in zip(backgrounds, frames):
+            self.put(("frame", *key, int(b), fmt, quality), bytes(data), len(data))
 
     def stats(self) -> dict:
         with self._lock:
