@@ -38,18 +38,20 @@ def test_dispatch_to_loaded_worker_with_fewest_in_flight():
     assert (d.action, d.worker) == (DISPATCH, b)
 
 
-def test_busy_holder_means_wait_not_a_new_copy():
+def test_busy_holder_means_wait_while_the_expected_wait_is_shorter_than_a_load():
     a = worker("a", loaded=["m"], credits=1, busy={"m": 1})
     free = worker("b")
-    d = route("m", [a, free], head_wait_s=0.01, copy_after_s=0.05, max_copies=2)
-    assert d.action == WAIT
+    # 3 waiting x 0.1 s / 1 credit = 0.3 s < a 0.5 s load: wait for the copy there is.
+    d = route("m", [a, free], depth=3, service_s=0.1, load_s=0.5)
+    assert d.action == WAIT and d.reason == "busy"
+    assert route("m", [a, free], depth=3, service_s=None, load_s=0.5).action == WAIT  # unknown: wait
 
 
 def test_loading_anywhere_means_wait():
     loading = worker("a", credits=2, busy={"m": 1})  # a request for m in flight, m not loaded yet
     assert loading.is_loading("m") and not loading.has_loaded("m")
     free = worker("b")
-    d = route("m", [loading, free], head_wait_s=10.0, copy_after_s=0.05, max_copies=4)
+    d = route("m", [loading, free], depth=3, service_s=0.1, load_s=1.0)
     assert d.action == WAIT and d.reason == "loading"
     reported = worker("c")
     reported.loading.add("m")
@@ -124,17 +126,37 @@ def test_lfu_frequency_decays_and_covers_unloaded_models():
         Heat("mru")
 
 
-def test_second_copy_after_the_head_waited_too_long():
+def test_another_copy_once_the_expected_wait_exceeds_a_load():
     a = worker("a", loaded=["m"], credits=1, busy={"m": 1})
     b = worker("b", loaded=["x"], max_models=2)
-    threshold = copy_threshold_s(0.02)
-    assert threshold == pytest.approx(0.05)
-    assert copy_threshold_s(0.2) == pytest.approx(0.4)
-    assert route("m", [a, b], head_wait_s=0.04, copy_after_s=threshold, max_copies=2).action == WAIT
-    d = route("m", [a, b], head_wait_s=0.06, copy_after_s=threshold, max_copies=2)
+    assert copy_threshold_s(0.02) == pytest.approx(0.05)            # no load measured: 2 services,
+    assert copy_threshold_s(0.2) == pytest.approx(0.4)              # at least 50 ms
+    assert copy_threshold_s(0.2, load_s=1.5) == pytest.approx(1.5)  # else one load (ski rental)
+    assert route("m", [a, b], depth=10, service_s=0.1, load_s=1.0).action == WAIT    # 1.0 s: not longer
+    d = route("m", [a, b], depth=11, service_s=0.1, load_s=1.0)                       # 1.1 s > 1.0 s
     assert (d.action, d.worker) == (PLACE, b) and d.reason.startswith("another copy")
-    # max_copies reached: wait.
-    assert route("m", [a, b], head_wait_s=9, copy_after_s=threshold, max_copies=1).action == WAIT
+    # Even while a copy is still loading, a queue long enough gets a further copy.
+    loading = worker("c", credits=1, busy={"m": 1})
+    c = worker("d")
+    assert route("m", [a, loading, c], depth=30, service_s=0.1, load_s=1.0).worker is c
+    # The operator's cap: wait.
+    d = route("m", [a, b], depth=100, service_s=0.1, load_s=1.0, max_copies=1)
+    assert d.action == WAIT and "max_copies" in d.reason
+
+
+def test_a_model_is_placed_where_it_fits_in_free_memory():
+    small = worker("a", max_models=4)
+    small.mem_free = 100
+    big = worker("b", loaded=["x"], max_models=4)
+    big.mem_free = 1000
+    d = route("m", [small, big], size=500)
+    assert (d.action, d.worker) == (PLACE, big)  # fewer models on a, but m does not fit there
+    assert route("m", [small], size=500).action == WAIT
+    full = worker("c", loaded=["old"], max_models=1)
+    full.mem_free = 50
+    d = route("m", [full], size=500, size_of={"old": 600}.get)  # fits once "old" is gone
+    assert (d.worker, d.evict) == (full, "old")
+    assert route("m", [full], size=500, size_of={"old": 100}.get).action == WAIT
 
 
 def test_worker_view_hides_hinted_victims_and_counts_in_flight_loads():

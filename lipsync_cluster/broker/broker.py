@@ -53,6 +53,14 @@ SOCKET_BUFFER = 4 * 2**20   # kernel send/receive buffer per connection (SO_SNDB
 Catalog = Callable[[], "dict[str, dict]"]
 
 
+def _memory_report(w: Worker, header: dict) -> None:
+    """``mem_free`` (bytes the worker's budget can still take), sent with `ready` and heartbeats:
+    placement puts a model only where it fits (routing.place)."""
+    mem_free = header.get("mem_free")
+    if type(mem_free) is int and mem_free >= 0:
+        w.mem_free = mem_free
+
+
 class BindError(RuntimeError):
     """An endpoint could not be bound (most often: the port is already in use)."""
 
@@ -469,6 +477,7 @@ class Broker:
                    credits=min(64, max(1, num("credits", 1))), max_models=max(1, num("max_models", 1)),
                    max_memory_bytes=num("max_memory_bytes", 0))
         w.apply_report(header.get("loaded"), header.get("loading"))
+        _memory_report(w, header)
         w.restarts = self.stats.registered(name, w.pid)
         for old in self.table.add(w):
             self._lost(old, f"replaced by a new registration of {name}")
@@ -490,6 +499,7 @@ class Broker:
         if draining and not w.draining:
             log.info("worker %s is draining", w.name)
         w.draining = draining
+        _memory_report(w, header)
         self.dispatcher.dirty = True
 
     def _on_event(self, w: Worker, header: dict, payloads: list) -> None:
@@ -515,6 +525,11 @@ class Broker:
         mm = header.get("max_models")
         if isinstance(mm, int) and not isinstance(mm, bool) and mm >= 1:
             w.max_models = mm
+        sizes = self.dispatcher.sizes
+        for m in header.get("models") or ():  # what each model really costs, as the worker measured
+            size = m.get("memory_bytes")
+            if type(size) is int and size > 0:
+                sizes[m["model_id"]] = size
 
     def _on_disconnect(self, w: Worker, header: dict, payloads: list) -> None:
         self._lost(w, "disconnected")

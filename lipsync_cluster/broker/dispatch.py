@@ -20,7 +20,8 @@ from ..common.load_backoff import LoadBackoff
 from ..common.protocol import TAG
 from .queues import ModelQueues
 from .requests import ClientRequest, Pending, Preload, UnloadLeg, error_code
-from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, copy_threshold_s, route
+from .placement import PlacementIndex
+from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, route
 from .stats import BrokerStats
 from .workers import Worker, WorkerTable
 
@@ -40,10 +41,12 @@ class Dispatcher:
         self.catalog = catalog                       # () -> {model_id: {version, preload, ...}}
         self.to_client = send_client                 # (Outlet) the broker's frontend
         self._send_worker = send_worker
-        self.table = WorkerTable()
         self.queues = ModelQueues(cl.queue_limit_per_model, cl.queue_limit_total)
         self.control: deque[UnloadLeg] = deque()     # unload legs, each waiting for its one worker
         self.heat = Heat(config.capacity.eviction_policy, lfu_half_life_s)
+        self.table = WorkerTable(self.heat.order_key)  # its placement index orders victims by heat
+        self.sizes: dict[str, int] = {}              # model -> bytes, as workers measured it
+        self._mean_service = (-1e9, 0.05)            # (when computed, mean service s of all models)
         self.load_failures = LoadBackoff(cl.load_failure_backoff_s, cl.load_failure_backoff_max_s)
         self.max_copies = cl.max_copies_per_model
         self.placement_patience = cl.placement_patience  # x a load time (routing.place; 0 = off)
@@ -71,17 +74,62 @@ class Dispatcher:
     # --- admission -----------------------------------------------------------------------
 
     def admit(self, p: Pending) -> None:
-        """Send ``p`` now if its queue is empty and a worker fits; else queue it (bounded)."""
+        """Send ``p`` now if its queue is empty and a worker fits; else queue it (bounded), unless
+        the wait it would have already exceeds its deadline: then `overloaded` at once."""
         if not self.queues.depth(p.model):
             d = self.route(p, p.arrival)
             if d.action != WAIT:
                 self.send(p, d, p.arrival)
                 return
+        work = self._service_s(p.model)
         try:
-            self.queues.push(p)
+            if p.op == "infer" and p.deadline is not None:
+                self._check_wait(p, work)
+            self.queues.push(p, work_s=work)
         except Overloaded as exc:
-            exc.details["retry_after_ms"] = self._retry_after_ms(p.model)
+            exc.details.setdefault("retry_after_ms", self._retry_after_ms(p.model))
             p.finish(self, exc, now=time.monotonic())
+
+    def _service_s(self, model: Optional[str]) -> float:
+        """The model's measured service time, else the mean of every model's (refreshed once a
+        second), else 50 ms."""
+        service = self.stats.service_s(model) if model is not None else None
+        if service is None:
+            now = time.monotonic()
+            if now - self._mean_service[0] > 1.0:
+                known = [c.service_s for c in self.stats.models.values() if c.service_s is not None]
+                self._mean_service = (now, sum(known) / len(known) if known else 0.05)
+            service = self._mean_service[1]
+        return service
+
+    def _check_wait(self, p: Pending, work_s: float) -> None:
+        """Admission that knows the wait (Triton's queue policy): the work queued ahead of ``p``
+        (and running now) over the credits of every worker, or its model's own queue over the
+        credits of the copies serving it when that is longer, plus a load when no worker holds
+        its model, plus its own service. Longer than its deadline: `overloaded` now, with when to
+        retry. A model no worker holds waits for a slot, and a slot frees only when a loaded
+        model has nothing waiting: while more requests wait than the cluster runs at once
+        (saturated), that is not expected within any deadline."""
+        index = self.table.index
+        # In flight: counted as a whole service each (a burst arrives as they start; conservative).
+        wait = self.queues.expected_wait_s(index.credits, index.in_flight * self._service_s(None))
+        budget = p.deadline - p.arrival
+        credits = index.holder_credits.get(p.model, 0)
+        if credits:  # its own queue through the copies serving it (when they cannot grow)
+            wait = max(wait, self.queues.depth(p.model) * work_s / credits)
+        else:
+            if self.queues.total >= max(1, index.credits):
+                raise Overloaded(
+                    f"no worker holds model {p.model!r} and every worker is busy with requests "
+                    "waiting for the models it holds", queue="wait",
+                    expected_wait_ms=round(wait * 1000.0, 1),
+                    retry_after_ms=int(min(60_000, max(10, 1000.0 * wait))))
+            wait += self.stats.load_s(p.model) or 0.0
+        if wait + work_s > budget:
+            raise Overloaded(
+                f"expected wait {wait:.2f} s for model {p.model!r} exceeds the request's deadline "
+                f"of {budget:.2f} s", queue="wait", expected_wait_ms=round(wait * 1000.0, 1),
+                retry_after_ms=int(min(60_000, max(10, 1000.0 * (wait + work_s - budget)))))
 
     def fan_out(self, legs: list[UnloadLeg]) -> None:
         self.control.extend(legs)
@@ -89,7 +137,7 @@ class Dispatcher:
 
     def _retry_after_ms(self, model: str) -> int:
         service = self.stats.service_s(model) or 0.05
-        capacity = sum(w.credits for w in self.table.values() if w.holds(model)) or 1
+        capacity = self.table.index.holder_credits.get(model, 0) or 1
         return int(min(10_000, max(10, 1000 * service * self.queues.depth(model) / capacity)))
 
     def check_loadable(self, model: str, now: float) -> None:
@@ -99,7 +147,7 @@ class Dispatcher:
         if info.get("error"):
             raise ModelLoadFailed(f"model '{model}' cannot be loaded: {info['error']}",
                                   model_id=model, reason=info["error"])
-        if self.load_failures and not any(w.has_loaded(model) for w in self.table.values()):
+        if self.load_failures and not self.table.index.copies.get(model):
             self.load_failures.check(model, info.get("version"), now)
 
     def load_failed(self, model: str, error: Any, now: float) -> None:
@@ -112,7 +160,7 @@ class Dispatcher:
         # Keyed by the version the worker tried: a failure of an older package (the worker had not
         # seen the new one yet) must not block the new one.
         f = self.load_failures.failed(model, details.get("version", info.get("version")), reason, now)
-        if any(w.has_loaded(model) for w in self.table.values()):
+        if self.table.index.copies.get(model):
             return
         exc = self.load_failures.error(model, f, now)
         while self.queues.depth(model):
@@ -120,17 +168,30 @@ class Dispatcher:
 
     # --- routing and sending -------------------------------------------------------------------
 
+    def model_size(self, model: str) -> Optional[int]:
+        """Bytes a model takes on a worker: as measured by a worker that holds it, else the
+        catalog's estimate, else None (unknown: fits anywhere)."""
+        size = self.sizes.get(model)
+        if size is None:
+            mb = (self.catalog().get(model) or {}).get("memory_estimate_mb")
+            size = int(mb * 2**20) if isinstance(mb, (int, float)) and mb > 0 else None
+        return size
+
     def route(self, p: Pending, now: float) -> Decision:
-        workers: Any = self.table.values()
+        index = self.table.index
         if p.targets is not None:
-            workers = [w for w in workers if w.name in p.targets]
+            index = PlacementIndex.of([w for w in self.table.values() if w.name in p.targets],
+                                      self.heat.order_key)
+        w = index.pick_loaded(p.model)  # the common case, without building route()'s inputs
+        if w is not None:
+            return Decision(DISPATCH, w, None, "loaded")
         stats = self.stats
         load_s = stats.load_s(p.model)
-        return route(p.model, workers, busy_models=self.queues.busy_models(), value=self.heat.valuer(now),
-                     head_wait_s=now - p.arrival,
-                     copy_after_s=copy_threshold_s(stats.service_s(p.model), load_s=load_s),
-                     max_copies=self.max_copies, allow_evict=not p.no_evict,
-                     patience_s=(load_s or 0.0) * self.placement_patience)
+        return route(p.model, index, busy_models=self.queues.busy_models(),
+                     depth=max(1, self.queues.depth(p.model)), service_s=stats.service_s(p.model),
+                     load_s=load_s, max_copies=self.max_copies, allow_evict=not p.no_evict,
+                     head_wait_s=now - p.arrival, patience_s=(load_s or 0.0) * self.placement_patience,
+                     size=self.model_size(p.model), size_of=self.model_size)
 
     def dispatch(self) -> None:
         """Match waiting requests with free credits: unload legs first, then oldest head first."""
@@ -208,8 +269,7 @@ class Dispatcher:
         code = error_code(header)
         if code is None:
             if p.op == "load_model":
-                w.loaded.add(p.model)
-                w.loading.discard(p.model)
+                w.apply_event("loaded", p.model)
         elif code == "model_load_failed" and not p.answered:
             self.load_failed(p.model, header.get("error"), now)
         if not p.finish(self, header, payloads, now):
@@ -262,7 +322,7 @@ class Dispatcher:
         for model, info in self.catalog().items():
             if (not info.get("preload") or self.queues.depth(model)
                     or now - self._preload_at.get(model, -1e9) < PRELOAD_RETRY_S
-                    or any(w.holds(model) for w in self.table.values())):
+                    or self.table.index.holders.get(model)):
                 continue
             p = Preload(self.next_rid(), model, now, self.deadline(now, None))
             self._preload_at[model] = now

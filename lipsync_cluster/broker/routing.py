@@ -1,29 +1,37 @@
-"""Where a request goes: pure decisions over the worker table (no sockets, no clocks).
+"""Where a request goes: pure decisions over the placement index (no sockets, no clocks).
 
-For a request of model m (ARCHITECTURE.md, "Routing and placement"):
+For the head request of model m's queue (ARCHITECTURE.md, "Routing and placement"):
 
 1. a worker with m loaded and a free credit (fewest in flight): dispatch there;
-2. else, if some worker has m loaded or is loading it: wait for it, unless the head of m's queue
-   has waited longer than ``copy_after_s`` while every holder is busy with m loaded, in which
-   case m gets another copy (up to ``max_copies``);
-3. else place m: a worker with a free credit and a free model slot (fewest models first), else
-   the worker whose least valuable evictable model is the coldest; that model is the eviction
-   hint sent with the request. Evictable = loaded, nothing in flight for it on that worker and
-   nothing queued for it in the broker. A redundant copy (a model loaded on another worker too)
-   goes before any model's only copy: evicting it costs no load.
+2. else, if some workers hold m (loaded or loading): another copy is placed when the queue's
+   expected wait -- requests waiting x service time / the credits of the workers holding m --
+   is longer than a load of m (the ski-rental rule: a copy costs one load; waiting longer than
+   that costs more), up to ``max_copies`` (0 = no cap, so a hot model may reach every worker);
+   otherwise wait for a copy;
+3. else place m: a worker with a free credit and a free model slot where m fits its free memory
+   (fewest models first), else the worker whose least valuable evictable model is the coldest;
+   that model is the eviction hint sent with the request. Evictable = loaded, nothing in flight
+   for it on that worker and nothing queued for it in the broker. A redundant copy (a model
+   loaded on another worker too) goes before any model's only copy: evicting it costs no load,
+   which is also how copies shrink when a model's demand falls;
 4. nothing fits: wait (a credit frees, a load finishes, or the deadline answers).
 
-The worker-like objects need: ``name``, ``free``, ``in_flight``, ``max_models``,
-``slots_used``, ``has_loaded(m)``, ``is_loading(m)``, ``holds(m)``, ``evictable(busy)``.
+Each step asks the :class:`~.placement.PlacementIndex` (kept up to date by the worker table), so a
+decision never scans the fleet. ``route`` also takes a plain list of workers (tests, one-offs): it
+then indexes them first.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Collection, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Collection, NamedTuple, Optional
+
+from .placement import PlacementIndex, fits_by_memory
 
 DISPATCH = "dispatch"  # m is loaded on the worker
 PLACE = "place"        # the worker will load m (evicting ``evict`` first when given)
 WAIT = "wait"
+
+COPY_FLOOR_S = 0.05    # never add a copy for a wait shorter than this (a load is never free)
 
 
 class Decision(NamedTuple):
@@ -33,90 +41,32 @@ class Decision(NamedTuple):
     reason: str = ""
 
 
-def copy_threshold_s(service_s: Optional[float], floor_s: float = 0.05,
-                     load_s: Optional[float] = None) -> float:
-    """How long the head of a queue may wait for a busy copy before another copy is placed.
-
-    At least two services, and at least one model load (``load_s``, when known): a copy costs a
-    load, so the queue first waits as long as that load would take (the ski-rental rule: at most
-    twice the cost of the better choice made in hindsight).
-    """
-    return max(floor_s, 2.0 * (service_s or 0.0), load_s or 0.0)
+def copy_threshold_s(service_s: Optional[float], load_s: Optional[float] = None,
+                     floor_s: float = COPY_FLOOR_S) -> float:
+    """The expected wait above which another copy pays off: one load of the model (two service
+    times while no load has been measured), at least ``floor_s``."""
+    return max(floor_s, load_s if load_s is not None else 2.0 * (service_s or 0.0))
 
 
-def pick_loaded(model: str, workers: Iterable) -> Optional[object]:
-    """A worker with ``model`` loaded and a free credit; fewest in flight, then name."""
-    best = None
-    for w in workers:
-        if w.free > 0 and w.has_loaded(model):
-            if best is None or (w.in_flight, w.name) < (best.in_flight, best.name):
-                best = w
-    return best
+def expected_wait_s(depth: int, service_s: Optional[float], credits: int) -> Optional[float]:
+    """How long ``depth`` waiting requests take to drain through ``credits`` (None: unknown)."""
+    if service_s is None or credits <= 0:
+        return None
+    return depth * service_s / credits
 
 
-def pick_free_slot(model: str, workers: Iterable) -> Optional[object]:
-    """A worker with a free credit and room for one more model; fewest models, then idlest."""
-    best, best_key = None, None
-    for w in workers:
-        if w.free > 0 and not w.holds(model) and w.slots_used < w.max_models:
-            key = (w.slots_used, w.in_flight, w.name)
-            if best_key is None or key < best_key:
-                best, best_key = w, key
-    return best
+def _index(workers: Any, value: Optional[Callable[[str], float]]) -> PlacementIndex:
+    if isinstance(workers, PlacementIndex):
+        return workers
+    return PlacementIndex.of(workers, value)
 
 
-def pick_victim(model: str, workers: Iterable, busy_models: Collection[str],
-                value: Callable[[str], float]) -> Optional[tuple[object, str]]:
-    """The (worker, model to evict) whose victim is the least valuable of all.
-
-    Only workers with a free credit are considered; a worker's victim is its least valuable
-    evictable model, where a redundant copy (the model is also loaded on another worker) comes
-    before every only copy. Ties go to the worker with fewer in flight, then by name.
-    """
-    workers = list(workers)
-    copies: dict[str, int] = {}
-    for w in workers:
-        for m in w.loaded:
-            if w.has_loaded(m):
-                copies[m] = copies.get(m, 0) + 1
-
-    def cost(m: str) -> tuple:
-        return (copies.get(m, 0) <= 1, value(m), m)
-
-    best, best_key = None, None
-    for w in workers:
-        if w.free <= 0 or w.holds(model):
-            continue
-        candidates = w.evictable(busy_models)
-        if not candidates:
-            continue
-        victim = min(candidates, key=cost)
-        key = (cost(victim)[:2], w.in_flight, w.name)
-        if best_key is None or key < best_key:
-            best, best_key = (w, victim), key
-    return best
-
-
-def colder_on_busy_worker(model: str, workers: Iterable, busy_models: Collection[str],
-                          value: Callable[[str], float], than: float) -> bool:
-    """Whether a worker without a free credit (not draining) has a free slot, or holds a model
-    colder than ``than`` that nothing waits for in the broker: once that worker's request is done
-    the model is evictable (often it is the one being loaded right now, for a single request)."""
-    for w in workers:
-        if w.free > 0 or getattr(w, "draining", False) or w.holds(model):
-            continue
-        if w.slots_used < w.max_models:
-            return True
-        for m in w.held_models():
-            if m not in busy_models and value(m) < than:
-                return True
-    return False
-
-
-def place(model: str, workers: Sequence, busy_models: Collection[str],
-          value: Callable[[str], float], allow_evict: bool = True, *,
-          head_wait_s: float = 0.0, patience_s: float = 0.0) -> Decision:
-    """A free slot, else evict the coldest evictable model among the workers with a credit.
+def place(model: str, index: PlacementIndex, busy_models: Collection[str] = (),
+          allow_evict: bool = True, *, head_wait_s: float = 0.0, patience_s: float = 0.0,
+          size: Optional[int] = None,
+          size_of: Callable[[str], Optional[int]] = lambda m: None) -> Decision:
+    """A free slot where ``model`` fits, else evict the coldest evictable model among the workers
+    with a credit (redundant copies first).
 
     With ``patience_s`` > 0 (``cluster.placement_patience`` x the model's load time; off by
     default), a request that has waited less than that does not evict a model's only copy while
@@ -125,46 +75,52 @@ def place(model: str, workers: Sequence, busy_models: Collection[str],
     usually a model being loaded for a single request right now -- so this trades some latency
     and throughput for fewer loads (docs/BENCHMARKS.md, Routing).
     """
-    w = pick_free_slot(model, workers)
+    fits = fits_by_memory(size, size_of)
+    w = index.pick_free_slot(model, fits)
     if w is not None:
         return Decision(PLACE, w, None, "free slot")
     if allow_evict:
-        found = pick_victim(model, workers, busy_models, value)
+        found = index.pick_victim(model, busy_models, fits)
         if found is not None:
             victim = found[1]
-            if (head_wait_s < patience_s and not redundant(victim, workers)
-                    and colder_on_busy_worker(model, workers, busy_models, value, value(victim))):
+            if (head_wait_s < patience_s and index.copies.get(victim, 0) <= 1
+                    and index.colder_on_busy_worker(model, busy_models, index.order_key(victim))):
                 return Decision(WAIT, None, None, "a busy worker holds a colder model")
             return Decision(PLACE, found[0], victim, "evict coldest")
-    return Decision(WAIT, None, None, "no worker with a free credit and a free or evictable slot")
+    return Decision(WAIT, None, None, "no worker with a free credit and a free or evictable slot"
+                    + ("" if size is None else " where the model fits"))
 
 
-def redundant(model: str, workers: Iterable) -> bool:
-    """Loaded on two workers or more (evicting one copy costs no load)."""
-    return sum(1 for w in workers if w.has_loaded(model)) > 1
+def route(model: str, workers: Any, *, busy_models: Collection[str] = (),
+          value: Optional[Callable[[str], float]] = None, depth: int = 1,
+          service_s: Optional[float] = None, load_s: Optional[float] = None,
+          max_copies: int = 0, allow_evict: bool = True, head_wait_s: float = 0.0,
+          patience_s: float = 0.0, size: Optional[int] = None,
+          size_of: Callable[[str], Optional[int]] = lambda m: None) -> Decision:
+    """Decide what to do with the head request of ``model``'s queue (see the module doc).
 
-
-def route(model: str, workers: Sequence, *, busy_models: Collection[str] = (),
-          value: Callable[[str], float] = lambda m: 0.0, head_wait_s: float = 0.0,
-          copy_after_s: float = math.inf, max_copies: int = 1,
-          allow_evict: bool = True, patience_s: float = 0.0) -> Decision:
-    """Decide what to do with the head request of ``model``'s queue (see the module doc)."""
-    w = pick_loaded(model, workers)
+    ``workers``: the table's :class:`PlacementIndex` (or a list of workers, indexed here with
+    ``value`` as the order of eviction). ``depth``: requests of ``model`` waiting, this one
+    included; ``service_s`` / ``load_s``: the model's measured service and load times (None:
+    not measured yet); ``size``: the model's memory in bytes (None: unknown, fits anywhere).
+    """
+    index = _index(workers, value)
+    w = index.pick_loaded(model)
     if w is not None:
         return Decision(DISPATCH, w, None, "loaded")
-    # A draining worker takes nothing new: its copy does not count (the model is placed again).
-    holders = [w for w in workers if w.holds(model) and not getattr(w, "draining", False)]
+    holders = index.holders.get(model)
     if holders:
-        if any(w.is_loading(model) for w in holders):
-            return Decision(WAIT, None, None, "loading")
-        if len(holders) >= max_copies or head_wait_s < copy_after_s:
-            return Decision(WAIT, None, None, "busy")
-        # Every copy is busy and the queue has waited too long: add a copy elsewhere.
-        others = [w for w in workers if not w.holds(model)]  # (pick_* skip those without credit)
-        d = place(model, others, busy_models, value, allow_evict)
-        return d._replace(reason="another copy: " + d.reason) if d.action == PLACE else d
-    return place(model, workers, busy_models, value, allow_evict, head_wait_s=head_wait_s,
-                 patience_s=patience_s)
+        if max_copies and len(holders) >= max_copies:
+            return Decision(WAIT, None, None, "busy (max_copies_per_model reached)")
+        wait = expected_wait_s(depth, service_s, index.holder_credits.get(model, 0))
+        if wait is None or wait <= copy_threshold_s(service_s, load_s):
+            return Decision(WAIT, None, None, "loading" if index.loading.get(model) else "busy")
+        d = place(model, index, busy_models, allow_evict, size=size, size_of=size_of)
+        if d.action == PLACE:
+            return d._replace(reason=f"another copy (expected wait {wait:.3f} s): {d.reason}")
+        return d
+    return place(model, index, busy_models, allow_evict, head_wait_s=head_wait_s,
+                 patience_s=patience_s, size=size, size_of=size_of)
 
 
 class Heat:
@@ -204,3 +160,15 @@ class Heat:
 
     def valuer(self, now: float) -> Callable[[str], float]:
         return lambda m: self.value(m, now)
+
+    def order_key(self, model: str) -> float:
+        """A key that orders models as ``value`` does at any one time, without a clock: LFU's
+        decayed count s x 2^(-(now - t)/h) orders as log2(s) + t/h. It changes only when the
+        model is touched, and then only grows (what the placement index's heap relies on)."""
+        last = self._last.get(model)
+        if last is None:
+            return -math.inf
+        if self.policy == "lru":
+            return last
+        score = self._score.get(model, 0.0)
+        return math.log2(score) + last / self.half_life_s if score > 0 else -math.inf

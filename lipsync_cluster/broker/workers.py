@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator, Optional
 
+from .placement import PlacementIndex
 from .requests import Pending
 
 
@@ -19,9 +20,9 @@ class Worker:
     """One registered worker. Mutated only by the broker's single thread."""
 
     __slots__ = (
-        "identity", "name", "host", "pid", "gpu", "credits", "max_models", "max_memory_bytes",
+        "identity", "name", "host", "pid", "gpu", "credits", "_max_models", "max_memory_bytes",
         "loaded", "loading", "sent", "inflight_by_model", "hints", "last_seen", "registered_at",
-        "draining", "restarts", "stats", "served",
+        "_draining", "restarts", "stats", "served", "mem_free", "index",
     )
 
     def __init__(self, identity: bytes, name: str, *, host: str = "", pid: int = 0,
@@ -34,8 +35,9 @@ class Worker:
         self.host = host
         self.pid = pid
         self.gpu = gpu
+        self.index: Any = None                    # the table's PlacementIndex, told of every change
         self.credits = max(1, int(credits))
-        self.max_models = max(1, int(max_models))
+        self._max_models = max(1, int(max_models))
         self.max_memory_bytes = int(max_memory_bytes or 0)
         self.loaded: set[str] = set(loaded)       # as last reported by the worker
         self.loading: set[str] = set(loading)     # as last reported by the worker
@@ -44,10 +46,36 @@ class Worker:
         self.hints: dict[str, int] = {}           # eviction hints sent and not yet answered
         self.last_seen = now
         self.registered_at = now
-        self.draining = False
+        self._draining = False
         self.restarts = 0                         # earlier registrations of this name by another pid
         self.stats: dict = {}                     # the worker's latest `stats` message
         self.served = 0
+        self.mem_free: Optional[int] = None      # bytes the worker can still take (heartbeat); None: unknown
+
+    def changed(self) -> None:
+        """Re-index this worker (call after changing what it holds, its credits or its memory)."""
+        if self.index is not None:
+            self.index.update(self)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        if value != self._draining:
+            self._draining = value
+            self.changed()
+
+    @property
+    def max_models(self) -> int:
+        return self._max_models
+
+    @max_models.setter
+    def max_models(self, value: int) -> None:
+        if value != self._max_models:
+            self._max_models = value
+            self.changed()
 
     # --- capacity ------------------------------------------------------------------------
 
@@ -100,6 +128,7 @@ class Worker:
             self.inflight_by_model[m] = self.inflight_by_model.get(m, 0) + 1
         if p.evict_hint is not None:
             self.hints[p.evict_hint] = self.hints.get(p.evict_hint, 0) + 1
+        self.changed()
 
     def finish(self, rid: Any) -> Optional[Pending]:
         p = self.sent.pop(rid, None) if isinstance(rid, int) else None
@@ -119,6 +148,7 @@ class Worker:
             else:
                 self.hints.pop(p.evict_hint, None)
         self.served += 1
+        self.changed()
         return p
 
     def take_all_sent(self) -> list[Pending]:
@@ -126,6 +156,7 @@ class Worker:
         self.sent.clear()
         self.inflight_by_model.clear()
         self.hints.clear()
+        self.changed()
         return pending
 
     # --- reports -------------------------------------------------------------------------
@@ -136,6 +167,7 @@ class Worker:
             self.loaded = {m for m in loaded if isinstance(m, str)}
         if isinstance(loading, (list, tuple)):
             self.loading = {m for m in loading if isinstance(m, str)}
+        self.changed()
 
     def apply_event(self, event: str, model: str) -> None:
         if event == "loading":
@@ -146,6 +178,7 @@ class Worker:
         elif event in ("evicted", "unloaded", "idle_unloaded", "load_failed"):
             self.loading.discard(model)
             self.loaded.discard(model)
+        self.changed()
 
     def summary(self, now: float) -> dict:
         return {
@@ -160,11 +193,13 @@ class Worker:
 
 
 class WorkerTable:
-    """Registered workers by ROUTER identity, plus a name index (names are unique)."""
+    """Registered workers by ROUTER identity, a name index (names are unique), and the placement
+    index (``index``) that each registered worker keeps up to date as it changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, order_key: Any = None) -> None:
         self._by_id: dict[bytes, Worker] = {}
         self._by_name: dict[str, Worker] = {}
+        self.index = PlacementIndex(order_key)
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -195,19 +230,25 @@ class WorkerTable:
                 self.remove(old.identity)
         self._by_id[worker.identity] = worker
         self._by_name[worker.name] = worker
+        worker.index = self.index
+        self.index.update(worker)
         return stale
 
     def remove(self, identity: bytes) -> Optional[Worker]:
         worker = self._by_id.pop(identity, None)
-        if worker is not None and self._by_name.get(worker.name) is worker:
-            del self._by_name[worker.name]
+        if worker is not None:
+            if self._by_name.get(worker.name) is worker:
+                del self._by_name[worker.name]
+            self.index.remove(worker)
+            worker.index = None
         return worker
 
     def expired(self, now: float, timeout_s: float) -> list[Worker]:
         return [w for w in self._by_id.values() if now - w.last_seen > timeout_s]
 
+    def holders(self, model: str) -> list[Worker]:
+        """Workers holding ``model`` (loaded or loading), draining ones left out."""
+        return list(self.index.holders.get(model, ()))
+
     def any_free(self) -> bool:
-        for w in self._by_id.values():
-            if w.free > 0:
-                return True
-        return False
+        return bool(self.index.free)

@@ -91,7 +91,9 @@ class ClusterConfig:
     max_batch_size: int = 25
     queue_limit_per_model: int = 256
     queue_limit_total: int = 4096
-    max_copies_per_model: int = 2
+    # An operator's cap on the workers one model may be loaded on (0 = no cap: copies follow the
+    # model's share of demand, up to every worker; broker/routing.py).
+    max_copies_per_model: int = 0
     # x a model's load time: a request to be placed may wait that long for a busy worker holding a
     # colder model instead of evicting a more valuable one (fewer loads, more latency; 0 = off).
     placement_patience: float = 0.0
@@ -259,7 +261,7 @@ def _check_ranges(cfg: Config) -> None:
     need(cl.queue_limit_per_model >= 1, "cluster.queue_limit_per_model: must be at least 1")
     need(cl.queue_limit_total >= cl.queue_limit_per_model,
          "cluster.queue_limit_total: must be >= cluster.queue_limit_per_model")
-    need(cl.max_copies_per_model >= 1, "cluster.max_copies_per_model: must be at least 1")
+    need(cl.max_copies_per_model >= 0, "cluster.max_copies_per_model: must be >= 0 (0 = no cap)")
     need(cl.placement_patience >= 0, "cluster.placement_patience: must be >= 0 (0 disables)")
     need(0 <= cl.metrics_port < 65536, f"cluster.metrics_port: {cl.metrics_port} is not a TCP port (1..65535, or 0 for off)")
     need(0 <= cl.metrics_model_histograms <= 1000,
