@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path on a machine with a GPU (for a lent GPU machine; about 5 minutes, most of it pip):
-#   1. a fresh venv with the project's gpu + test extras as setup.cfg declares them
+#   1. a fresh venv with the project's gpu + test extras as setup.cfg declares them (+ tools, for
+#      demo-models; pip only warns where an extra is not declared)
 #   2. tests/test_gpu_plan.py (its GPU test runs a real CUDA session and reads NVML there)
 #   3. a real cluster: `start --gpus 1 --per-gpu 2` on two `unet` demo models, a few infers
 #      through the client, then each worker's provider as ONNX Runtime really gave it, its GPU
@@ -30,13 +31,13 @@ step "machine"
 nvidia-smi -L
 nvidia-smi --query-gpu=index,name,driver_version,memory.used,memory.total --format=csv
 
-step "venv in $VENV with .[gpu,test]"
+step "venv in $VENV with .[gpu,tools,test]"
 if ! "$PY" -m venv "$VENV" 2>/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     "$PY" -m venv "$VENV"
 fi
 "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-"$VENV/bin/pip" install -q -e ".[gpu,test]"
+"$VENV/bin/pip" install -q -e ".[gpu,tools,test]"
 "$VENV/bin/python" -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())"
 
 step "GPU plan tests"
