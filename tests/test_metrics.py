@@ -160,7 +160,8 @@ def test_metrics_expose_the_documented_names_with_sane_values(metrics_cluster):
     idle = (set(versions) - set(models)).pop()
     assert series_of(m, "model", idle) == ["lipsync_model_info"]
     for model in models:  # documented: 11 + one per error code, + 57 for a model with histograms
-        assert len(series_of(m, "model", model)) <= 11 + (57 if model == busiest else 0)
+        codes = [lab["code"] for _, lab, _ in m["lipsync_request_failure"] if lab["model"] == model]
+        assert len(series_of(m, "model", model)) == 11 + len(codes) + (57 if model == busiest else 0)
     assert value(m, "lipsync_workers") == 2
     for w in ("w0-cpu", "w1-cpu"):
         assert value(m, "lipsync_worker_up", worker=w) == 1
