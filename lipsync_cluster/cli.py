@@ -66,7 +66,8 @@ def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[
     Examples:
       lipsync-cluster start --config demo_models/cluster.yaml --gpus 0 --per-gpu 2
       lipsync-cluster start --models-dir /srv/avatars --gpus 4 --per-gpu 6
-      lipsync-cluster start --config cluster.yaml --gpus auto
+      lipsync-cluster start --config cluster.yaml --gpus auto --metrics-port 5558
+      lipsync-cluster start --config cluster.yaml --gpus 2,3 --per-gpu 4
 
     Stops cleanly on Ctrl-C / SIGTERM: workers finish what they hold, shared frames are removed.
     """
