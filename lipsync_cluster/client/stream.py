@@ -310,7 +310,14 @@ class StreamCore:
         return frame
 
     def _model_at(self, frame: int) -> tuple[str, Optional[int]]:
-        """The model of ``frame`` and the next frame where the model or the grid changes (or None)."""
+        """The model of ``frame`` and the next frame where the model or the grid changes (or None).
+
+        Called for the first unplanned frame, so what lies before it is dropped here (a long
+        conversation keeps only its pending switches and the anchor in use).
+        """
+        current = [e for e in self._schedule if e[0] <= frame]
+        self._schedule = current[-1:] + [e for e in self._schedule if e[0] > frame]
+        self._anchors = [a for a in self._anchors if a <= frame][-1:] + [a for a in self._anchors if a > frame]
         model = self._schedule[0][2]
         nxt = None
         for first, _, m in self._schedule:
