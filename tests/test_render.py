@@ -1,4 +1,4 @@
-"""`lipsync-cluster render`: WAV (any rate / channels / sample type) -> MP4 with the audio muxed in."""
+"""`lipsync-cluster render`: audio in any format (WAV, mp3, ogg, opus, m4a; any rate / channels) -> MP4 with the audio muxed in."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from lipsync_cluster.tools.render import load_audio_16k, read_wav, render
+from lipsync_cluster.tools.audio_file import ffmpeg_exe, load_audio_16k
+from lipsync_cluster.tools.render import render
 from lipsync_cluster.common import imageops
 from lipsync_cluster.common.errors import BadRequest
 from lipsync_cluster.demo.light import mouth_open_pixels
@@ -41,30 +42,65 @@ def tone(seconds: float, rate: int, freq: float = 440.0) -> np.ndarray:
     return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float64)
 
 
+def ffmpeg_encode(samples: np.ndarray, rate: int, path: Path, *codec: str) -> Path:
+    """Encode float samples [N, C] into ``path`` with the same ffmpeg binary that decodes them."""
+    raw = np.ascontiguousarray(samples, np.float32)
+    out = subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-f", "f32le", "-ar", str(rate), "-ac", str(raw.shape[1]),
+                          "-i", "pipe:0", *codec, str(path)], input=raw.tobytes(), capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()
+    return path
+
+
+def assert_is_the_tone(pcm: np.ndarray, seconds: float, freq: float = 440.0, rms_tol: float = 0.02) -> None:
+    """16 kHz mono float32 of the tone: its length, its level (channels averaged) and its pitch."""
+    assert pcm.dtype == np.float32 and pcm.ndim == 1
+    assert abs(pcm.size - seconds * 16000) <= 0.06 * 16000, pcm.size  # lossy codecs pad a few ms
+    body = pcm[2000:-2000]
+    assert abs(np.sqrt(np.mean(body ** 2)) - 0.5 / np.sqrt(2)) < rms_tol
+    spectrum = np.abs(np.fft.rfft(body))
+    assert abs(np.argmax(spectrum) * 16000 / body.size - freq) < 5
+
+
 @pytest.mark.parametrize("width", [1, 2, 3, 4])
-def test_read_wav_every_integer_width_and_resample(tmp_path, width):
+def test_wav_of_every_integer_width_is_decoded_and_resampled(tmp_path, width):
     x = tone(0.5, 22050)
-    stereo = np.stack([x, x], axis=1)
     path = tmp_path / f"t{width}.wav"
-    write_wav(path, stereo, 22050, width)
-    samples, rate = read_wav(path)
-    assert rate == 22050 and samples.shape == (x.size, 2)
+    write_wav(path, np.stack([x, x], axis=1), 22050, width)
     pcm = load_audio_16k(path)
-    assert pcm.dtype == np.float32 and abs(pcm.size - 8000) <= 1
-    # the same tone, at the same level, after resampling
-    assert abs(np.sqrt(np.mean(pcm[500:-500] ** 2)) - 0.5 / np.sqrt(2)) < 0.02
-    spectrum = np.abs(np.fft.rfft(pcm))
-    assert abs(np.argmax(spectrum) * 16000 / pcm.size - 440) < 5
+    assert abs(pcm.size - 8000) <= 1
+    assert_is_the_tone(pcm, 0.5)
 
 
-def test_read_float_wav_and_refuse_garbage(tmp_path):
-    soundfile = pytest.importorskip("soundfile")
-    x = tone(0.25, 48000).astype(np.float32)
-    soundfile.write(str(tmp_path / "f.wav"), x, 48000, subtype="FLOAT")
-    assert abs(load_audio_16k(tmp_path / "f.wav").size - 4000) <= 1
-    (tmp_path / "junk.wav").write_bytes(b"not a wav at all")
-    with pytest.raises(BadRequest, match="junk.wav"):
-        load_audio_16k(tmp_path / "junk.wav")
+@pytest.mark.parametrize("name,codec", [
+    ("float.wav", ("-c:a", "pcm_f32le")),
+    ("voice.mp3", ("-c:a", "libmp3lame", "-b:a", "128k")),
+    ("voice.ogg", ("-c:a", "libvorbis")),
+    ("voice.opus", ("-c:a", "libopus", "-b:a", "64k")),
+    ("voice.m4a", ("-c:a", "aac", "-b:a", "128k")),
+])
+def test_compressed_formats_are_decoded_to_16k_mono(tmp_path, name, codec):
+    """What a TTS engine hands over: 48 kHz stereo, one channel louder (averaged, not summed)."""
+    x = tone(1.0, 48000)
+    stereo = np.stack([x * 0.6, x * 1.4], axis=1)  # mean = x
+    pcm = load_audio_16k(ffmpeg_encode(stereo, 48000, tmp_path / name, *codec))
+    assert_is_the_tone(pcm, 1.0, rms_tol=0.03)
+
+
+def test_unreadable_or_silent_files_are_refused_by_name(tmp_path):
+    (tmp_path / "junk.mp3").write_bytes(b"not audio at all" * 100)
+    with pytest.raises(BadRequest, match="junk.mp3: not a readable audio file"):
+        load_audio_16k(tmp_path / "junk.mp3")
+    with pytest.raises(BadRequest, match="no such audio file"):
+        load_audio_16k(tmp_path / "missing.wav")
+    # A video with no audio track.
+    out = subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-f", "lavfi", "-i", "color=c=black:s=64x64:d=0.2",
+                          str(tmp_path / "mute.mp4")], capture_output=True)
+    assert out.returncode == 0, out.stderr.decode()
+    with pytest.raises(BadRequest, match="mute.mp4: .*no audio stream"):
+        load_audio_16k(tmp_path / "mute.mp4")
+    write_wav(tmp_path / "empty.wav", np.zeros((0, 1)), 16000, 2)
+    with pytest.raises(BadRequest, match="empty.wav: the audio has no samples"):
+        load_audio_16k(tmp_path / "empty.wav")
 
 
 def probe(path) -> str:

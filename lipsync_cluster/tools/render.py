@@ -1,8 +1,8 @@
-"""Render a WAV file into a talking-avatar MP4 through the cluster (``lipsync-cluster render``).
+"""Render an audio file into a talking-avatar MP4 through the cluster (``lipsync-cluster render``).
 
-The WAV (any rate, any channel count, 8/16/24/32-bit PCM or float) is resampled to 16 kHz mono,
-streamed through a :class:`~lipsync_cluster.client.stream.StreamSession` (pipelined batches), and
-the frames are piped into the ffmpeg that the ``imageio-ffmpeg`` wheel ships, H.264 + the original
+The audio (any format ffmpeg reads: WAV, mp3, ogg, opus, m4a, flac..., any rate and channel count)
+is decoded to 16 kHz mono (:mod:`.audio_file`), streamed through a
+:class:`~lipsync_cluster.client.stream.StreamSession` (pipelined batches), and the frames are piped into the ffmpeg that the ``imageio-ffmpeg`` wheel ships, H.264 + the original
 audio as AAC. The video has exactly ``round(seconds x 25)`` frames. No system ffmpeg is needed.
 """
 from __future__ import annotations
@@ -10,67 +10,18 @@ from __future__ import annotations
 import os
 import sys
 import time
-import wave
 from pathlib import Path
 from typing import Optional
 
 import click
 import numpy as np
 
-from ..common.audio import FPS, SAMPLE_RATE, resample
+from ..common.audio import FPS, SAMPLE_RATE
 from ..common.errors import BadRequest, LipsyncError
+from .audio_file import load_audio_16k
 
 DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
 PUSH_CHUNK_S = 1.0
-
-
-def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """``(samples [N] or [N, C], rate)`` of a WAV file, in its own sample type.
-
-    The stdlib ``wave`` module reads integer PCM (8-bit unsigned, 16, 24 and 32-bit); float WAVs
-    (and anything else it refuses) are read with ``soundfile`` when that is installed.
-    """
-    path = Path(path)
-    try:
-        with wave.open(str(path), "rb") as w:
-            channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n)
-    except wave.Error as exc:
-        try:
-            import soundfile
-        except ImportError:
-            raise BadRequest(f"{path}: {exc}; the wave module reads integer PCM WAVs only "
-                             "(pip install soundfile for float WAVs)", field="audio") from None
-        try:
-            data, rate = soundfile.read(str(path), dtype="float32", always_2d=False)
-        except Exception as exc2:  # noqa: BLE001 - soundfile raises its own types
-            raise BadRequest(f"{path}: not a readable audio file ({exc2})", field="audio") from None
-        return np.clip(data, -1.0, 1.0), int(rate)
-    except (OSError, EOFError) as exc:
-        raise BadRequest(f"{path}: cannot read the WAV ({exc})", field="audio") from None
-    if width == 1:
-        x = np.frombuffer(raw, np.uint8)
-    elif width == 2:
-        x = np.frombuffer(raw, "<i2")
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        x = ((b[:, 0] << 8) | (b[:, 1] << 16) | (b[:, 2] << 24))  # 24-bit little endian -> top of int32
-    elif width == 4:
-        x = np.frombuffer(raw, "<i4")
-    else:
-        raise BadRequest(f"{path}: {8 * width}-bit PCM is not supported", field="audio")
-    x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
-    if channels > 1:
-        x = x[: (x.size // channels) * channels].reshape(-1, channels)
-    return x, rate
-
-
-def load_audio_16k(path: str | os.PathLike) -> np.ndarray:
-    """A WAV file as float32 mono 16 kHz samples in [-1, 1]."""
-    samples, rate = read_wav(path)
-    if samples.shape[0] == 0:
-        raise BadRequest(f"{path}: the WAV has no samples", field="audio")
-    return resample(samples, rate, field="audio")
 
 
 def render_file(client, model_id: str, audio_path: str | os.PathLike, out_path: str | os.PathLike, *,
@@ -139,7 +90,7 @@ def render_file(client, model_id: str, audio_path: str | os.PathLike, out_path: 
 @click.command("render")
 @click.option("--model", "model_id", required=True, help="The avatar model id (see 'lipsync-cluster models').")
 @click.option("--audio", "audio_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="A WAV file: any sample rate and channel count (resampled to 16 kHz mono).")
+              help="An audio file: WAV, mp3, ogg, opus, m4a, flac... (decoded to 16 kHz mono).")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The MP4 to write.")
 @click.option("--format", "fmt", type=click.Choice(["jpeg", "png"]), default="jpeg", show_default=True,
               help="How frames travel from the workers (png is lossless and larger).")
@@ -154,12 +105,12 @@ def render_file(client, model_id: str, audio_path: str | os.PathLike, out_path: 
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def render(model_id: str, audio_path: str, out_path: str, fmt: str, quality: Optional[int], batch_size: int,
            in_flight: int, endpoint: str, timeout: float, quiet: bool) -> None:
-    """Render AUDIO (a WAV) as MODEL speaking it, into an MP4 with the audio muxed in.
+    """Render AUDIO (any format ffmpeg reads) as MODEL speaking it, into an MP4 with the audio muxed in.
 
     \b
     Examples:
       lipsync-cluster render --model demo_ada --audio speech.wav --out talk.mp4
-      lipsync-cluster render --model demo_ben --audio voice_44k_stereo.wav --out ben.mp4 --format png
+      lipsync-cluster render --model demo_ben --audio voice_44k_stereo.mp3 --out ben.mp4 --format png
     """
     from ..client import Client
 
@@ -174,4 +125,4 @@ def render(model_id: str, audio_path: str, out_path: str, fmt: str, quality: Opt
                f"{summary['latency_p50_ms']:.0f} ms, p99 {summary['latency_p99_ms']:.0f} ms")
 
 
-__all__ = ["render", "render_file", "read_wav", "load_audio_16k"]
+__all__ = ["render", "render_file", "load_audio_16k"]
