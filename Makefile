@@ -2,20 +2,47 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_models
 GPUS ?= 0
 PER_GPU ?= 2
 METRICS_PORT ?= 5558
+# The ONNX Runtime flavour: gpu where nvidia-smi answers, else cpu (override: make run RUNTIME=cpu).
+RUNTIME ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# What each target installs (setup.cfg's extras; README "Install"). `test` holds everything (CPU runtime).
+RUN_EXTRAS := $(RUNTIME),tools,console
+TEST_EXTRAS := test
+STAMP_RUN := $(VENV)/.installed-run-$(RUNTIME)
+STAMP := $(VENV)/.installed-test-$(RUNTIME)
+# onnxruntime and onnxruntime-gpu install the same `onnxruntime` module: an environment keeps one.
+ifeq ($(RUNTIME),gpu)
+ORT_WANT := onnxruntime-gpu
+ORT_OTHER := onnxruntime
+ORT_SPEC := onnxruntime-gpu[cuda,cudnn]>=1.17
+else
+ORT_WANT := onnxruntime
+ORT_OTHER := onnxruntime-gpu
+ORT_SPEC := onnxruntime>=1.17
+endif
 
-.PHONY: venv test run bench demo clean browser-deps
+.PHONY: venv test test-install run bench demo clean browser-deps
+
+# $(1): the extras to install into .venv (made on first use; pip's cache keeps it quick after that).
+define install_extras
+	@$(PY) -m venv --help >/dev/null 2>&1 || (apt-get update && apt-get install -y python3-venv)
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet -e '.[$(1)]'
+	@if $(BIN)/pip show -q $(ORT_OTHER) >/dev/null 2>&1; then \
+	  echo "replacing $(ORT_OTHER) with $(ORT_WANT) (both install the onnxruntime module)"; \
+	  $(BIN)/pip uninstall --quiet -y onnxruntime onnxruntime-gpu && $(BIN)/pip install --quiet '$(ORT_SPEC)'; fi
+	@touch $@
+endef
 
 $(STAMP): setup.cfg pyproject.toml
-	@$(PY) -m venv --help >/dev/null 2>&1 || (apt-get update && apt-get install -y python3-venv)
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet -e '.[test]'
-	@touch $(STAMP)
+	$(call install_extras,$(TEST_EXTRAS))
+
+$(STAMP_RUN): setup.cfg pyproject.toml
+	$(call install_extras,$(RUN_EXTRAS))
 
 venv: $(STAMP)
 
@@ -26,12 +53,17 @@ browser-deps:
 test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest -q tests
 
-$(DEMO_DIR)/cluster.yaml: | $(STAMP)
+# A plain `pip install .` (no extras) in a fresh virtualenv: a working Client against a running
+# cluster, no onnxruntime or cv2, under 100 MB. Also part of `make test` (tests/test_install.py).
+test-install: $(STAMP)
+	$(BIN)/python -m pytest -q tests/test_install.py
+
+$(DEMO_DIR)/cluster.yaml: | $(STAMP_RUN)
 	$(BIN)/lipsync-cluster demo-models $(DEMO_DIR) --count 3 --kind light
 
 demo: $(DEMO_DIR)/cluster.yaml
 
-run: $(STAMP) $(DEMO_DIR)/cluster.yaml
+run: $(STAMP_RUN) $(DEMO_DIR)/cluster.yaml
 	$(BIN)/lipsync-cluster start --config $(DEMO_DIR)/cluster.yaml --gpus $(GPUS) --per-gpu $(PER_GPU) --metrics-port $(METRICS_PORT)
 
 bench: $(STAMP)

@@ -11,11 +11,42 @@ from typing import Any, Optional
 import click
 
 from . import __version__
+from .common.extras import MissingExtra, extra_providing, require
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5555"
 
+# The extras each command needs beyond the plain install (client library + management commands).
+# Modules load inside the commands, so `--help` and the management commands run on a plain install.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "start": ("cpu",), "broker": ("cpu",), "worker": ("cpu",),
+    "demo-models": ("tools",), "prepare": ("tools",), "check-model": ("tools",), "render": ("tools",),
+    "loadtest": ("console",), "gateway": ("gateway",),
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+class _Commands(click.Group):
+    """Checks a command's extras before it runs, and turns a missing one into one line."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None and not any(a in ("-h", "--help") for a in rest):
+            require(f"lipsync-cluster {command.name}", *NEEDS.get(command.name or "", ()))
+        return name, command, rest
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MissingExtra as exc:
+            raise click.ClickException(str(exc)) from None
+        except ModuleNotFoundError as exc:  # a module of an extra the table above did not foresee
+            command = ctx.invoked_subcommand or "this command"
+            extra = extra_providing(exc.name, NEEDS.get(command, ()))
+            if extra is None:
+                raise
+            raise click.ClickException(str(MissingExtra(f"lipsync-cluster {command}", extra, exc.name))) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lipsync-cluster")
 def main() -> None:
     """Serve many lip-sync avatars to many viewers from a pool of workers.

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import lipsync_cluster
+from lipsync_cluster.common.extras import EXTRA_MODULES
 
 PACKAGE = Path(lipsync_cluster.__file__).parent
 
@@ -26,8 +27,8 @@ TIERS = {
     "supervisor": 4,
     "cli": 5,
 }
-# What a client-only install must not load (the server's runtime and the tools' libraries).
-HEAVY = ("onnxruntime", "onnx", "cv2", "scipy", "matplotlib", "aiohttp", "rich", "imageio_ffmpeg")
+# What a client-only install does not have: every extra's modules (the server's runtime, the tools').
+HEAVY = tuple(sorted({m for modules in EXTRA_MODULES.values() for m in modules}))
 
 
 def _part(module: str) -> str:

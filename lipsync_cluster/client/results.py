@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..common.errors import InternalError
+from ..common.extras import MissingExtra
 from ..common.protocol import attach_arrays
 
 
@@ -27,15 +28,25 @@ class InferResult:
 
     def image(self, i: int) -> np.ndarray:
         """Frame ``i`` as a BGR uint8 array (decodes png/jpeg/patch; raw is returned as is)."""
-        frame = self.frames[i]
-        if isinstance(frame, np.ndarray):
-            return frame
-        import cv2
+        return decode_image(self.frames[i], self.format, f"frame {i} of the reply")
 
-        image = cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            raise InternalError(f"frame {i} of the reply is not a decodable {self.format} image")
-        return image
+
+def decode_image(frame: Any, fmt: str, what: str) -> np.ndarray:
+    """An encoded frame (png/jpeg/patch bytes) as a BGR uint8 array; a raw frame is returned as is.
+
+    Decoding needs OpenCV, which a plain install does not bring: ask for ``format="raw"`` there, or
+    install the 'tools' extra.
+    """
+    if isinstance(frame, np.ndarray):
+        return frame
+    try:
+        import cv2
+    except ModuleNotFoundError:
+        raise MissingExtra(f"decoding {fmt} frames", "tools", "cv2") from None
+    image = cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InternalError(f"{what} is not a decodable {fmt} image")
+    return image
 
 
 def _buffer(frame: Any) -> Any:

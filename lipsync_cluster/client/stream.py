@@ -63,7 +63,7 @@ from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, SPAN_AFTER, SPAN
 from ..common.errors import (BadRequest, InternalError, LipsyncError, Overloaded, RequestTimeout, Unavailable,
                              error_from_wire)
 from ..common.infer_request import FORMATS, MAX_BATCH_SIZE, MAX_FRAME_INDEX, MODEL_ID_RE, is_model_id
-from .results import infer_request, infer_result
+from .results import decode_image, infer_request, infer_result
 
 RETRYABLE = (Unavailable, RequestTimeout, Overloaded)
 MAX_ATTEMPTS = 2  # a batch is retried once
@@ -90,14 +90,7 @@ class StreamFrame:
 
     def decode(self) -> np.ndarray:
         """The image as a BGR uint8 array (decodes jpeg/png/patch; raw is returned as it is)."""
-        if isinstance(self.image, np.ndarray):
-            return self.image
-        import cv2
-
-        image = cv2.imdecode(np.frombuffer(self.image, np.uint8), cv2.IMREAD_COLOR)
-        if image is None:
-            raise InternalError(f"frame {self.index} is not a decodable {self.format} image")
-        return image
+        return decode_image(self.image, self.format, f"frame {self.index}")
 
 
 class _Batch:

@@ -39,6 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import BadRequest
+from .extras import MissingExtra
 
 SAMPLE_RATE = 16000
 FPS = 25
@@ -150,8 +151,12 @@ def resample(pcm: np.ndarray, rate: int, field: str = "audio_pcm") -> np.ndarray
     if y.ndim == 2:
         y = y.mean(axis=1)
     if rate != SAMPLE_RATE:
-        # Imported here so that workers (which never resample) do not pay scipy's import.
-        from scipy.signal import resample_poly
+        # Imported here so that workers (which never resample) do not pay scipy's import, and a
+        # plain install (no scipy) streams 16 kHz audio.
+        try:
+            from scipy.signal import resample_poly
+        except ModuleNotFoundError:
+            raise MissingExtra(f"{field} at {rate} Hz (resampling to {SAMPLE_RATE} Hz)", "tools", "scipy") from None
 
         g = math.gcd(SAMPLE_RATE, rate)
         y = resample_poly(y, SAMPLE_RATE // g, rate // g)

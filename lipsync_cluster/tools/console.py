@@ -26,6 +26,7 @@ import click
 import msgpack
 import zmq
 
+from ..common.extras import require
 from ..common.security import client_keys_from_env
 
 DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
@@ -327,6 +328,8 @@ def stats(stats_endpoint: Optional[str], broker: Optional[str], once: bool, as_j
       lipsync-cluster stats --broker tcp://10.0.0.5:5555
       lipsync-cluster stats demo_ada --once          (one model only)
     """
+    if not as_json:  # the rendered views draw with rich; JSON needs only the plain install
+        require("lipsync-cluster stats (without --json)", "console")
     if stats_endpoint is None:
         stats_endpoint = stats_endpoint_for(broker) if broker else DEFAULT_STATS
     # The fallback asks the same broker's client endpoint: never another cluster's default one.
@@ -362,8 +365,6 @@ def _console() -> Any:
 
 
 def _live(stats_endpoint: str, broker: str, timeout: float, as_json: bool, top: int, only) -> None:
-    from rich.live import Live
-
     feed = StatsFeed(stats_endpoint)
     use_broker = False
     try:
@@ -381,6 +382,8 @@ def _live(stats_endpoint: str, broker: str, timeout: float, as_json: bool, top: 
                 click.echo(json.dumps(only(feed.snapshot), default=str))
                 sys.stdout.flush()
                 _next(feed, broker, timeout, use_broker)
+        from rich.live import Live
+
         console = _console()
         with Live(render(only(feed.snapshot), feed.events, stats_endpoint=stats_endpoint, top=top),
                   console=console, refresh_per_second=4, screen=False) as live:

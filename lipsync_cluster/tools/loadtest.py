@@ -37,6 +37,7 @@ import numpy as np
 
 from ..common.audio import SAMPLES_PER_FRAME, pcm_span_for_batch
 from ..common.infer_request import FORMATS
+from ..common.extras import require
 from ..client.client import DEFAULT_ENDPOINT, Client
 from ..client.results import infer_request
 
@@ -549,6 +550,10 @@ def loadtest_command(local_cluster: LocalCluster) -> click.Command:
             duration = 10.0
         if demo_models and broker:
             raise click.UsageError("--demo-models starts its own local cluster; leave out --broker/--ports")
+        if plot_path:
+            require("lipsync-cluster loadtest --plot", "plot")
+        if demo_models:
+            require("lipsync-cluster loadtest --demo-models", "cpu", "tools")
 
         with contextlib.ExitStack() as stack:
             if demo_models:
