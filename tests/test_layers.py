@@ -22,6 +22,7 @@ TIERS = {
     "lipsync_cluster": 0,  # the package itself: only __version__
     "common": 0,
     "config": 1,
+    "gpu_select": 1,  # pure planning from the environment: usable by worker, supervisor and cli
     "broker": 2, "worker": 2, "client": 2,
     "tools": 3, "prepare": 3, "demo": 3, "gateway": 3,
     "supervisor": 4,
