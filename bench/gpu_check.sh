@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU path on a machine with a GPU (for a lent GPU machine; about 5 minutes, most of it pip):
 #   1. a fresh venv with the project's gpu + test extras as setup.cfg declares them (+ tools, for
-#      demo-models; pip only warns where an extra is not declared)
+#      demo-models), then onnxruntime-gpu alone (test brings the CPU onnxruntime, the same module)
 #   2. tests/test_gpu_plan.py (its GPU test runs a real CUDA session and reads NVML there)
 #   3. a real cluster: `start --gpus 1 --per-gpu 2` on two `unet` demo models, a few infers
 #      through the client, then each worker's provider as ONNX Runtime really gave it, its GPU
@@ -38,6 +38,10 @@ if ! "$PY" -m venv "$VENV" 2>/dev/null; then
 fi
 "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
 "$VENV/bin/pip" install -q -e ".[gpu,tools,test]"
+# The test extra holds the CPU onnxruntime, which installs the same module as onnxruntime-gpu:
+# keep only the GPU one (README "Install").
+"$VENV/bin/pip" uninstall -q -y onnxruntime onnxruntime-gpu
+"$VENV/bin/pip" install -q "onnxruntime-gpu[cuda,cudnn]>=1.17"
 "$VENV/bin/python" -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())"
 
 step "GPU plan tests"
