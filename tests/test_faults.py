@@ -93,7 +93,7 @@ def test_worker_does_not_start_a_request_whose_deadline_passed():
         identity, *frames = router.recv_multipart()
         assert protocol.decode(frames)[0]["op"] == "ready"
         header = {"op": "request", "client_op": "infer", "rid": 7, "id": "late", "model_id": "a",
-                  "batch_size": 1, "deadline": time.time() - 0.01}
+                  "batch_size": 1, "deadline_left_ms": -10}
         arrays = features()
         payloads = protocol.attach_arrays(header, arrays)
         router.send_multipart([identity, *protocol.encode(header, payloads)])

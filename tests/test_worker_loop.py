@@ -49,7 +49,7 @@ class FakeBroker:
 
     def request(self, rid: int, client_op: str = "infer", model: str = "a", **fields: Any) -> None:
         self.send({"op": "request", "rid": rid, "id": f"c{rid}", "client_op": client_op,
-                   "model_id": model, "deadline": None, **fields})
+                   "model_id": model, "deadline_left_ms": None, **fields})
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -158,7 +158,7 @@ def test_handler_errors_become_error_replies_and_the_worker_keeps_serving(broker
         broker.request(3, client_op="dance")
         r, _ = broker.next("reply")
         assert r["error"]["code"] == "bad_request" and "client_op" in r["error"]["message"]
-        broker.request(4, deadline=time.time() - 1)
+        broker.request(4, deadline_left_ms=-1000)  # the time left, counted from arrival
         r, _ = broker.next("reply")
         assert r["error"]["code"] == "timeout"
         broker.send({"op": "nonsense"})

@@ -25,14 +25,15 @@ import zmq
 
 from ..common.errors import BadRequest, InternalError, LipsyncError, Unavailable
 from ..common.infer_request import check_deadline, check_infer, strip_broker_fields
-from ..common.protocol import TAG, decode
+from ..common.protocol import TAG
 from ..common.security import BrokerSecurity, SecurityError
-from ..common.wire import readable, recv_parts, send_parts
+from ..common.wire import (MAX_HEADER_BYTES, MAX_WORKER_HEADER_BYTES, readable, read_header, recv_parts,
+                           send_parts, tune)
 from ..config.schema import Config
 from . import management
 from .catalog_watch import CatalogWatcher
 from .dispatch import Dispatcher
-from .hardening import check_message_size, clean_stats, open_security
+from .hardening import check_message_size, clean_event, clean_stats, open_security
 from .requests import Gather, UnloadLeg
 from .stats import BrokerStats, format_report
 from .validate import check_envelope, check_load, check_model
@@ -47,8 +48,6 @@ CATALOG_REFRESH_S = 2.0     # re-read the catalog this often (plus when an unkno
 UNKNOWN_REFRESH_S = 0.25    # ... but at most this often
 MAX_PARKED = 1024           # requests waiting for a catalog re-read; beyond: unknown_model at once
 PARK_MAX_S = 5.0            # a read that takes longer: parked requests are answered from the last one
-HWM = 100_000               # messages per peer queue; a client that stops reading loses replies
-SOCKET_BUFFER = 4 * 2**20   # kernel send/receive buffer per connection (SO_SNDBUF/SO_RCVBUF)
 
 Catalog = Callable[[], "dict[str, dict]"]
 
@@ -65,23 +64,7 @@ class BindError(RuntimeError):
     """An endpoint could not be bound (most often: the port is already in use)."""
 
 
-_unpackb = msgpack.unpackb
 _SCALARS = (str, int, float, bytes, type(None))
-
-
-def _fast_header(frames: list) -> Optional[dict]:
-    """The header of a well-formed ``[identity, TAG, header, ...]`` message, else None.
-
-    The common case in a few operations; anything unusual returns None and the caller runs
-    ``protocol.decode`` to get the precise error.
-    """
-    if len(frames) < 3 or frames[1].bytes != TAG:
-        return None
-    try:
-        header = _unpackb(frames[2].buffer)
-    except Exception:
-        return None
-    return header if type(header) is dict else None
 
 
 class _Park(Exception):
@@ -158,12 +141,7 @@ class Broker:
                     # A reply to a peer that went away must fail fast, never block the broker.
                     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
                     sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-                    sock.setsockopt(zmq.SNDHWM, HWM)
-                    sock.setsockopt(zmq.RCVHWM, HWM)
-                    # Room for a whole large payload per connection in the kernel: a 1 MB frame
-                    # crosses loopback in fewer flow-control rounds (the kernel caps this value).
-                    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
-                    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
+                    tune(sock)  # queue and kernel buffer sizes (common/wire.py)
                 else:
                     sock.setsockopt(zmq.SNDHWM, 1000)  # slow subscribers miss snapshots
                 try:
@@ -324,9 +302,8 @@ class Broker:
         client = frames[0].bytes
         header: Any = None
         try:
-            header = _fast_header(frames)
-            if header is None:
-                header, _ = decode(frames[1:])  # not the well-formed case: raises, saying why
+            # Size-checked before it is unpacked, unpacked once (a huge header costs nothing).
+            header = read_header(frames, 1, MAX_HEADER_BYTES)
             payloads = frames[3:]
             op = header.get("op")  # a map or list as op is unhashable: no lookup, a bad_request
             handler = self._client_ops.get(op) if type(op) is str else None
@@ -427,13 +404,11 @@ class Broker:
 
     def _on_worker_message(self, frames: list) -> None:
         identity = frames[0].bytes
-        header = _fast_header(frames)
-        if header is None:
-            try:
-                header, _ = decode(frames[1:])
-            except LipsyncError as exc:
-                log.warning("broker: malformed message from a worker: %s", exc.message)
-                return
+        try:
+            header = read_header(frames, 1, MAX_WORKER_HEADER_BYTES)
+        except LipsyncError as exc:
+            log.warning("broker: malformed message from a worker: %s", exc.message)
+            return
         payloads = frames[3:]
         op = header.get("op")
         w = self.table.get(identity)
@@ -503,20 +478,23 @@ class Broker:
         self.dispatcher.dirty = True
 
     def _on_event(self, w: Worker, header: dict, payloads: list) -> None:
-        event, model = header.get("event"), header.get("model_id")
-        if isinstance(event, str) and isinstance(model, str):
-            w.apply_event(event, model)
-            if event == "loaded":
-                self.dispatcher.load_failures.succeeded(model)
-        if "loaded" in header:
-            w.apply_report(header.get("loaded"), header.get("loading"))
+        body = clean_event(header)  # kept and published: known kinds, typed fields, bounded sizes
+        if body is None:
+            log.warning("broker: worker %s sent an event that is not one (%r for %r); ignored",
+                        w.name, str(header.get("event"))[:64], str(header.get("model_id"))[:80])
+            return
+        event, model = body["event"], body["model_id"]
+        w.apply_event(event, model)
+        if event == "loaded":
+            self.dispatcher.load_failures.succeeded(model)
+        if "loaded" in body:
+            w.apply_report(body["loaded"], body.get("loading"))
         if self.config.logging.log_model_operations and event != "loading":
             log.info("worker %s: model %s %s%s", w.name, model, event,
-                     f" ({header['reason']})" if header.get("reason") else "")
-        header.pop("op", None)
-        header["worker"] = w.name
-        header.setdefault("time", time.time())
-        self._publish(b"event", header)
+                     f" ({body['reason']})" if body.get("reason") else "")
+        body["worker"] = w.name
+        body.setdefault("time", time.time())
+        self._publish(b"event", body)
         self.dispatcher.dirty = True
 
     def _on_stats(self, w: Worker, header: dict, payloads: list) -> None:

@@ -39,6 +39,7 @@ import zmq
 from ..common.errors import LipsyncError, RequestTimeout, Unauthorized, Unavailable
 from ..common.protocol import decode, encode
 from ..common.security import HandshakeDiagnosis, read_monitor
+from ..common.wire import HWM
 
 log = logging.getLogger("lipsync_cluster.client")
 
@@ -105,7 +106,7 @@ def _resolve(future: Future, result: Any = None, exc: Optional[BaseException] = 
 class Transport:
     """A DEALER socket owned by one I/O thread; any thread may ``submit`` a request."""
 
-    SNDHWM = 100_000  # requests queued on the socket while the broker is away; past it they wait here
+    SNDHWM = HWM  # requests queued on the socket while the broker is away; past it they wait here
 
     def __init__(self, endpoint: str, ctx: zmq.Context, *, retry: Optional[RetryPolicy] = DEFAULT_RETRY,
                  curve: Any = None, timeout: float = 30.0) -> None:
@@ -181,7 +182,7 @@ class Transport:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, self.SNDHWM)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, HWM)
         r = self.retry
         if r is not None and r.heartbeat_s > 0:
             # ZMTP PING/PONG: a broker that is frozen or unreachable drops the connection, which

@@ -16,14 +16,11 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
-from .errors import BadRequest
 # The request rules (model ids, dtypes, field and tensor checks) live in infer_request.py; these
 # names are re-exported for the modules that read them with the wire format.
 from .infer_request import (ALLOWED_DTYPES, MODEL_ID_RE, is_model_id, optional_number,  # noqa: F401
                             read_arrays, require_choice, require_int, require_model_id)
-from .wire import frame_buffer
-
-TAG = b"LSC1"
+from .wire import TAG, read_header  # noqa: F401 - TAG is the protocol's, re-exported
 
 CLIENT_OPS = ("infer", "list_models", "load_model", "unload_model", "model_stats", "health")
 
@@ -37,23 +34,13 @@ def encode(header: dict, payloads: Sequence[Any] = ()) -> list:
     return [TAG, pack_header(header), *payloads]
 
 
-def decode(frames: Sequence[Any]) -> tuple[dict, list]:
+def decode(frames: Sequence[Any], max_header_bytes: int = 0) -> tuple[dict, list]:
     """Split a received message into (header, payload frames).
 
-    Raises :class:`BadRequest` naming what is wrong: the tag, the header's encoding, its type.
+    Raises :class:`BadRequest` naming what is wrong: the tag, the header's size (when
+    ``max_header_bytes`` is given), its encoding, its type (``wire.read_header``).
     """
-    if len(frames) < 2:
-        raise BadRequest(f"message has {len(frames)} frame(s); expected at least 2 (tag, header)")
-    tag = bytes(frame_buffer(frames[0]))
-    if tag != TAG:
-        raise BadRequest(f"frame 0 (protocol tag) is {tag[:16]!r}; expected {TAG!r}")
-    try:
-        header = msgpack.unpackb(frame_buffer(frames[1]), raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several types; all mean the same to a caller
-        raise BadRequest(f"frame 1 (header) is not valid msgpack: {exc}") from None
-    if not isinstance(header, dict):
-        raise BadRequest(f"frame 1 (header) must be a msgpack map, got {type(header).__name__}")
-    return header, list(frames[2:])
+    return read_header(frames, 0, max_header_bytes), list(frames[2:])
 
 
 # --- tensors --------------------------------------------------------------------------

@@ -1,21 +1,43 @@
-"""Lean multipart send/receive for the hot paths of the broker and the worker loop.
+"""The frames on the wire: lean multipart I/O, the bounded header decode, socket settings.
 
 pyzmq's ``send_multipart`` / ``recv_multipart`` spend most of their time in Python-level sugar
 (enum flag arithmetic per frame, a ``getsockopt(RCVMORE)`` call per frame). Calling the Cython
 base methods directly and reading ``Frame.more`` does the same work at about a third of the cost
 per message, which is most of the broker's per-request budget. Semantics are unchanged: every
 frame is a zmq Frame received without copying; Frames are re-sent by reference (no copy).
+
+:func:`read_header` is the one header decode of the broker and the worker loop: the header frame
+is size-checked *before* it is unpacked (a 190 MB msgpack array of ``nil`` would otherwise hold
+the broker's loop for seconds and its memory for gigabytes), unpacked once with msgpack's length
+limits, and must be a map. The socket constants are the ones every peer connection uses.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import msgpack
 import zmq
+
+from .errors import BadRequest
+
+TAG = b"LSC1"
+
+# A client request's header: ids, a few numbers and the tensor descriptors; never data.
+MAX_HEADER_BYTES = 64 * 2**10
+# A worker leg: the client's header plus the fields the broker adds (rid, deadline, hint, ...).
+MAX_LEG_HEADER_BYTES = MAX_HEADER_BYTES + 4 * 2**10
+# A worker's own report (stats list every loaded model with its numbers; events, heartbeats).
+MAX_WORKER_HEADER_BYTES = 256 * 2**10
+
+HWM = 100_000               # messages queued per peer connection (a peer that stops reading loses replies)
+SOCKET_BUFFER = 4 * 2**20   # kernel send/receive buffer per connection: a 1 MB payload crosses
+                            # loopback in fewer flow-control rounds (the kernel caps the value)
 
 _Base = zmq.backend.Socket
 _send = _Base.send
 _recv = _Base.recv
 _get = _Base.get
+_unpackb = msgpack.unpackb
 
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
@@ -51,3 +73,40 @@ def frame_buffer(frame: Any) -> Any:
 def readable(sock: zmq.Socket) -> bool:
     """A message is waiting (cheap: one getsockopt, no poll syscall)."""
     return bool(_get(sock, _EVENTS) & _POLLIN)
+
+
+def tune(sock: zmq.Socket) -> None:
+    """The queue and kernel buffer sizes of a peer connection (broker ROUTERs, worker DEALER)."""
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER)
+    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER)
+
+
+def read_header(frames: list, at: int = 0, max_bytes: int = MAX_HEADER_BYTES) -> dict:
+    """The header of the message ``frames[at:]`` = ``[TAG, header, payloads...]``.
+
+    Checks, cheapest first: the frame count, the tag, the header's size (before unpacking), then
+    one unpack with msgpack's length limits, and that it is a map. Raises :class:`BadRequest`
+    saying which. ``max_bytes=0`` means no size limit (a client reading the broker's answers).
+    """
+    if len(frames) < at + 2:
+        raise BadRequest(f"message has {len(frames) - at} frame(s); expected at least 2 (tag, header)")
+    tag = frames[at]
+    tag = tag.bytes if hasattr(tag, "bytes") else bytes(tag)
+    if tag != TAG:
+        raise BadRequest(f"frame 0 (protocol tag) is {tag[:16]!r}; expected {TAG!r}")
+    buf = frame_buffer(frames[at + 1])
+    size = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
+    if max_bytes and size > max_bytes:
+        raise BadRequest(f"frame 1 (header) is {size} bytes; the limit is {max_bytes} bytes",
+                         size=size, limit=max_bytes)
+    limit = size  # nothing in a header can be longer than the header itself
+    try:
+        header = _unpackb(buf, max_str_len=limit, max_bin_len=limit, max_array_len=limit,
+                          max_map_len=limit // 2, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several types; all mean the same to a caller
+        raise BadRequest(f"frame 1 (header) is not valid msgpack: {exc}") from None
+    if type(header) is not dict:
+        raise BadRequest(f"frame 1 (header) must be a msgpack map, got {type(header).__name__}")
+    return header

@@ -31,7 +31,6 @@ from ..common.security import client_keys_from_env
 
 DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
 DEFAULT_STATS = os.environ.get("LIPSYNC_BROKER_STATS", "tcp://127.0.0.1:5557")
-MODEL_EVENTS = ("loaded", "evicted", "unloaded", "idle_unloaded", "load_failed")
 
 
 class NoBroker(RuntimeError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import queue
 import socket as _socket
@@ -29,14 +30,14 @@ import msgpack
 import zmq
 
 from ..common.errors import InternalError, LipsyncError, RequestTimeout
-from ..common.protocol import TAG, decode
-# Lean multipart I/O shared with the broker (common/wire.py): about a third less cost per message.
-from ..common.wire import readable, recv_parts as _recv_parts, send_parts as _send_parts
+# Lean multipart I/O and the bounded header decode shared with the broker (common/wire.py).
+from ..common.wire import MAX_LEG_HEADER_BYTES, TAG, read_header, readable, tune
+from ..common.wire import recv_parts as _recv_parts, send_parts as _send_parts
 
 log = logging.getLogger("lipsync_cluster.worker.loop")
 
 _wake_ids = itertools.count()
-_unpackb = msgpack.unpackb
+RECV_BATCH = 256  # broker messages read per wake-up before the loop looks at its timers
 
 
 @runtime_checkable
@@ -105,6 +106,11 @@ class WorkerLoop:
         self._wake_push: Optional[zmq.Socket] = None
         self._packer = msgpack.Packer(use_bin_type=True)  # loop thread only
         self._sleeping = False
+        self._poller: Optional[zmq.Poller] = None     # the DEALER and the wake-up PULL (run)
+        self._silent_limit = heartbeat_interval_s * heartbeat_liveness
+        self._backoff = self._silent_limit            # how long the broker may be silent now
+        self._broker_deadline = 0.0                   # monotonic: reconnect if nothing came by then
+        self._next_hb = 0.0
         self.in_flight = 0
         self.connects = 0             # how many times a socket was opened (1 + reconnects)
         self.served = 0
@@ -147,16 +153,17 @@ class WorkerLoop:
             item = self._work.get()
             if item is None:
                 return
-            header, payloads = item
-            self._emit(True, self._serve(header, payloads))
+            header, payloads, expires = item
+            self._emit(True, self._serve(header, payloads, expires))
 
-    def _serve(self, header: dict, payloads: list) -> list:
-        """Run one request through the handler; always returns a reply message."""
+    def _serve(self, header: dict, payloads: list, expires: Optional[float] = None) -> list:
+        """Run one request through the handler; always returns a reply message.
+
+        ``expires``: this host's monotonic time at which the request's deadline passes."""
         rid, cid = header.get("rid"), header.get("id")
         out_payloads: list = []
         try:
-            deadline = header.get("deadline")
-            if isinstance(deadline, (int, float)) and time.time() > deadline:
+            if expires is not None and time.monotonic() >= expires:
                 raise RequestTimeout("deadline passed before the worker started the request")
             fields, out_payloads = self.handler.handle(header, payloads)
             reply = {"ok": True, "worker": self.name, **fields}
@@ -204,10 +211,7 @@ class WorkerLoop:
             self._sock.close(linger=0)
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
-        sock.setsockopt(zmq.RCVHWM, 100_000)
-        sock.setsockopt(zmq.SNDBUF, 4 * 2**20)  # a large payload crosses in fewer TCP rounds
-        sock.setsockopt(zmq.RCVBUF, 4 * 2**20)
+        tune(sock)  # the broker's queue and kernel buffer sizes (common/wire.py)
         if self.max_message_bytes:
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         if self.curve is not None:
@@ -255,24 +259,19 @@ class WorkerLoop:
                             "reply" if is_reply else "event")
 
     def _on_broker(self, frames: list) -> str:
-        header = None
-        if len(frames) >= 2 and frames[0].bytes == TAG:  # the well-formed case, cheaply
-            try:
-                header = _unpackb(frames[1].buffer)
-            except Exception:
-                header = None
-        if type(header) is dict:
-            payloads = frames[2:]
-        else:
-            try:
-                header, payloads = decode(frames)  # says what is wrong
-            except LipsyncError as exc:
-                log.warning("worker %s: malformed message from the broker: %s", self.name, exc.message)
-                return ""
+        try:
+            header = read_header(frames, 0, MAX_LEG_HEADER_BYTES)  # size first, unpacked once
+        except LipsyncError as exc:
+            log.warning("worker %s: malformed message from the broker: %s", self.name, exc.message)
+            return ""
         op = header.get("op")
         if op == "request":
+            # The broker sends the time left; it is counted on this host's clock from now.
+            left = header.get("deadline_left_ms")
+            expires = (time.monotonic() + left / 1000.0
+                       if type(left) in (int, float) and math.isfinite(left) else None)
             self.in_flight += 1
-            self._work.put((header, payloads))
+            self._work.put((header, frames[2:], expires))
         elif op not in ("heartbeat", "disconnect"):
             log.warning("worker %s: unknown op %r from the broker; ignored", self.name, op)
         return op
@@ -281,26 +280,17 @@ class WorkerLoop:
 
     def run(self, stop_event: threading.Event) -> None:
         """Serve until ``stop_event`` is set, then drain: finish in-flight, send disconnect, close."""
-        pull = self.ctx.socket(zmq.PULL)
-        pull.bind(self._wake_addr)
-        with self._wake_lock:
-            self._wake_push = self.ctx.socket(zmq.PUSH)
-            self._wake_push.setsockopt(zmq.SNDHWM, 0)
-            self._wake_push.connect(self._wake_addr)
+        pull = self._open_wakeups()
         self.handler.set_event_sink(self._event_sink)
         threads = [threading.Thread(target=self._executor, name=f"{self.name}-exec{i}", daemon=True)
                    for i in range(self.credits)]
         for t in threads:
             t.start()
-        poller = zmq.Poller()
-        poller.register(pull, zmq.POLLIN)
-        self._connect()
-        poller.register(self._sock, zmq.POLLIN)
-        silent_limit = self.interval * self.liveness
-        backoff = silent_limit
+        self._poller = zmq.Poller()
+        self._poller.register(pull, zmq.POLLIN)
+        self._backoff = self._silent_limit
+        self._reconnect(None)
         now = time.monotonic()
-        broker_deadline = now + backoff
-        next_hb = now + self.interval
         next_stats = now + self.stats_interval
         next_tick = now + self.tick_interval
         drain_until = None
@@ -315,56 +305,17 @@ class WorkerLoop:
                 if self.draining and ((self.in_flight <= 0 and not self._out)
                                       or time.monotonic() > drain_until):
                     break
-                now = time.monotonic()
-                timeout = min(next_hb, next_stats, next_tick, broker_deadline) - now
-                # Sleep only when nothing is waiting on either side (see _emit for the flag).
-                self._sleeping = True
-                if self._out or readable(self._sock):
-                    events = {self._sock: zmq.POLLIN}
-                else:
-                    events = dict(poller.poll(max(0.0, min(timeout, 0.05)) * 1000.0))
-                self._sleeping = False
-                if pull in events:
-                    try:
-                        while True:
-                            pull.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
+                events = self._wait(pull, min(self._next_hb, next_stats, next_tick, self._broker_deadline))
                 self._flush()
-                if self._sock in events:
-                    reconnect = False
-                    received = 0
-                    for _ in range(256):
-                        try:
-                            frames = _recv_parts(self._sock)
-                        except zmq.Again:
-                            break
-                        received += 1
-                        if self._on_broker(frames) == "disconnect":
-                            reconnect = True
-                    if received:
-                        broker_deadline = time.monotonic() + silent_limit
-                        backoff = silent_limit
-                    if reconnect and not self.draining:
-                        log.info("worker %s: the broker asked us to register again", self.name)
-                        poller.unregister(self._sock)
-                        self._connect()
-                        poller.register(self._sock, zmq.POLLIN)
-                        next_hb = time.monotonic() + self.interval
+                if self._sock in events and self._read_broker() and not self.draining:
+                    self._reconnect("the broker asked us to register again")
                 now = time.monotonic()
-                if now >= broker_deadline and not self.draining:
+                if now >= self._broker_deadline and not self.draining:
                     refused = self._handshakes.failure() if self._handshakes is not None else None
-                    log.log(logging.ERROR if refused else logging.WARNING,
-                            "worker %s: no word from the broker for %.1f s%s; reconnecting", self.name,
-                            now - broker_deadline + backoff, f" ({refused})" if refused else "")
-                    poller.unregister(self._sock)
-                    self._connect()
-                    poller.register(self._sock, zmq.POLLIN)
-                    backoff = min(backoff * 2, self.reconnect_max)
-                    broker_deadline = now + backoff
-                    next_hb = now + self.interval
-                if now >= next_hb:
-                    next_hb = now + self.interval
+                    self._reconnect(f"no word from the broker for {now - self._broker_deadline + self._backoff:.1f} s"
+                                    + (f" ({refused})" if refused else ""), silent=True, error=bool(refused))
+                if now >= self._next_hb:
+                    self._next_hb = now + self.interval
                     self._heartbeat()
                 if now >= next_stats:
                     next_stats = now + self.stats_interval
@@ -376,32 +327,97 @@ class WorkerLoop:
                     except Exception:
                         log.exception("worker %s: handler.tick() failed", self.name)
         finally:
-            for _ in threads:
-                self._work.put(None)
+            self._close(pull, threads, drain_until)
+
+    def _open_wakeups(self) -> zmq.Socket:
+        """The inproc pair through which other threads wake the loop (see :meth:`_emit`)."""
+        pull = self.ctx.socket(zmq.PULL)
+        pull.bind(self._wake_addr)
+        with self._wake_lock:
+            self._wake_push = self.ctx.socket(zmq.PUSH)
+            self._wake_push.setsockopt(zmq.SNDHWM, 0)
+            self._wake_push.connect(self._wake_addr)
+        return pull
+
+    def _wait(self, pull: zmq.Socket, until: float) -> dict:
+        """Sleep until a message, a wake-up or ``until`` (at most 50 ms); only when nothing waits."""
+        self._sleeping = True  # before the last look at the deque (see _emit)
+        if self._out or readable(self._sock):
+            events = {self._sock: zmq.POLLIN}
+        else:
+            timeout = max(0.0, min(until - time.monotonic(), 0.05))
+            events = dict(self._poller.poll(timeout * 1000.0))
+        self._sleeping = False
+        if pull in events:
             try:
-                if self._sock is not None:
-                    self._flush()
-                    self._send({"op": "disconnect", "worker": self.name})
-            except zmq.ZMQError:
+                while True:
+                    pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
                 pass
-            for t in threads:
-                t.join(timeout=max(0.0, drain_until - time.monotonic()) if drain_until else 1.0)
-            with self._wake_lock:
-                self._wake_push.close(linger=0)
-                self._wake_push = None
-            pull.close(linger=0)
-            if self._handshakes is not None:
-                self._handshakes.close()
-                self._handshakes = None
-            if self._sock is not None:
-                # A short linger lets the disconnect reach the broker.
-                self._sock.setsockopt(zmq.LINGER, 200)
-                self._sock.close()
-                self._sock = None
+        return events
+
+    def _read_broker(self) -> bool:
+        """Handle what the broker sent (up to RECV_BATCH); True if it said ``disconnect``."""
+        disconnect = False
+        received = 0
+        for _ in range(RECV_BATCH):
             try:
-                self.handler.close()
-            except Exception:
-                log.exception("worker %s: handler.close() failed", self.name)
-            if self._own_ctx:
-                self.ctx.term()
-            log.info("worker %s stopped after %d request(s)", self.name, self.served)
+                frames = _recv_parts(self._sock)
+            except zmq.Again:
+                break
+            received += 1
+            if self._on_broker(frames) == "disconnect":
+                disconnect = True
+        if received:  # the broker is alive: the silence clock and the backoff start over
+            self._broker_deadline = time.monotonic() + self._silent_limit
+            self._backoff = self._silent_limit
+        return disconnect
+
+    def _reconnect(self, reason: Optional[str], *, silent: bool = False, error: bool = False) -> None:
+        """Open a fresh socket and register (``reason`` None: the first connection).
+
+        After a silence the next one is waited for twice as long (up to ``reconnect_max``)."""
+        if reason is not None:
+            log.log(logging.ERROR if error else logging.WARNING if silent else logging.INFO,
+                    "worker %s: %s; reconnecting", self.name, reason)
+            self._poller.unregister(self._sock)
+        self._connect()
+        self._poller.register(self._sock, zmq.POLLIN)
+        now = time.monotonic()
+        if silent:
+            self._backoff = min(self._backoff * 2, self.reconnect_max)
+            self._broker_deadline = now + self._backoff
+        elif reason is None:
+            self._broker_deadline = now + self._backoff
+        self._next_hb = now + self.interval
+
+    def _close(self, pull: zmq.Socket, threads: list, drain_until: Optional[float]) -> None:
+        for _ in threads:
+            self._work.put(None)
+        try:
+            if self._sock is not None:
+                self._flush()
+                self._send({"op": "disconnect", "worker": self.name})
+        except zmq.ZMQError:
+            pass
+        for t in threads:
+            t.join(timeout=max(0.0, drain_until - time.monotonic()) if drain_until else 1.0)
+        with self._wake_lock:
+            self._wake_push.close(linger=0)
+            self._wake_push = None
+        pull.close(linger=0)
+        if self._handshakes is not None:
+            self._handshakes.close()
+            self._handshakes = None
+        if self._sock is not None:
+            # A short linger lets the disconnect reach the broker.
+            self._sock.setsockopt(zmq.LINGER, 200)
+            self._sock.close()
+            self._sock = None
+        try:
+            self.handler.close()
+        except Exception:
+            log.exception("worker %s: handler.close() failed", self.name)
+        if self._own_ctx:
+            self.ctx.term()
+        log.info("worker %s stopped after %d request(s)", self.name, self.served)
