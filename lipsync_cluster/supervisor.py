@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ import yaml
 from . import gpu_select
 from .common.catalog import Catalog
 from .common.frame_store import FrameStore, UnsafeStoreError
+from .common.security import write_key_pair
 from .config import Config, ConfigError
 
 log = logging.getLogger("lipsync_cluster.supervisor")
@@ -115,11 +117,36 @@ class Supervisor:
     run_dir: Optional[Path] = None
     _stopping: bool = False
 
+    @property
+    def worker_keys_dir(self) -> Optional[Path]:
+        """Where `start` keeps the keys it made for its workers (None under operator CURVE keys)."""
+        return None if self.config.security.curve or self.run_dir is None else self.run_dir / "keys"
+
     def _config_file(self) -> str:
-        self.run_dir = Path(tempfile.mkdtemp(prefix="lipsync-cluster-"))
+        self.run_dir = Path(tempfile.mkdtemp(prefix="lipsync-cluster-"))  # 0700: ours alone
+        data = self.config.to_dict()
+        keys = self.worker_keys_dir
+        if keys is not None:
+            # Workers authenticate even on loopback: the broker's workers socket speaks CURVE and
+            # admits only keys made here, one per worker, each bound to that worker's name; no
+            # other local process can register as a worker (docs/SECURITY.md).
+            keys.mkdir(mode=0o700)
+            (keys / "allowed_workers").mkdir(mode=0o700)
+            write_key_pair(keys, "broker")
+            data["security"].update(worker_curve=True, broker_key=str(keys / "broker.key_secret"),
+                                    server_key=str(keys / "broker.key"),
+                                    allowed_workers=str(keys / "allowed_workers"))
         path = self.run_dir / "effective-config.yaml"
-        path.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
         return str(path)
+
+    def _worker_key_args(self, name: str) -> list[str]:
+        keys = self.worker_keys_dir
+        if keys is None:
+            return []
+        write_key_pair(keys, name)
+        shutil.copyfile(keys / f"{name}.key", keys / "allowed_workers" / f"{name}.key")
+        return ["--worker-key", str(keys / f"{name}.key_secret"), "--broker-key", str(keys / "broker.key")]
 
     def _plan(self, config_file: str) -> None:
         base = [sys.executable, "-m", "lipsync_cluster.cli"]
@@ -137,6 +164,7 @@ class Supervisor:
                            "--preload-share", f"{index}/{len(slots)}"]
             if slot.device is not None:
                 argv += ["--gpu", "0", "--gpu-index", str(slot.gpu_index)]
+            argv += self._worker_key_args(slot.name)
             self.children.append(Child(slot.name, argv, wenv))
 
     def start(self) -> None:
@@ -242,9 +270,7 @@ class Supervisor:
         except UnsafeStoreError as exc:
             log.warning("stopped; left the shared frame store alone: %s", exc)
         if self.run_dir is not None:
-            for p in self.run_dir.iterdir():
-                p.unlink()
-            self.run_dir.rmdir()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     @staticmethod
     def _wait(children: list[Child], timeout_s: float) -> None:

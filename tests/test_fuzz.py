@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 
 import msgpack
@@ -21,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lipsync_cluster.common import protocol
+from lipsync_cluster.common.security import CurveKeys, write_key_pair
 
 from test_broker_support import Client as RawClient
 
@@ -308,11 +310,21 @@ def test_fuzz_thousands_of_hostile_messages(cluster):
         drain()
         alive()
 
+    # Workers authenticate even on loopback: the hostile peers get a key of their own that the
+    # broker admits (added to the allow-list `start` made), so their messages reach the parser.
+    fuzz_keys = sup.worker_keys_dir.parent / "fuzz-keys"
+    fuzz_keys.mkdir(mode=0o700)
+    write_key_pair(fuzz_keys, "fuzzer")
+    shutil.copyfile(fuzz_keys / "fuzzer.key", sup.worker_keys_dir / "allowed_workers" / "fuzzer.key")
+    fuzz_curve = CurveKeys.load(fuzz_keys / "fuzzer.key_secret", sup.worker_keys_dir / "broker.key")
+    time.sleep(1.1)  # the broker re-reads its allow-list at most once a second
+
     @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(worker_message(), min_size=1, max_size=8))
     def fuzz_backend(messages):
         fake = ctx.socket(zmq.DEALER)  # a new peer each time: registered or not, it then vanishes
         fake.setsockopt(zmq.LINGER, 0)
+        fuzz_curve.apply(fake)
         fake.connect(sup.config.backend)
         for frames in messages:
             fake.send_multipart(frames)

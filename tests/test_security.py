@@ -376,3 +376,100 @@ def test_a_package_symlinked_out_gets_a_short_reason_and_reads_nothing(make_clus
             assert "leads outside the package folder" in said, said
             assert "SECRET-TOKEN" not in said and str(tmp_path) not in said, said
         assert client.infer("demo_ada", audio_features=np.zeros((32, 16, 16), np.float32)).worker
+
+
+def test_a_worker_name_is_bound_to_its_key(tmp_path):
+    """CURVE on the workers' socket: a key in allowed_workers/NAME.key is the only one that may
+    register as NAME; a name first registered with one key cannot be taken by another admitted key."""
+    from lipsync_cluster.common.security import write_key_pair
+
+    keys = tmp_path / "keys"
+    generate_keys(keys)
+    write_key_pair(keys, "w-named")
+    shutil.copyfile(keys / "w-named.key", keys / "allowed_workers" / "w-named.key")
+    generic = CurveKeys.from_dir(keys, "worker")
+    named = CurveKeys.load(keys / "w-named.key_secret", keys / "broker.key")
+    with SecureCluster(keys) as c:
+        client = c.client(CurveKeys.from_dir(keys, "client"))
+
+        def names() -> set:
+            return {w["worker"] for w in client.model_stats()["workers"]}
+
+        c.worker("w-named", generic)   # an admitted key, but not the one bound to this name
+        c.worker("w-first", generic)
+        wait_for(lambda: names() == {"w-first"}, 5, "the generic key registered its own name only")
+        time.sleep(3 * HB * 3)
+        assert names() == {"w-first"}, "another key could not take the name w-named"
+        c.worker("w-named", named)
+        c.worker("w-first", named)     # the name's first key was the generic one
+        wait_for(lambda: names() == {"w-first", "w-named"}, 5, "the named key registered its name")
+        time.sleep(3 * HB * 3)
+        assert names() == {"w-first", "w-named"}
+
+
+IMPOSTOR = """
+import os, sys, time
+import msgpack, zmq
+backend, keys = sys.argv[1], sys.argv[2]
+try:
+    os.listdir(keys)
+    print("read the keys")
+except PermissionError:
+    print("keys unreadable")
+except FileNotFoundError:
+    print("no keys")
+sock = zmq.Context.instance().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(backend)
+ready = {"op": "ready", "worker": "w0-cpu", "pid": 4242, "credits": 2, "max_models": 3, "host": "impostor"}
+sent = False
+end = time.monotonic() + 4
+while time.monotonic() < end:
+    try:  # a DEALER with no completed handshake has nobody to send to: never block on it
+        if not sent:
+            sock.send_multipart([b"LSC1", msgpack.packb(ready)], zmq.NOBLOCK)
+            sent = True
+        sock.send_multipart([b"LSC1", msgpack.packb({"op": "heartbeat", "worker": "w0-cpu"})], zmq.NOBLOCK)
+    except zmq.Again:
+        pass
+    while sock.poll(0):
+        sock.recv_multipart()
+    time.sleep(0.1)
+print("done")
+"""
+
+
+def test_another_local_user_cannot_register_as_a_worker(make_cluster):
+    """On loopback, an unprivileged local user connects to the workers' socket and registers under
+    the real worker's name (then would answer clients' requests with forged frames). `start` makes
+    the workers authenticate: the impostor cannot read the keys and is never registered."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv (util-linux) to act as another local user")
+    sup = make_cluster(cluster={"per_gpu": 1})
+    keys = str(sup.run_dir / "keys") if sup.run_dir is not None else "/nonexistent"
+    impostor = subprocess.Popen([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                                 IMPOSTOR, sup.config.backend, keys], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd="/")
+    try:
+        with Client(sup.config.frontend, timeout=30) as client:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and impostor.poll() is None:
+                workers = client.model_stats()["workers"]
+                assert [(w["worker"], w.get("pid")) for w in workers] == [("w0-cpu", sup.children[1].proc.pid)], \
+                    f"an impostor registered: {workers}"
+                time.sleep(0.1)
+            result = client.infer("demo_ada", audio_features=np.zeros((32, 16, 16), np.float32))
+            assert result.worker == "w0-cpu"
+        out, err = impostor.communicate(timeout=30)
+        assert "done" in out, err[-2000:]
+        assert "keys unreadable" in out, "another user could read the workers' keys"
+    finally:
+        if impostor.poll() is None:
+            impostor.kill()

@@ -416,6 +416,8 @@ class Broker:
             w.last_seen = time.monotonic()
             self.dispatcher.replied(w, header, payloads)
             return
+        if op == "ready" and not self._may_register(header, frames[1]):
+            return
         if w is None:
             if op == "ready":
                 self._on_ready(identity, header)
@@ -435,6 +437,15 @@ class Broker:
             log.warning("broker: worker %s sent unknown op %r; ignored", w.name, op)
             return
         handler(w, header, payloads)
+
+    def _may_register(self, header: dict, frame: Any) -> bool:
+        """A worker's name is bound to its CurveZMQ key (common/security.py): a peer holding
+        another key cannot register under it and take its requests."""
+        name = header.get("worker")
+        why = self.security.worker_may_register(name, frame) if isinstance(name, str) and name else None
+        if why is not None:
+            log.warning("broker: refused the registration of a worker calling itself %r: %s", name, why)
+        return why is None
 
     def _on_ready(self, identity: bytes, header: dict) -> None:
         name = header.get("worker")

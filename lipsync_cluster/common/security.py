@@ -220,8 +220,9 @@ def _need(security: Any, name: str, what: str) -> str:
 
 
 def worker_keys(security: Any) -> Optional[CurveKeys]:
-    """A worker's CURVE identity from the config (None without ``security.curve``)."""
-    if security is None or not getattr(security, "curve", False):
+    """A worker's CURVE identity from the config (None without ``security.curve`` or
+    ``security.worker_curve``)."""
+    if security is None or not (getattr(security, "curve", False) or getattr(security, "worker_curve", False)):
         return None
     return CurveKeys.load(_need(security, "worker_key", "this worker's secret key"),
                           _need(security, "server_key", "the broker's public key"))
@@ -280,6 +281,7 @@ class KeyFolder:
         self.min_gap_s = min_gap_s
         self._lock = threading.Lock()
         self._keys: frozenset[bytes] = frozenset()
+        self._by_name: dict[str, bytes] = {}  # file stem -> key: "w0-cpu.key" binds the name w0-cpu
         self._stamp: Any = None
         self._checked = -1e18
         self._warned: dict[bytes, float] = {}
@@ -313,14 +315,19 @@ class KeyFolder:
                 return
             self._stamp = stamp
             keys = set()
+            by_name: dict[str, bytes] = {}
             if self.path and os.path.isdir(self.path):
                 for name in sorted(os.listdir(self.path)):
                     if name.endswith(".key"):
                         try:
-                            keys.add(load_public(os.path.join(self.path, name)))
+                            key = load_public(os.path.join(self.path, name))
                         except SecurityError as exc:
                             log.warning("ignoring %s: %s", name, exc)
+                            continue
+                        keys.add(key)
+                        by_name[name[:-len(".key")]] = key
             self._keys = frozenset(keys)
+            self._by_name = by_name
 
     def __contains__(self, z85_key: object) -> bool:
         self.refresh()
@@ -330,6 +337,11 @@ class KeyFolder:
 
     def __len__(self) -> int:
         return len(self._keys)
+
+    def key_named(self, name: str) -> Optional[bytes]:
+        """The key of the file ``name.key``, if the folder has one (a key bound to that name)."""
+        self.refresh()
+        return self._by_name.get(name)
 
     # zmq.auth's credentials provider protocol
     def callback(self, domain: str, key: bytes) -> bool:
@@ -349,17 +361,24 @@ class BrokerSecurity:
 
     def __init__(self, security: Any) -> None:
         self.curve = bool(getattr(security, "curve", False)) if security is not None else False
+        # CURVE on the workers' socket alone (what `start` sets up on loopback with keys it makes):
+        # no local process can register as a worker without a key from the allow-list.
+        self.worker_curve = self.curve or (bool(getattr(security, "worker_curve", False))
+                                           if security is not None else False)
         self.admin_only = bool(getattr(security, "admin_only_management", False)) if security is not None else False
         self.auth: Any = None
         self.public = self.secret = b""
         self.workers = self.clients = self.admins = None
-        if not self.curve:
+        self._worker_names: dict[str, bytes] = {}  # name -> the key that registered it first
+        if not self.worker_curve:
             if self.admin_only:
                 raise SecurityError("security.admin_only_management needs security.curve: true "
                                     "(without CURVE the broker cannot tell who sent a request)")
             return
         self.public, self.secret = load_secret(_need(security, "broker_key", "the broker's secret key"))
         self.workers = KeyFolder(_need(security, "allowed_workers", "public keys of the workers allowed in"))
+        if not self.curve:
+            return
         self.clients = KeyFolder(_need(security, "allowed_clients", "public keys of the clients allowed in"))
         self.admins = KeyFolder(_need(security, "admin_keys", "public keys allowed to load/unload models")
                                 if self.admin_only else setting_path(security, "admin_keys"))
@@ -368,14 +387,15 @@ class BrokerSecurity:
 
     def start(self, ctx: zmq.Context) -> None:
         """Start the ZAP handler (before any CURVE socket binds)."""
-        if not self.curve or self.auth is not None:
+        if not self.worker_curve or self.auth is not None:
             return
         from zmq.auth.thread import ThreadAuthenticator
 
         self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("lipsync_cluster.security.zap"))
         self.auth.start()
         self.auth.configure_curve_callback(domain=WORKER_DOMAIN, credentials_provider=self.workers)
-        self.auth.configure_curve_callback(domain=CLIENT_DOMAIN, credentials_provider=self.clients)
+        if self.curve:
+            self.auth.configure_curve_callback(domain=CLIENT_DOMAIN, credentials_provider=self.clients)
 
     def stop(self) -> None:
         if self.auth is not None:
@@ -386,7 +406,7 @@ class BrokerSecurity:
 
     def apply_server(self, sock: zmq.Socket, role: str) -> None:
         """Make ``sock`` a CURVE server whose peers ZAP checks (``role``: frontend/backend/stats)."""
-        if not self.curve:
+        if not (self.curve or (self.worker_curve and role == "backend")):
             return
         sock.setsockopt(zmq.CURVE_SERVER, 1)
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
@@ -396,6 +416,25 @@ class BrokerSecurity:
             sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         except (AttributeError, zmq.ZMQError):
             pass
+
+    def worker_may_register(self, name: str, frame: Any) -> Optional[str]:
+        """Why the worker that sent ``ready`` (``frame``: a frame of that message) may not use
+        ``name``, or None. A name is bound to a key: to the key of ``allowed_workers/NAME.key``
+        when there is such a file, else to the first key that registered it (a worker restarted
+        with its own key is welcome back; another key holder cannot take its name)."""
+        if not self.worker_curve:
+            return None
+        key = user_id(frame)
+        if key is None:  # cannot happen behind ZAP; refuse rather than guess
+            return "no CurveZMQ key came with the registration"
+        key_bytes = key.encode("ascii") if isinstance(key, str) else key
+        bound = self.workers.key_named(name) if self.workers is not None else None
+        if bound is not None and bound != key_bytes:
+            return f"the name {name!r} belongs to the key in {name}.key, and this is another key"
+        first = self._worker_names.setdefault(name, key_bytes)
+        if first != key_bytes:
+            return f"the name {name!r} was registered with another key"
+        return None
 
     def authorize(self, op: Any, frame: Any) -> None:
         """Raise :class:`Unauthorized` when ``op`` is admin-only and the sender's key is no admin's.

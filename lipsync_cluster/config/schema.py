@@ -129,6 +129,9 @@ class SecurityConfig:
     allowed_clients: Optional[str] = None   # folder of client public keys (keys_dir/allowed_clients)
     admin_keys: Optional[str] = None        # folder of admin public keys (keys_dir/admins)
     admin_only_management: bool = False     # load_model / unload_model for admin keys only
+    # CURVE on the workers' socket only (clients stay plain on loopback): set by `start`, which
+    # makes a key per worker in its private run folder; needs broker_key and allowed_workers.
+    worker_curve: bool = False
 
 
 @dataclass
