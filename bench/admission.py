@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=3)
     ap.add_argument("--zipf", type=float, default=1.1)
     ap.add_argument("--deadline-ms", type=float, default=5000.0)
-    ap.add_argument("--concurrency", type=int, default=8, help="closed loop that measures capacity")
+    ap.add_argument("--concurrency", type=int, default=16,
+                    help="closed loop that measures capacity (4 x the credits: queues stay full)")
     ap.add_argument("--loads", default="1.0,1.7,2.0", help="open-loop rates as multiples of capacity")
     ap.add_argument("--seconds", type=float, default=None, help="per run (default 15, 6 with --quick)")
     ap.add_argument("--demo-dir", default=None, help="keep the demo models here (reused next time)")

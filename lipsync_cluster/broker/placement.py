@@ -29,11 +29,12 @@ class _Entry:
     """What one worker is indexed under (so that its entries can be removed on the next update)."""
 
     __slots__ = ("active", "held", "ready", "loading", "evictable", "in_flight", "room", "credits",
-                 "free")
+                 "free", "slots")
 
     def __init__(self) -> None:
         self.active = False          # not draining: counts as a holder
-        self.held: frozenset = frozenset()
+        self.held: frozenset = frozenset()      # loaded (not hinted away) or loading: ``holds``
+        self.slots = 0                           # model slots taken (``slots_used``)
         self.ready: frozenset = frozenset()      # loaded (not hinted away) on this worker
         self.loading: frozenset = frozenset()
         self.evictable: frozenset = frozenset()  # loaded, nothing in flight, not loading, not hinted
@@ -108,18 +109,61 @@ class PlacementIndex:
             hints = w.hints
             new.credits = w.credits
             new.ready = frozenset(m for m in loaded if m not in hints)
-            held = set(new.ready)
-            held.update(loading)
-            held.update(m for m, n in by_model.items() if n > 0)
-            new.held = frozenset(held)
-            new.loading = frozenset(m for m in held
-                                    if m in loading or (m not in loaded and by_model.get(m, 0) > 0))
-            new.evictable = frozenset(m for m in new.ready
-                                      if not by_model.get(m) and m not in loading)
-            if new.free and len(held) < w.max_models:
-                new.room = (len(held), new.in_flight)
+            in_flight = {m for m, n in by_model.items() if n > 0}
+            new.loading = frozenset(loading.union(m for m in in_flight if m not in loaded))
+            new.held = new.ready | new.loading
+            new.slots = len(new.held.union(in_flight))
+            new.evictable = frozenset(m for m in new.ready if m not in in_flight and m not in loading)
+            if new.free and new.slots < w.max_models:
+                new.room = (new.slots, new.in_flight)
         self._apply(w, old, new)
         self._entries[w] = new
+
+    def moved(self, w: Any, busy: Optional[str] = None) -> None:
+        """Re-index ``w`` when only its number of requests in flight changed, and with ``busy``
+        whether that loaded model has requests in flight (so can be evicted) -- what it holds and
+        its hints did not: the per-request path, a few dict operations."""
+        e = self._entries.get(w)
+        if e is None or not e.active:
+            self.update(w)
+            return
+        if busy is not None:
+            if busy in e.evictable:
+                e.evictable = e.evictable - {busy}
+                _drop(self.evictable, busy, w)
+            elif busy in e.ready and not w.inflight_by_model.get(busy):
+                e.evictable = e.evictable | {busy}
+                _add(self.evictable, busy, w)
+        in_flight, free = w.in_flight, w.free > 0
+        if in_flight == e.in_flight and free == e.free:
+            return
+        self.in_flight += in_flight - e.in_flight
+        if free != e.free:
+            if free:
+                self.free[w] = None
+            else:
+                self.free.pop(w, None)
+        room = (e.slots, in_flight) if free and e.slots < w.max_models else None
+        if room != e.room:
+            if e.room is not None:
+                _drop(self.room, e.room, w)
+            if room is not None:
+                _add(self.room, room, w)
+        ready = self.ready
+        for m in e.ready:  # (level buckets stay when empty: no allocation per request)
+            levels = ready.get(m)
+            if e.free and levels is not None:
+                b = levels.get(e.in_flight)
+                if b is not None:
+                    b.pop(w, None)
+            if free:
+                if levels is None:
+                    levels = ready[m] = {}
+                b = levels.get(in_flight)
+                if b is None:
+                    b = levels[in_flight] = {}
+                b[w] = None
+        e.in_flight, e.free, e.room = in_flight, free, room
 
     def remove(self, w: Any) -> None:
         old = self._entries.pop(w, None)
@@ -196,8 +240,10 @@ class PlacementIndex:
     def _ready_drop(self, m: str, in_flight: int, w: Any) -> None:
         levels = self.ready.get(m)
         if levels is not None:
-            _drop(levels, in_flight, w)
-            if not levels:
+            b = levels.get(in_flight)
+            if b is not None:
+                b.pop(w, None)
+            if not any(levels.values()):
                 del self.ready[m]
 
     def _heap_key(self, m: str) -> tuple[bool, float, str]:
@@ -214,7 +260,11 @@ class PlacementIndex:
         levels = self.ready.get(model)
         if not levels:
             return None
-        return next(iter(levels[min(levels)]))
+        best = None
+        for level, b in levels.items():  # a few levels: 0 .. credits
+            if b and (best is None or level < best):
+                best = level
+        return None if best is None else next(iter(levels[best]))
 
     def pick_free_slot(self, model: str, fits: Callable[[Any], bool]) -> Any:
         """A worker with a free credit and a free slot that does not hold ``model`` and where it
@@ -271,7 +321,7 @@ class PlacementIndex:
         for w, e in self._entries.items():
             if e.free or not e.active or model in e.held:
                 continue
-            if len(e.held) < w.max_models:
+            if e.slots < w.max_models:
                 return True
             if any(m not in busy and self.order_key(m) < than for m in e.held):
                 return True

@@ -52,10 +52,15 @@ class Worker:
         self.served = 0
         self.mem_free: Optional[int] = None      # bytes the worker can still take (heartbeat); None: unknown
 
-    def changed(self) -> None:
-        """Re-index this worker (call after changing what it holds, its credits or its memory)."""
+    def changed(self, shape: bool = True, busy: Optional[str] = None) -> None:
+        """Re-index this worker (call after changing what it holds or its credits). ``shape``
+        False: only how many requests it has in flight changed, and at most whether the loaded
+        model ``busy`` has any (the index's fast path, once per request)."""
         if self.index is not None:
-            self.index.update(self)
+            if shape:
+                self.index.update(self)
+            else:
+                self.index.moved(self, busy)
 
     @property
     def draining(self) -> bool:
@@ -124,23 +129,31 @@ class Worker:
     def start(self, p: Pending, now: float) -> None:
         self.sent[p.rid] = p
         m = p.model
+        first = False  # a model's first request in flight here changes what is held or evictable
         if m is not None:
-            self.inflight_by_model[m] = self.inflight_by_model.get(m, 0) + 1
+            n = self.inflight_by_model.get(m, 0)
+            self.inflight_by_model[m] = n + 1
+            first = n == 0
         if p.evict_hint is not None:
             self.hints[p.evict_hint] = self.hints.get(p.evict_hint, 0) + 1
-        self.changed()
+        if p.evict_hint is None and (not first or self._plainly_loaded(m)):
+            self.changed(False, m if first else None)
+        else:
+            self.changed()
 
     def finish(self, rid: Any) -> Optional[Pending]:
         p = self.sent.pop(rid, None) if isinstance(rid, int) else None
         if p is None:
             return None
         m = p.model
+        last = False
         if m is not None:
             n = self.inflight_by_model.get(m, 0) - 1
             if n > 0:
                 self.inflight_by_model[m] = n
             else:
                 self.inflight_by_model.pop(m, None)
+                last = True
         if p.evict_hint is not None:
             n = self.hints.get(p.evict_hint, 0) - 1
             if n > 0:
@@ -148,8 +161,16 @@ class Worker:
             else:
                 self.hints.pop(p.evict_hint, None)
         self.served += 1
-        self.changed()
+        if p.evict_hint is None and (not last or self._plainly_loaded(m)):
+            self.changed(False, m if last else None)
+        else:
+            self.changed()
         return p
+
+    def _plainly_loaded(self, model: Optional[str]) -> bool:
+        """Loaded, not being loaded again, no eviction hint out for it: a request starting or
+        ending for it changes only whether it can be evicted here."""
+        return model in self.loaded and model not in self.loading and model not in self.hints
 
     def take_all_sent(self) -> list[Pending]:
         pending = list(self.sent.values())
