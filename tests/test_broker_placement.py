@@ -124,7 +124,7 @@ def test_a_waiting_queue_gets_a_second_copy():
 
 def test_full_queue_answers_overloaded_at_once():
     with BrokerThread(catalog_of("a", "b"), queue_limit_per_model=2, queue_limit_total=3) as b:
-        # b is loaded: a model no worker holds would be refused earlier, by the wait (saturated)
+        # b is loaded, so only the queue bounds decide (not the wait a model's load would add)
         with WorkerThread(b.backend, "w0", credits=1, sleep_s=0.4, preload=("b",)):
             client = Client(b.frontend)
             wait_workers(client, 1)

@@ -28,6 +28,7 @@ from .workers import Worker, WorkerTable
 log = logging.getLogger("lipsync_cluster.broker")
 
 PRELOAD_RETRY_S = 10.0      # after a failed or impossible preload, try again this much later
+SATURATED_S = 1.0           # more waiting than running for this long: a cold model's slot will not free
 
 
 class Dispatcher:
@@ -47,6 +48,7 @@ class Dispatcher:
         self.table = WorkerTable(self.heat.order_key)  # its placement index orders victims by heat
         self.sizes: dict[str, int] = {}              # model -> bytes, as workers measured it
         self._mean_service = (-1e9, 0.05)            # (when computed, mean service s of all models)
+        self.saturated_since: Optional[float] = None  # since when more requests wait than run at once
         self.load_failures = LoadBackoff(cl.load_failure_backoff_s, cl.load_failure_backoff_max_s)
         self.max_copies = cl.max_copies_per_model
         self.placement_patience = cl.placement_patience  # x a load time (routing.place; 0 = off)
@@ -108,9 +110,13 @@ class Dispatcher:
         credits of the copies serving it when that is longer, plus a load when no worker holds
         its model, plus its own service. Longer than its deadline: `overloaded` now, with when to
         retry. A model no worker holds waits for a slot, and a slot frees only when a loaded
-        model has nothing waiting: while more requests wait than the cluster runs at once
-        (saturated), that is not expected within any deadline."""
+        model has nothing waiting: while more requests have been waiting than the cluster runs at
+        once for over SATURATED_S (sustained overload, not a burst such as a reconnect's resends),
+        that is not expected within any deadline."""
         index = self.table.index
+        if not index.credits:  # no worker registered: nothing to estimate (the no-worker grace answers)
+            return
+        self.note_saturation(p.arrival)
         # In flight: counted as a whole service each (a burst arrives as they start; conservative).
         wait = self.queues.expected_wait_s(index.credits, index.in_flight * self._service_s(None))
         budget = p.deadline - p.arrival
@@ -118,7 +124,8 @@ class Dispatcher:
         if credits:  # its own queue through the copies serving it (when they cannot grow)
             wait = max(wait, self.queues.depth(p.model) * work_s / credits)
         else:
-            if self.queues.total >= max(1, index.credits):
+            since = self.saturated_since
+            if since is not None and p.arrival - since > SATURATED_S:
                 raise Overloaded(
                     f"no worker holds model {p.model!r} and every worker is busy with requests "
                     "waiting for the models it holds", queue="wait",
@@ -134,6 +141,15 @@ class Dispatcher:
     def fan_out(self, legs: list[UnloadLeg]) -> None:
         self.control.extend(legs)
         self.dirty = True
+
+    def note_saturation(self, now: float) -> None:
+        """Track since when more requests wait than every worker's credits run at once."""
+        credits = self.table.index.credits
+        if credits and self.queues.total >= credits:
+            if self.saturated_since is None:
+                self.saturated_since = now
+        else:
+            self.saturated_since = None
 
     def _retry_after_ms(self, model: str) -> int:
         service = self.stats.service_s(model) or 0.05
@@ -288,6 +304,7 @@ class Dispatcher:
 
     def sweep(self, now: float) -> None:
         """Deadlines (queued and in flight) and requests waiting too long for any worker."""
+        self.note_saturation(now)
         for p in self.queues.expire(now):
             p.expire(self, now)
         if self.control:
