@@ -353,6 +353,7 @@ def test_a_model_that_cannot_fit_answers_capacity_full_with_the_numbers(make_clu
 def test_the_cache_never_holds_more_than_its_budget_even_when_estimates_are_low(demo_dir, monkeypatch):
     from lipsync_cluster.common.catalog import Catalog
     from lipsync_cluster.worker.cache import ModelCache
+    from lipsync_cluster.worker.memory import process_rss
     from lipsync_cluster.worker.sessions import SessionOptions
 
     catalog = Catalog(str(demo_dir))
@@ -361,22 +362,24 @@ def test_the_cache_never_holds_more_than_its_budget_even_when_estimates_are_low(
     events: list[dict] = []
     one = catalog.resolve(ids[0])
     frames_bytes = one.num_frames * one.frame_size[0] * one.frame_size[1] * 3
-    budget = int(frames_bytes * 2.5)  # room for two models' frames, not three
-    cache = ModelCache(catalog.resolve, store, max_models=3, max_memory_bytes=budget,
+    cache = ModelCache(catalog.resolve, store, max_models=3, max_memory_bytes=2**40,
                        session_options=SessionOptions(intra_op_threads=1), event_sink=events.append)
+    # the process as the cache measured it, a `light` model's workspace (under 16 MB), two
+    # models' frames, not three
+    budget = cache.memory.budget = cache.memory.base + 16 * 2**20 + int(frames_bytes * 2.5)
     monkeypatch.setattr(cache, "_estimate_bytes", lambda package: 1024)  # a wildly low estimate
     try:
         for model_id in ids + ids[:1]:
             with cache.use(model_id):
-                assert cache.memory_bytes() <= budget
-            assert cache.memory_bytes() <= budget
+                assert cache.memory.used() <= budget
+            assert cache.memory.used() <= budget
         assert any(e["event"] == "evicted" for e in events), "the real size made room by evicting"
-        small = ModelCache(catalog.resolve, store, max_models=3, max_memory_bytes=frames_bytes // 2,
+        small = ModelCache(catalog.resolve, store, max_models=3, max_memory_bytes=process_rss() + frames_bytes // 2,
                            session_options=SessionOptions(intra_op_threads=1))
         monkeypatch.setattr(small, "_estimate_bytes", lambda package: 1024)
         with pytest.raises(CapacityFullError, match="budget") as info:
             small.load(ids[0])
-        assert info.value.details["needed_bytes"] > info.value.details["max_memory_bytes"]
+        assert info.value.details["needed_bytes"] > info.value.details["available_bytes"]
         assert small.loaded_ids() == [] and small.memory_bytes() == 0
     finally:
         cache.close()

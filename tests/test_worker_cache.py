@@ -105,11 +105,15 @@ def test_memory_budget_limits_resident_models(demo_dir, store):
     use(cache, a)
     one = cache.stats()["models"][0]["memory_bytes"]
     cache.unload(a)
-    cache2, events, _ = make_cache(demo_dir, store, max_models=3, max_memory_bytes=int(one * 2.5))
+    # The budget holds the whole worker: the process as the cache measured it, a `light` model's
+    # small workspace (under 16 MB), and room for two and a half models.
+    cache2, events, _ = make_cache(demo_dir, store, max_models=3)
+    budget = cache2.memory.budget = cache2.memory.base + 16 * 2**20 + int(one * 2.5)
     for m in (a, b, c):
         use(cache2, m)
     assert len(cache2.loaded_ids()) == 2, "the budget holds two models, not three"
     assert cache2.memory_bytes() <= int(one * 2.5)
+    assert cache2.memory.used() <= budget and cache2.stats()["mem_free"] >= 0
     cache3, _, _ = make_cache(demo_dir, store, max_memory_bytes=one // 4)
     with pytest.raises(CapacityFull, match="budget"):
         use(cache3, a)

@@ -19,14 +19,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-import psutil
-
 from ..common.errors import CapacityFull, LipsyncError, ModelLoadFailed
 from ..common.frame_store import FrameStore, SharedFrames
 from ..common.load_backoff import LoadBackoff
 from ..common.model_package import (SESSION_MEMORY_FACTOR, ModelPackage, ModelPackageError, bind_unet_io,
                                     public_reason)
-from .sessions import SessionOptions, make_session, warm_up
+from .memory import WorkerMemory, process_rss
+from .sessions import SessionOptions, Workspace, make_session, warm_up
 
 log = logging.getLogger("lipsync_cluster.worker.cache")
 
@@ -117,13 +116,13 @@ class ModelCache:
         clock: Callable[[], float] = time.time,
         load_backoff_s: float = 2.0,
         load_backoff_max_s: float = 300.0,
+        meter: Optional[Callable[[], Optional[int]]] = None,
     ) -> None:
         if policy not in ("lru", "lfu"):
             raise ValueError(f"eviction policy must be lru or lfu, got {policy!r}")
         self.resolve = resolve
         self.frame_store = frame_store
         self.max_models = max_models
-        self.max_memory_bytes = max_memory_bytes
         self.policy = policy
         self.idle_unload_s = idle_unload_s
         self.session_options = session_options
@@ -137,8 +136,21 @@ class ModelCache:
         self._loading: dict[str, threading.Event] = {}
         self._reserved: dict[str, int] = {}  # bytes promised to loads in progress
         self._retired: list[LoadedModel] = []
+        # The one activation workspace of this worker, and the budget it shares with the models:
+        # measured by ``meter`` (RSS on the CPU; the caller passes a GPU reading for CUDA).
+        self.workspace = Workspace(session_options)
+        if meter is None:
+            meter = process_rss if not session_options.uses_cuda else (lambda: None)
+        self.memory = WorkerMemory(max_memory_bytes, self.workspace, meter)
+        self.memory.resident = self._resident_bytes
+        self.memory.evict_for = self._evict_for_workspace
 
     # --- queries -------------------------------------------------------------------------
+
+    @property
+    def max_memory_bytes(self) -> int:
+        """The budget (one number, kept by :attr:`memory`)."""
+        return self.memory.budget
 
     def loaded_ids(self) -> list[str]:
         with self._lock:
@@ -156,6 +168,11 @@ class ModelCache:
         with self._lock:
             return sum(m.memory_bytes for m in self._models.values())
 
+    def _resident_bytes(self) -> int:
+        """Models resident and promised to loads in progress (what the workspace cannot use)."""
+        with self._lock:
+            return sum(m.memory_bytes for m in self._models.values()) + sum(self._reserved.values())
+
     def stats(self) -> dict:
         now = self.clock()
         with self._lock:
@@ -167,6 +184,7 @@ class ModelCache:
             "total_memory_bytes": sum(m["memory_bytes"] for m in models),
             "max_memory_bytes": self.max_memory_bytes,
             "eviction_policy": self.policy,
+            **self.memory.snapshot(),
         }
 
     # --- use -----------------------------------------------------------------------------
@@ -239,18 +257,23 @@ class ModelCache:
                   hold: bool = False) -> LoadedModel:
         model_id = package.model_id
         estimate = self._estimate_bytes(package)
-        self._make_room(model_id, estimate, evict_hint, replacing)
+        # room for its first run too: the warm-up measures its workspace in a shrunk arena
+        self._make_room(model_id, estimate + self.memory.one_frame_guess(), evict_hint, replacing)
         self._emit("loading", model_id, version=package.version)
         if self.log_operations:
             log.info("📦 Loading model '%s' (version %s, %d frames)...", model_id, package.version, package.num_frames)
         started = time.perf_counter()
-        rss_before = psutil.Process().memory_info().rss
         frames = None
         try:
             _check_same_files(package)
+            before = self.memory.measured()
             session = make_session(package.onnx_path, self.session_options)
+            after = self.memory.measured()
             visual, audio = bind_unet_io(session.get_inputs())
-            warm_up(session)
+            # The first run, at batch 1, in the shared workspace: kernels set up, and the model's
+            # workspace per frame measured before any request relies on it.
+            with self.workspace.lock:
+                self.memory.measure_run((model_id, package.version), 1, lambda: warm_up(session))
             frames = self.frame_store.attach(model_id, package.version, package.frame_paths,
                                              expected_size=tuple(package.frame_size),
                                              check_source=lambda: _check_same_files(package))
@@ -270,7 +293,8 @@ class ModelCache:
             raise ModelLoadFailed(f"model '{model_id}' failed to load: {public_reason(reason)}", model_id=model_id,
                                   version=package.version) from exc
         load_ms = (time.perf_counter() - started) * 1000
-        session_bytes = psutil.Process().memory_info().rss - rss_before if not self.session_options.uses_cuda else 0
+        # The weights as the process holds them (activations live in the shared workspace).
+        session_bytes = after - before if before is not None and after is not None else 0
         if session_bytes <= 0:
             session_bytes = int(os.path.getsize(package.onnx_path) * SESSION_MEMORY_FACTOR)
         memory = session_bytes + frames.nbytes
@@ -313,36 +337,81 @@ class ModelCache:
         return int(os.path.getsize(package.onnx_path) * SESSION_MEMORY_FACTOR) + frames
 
     def _make_room(self, model_id: str, needed: int, evict_hint: Optional[str], replacing: Optional[LoadedModel]) -> None:
-        """Evict until one more model of ``needed`` bytes fits, or raise CapacityFull."""
-        if needed > self.max_memory_bytes:
+        """Evict until one more model of ``needed`` bytes fits, or raise CapacityFull.
+
+        The budget holds the whole worker: the process itself and the shared workspace count
+        next to the models; the workspace's idle memory is given back before any model is evicted.
+        """
+        if needed + self.memory.base > self.max_memory_bytes:
             raise CapacityFull(
-                f"model '{model_id}' needs {needed / 2**20:.0f} MB but the worker's budget is "
-                f"{self.max_memory_bytes / 2**20:.0f} MB", model_id=model_id,
-                needed_bytes=needed, max_memory_bytes=self.max_memory_bytes)
+                f"model '{model_id}' needs {needed / 2**20:.0f} MB, and the worker's budget of "
+                f"{self.max_memory_bytes / 2**20:.0f} MB has {(self.max_memory_bytes - self.memory.base) / 2**20:.0f} MB "
+                "besides the process itself", model_id=model_id, needed_bytes=needed,
+                available_bytes=max(0, self.max_memory_bytes - self.memory.base),
+                max_memory_bytes=self.max_memory_bytes)
+        shrunk = False
         while True:
             with self._lock:
                 others = {mid: m for mid, m in self._models.items() if mid != model_id}
                 replaced = replacing.memory_bytes if replacing is not None and model_id in self._models else 0
                 count = len(others) + 1 + sum(1 for mid in self._loading if mid != model_id and mid not in self._models)
                 used = sum(m.memory_bytes for m in self._models.values()) - replaced + sum(
-                    v for k, v in self._reserved.items() if k != model_id)
+                    v for k, v in self._reserved.items() if k != model_id) + self.memory.base + self.memory.held
                 if count <= self.max_models and used + needed <= self.max_memory_bytes:
                     self._reserved[model_id] = needed
                     return
-                candidates = [m for m in others.values() if m.in_use == 0]
-                if not candidates:
-                    raise CapacityFull(
-                        f"capacity full and eviction failed: loading '{model_id}' needs {needed / 2**20:.0f} MB "
-                        f"and a model slot; {len(others)}/{self.max_models} models loaded, "
-                        f"{used / 2**20:.0f}/{self.max_memory_bytes / 2**20:.0f} MB used, and every loaded "
-                        "model is serving a request", model_id=model_id, needed_bytes=needed, used_bytes=used,
-                        max_memory_bytes=self.max_memory_bytes, loaded_models=len(others), max_models=self.max_models)
-                victim = self._choose_victim(candidates, evict_hint)
+                # the arena's idle memory goes back before any model does
+                shrink = not shrunk and self.memory.held > 0 and count <= self.max_models
+                if not shrink:
+                    candidates = [m for m in others.values() if m.in_use == 0]
+                    if not others:
+                        raise CapacityFull(
+                            f"model '{model_id}' needs {needed / 2**20:.0f} MB and the worker's budget of "
+                            f"{self.max_memory_bytes / 2**20:.0f} MB has {max(0, self.max_memory_bytes - used) / 2**20:.0f} MB "
+                            f"free (the process {self.memory.base / 2**20:.0f} MB, its workspace "
+                            f"{self.memory.held / 2**20:.0f} MB)", model_id=model_id, needed_bytes=needed,
+                            used_bytes=used, available_bytes=max(0, self.max_memory_bytes - used),
+                            max_memory_bytes=self.max_memory_bytes, loaded_models=0, max_models=self.max_models)
+                    if not candidates:
+                        raise CapacityFull(
+                            f"capacity full and eviction failed: loading '{model_id}' needs {needed / 2**20:.0f} MB "
+                            f"and a model slot; {len(others)}/{self.max_models} models loaded, "
+                            f"{used / 2**20:.0f}/{self.max_memory_bytes / 2**20:.0f} MB used, and every loaded "
+                            "model is serving a request", model_id=model_id, needed_bytes=needed, used_bytes=used,
+                            available_bytes=max(0, self.max_memory_bytes - used), max_memory_bytes=self.max_memory_bytes,
+                            loaded_models=len(others), max_models=self.max_models)
+                    victim = self._choose_victim(candidates, evict_hint)
+                    del self._models[victim.model_id]
+            if shrink:
+                with self.workspace.lock:
+                    self.memory.shrink()
+                shrunk = True
+                continue
+            self._evicted(victim)
+
+    def _evicted(self, victim: LoadedModel) -> None:
+        self._log_eviction(victim)
+        self._emit("evicted", victim.model_id, version=victim.version, reason=f"policy {self.policy}",
+                   usage_count=victim.usage_count, memory_bytes=victim.memory_bytes)
+        victim.close()
+
+    def _evict_for_workspace(self, model_id: str, needed: int) -> bool:
+        """Evict idle models other than ``model_id`` until ``needed`` bytes are free for the
+        workspace; False (having evicted nothing) when the idle ones together cannot free it."""
+        with self._lock:
+            idle = [m for mid, m in self._models.items() if mid != model_id and m.in_use == 0]
+            if sum(m.memory_bytes for m in idle) < needed:
+                return False
+            freed, victims = 0, []
+            while freed < needed:
+                victim = self._choose_victim(idle, None)
+                idle.remove(victim)
                 del self._models[victim.model_id]
-            self._log_eviction(victim)
-            self._emit("evicted", victim.model_id, version=victim.version, reason=f"policy {self.policy}",
-                       usage_count=victim.usage_count, memory_bytes=victim.memory_bytes)
-            victim.close()
+                victims.append(victim)
+                freed += victim.memory_bytes
+        for victim in victims:
+            self._evicted(victim)
+        return True
 
     def _choose_victim(self, candidates: list[LoadedModel], evict_hint: Optional[str]) -> LoadedModel:
         for m in candidates:

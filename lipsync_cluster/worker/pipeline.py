@@ -17,6 +17,7 @@ from ..common import audio, imageops
 from ..common.errors import BadRequest
 from ..common.infer_request import InferRequest
 from .cache import LoadedModel
+from .memory import WorkerMemory
 from .idle import IdleCache, is_silent
 
 DEFAULT_JPEG_QUALITY = 85
@@ -41,7 +42,7 @@ class AudioEncoder:
 
 class Pipeline:
     def __init__(self, encoder: Optional[AudioEncoder], threads: int = 2,
-                 idle_cache: Optional[IdleCache] = None) -> None:
+                 idle_cache: Optional[IdleCache] = None, memory: Optional[WorkerMemory] = None) -> None:
         self.encoder = encoder
         # silent PCM batches: the UNet output per background frame is cached (worker/idle.py)
         self.idle = idle_cache if idle_cache is not None else IdleCache()
@@ -49,8 +50,10 @@ class Pipeline:
         # One UNet run at a time per worker: it already uses every core (or the whole GPU) it was
         # given. Two requests in flight then pipeline: one's UNet runs while the other's
         # features, crops, paste-back and encoding use what the UNet leaves idle, instead of
-        # two UNets fighting over the same cores.
-        self._unet_lock = threading.Lock()
+        # two UNets fighting over the same cores. The runs share the worker's one activation
+        # workspace (``memory``: its lock, and the chunk sizes that keep it in the budget).
+        self.memory = memory
+        self._unet_lock = memory.workspace.lock if memory is not None else threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -83,12 +86,28 @@ class Pipeline:
         return batch, crops
 
     def unet(self, model: LoadedModel, visual: np.ndarray, feats: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """The UNet's output, the ms it ran, and the ms it waited for the other request's run."""
+        """The UNet's output, the ms it ran, and the ms it waited for the other request's run.
+
+        A batch whose workspace would not fit the worker's budget runs in equal chunks, one after
+        the other (the same frames, in order); raises CapacityFull when one frame cannot fit."""
         asked = time.perf_counter()
         with self._unet_lock:
             started = time.perf_counter()
-            out = model.session.run(None, {model.visual_input: visual, model.audio_input: feats})[0]
+            batch = len(visual)
+            if self.memory is None:
+                out = self._run_unet(model, visual, feats)
+            else:
+                key = (model.model_id, model.version)
+                chunk = self.memory.chunk_for(model.model_id, key, batch)
+                parts = [self.memory.measure_run(key, min(chunk, batch - i),
+                                                 lambda i=i: self._run_unet(model, visual[i:i + chunk], feats[i:i + chunk]))
+                         for i in range(0, batch, chunk)]
+                out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return out, (time.perf_counter() - started) * 1000, (started - asked) * 1000
+
+    @staticmethod
+    def _run_unet(model: LoadedModel, visual: np.ndarray, feats: np.ndarray) -> np.ndarray:
+        return model.session.run(None, {model.visual_input: visual, model.audio_input: feats})[0]
 
     def composite_and_encode(self, model: LoadedModel, req: InferRequest, bg: np.ndarray, crops: list,
                              out: np.ndarray) -> tuple[list, list, float, float]:

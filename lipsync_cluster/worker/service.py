@@ -68,10 +68,13 @@ class WorkerService:
             clock=clock,
             load_backoff_s=config.cluster.load_failure_backoff_s,
             load_backoff_max_s=config.cluster.load_failure_backoff_max_s,
+            # On a GPU the budget holds the process's GPU memory, read through NVML (None: unread).
+            meter=(lambda: self.gpu_monitor.read().get("gpu_memory_used_bytes"))
+            if self.session_options.uses_cuda else None,
         )
         encoder_path = config.audio_encoder
         encoder = AudioEncoder(lambda: make_session(encoder_path, self.session_options)) if encoder_path else None
-        self.pipeline = Pipeline(encoder, threads=max(2, threads))
+        self.pipeline = Pipeline(encoder, threads=max(2, threads), memory=self.cache.memory)
         self.max_batch_size = config.cluster.max_batch_size
 
     # --- RequestHandler ------------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""What a worker's memory really holds, measured, and the batch chunks that keep it in its budget.
+
+The budget (``capacity.max_memory_gb``) holds the worker's whole footprint as the system sees it
+(RSS on the CPU; the process's GPU memory on a GPU, read through NVML):
+
+    process (measured at start) + models (weights measured at load + their frames)
+    + workspace (the one shared activation arena, measured run by run) <= budget
+
+The workspace a UNet run needs grows with its batch: on the CPU the ``unet`` demo needs about
+200 MB per frame. It is measured, per model and chunk size, on the first run of that size (from
+a shrunk arena, so the number is the run's whole need, not what the arena happened to lack). A
+batch whose workspace would not fit next to the resident models runs in equal chunks that do
+(same frames out, in order); one that cannot fit even one frame evicts idle models, or is
+refused with ``capacity_full`` and the numbers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Callable, Optional
+
+import psutil
+
+from ..common.errors import CapacityFull
+from .sessions import Workspace
+
+log = logging.getLogger("lipsync_cluster.worker.memory")
+
+MB = 2**20
+
+# Before a model's first run is measured, a frame is assumed to need this much workspace more
+# than what batch 1 measured (the batch-1 figure holds fixed costs, larger batches may fragment).
+FIRST_GUESS_MARGIN = 1.25
+
+
+def process_rss() -> int:
+    """This process's resident memory in bytes (what the host's OOM killer counts)."""
+    return psutil.Process().memory_info().rss
+
+
+class WorkerMemory:
+    """The budget and the shared workspace of one worker.
+
+    ``resident()`` gives the bytes held outside the workspace by models (resident, and promised
+    to loads in progress); ``evict_for(model_id, bytes)`` asks the cache to free that much by
+    evicting idle models other than ``model_id`` and returns whether it could; ``meter()`` reads
+    the process's memory (``None`` where it cannot be read: then the workspace is not measured).
+    """
+
+    def __init__(self, budget_bytes: int, workspace: Workspace,
+                 meter: Callable[[], Optional[int]] = process_rss) -> None:
+        self.budget = int(budget_bytes)
+        self.workspace = workspace
+        self.meter = meter
+        self.resident: Callable[[], int] = lambda: 0
+        self.evict_for: Callable[[str, int], bool] = lambda model_id, needed: False
+        self._lock = threading.Lock()  # the tables below; the workspace lock orders runs
+        self._chunk_bytes: dict[tuple[str, str, int], int] = {}  # (model, version, chunk) -> measured
+        self._fits: set[tuple[str, str, int]] = set()  # ran in the arena as it is (since its last shrink)
+        self.held = 0  # bytes the arena holds (grown by runs, given back by shrinks), measured
+        self.base = int(meter() or 0)  # the process before any model: interpreter, libraries, sessions
+        self.chunked_batches = 0
+
+    # --- numbers ---------------------------------------------------------------------------
+
+    def used(self) -> int:
+        """What the budget is holding: the process, the models and the workspace."""
+        return self.base + self.resident() + self.held
+
+    def measured(self) -> Optional[int]:
+        return self.meter()
+
+    def snapshot(self) -> dict:
+        """``mem_budget``, ``mem_used``, ``mem_free`` (bytes; used is the larger of the account and
+        the reading, so a worker never claims room it does not have), and the parts."""
+        reading = self.meter()
+        used = max(self.used(), reading or 0)
+        return {"mem_budget": self.budget, "mem_used": used, "mem_free": max(0, self.budget - used),
+                "mem_process_bytes": self.base, "mem_workspace_bytes": self.held,
+                "mem_measured_bytes": reading, "mem_chunked_batches": self.chunked_batches}
+
+    def estimate(self, key: tuple[str, str], chunk: int) -> int:
+        """Workspace bytes a run of ``chunk`` frames of model ``key`` needs: measured where it ran
+        at that size, else the largest measured bytes per frame of that model times ``chunk``."""
+        with self._lock:
+            exact = self._chunk_bytes.get((*key, chunk))
+            if exact is not None:
+                return exact
+            per_frame = [b / c for (m, v, c), b in self._chunk_bytes.items() if (m, v) == key]
+        if not per_frame:
+            return 0
+        return int(max(per_frame) * FIRST_GUESS_MARGIN * chunk)
+
+    def one_frame_guess(self) -> int:
+        """Workspace a model not yet run here will need for its first frame: the most any model
+        measured at batch 1 (0 before the first): a load keeps room for its own warm-up run."""
+        with self._lock:
+            return max((b for (_, _, c), b in self._chunk_bytes.items() if c == 1), default=0)
+
+    # --- the workspace ---------------------------------------------------------------------
+
+    def shrink(self) -> None:
+        """Give the arena's unused memory back (hold ``workspace.lock``)."""
+        before = self.meter()
+        self.workspace.shrink()
+        after = self.meter()
+        with self._lock:
+            self._fits.clear()
+            if before is not None and after is not None:
+                self.held = max(0, self.held - max(0, before - after))
+            else:
+                self.held = 0
+
+    def measure_run(self, key: tuple[str, str], chunk: int, run: Callable[[], object]) -> object:
+        """Run ``run`` (one UNet run of ``chunk`` frames, ``workspace.lock`` held), measuring it the
+        first time this model runs at this size: from a shrunk arena, so its growth is its need."""
+        fresh = (*key, chunk) not in self._chunk_bytes
+        if fresh:
+            self.shrink()
+        elif (*key, chunk) in self._fits:
+            return run()  # ran at this size in the arena as it is: it grows nothing, no reading needed
+        before = self.meter()
+        out = run()
+        after = self.meter()
+        with self._lock:
+            if before is not None and after is not None:
+                grown = max(0, after - before)
+                self.held += grown
+                if fresh:
+                    self._chunk_bytes[(*key, chunk)] = grown
+            self._fits.add((*key, chunk))
+        return out
+
+    def chunk_for(self, model_id: str, key: tuple[str, str], batch: int) -> int:
+        """The frames per UNet run for a batch of ``batch`` (hold ``workspace.lock``): the whole
+        batch if it fits, else equal chunks that do. Shrinks the arena or evicts idle models when
+        the room is there only without them; raises CapacityFull when one frame cannot fit."""
+        room = self.budget - self.base - self.resident()
+        fits = [c for c in range(batch, 0, -1) if self.estimate(key, c) <= room]
+        if not fits:
+            needed = self.estimate(key, 1)
+            if self.evict_for(model_id, needed - room):
+                room = self.budget - self.base - self.resident()
+            if needed > room:
+                raise CapacityFull(
+                    f"model '{model_id}' needs {needed / MB:.0f} MB of workspace for one frame and "
+                    f"{room / MB:.0f} MB of the worker's {self.budget / MB:.0f} MB budget is free "
+                    "(every other model is serving a request)", model_id=model_id, needed_bytes=needed,
+                    available_bytes=max(0, room), max_memory_bytes=self.budget)
+            best = 1
+        else:
+            best = fits[0]
+        runs = math.ceil(batch / best)
+        chunk = math.ceil(batch / runs)  # equal chunks: 25 in runs of at most 7 -> 7, 7, 7, 4
+        expected_growth = 0 if (*key, chunk) in self._fits else self.estimate(key, chunk)
+        if self.held + expected_growth > room:
+            self.shrink()
+        if runs > 1:
+            with self._lock:
+                self.chunked_batches += 1
+        return chunk
