@@ -101,18 +101,17 @@ def test_idle_unload_on_controllable_clock(demo_dir, store):
 
 
 def test_memory_budget_limits_resident_models(demo_dir, store):
-    cache, _, (a, b, c) = make_cache(demo_dir, store, max_models=3)
-    use(cache, a)
-    one = cache.stats()["models"][0]["memory_bytes"]
-    cache.unload(a)
-    # The budget holds the whole worker: the process as the cache measured it, a `light` model's
-    # small workspace (under 16 MB), and room for two and a half models.
-    cache2, events, _ = make_cache(demo_dir, store, max_models=3)
-    budget = cache2.memory.budget = cache2.memory.base + 16 * 2**20 + int(one * 2.5)
-    for m in (a, b, c):
-        use(cache2, m)
+    cache2, events, (a, b, c) = make_cache(demo_dir, store, max_models=3)
+    use(cache2, a)
+    use(cache2, b)
+    two = cache2.memory_bytes()
+    one = min(m["memory_bytes"] for m in cache2.stats()["models"])
+    # The budget holds the whole worker (the process, its workspace, the models): what it holds
+    # now and half a model more, so a third model needs an eviction.
+    budget = cache2.memory.budget = cache2.memory.used() + one // 2
+    use(cache2, c)
     assert len(cache2.loaded_ids()) == 2, "the budget holds two models, not three"
-    assert cache2.memory_bytes() <= int(one * 2.5)
+    assert cache2.memory_bytes() <= two + one // 2
     assert cache2.memory.used() <= budget and cache2.stats()["mem_free"] >= 0
     cache3, _, _ = make_cache(demo_dir, store, max_memory_bytes=one // 4)
     with pytest.raises(CapacityFull, match="budget"):

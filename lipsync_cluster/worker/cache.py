@@ -266,14 +266,13 @@ class ModelCache:
         frames = None
         try:
             _check_same_files(package)
-            before = self.memory.measured()
-            session = make_session(package.onnx_path, self.session_options)
-            after = self.memory.measured()
-            visual, audio = bind_unet_io(session.get_inputs())
-            # The first run, at batch 1, in the shared workspace: kernels set up, and the model's
-            # workspace per frame measured before any request relies on it.
+            # Created and run once at batch 1 in a quiet workspace (no UNet runs meanwhile, a few
+            # hundred ms): what the model itself holds, and its workspace per frame, measured.
             with self.workspace.lock:
-                self.memory.measure_run((model_id, package.version), 1, lambda: warm_up(session))
+                session, session_bytes = self.memory.measure_load(
+                    (model_id, package.version), lambda: make_session(package.onnx_path, self.session_options),
+                    lambda s: (bind_unet_io(s.get_inputs()), warm_up(s)))
+            visual, audio = bind_unet_io(session.get_inputs())
             frames = self.frame_store.attach(model_id, package.version, package.frame_paths,
                                              expected_size=tuple(package.frame_size),
                                              check_source=lambda: _check_same_files(package))
@@ -293,9 +292,7 @@ class ModelCache:
             raise ModelLoadFailed(f"model '{model_id}' failed to load: {public_reason(reason)}", model_id=model_id,
                                   version=package.version) from exc
         load_ms = (time.perf_counter() - started) * 1000
-        # The weights as the process holds them (activations live in the shared workspace).
-        session_bytes = after - before if before is not None and after is not None else 0
-        if session_bytes <= 0:
+        if not session_bytes:  # unread (a GPU without NVML readings): estimated from the file
             session_bytes = int(os.path.getsize(package.onnx_path) * SESSION_MEMORY_FACTOR)
         memory = session_bytes + frames.nbytes
         if package.memory_estimate_mb:
@@ -351,12 +348,14 @@ class ModelCache:
                 max_memory_bytes=self.max_memory_bytes)
         shrunk = False
         while True:
+            reading = self.memory.measured()  # outside the lock: on a GPU it is an NVML call
             with self._lock:
                 others = {mid: m for mid, m in self._models.items() if mid != model_id}
                 replaced = replacing.memory_bytes if replacing is not None and model_id in self._models else 0
                 count = len(others) + 1 + sum(1 for mid in self._loading if mid != model_id and mid not in self._models)
-                used = sum(m.memory_bytes for m in self._models.values()) - replaced + sum(
-                    v for k, v in self._reserved.items() if k != model_id) + self.memory.base + self.memory.held
+                reserved = sum(v for k, v in self._reserved.items() if k != model_id)
+                counted = sum(m.memory_bytes for m in self._models.values()) - replaced + reserved
+                used = max(counted + self.memory.base + self.memory.held, (reading or 0) - replaced + reserved)
                 if count <= self.max_models and used + needed <= self.max_memory_bytes:
                     self._reserved[model_id] = needed
                     return

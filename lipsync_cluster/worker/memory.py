@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import psutil
 
@@ -29,14 +29,59 @@ log = logging.getLogger("lipsync_cluster.worker.memory")
 
 MB = 2**20
 
-# Before a model's first run is measured, a frame is assumed to need this much workspace more
-# than what batch 1 measured (the batch-1 figure holds fixed costs, larger batches may fragment).
+# ONNX Runtime plans a shape's memory on its first run and allocates by that plan (one block) from
+# the second on: both layouts are measured, each from a shrunk arena, so the first run's scattered
+# blocks never sit next to the planned one.
+MEASURED_RUNS = 2
+
+
+
+# Before a model's run at a size is measured, a frame is assumed to need this much more workspace
+# than the most per frame it measured at other sizes (layouts differ between batch sizes).
 FIRST_GUESS_MARGIN = 1.25
+
+# glibc keeps freed blocks under its dynamic mmap threshold (which rises to 32 MB after the first
+# large free) in the heap: a shrunk arena would then not show in RSS, and a regrown one would
+# not either. A fixed threshold sends every block of 1 MB and more to mmap and back on free, so
+# RSS follows what the arena holds. (Small blocks, most of Python's, are not affected.)
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3
+
+
+def follow_rss() -> None:
+    """Make freed large blocks go back to the system at once (glibc; elsewhere a no-op)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
 
 
 def process_rss() -> int:
     """This process's resident memory in bytes (what the host's OOM killer counts)."""
     return psutil.Process().memory_info().rss
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak RSS (VmHWM; Linux >= 4.0). False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class WorkerMemory:
@@ -57,32 +102,47 @@ class WorkerMemory:
         self.evict_for: Callable[[str, int], bool] = lambda model_id, needed: False
         self._lock = threading.Lock()  # the tables below; the workspace lock orders runs
         self._chunk_bytes: dict[tuple[str, str, int], int] = {}  # (model, version, chunk) -> measured
+        self._measured_runs: dict[tuple[str, str, int], int] = {}
         self._fits: set[tuple[str, str, int]] = set()  # ran in the arena as it is (since its last shrink)
         self.held = 0  # bytes the arena holds (grown by runs, given back by shrinks), measured
+        if meter is process_rss:
+            follow_rss()
         self.base = int(meter() or 0)  # the process before any model: interpreter, libraries, sessions
         self.chunked_batches = 0
 
     # --- numbers ---------------------------------------------------------------------------
 
-    def used(self) -> int:
-        """What the budget is holding: the process, the models and the workspace."""
-        return self.base + self.resident() + self.held
+    def used(self, reading: Optional[int] = None) -> int:
+        """What the budget is holding: the process, the models and the workspace as counted, or
+        the process as measured when that is more (what the system sees is what the budget holds)."""
+        reading = self.meter() if reading is None else reading
+        return max(self.base + self.resident() + self.held, reading or 0)
+
+    def _outside_workspace(self) -> int:
+        """Bytes held outside the workspace: counted, or measured (the reading less the arena)."""
+        reading = self.meter()
+        counted = self.base + self.resident()
+        return counted if reading is None else max(counted, reading - self.held)
 
     def measured(self) -> Optional[int]:
         return self.meter()
 
+    def free(self, reading: Optional[int] = None) -> dict:
+        """``mem_budget``, ``mem_used``, ``mem_free`` in bytes, as heartbeats carry them. Used is the
+        larger of the account and the reading, so a worker never claims room it does not have."""
+        used = self.used(reading)
+        return {"mem_budget": self.budget, "mem_used": used, "mem_free": max(0, self.budget - used)}
+
     def snapshot(self) -> dict:
-        """``mem_budget``, ``mem_used``, ``mem_free`` (bytes; used is the larger of the account and
-        the reading, so a worker never claims room it does not have), and the parts."""
+        """:meth:`free` and its parts: the process, the workspace, the reading, chunked batches."""
         reading = self.meter()
-        used = max(self.used(), reading or 0)
-        return {"mem_budget": self.budget, "mem_used": used, "mem_free": max(0, self.budget - used),
-                "mem_process_bytes": self.base, "mem_workspace_bytes": self.held,
+        return {**self.free(reading or 0), "mem_process_bytes": self.base, "mem_workspace_bytes": self.held,
                 "mem_measured_bytes": reading, "mem_chunked_batches": self.chunked_batches}
 
     def estimate(self, key: tuple[str, str], chunk: int) -> int:
         """Workspace bytes a run of ``chunk`` frames of model ``key`` needs: measured where it ran
-        at that size, else the largest measured bytes per frame of that model times ``chunk``."""
+        at that size, else the largest measured bytes per frame of that model times ``chunk`` (an
+        upper bound: the batch-1 figure carries the run's fixed costs too)."""
         with self._lock:
             exact = self._chunk_bytes.get((*key, chunk))
             if exact is not None:
@@ -112,23 +172,60 @@ class WorkerMemory:
             else:
                 self.held = 0
 
+    def _measured(self, run: Callable[[], Any]) -> tuple[Any, Optional[int]]:
+        """``run()`` and the most memory it added at any moment: the peak (RSS high-water mark)
+        where the meter is RSS and Linux can reset it, else the reading after it."""
+        before = self.meter()
+        peak = self.meter is process_rss and _reset_peak()
+        out = run()
+        after = _peak_rss() if peak else self.meter()
+        if peak and after is not None:
+            after = max(after, self.meter() or 0)
+        if before is None or after is None:
+            return out, None
+        return out, max(0, after - before)
+
+    def measure_load(self, key: tuple[str, str], create: Callable[[], Any],
+                     warm_up: Callable[[Any], None]) -> tuple[Any, Optional[int]]:
+        """Create a model's session and run it once at batch 1 in a quiet, shrunk workspace (hold
+        ``workspace.lock``). Returns the session and the model's own bytes (weights, prepacked
+        kernels: what stays when the arena is empty again), or None where nothing can be read;
+        the batch-1 workspace is recorded for the chunk sizes to come."""
+        self.shrink()
+        empty = self.meter()
+        session = create()
+        grown = 0
+        for _ in range(MEASURED_RUNS):
+            self.shrink()
+            grown = max(grown, self._measured(lambda: warm_up(session))[1] or 0)
+        self.shrink()
+        again = self.meter()
+        if empty is None or again is None:
+            return session, None
+        with self._lock:
+            self._chunk_bytes[(*key, 1)] = grown
+            self._measured_runs[(*key, 1)] = MEASURED_RUNS
+        return session, max(0, again - empty)
+
     def measure_run(self, key: tuple[str, str], chunk: int, run: Callable[[], object]) -> object:
         """Run ``run`` (one UNet run of ``chunk`` frames, ``workspace.lock`` held), measuring it the
-        first time this model runs at this size: from a shrunk arena, so its growth is its need."""
-        fresh = (*key, chunk) not in self._chunk_bytes
+        first times this model runs at this size (:data:`MEASURED_RUNS`): each from a shrunk arena,
+        so its growth is its need."""
+        fresh = self._measured_runs.get((*key, chunk), 0) < MEASURED_RUNS
         if fresh:
             self.shrink()
         elif (*key, chunk) in self._fits:
             return run()  # ran at this size in the arena as it is: it grows nothing, no reading needed
         before = self.meter()
-        out = run()
+        out, peak = self._measured(run)
         after = self.meter()
         with self._lock:
             if before is not None and after is not None:
-                grown = max(0, after - before)
-                self.held += grown
-                if fresh:
-                    self._chunk_bytes[(*key, chunk)] = grown
+                self.held += max(0, after - before)
+                if fresh and peak is not None:
+                    self._chunk_bytes[(*key, chunk)] = max(peak, self._chunk_bytes.get((*key, chunk), 0))
+            if fresh:
+                self._measured_runs[(*key, chunk)] = self._measured_runs.get((*key, chunk), 0) + 1
             self._fits.add((*key, chunk))
         return out
 
@@ -136,12 +233,12 @@ class WorkerMemory:
         """The frames per UNet run for a batch of ``batch`` (hold ``workspace.lock``): the whole
         batch if it fits, else equal chunks that do. Shrinks the arena or evicts idle models when
         the room is there only without them; raises CapacityFull when one frame cannot fit."""
-        room = self.budget - self.base - self.resident()
+        room = self.budget - self._outside_workspace()
         fits = [c for c in range(batch, 0, -1) if self.estimate(key, c) <= room]
         if not fits:
             needed = self.estimate(key, 1)
             if self.evict_for(model_id, needed - room):
-                room = self.budget - self.base - self.resident()
+                room = self.budget - self._outside_workspace()
             if needed > room:
                 raise CapacityFull(
                     f"model '{model_id}' needs {needed / MB:.0f} MB of workspace for one frame and "
