@@ -266,12 +266,11 @@ class ModelCache:
         frames = None
         try:
             _check_same_files(package)
-            # Created and run once at batch 1 in a quiet workspace (no UNet runs meanwhile, a few
-            # hundred ms): what the model itself holds, and its workspace per frame, measured.
-            with self.workspace.lock:
-                session, session_bytes = self.memory.measure_load(
-                    (model_id, package.version), lambda: make_session(package.onnx_path, self.session_options),
-                    lambda s: (bind_unet_io(s.get_inputs()), warm_up(s)))
+            # Created, then run at batch 1 in a quiet workspace (no UNet runs meanwhile): what the
+            # model itself holds, and its workspace per frame, measured.
+            session, session_bytes = self.memory.measure_load(
+                (model_id, package.version), lambda: make_session(package.onnx_path, self.session_options),
+                lambda s: (bind_unet_io(s.get_inputs()), warm_up(s)))
             visual, audio = bind_unet_io(session.get_inputs())
             frames = self.frame_store.attach(model_id, package.version, package.frame_paths,
                                              expected_size=tuple(package.frame_size),

@@ -187,25 +187,26 @@ class WorkerMemory:
 
     def measure_load(self, key: tuple[str, str], create: Callable[[], Any],
                      warm_up: Callable[[Any], None]) -> tuple[Any, Optional[int]]:
-        """Create a model's session and run it once at batch 1 in a quiet, shrunk workspace (hold
-        ``workspace.lock``). Returns the session and the model's own bytes (weights, prepacked
-        kernels: what stays when the arena is empty again), or None where nothing can be read;
-        the batch-1 workspace is recorded for the chunk sizes to come."""
-        self.shrink()
-        empty = self.meter()
+        """Create a model's session (while other models run), then run it at batch 1 in a quiet,
+        shrunk workspace (``workspace.lock`` taken here). Returns the session and the model's own
+        bytes (weights, prepacked kernels: what stays beside an empty arena), or None where nothing
+        can be read; the batch-1 workspace is recorded for the chunk sizes to come."""
+        reading = self.meter()
+        outside = None if reading is None else reading - self.held  # all but the arena, before
         session = create()
-        grown = 0
-        for _ in range(MEASURED_RUNS):
+        with self.workspace.lock:
+            grown = 0
+            for _ in range(MEASURED_RUNS):
+                self.shrink()
+                grown = max(grown, self._measured(lambda: warm_up(session))[1] or 0)
             self.shrink()
-            grown = max(grown, self._measured(lambda: warm_up(session))[1] or 0)
-        self.shrink()
-        again = self.meter()
-        if empty is None or again is None:
+            again = self.meter()
+        if outside is None or again is None:
             return session, None
         with self._lock:
             self._chunk_bytes[(*key, 1)] = grown
             self._measured_runs[(*key, 1)] = MEASURED_RUNS
-        return session, max(0, again - empty)
+        return session, max(0, again - self.held - outside)
 
     def measure_run(self, key: tuple[str, str], chunk: int, run: Callable[[], object]) -> object:
         """Run ``run`` (one UNet run of ``chunk`` frames, ``workspace.lock`` held), measuring it the
