@@ -40,11 +40,12 @@ MEASURED_RUNS = 2
 # than the most per frame it measured at other sizes (layouts differ between batch sizes).
 FIRST_GUESS_MARGIN = 1.25
 
-# glibc keeps freed blocks under its dynamic mmap threshold (which rises to 32 MB after the first
-# large free) in the heap: a shrunk arena would then not show in RSS, and a regrown one would
-# not either. A fixed threshold sends every block of 1 MB and more to mmap and back on free, so
-# RSS follows what the arena holds. (Small blocks, most of Python's, are not affected.)
-MMAP_THRESHOLD = 1 << 20
+# glibc's dynamic mmap threshold rises with every large free: after a big batch, arena regions
+# of tens of MB would come from (and go back to) the heap, where a shrink does not show in RSS.
+# A fixed threshold at glibc's own maximum (32 MB) keeps the workspace's large regions on mmap,
+# given back when shrunk, while the pipeline's frame-sized buffers (a few MB) still reuse the
+# heap without page faults.
+MMAP_THRESHOLD = 32 << 20
 _M_MMAP_THRESHOLD = -3
 
 
