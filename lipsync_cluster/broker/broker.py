@@ -36,7 +36,7 @@ from .dispatch import Dispatcher
 from .hardening import check_message_size, clean_event, clean_stats, open_security
 from .requests import Gather, UnloadLeg
 from .stats import BrokerStats, format_report
-from .validate import check_envelope, check_load, check_model
+from .validate import check_envelope, check_known, check_load, check_model
 from .workers import Worker
 
 log = logging.getLogger("lipsync_cluster.broker")
@@ -337,8 +337,8 @@ class Broker:
             self._refuse(client, cid, InternalError(f"broker error: {type(exc).__name__}: {exc}"))
 
     def _on_infer(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
-        model = check_model(header, self._known)
-        batch = check_infer(header, payloads, self.max_batch)
+        batch = check_infer(header, payloads, self.max_batch)  # the request rules, the id's form included
+        model = check_known(header["model_id"], self._known)
         deadline_s = check_deadline(header)
         d = self.dispatcher
         if d.load_failures or "error" in self._watch.current.get(model, ()):

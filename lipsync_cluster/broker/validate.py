@@ -30,7 +30,11 @@ def check_envelope(header: dict) -> tuple[Any, str]:
 
 
 def check_model(header: dict, known: Callable[[str], bool]) -> str:
-    model = require_model_id(header)
+    return check_known(require_model_id(header), known)
+
+
+def check_known(model: str, known: Callable[[str], bool]) -> str:
+    """``model`` (a valid id) is in the catalog, else :class:`UnknownModel`."""
     if not known(model):
         raise UnknownModel(f"model {model!r} is not configured", model_id=model)
     return model

@@ -38,6 +38,7 @@ _send = _Base.send
 _recv = _Base.recv
 _get = _Base.get
 _unpackb = msgpack.unpackb
+_Frame = zmq.Frame
 
 NOBLOCK = int(zmq.NOBLOCK)
 SNDMORE = int(zmq.SNDMORE)
@@ -93,11 +94,12 @@ def read_header(frames: list, at: int = 0, max_bytes: int = MAX_HEADER_BYTES) ->
     if len(frames) < at + 2:
         raise BadRequest(f"message has {len(frames) - at} frame(s); expected at least 2 (tag, header)")
     tag = frames[at]
-    tag = tag.bytes if hasattr(tag, "bytes") else bytes(tag)
+    tag = tag.bytes if type(tag) is _Frame else bytes(tag)
     if tag != TAG:
         raise BadRequest(f"frame 0 (protocol tag) is {tag[:16]!r}; expected {TAG!r}")
-    buf = frame_buffer(frames[at + 1])
-    size = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
+    buf = frames[at + 1]
+    buf = buf.buffer if type(buf) is _Frame else buf
+    size = buf.nbytes if type(buf) is memoryview else len(buf) if type(buf) is bytes else memoryview(buf).nbytes
     if max_bytes and size > max_bytes:
         raise BadRequest(f"frame 1 (header) is {size} bytes; the limit is {max_bytes} bytes",
                          size=size, limit=max_bytes)
