@@ -57,6 +57,9 @@ def test_every_op_and_full_frames(make_cluster, demo_dir):
         assert stats["loaded_models"] == 1 and stats["max_models"] == 6
         assert stats["max_memory_bytes"] == 2 * 4 * 2**30
         assert any(w["loaded_models"] == 1 for w in stats["workers"])
+        for w in stats["workers"]:  # each worker's memory as it measures it (worker/memory.py)
+            assert w["mem_budget"] == 4 * 2**30 and 0 < w["mem_used"] <= w["mem_budget"], w
+            assert w["mem_free"] == w["mem_budget"] - w["mem_used"] and w["mem_process_bytes"] > 0, w
 
         loaded = client.load_model("demo_ben")
         assert loaded["model_id"] == "demo_ben"

@@ -14,6 +14,8 @@ from .workers import WorkerTable
 
 # Per-worker GPU readings a worker's stats may carry (worker/gpu_monitor.py); numbers only.
 GPU_STATS = ("gpu_memory_used_bytes", "gpu_device_memory_used_bytes", "gpu_memory_total_bytes", "gpu_utilization")
+# The worker's memory as it measures it (worker/memory.py): budget, used, free, and the parts.
+MEM_STATS = ("mem_budget", "mem_used", "mem_free", "mem_process_bytes", "mem_workspace_bytes", "mem_chunked_batches")
 
 
 def _worker_model_entries(table: WorkerTable) -> dict[str, list[dict]]:
@@ -70,7 +72,8 @@ def worker_entry(w: Any) -> dict:
         # What ONNX Runtime really gave the worker ("cuda", "cpu"), the device it is pinned to, and
         # its GPU readings (worker/gpu_monitor.py) when it has a GPU.
         "provider": s.get("provider"), "device": s.get("device"),
-        **{k: s[k] for k in GPU_STATS if isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool)},
+        **{k: s[k] for k in (*GPU_STATS, *MEM_STATS)
+           if isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool)},
     }
 
 
