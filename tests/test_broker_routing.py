@@ -151,12 +151,19 @@ def test_a_model_is_placed_where_it_fits_in_free_memory():
     big.mem_free = 1000
     d = route("m", [small, big], size=500)
     assert (d.action, d.worker) == (PLACE, big)  # fewer models on a, but m does not fit there
-    assert route("m", [small], size=500).action == WAIT
+    busy_big = worker("d", loaded=["x"], credits=1, max_models=4, busy={"x": 1})
+    busy_big.mem_free = 1000
+    assert route("m", [small, busy_big], size=500).action == WAIT  # wait for the one it fits on
     full = worker("c", loaded=["old"], max_models=1)
     full.mem_free = 50
     d = route("m", [full], size=500, size_of={"old": 600}.get)  # fits once "old" is gone
     assert (d.worker, d.evict) == (full, "old")
-    assert route("m", [full], size=500, size_of={"old": 100}.get).action == WAIT
+    # Fits on no worker at all: placed as if memory were unknown; the worker makes room (it may
+    # evict more than one model) or answers capacity_full -- no waiting for a fit that never comes.
+    d = route("m", [full], size=500, size_of={"old": 100}.get)
+    assert (d.action, d.worker, d.evict) == (PLACE, full, "old") and "bytes free" in d.reason
+    d = route("m", [small], size=500)
+    assert (d.action, d.worker) == (PLACE, small)
 
 
 def test_worker_view_hides_hinted_victims_and_counts_in_flight_loads():

@@ -314,6 +314,15 @@ class PlacementIndex:
             for entry in popped:
                 heapq.heappush(heap, entry)
 
+    def fits_anywhere(self, size: int) -> bool:
+        """Whether some worker (busy or not) reports ``size`` bytes free, or does not report its
+        memory. A scan: only asked when no worker with a free credit had the room."""
+        for w, e in self._entries.items():
+            free = getattr(w, "mem_free", None)
+            if e.active and (free is None or free >= size):
+                return True
+        return False
+
     def colder_on_busy_worker(self, model: str, busy: Collection[str], than: float) -> bool:
         """Whether a worker without a free credit (not draining) has a free slot, or holds a
         model colder than ``than`` that nothing waits for. A scan: only used with

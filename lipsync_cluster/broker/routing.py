@@ -76,6 +76,20 @@ def place(model: str, index: PlacementIndex, busy_models: Collection[str] = (),
     and throughput for fewer loads (docs/BENCHMARKS.md, Routing).
     """
     fits = fits_by_memory(size, size_of)
+    d = _place(model, index, busy_models, allow_evict, fits, head_wait_s, patience_s)
+    if d.action == WAIT and size is not None and not index.fits_anywhere(size):
+        # No worker reports the room, even once idle: the memory-blind choice, and that worker
+        # makes room (evicting more than one model if it must) or answers `capacity_full` with
+        # its numbers -- better than waiting for a fit that will not come.
+        d = _place(model, index, busy_models, allow_evict, lambda w, victim=None: True,
+                   head_wait_s, patience_s)
+        if d.action == PLACE:
+            d = d._replace(reason=d.reason + f" (no worker reports {size} bytes free)")
+    return d
+
+
+def _place(model: str, index: PlacementIndex, busy_models: Collection[str], allow_evict: bool,
+           fits: Callable[..., bool], head_wait_s: float, patience_s: float) -> Decision:
     w = index.pick_free_slot(model, fits)
     if w is not None:
         return Decision(PLACE, w, None, "free slot")
@@ -88,7 +102,7 @@ def place(model: str, index: PlacementIndex, busy_models: Collection[str] = (),
                 return Decision(WAIT, None, None, "a busy worker holds a colder model")
             return Decision(PLACE, found[0], victim, "evict coldest")
     return Decision(WAIT, None, None, "no worker with a free credit and a free or evictable slot"
-                    + ("" if size is None else " where the model fits"))
+                    " where the model fits")
 
 
 def route(model: str, workers: Any, *, busy_models: Collection[str] = (),
