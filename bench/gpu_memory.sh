@@ -6,6 +6,7 @@
 # it, models are measured through NVML. Printed per row: host peak RSS, the process's GPU memory
 # (NVML, the most seen after any request), what the worker reports, and nvidia-smi's view.
 #
+#   INSTALL=0 VENV=/opt/env bash bench/gpu_memory.sh  # offline host: an environment that already has the gpu extra
 #   bash bench/gpu_memory.sh                 # from the repository root
 #   BUDGET_GB=6 VENV=/tmp/v PY=python3.11 bash bench/gpu_memory.sh
 set -euo pipefail
@@ -23,18 +24,22 @@ step "machine"
 nvidia-smi -L
 nvidia-smi --query-gpu=index,name,driver_version,memory.used,memory.total --format=csv
 
-step "venv in $VENV with .[gpu,tools,test]"
-if [ ! -x "$VENV/bin/python" ]; then
-    if ! "$PY" -m venv "$VENV" 2>/dev/null; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-        "$PY" -m venv "$VENV"
+if [ "${INSTALL:-1}" = 1 ]; then
+    step "venv in $VENV with .[gpu,tools,test]"
+    if [ ! -x "$VENV/bin/python" ]; then
+        if ! "$PY" -m venv "$VENV" 2>/dev/null; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+            "$PY" -m venv "$VENV"
+        fi
     fi
+    "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
+    "$VENV/bin/pip" install -q -e ".[gpu,tools,test]"
+    # The test extra holds the CPU onnxruntime, which installs the same module as onnxruntime-gpu.
+    "$VENV/bin/pip" uninstall -q -y onnxruntime onnxruntime-gpu
+    "$VENV/bin/pip" install -q "onnxruntime-gpu[cuda,cudnn]>=1.17"
+else
+    step "INSTALL=0: using $VENV as it is (an offline GPU host with the gpu extra already installed)"
 fi
-"$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-"$VENV/bin/pip" install -q -e ".[gpu,tools,test]"
-# The test extra holds the CPU onnxruntime, which installs the same module as onnxruntime-gpu.
-"$VENV/bin/pip" uninstall -q -y onnxruntime onnxruntime-gpu
-"$VENV/bin/pip" install -q "onnxruntime-gpu[cuda,cudnn]>=1.17"
 "$VENV/bin/python" -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())"
 
 step "3 unet demo models (12 frames, 1280x720)"
