@@ -8,8 +8,9 @@ PER_GPU ?= 2
 METRICS_PORT ?= 5558
 # The ONNX Runtime flavour: gpu where nvidia-smi answers, else cpu (override: make run RUNTIME=cpu).
 RUNTIME ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
-# What each target installs (setup.cfg's extras; README "Install"). `test` holds everything (CPU runtime).
-RUN_EXTRAS := $(RUNTIME),tools,console
+# What each target installs (setup.cfg's extras; README "Install"): `run` what README's commands after
+# `make run` need (loadtest --plot: plot; gateway: gateway). `test` holds everything (CPU runtime).
+RUN_EXTRAS := $(RUNTIME),tools,console,plot,gateway
 TEST_EXTRAS := test
 STAMP_RUN := $(VENV)/.installed-run-$(RUNTIME)
 STAMP := $(VENV)/.installed-test-$(RUNTIME)
@@ -41,7 +42,7 @@ endef
 $(STAMP): setup.cfg pyproject.toml
 	$(call install_extras,$(TEST_EXTRAS))
 
-$(STAMP_RUN): setup.cfg pyproject.toml
+$(STAMP_RUN): setup.cfg pyproject.toml Makefile
 	$(call install_extras,$(RUN_EXTRAS))
 
 venv: $(STAMP)
