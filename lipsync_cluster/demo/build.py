@@ -84,14 +84,15 @@ audio_encoder: {audio_encoder}
 # What each worker keeps loaded, and how it makes room for the next model.
 capacity:
   max_models: 3            # models loaded at once per worker
-  max_memory_gb: 4         # per-worker budget: ONNX sizes + decoded frames (memory_estimate_mb)
+  max_memory_gb: 4         # per-worker budget: the worker's whole footprint (process + models + workspace;
+                           # GPU memory on a GPU); docs/CONFIG.md, docs/RELIABILITY.md
   eviction_policy: lfu     # lfu: evict the least requested (cluster-wide, decayed); lru: least recent
   idle_unload_minutes: 30  # unload a model no request touched for this long (0 = never)
 
 # ONNX Runtime settings for the UNet sessions.
 onnx:
   cuda_enabled: true       # use CUDA on workers given a GPU; CPU workers (--gpus 0) never ask for it
-  intra_op_threads: 1      # threads per session (0 = let ONNX Runtime decide)
+  intra_op_threads: 1      # threads per session (0 = this host's cores split evenly between its workers)
 
 # The worker pool. The command-line flags --gpus and --per-gpu override these.
 cluster:
