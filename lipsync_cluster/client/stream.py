@@ -62,7 +62,8 @@ import numpy as np
 from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, SPAN_AFTER, SPAN_BEFORE, pcm_span_for_batch, to_float_pcm
 from ..common.errors import (BadRequest, InternalError, LipsyncError, Overloaded, RequestTimeout, Unavailable,
                              error_from_wire)
-from ..common.infer_request import FORMATS, MAX_BATCH_SIZE, MAX_FRAME_INDEX, MODEL_ID_RE, is_model_id
+from ..common.infer_request import (MAX_BATCH_SIZE, MAX_FRAME_INDEX, MODEL_ID_RE, check_quality, is_model_id,
+                                     require_int)
 from .results import decode_image, infer_request, infer_result
 
 RETRYABLE = (Unavailable, RequestTimeout, Overloaded)
@@ -149,11 +150,9 @@ class StreamCore:
             raise BadRequest(f"fps must be {FPS}: the models' audio front end is fixed at {FPS} frames per second "
                              f"({SAMPLES_PER_FRAME} samples of {SAMPLE_RATE} Hz audio per frame); got {fps}",
                              field="fps")
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH_SIZE:
-            raise BadRequest(f"batch_size must be an integer in 1..{MAX_BATCH_SIZE}; got {batch_size!r}",
-                             field="batch_size")
-        if format not in FORMATS:
-            raise BadRequest(f"format must be one of {', '.join(FORMATS)}; got {format!r}", field="format")
+        # The request rules' own checks and words (common/infer_request.py), as the broker says them.
+        require_int({"batch_size": batch_size}, "batch_size", 1, MAX_BATCH_SIZE)
+        check_quality(format, quality)  # the format too
         if max_in_flight < 1:
             raise BadRequest(f"max_in_flight must be >= 1; got {max_in_flight}", field="max_in_flight")
         if isinstance(lookahead_frames, bool) or not isinstance(lookahead_frames, int) \
@@ -507,8 +506,9 @@ class StreamCore:
         if not isinstance(exc, LipsyncError):
             exc = InternalError(f"{type(exc).__name__}: {exc}")
         what = f"frames {b.start}..{b.start + b.size - 1} of model '{b.model_id}'"
-        tries = "; ".join(b.errors)
-        err = type(exc)(f"{exc.message} ({what}; {b.attempts} attempt(s): {tries})", **exc.details)
+        # The last try's message is exc's own: only earlier tries are listed, so nothing is said twice.
+        earlier = f"; {b.attempts} attempts, before: " + "; ".join(b.errors[:-1]) if len(b.errors) > 1 else ""
+        err = type(exc)(f"{exc.message} ({what}{earlier})", **exc.details)
         self.error = err
         return False
 

@@ -99,6 +99,16 @@ def optional_number(header: dict, field: str, lo: float, hi: float) -> float | N
     return value
 
 
+def check_quality(fmt: str, quality: Any) -> Optional[int]:
+    """``quality`` for frames of format ``fmt`` (None: the format's default), by :data:`QUALITY_RANGE`:
+    what a client checks up front, in the words the broker would use."""
+    fmt = require_choice({"format": fmt}, "format", FORMATS)
+    if quality is None:
+        return None
+    lo, hi = QUALITY_RANGE[fmt]
+    return require_int({"quality": quality}, "quality", lo, hi)
+
+
 def check_deadline(header: dict) -> Optional[float]:
     """``deadline_ms`` (optional, 1 ms .. 1 h) as seconds."""
     ms = header.get("deadline_ms")

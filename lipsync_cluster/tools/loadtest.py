@@ -36,7 +36,8 @@ import click
 import numpy as np
 
 from ..common.audio import SAMPLES_PER_FRAME, pcm_span_for_batch
-from ..common.infer_request import FORMATS
+from ..common.errors import BadRequest
+from ..common.infer_request import FORMATS, MAX_BATCH_SIZE, check_quality
 from ..common.extras import require
 from ..client.client import DEFAULT_ENDPOINT, Client
 from ..client.results import infer_request
@@ -74,8 +75,8 @@ class LoadSpec:
             raise ValueError("give a duration or a number of requests")
         if self.zipf is not None and self.zipf < 0:
             raise ValueError("the Zipf exponent must be >= 0")
-        if not 1 <= self.batch <= 256:
-            raise ValueError("batch must be in 1..256")
+        if not 1 <= self.batch <= MAX_BATCH_SIZE:  # the broker's own limit (common/infer_request.py)
+            raise ValueError(f"batch must be in 1..{MAX_BATCH_SIZE}")
 
     @property
     def mode(self) -> str:
@@ -89,6 +90,7 @@ class Record:
     done: float = 0.0
     ok: bool = False
     code: Optional[str] = None
+    message: str = ""          # the server's (or client's) error message, for the report
     frames: int = 0
     cold: bool = False
     load_ms: float = 0.0
@@ -170,6 +172,7 @@ class _Run:
             header, _ = future.result()
         except BaseException as exc:  # cancelled / transport closed
             rec.code = getattr(exc, "code", None) or "client_error"
+            rec.message = str(getattr(exc, "message", None) or exc)
         else:
             if header.get("ok"):
                 rec.ok = True
@@ -182,6 +185,7 @@ class _Run:
             else:
                 error = header.get("error")
                 rec.code = (error.get("code") if isinstance(error, dict) else None) or "internal"
+                rec.message = str(error.get("message", "")) if isinstance(error, dict) else ""
         with self.lock:
             self.completed += 1
         if self.spec.concurrency is not None:
@@ -343,6 +347,9 @@ def report(records: list[Record], spec: LoadSpec, t0: float) -> dict:
         "config": {**asdict(spec), "mode": spec.mode},
         "duration_s": elapsed,
         "requests": len(records), "ok": len(ok), "errors": dict(errors),
+        # the first message of each error code: what the server said, not only how often
+        "error_messages": {code: next(r.message for r in records if not r.ok and r.code == code)
+                           for code in errors},
         "error_rate": (len(records) - len(ok)) / len(records) if records else 0.0,
         "requests_per_s": len(ok) / elapsed, "frames_per_s": frames / elapsed,
         "offered_per_s": len(records) / elapsed, "frames": frames,
@@ -489,10 +496,12 @@ def loadtest_command(local_cluster: LocalCluster) -> click.Command:
                   help="Number of requests.")
     @click.option("--num-requests", "script_num_requests", type=click.IntRange(1, None), default=None,
                   help="The earlier test script's name for --requests.")
-    @click.option("--batch", "-b", type=click.IntRange(1, 256), default=5, show_default=True, help="Frames per request.")
+    @click.option("--batch", "-b", type=click.IntRange(1, MAX_BATCH_SIZE), default=5, show_default=True,
+                  help="Frames per request (the broker's limit).")
     @click.option("--format", "fmt", type=click.Choice(FORMATS), default="jpeg",
                   show_default=True, help="Frame encoding asked for.")
-    @click.option("--quality", type=click.IntRange(0, 100), default=None, help="jpeg quality / png compression.")
+    @click.option("--quality", type=click.IntRange(0, 100), default=None,
+                  help="jpeg quality 1..100 / png compression 0..9 (checked against --format).")
     @click.option("--deadline-ms", type=click.FloatRange(1, None), default=None, help="Per-request deadline.")
     @click.option("--timeout", type=float, default=120.0, show_default=True,
                   help="Seconds to wait for a reply before counting it as client_timeout.")
@@ -550,6 +559,10 @@ def loadtest_command(local_cluster: LocalCluster) -> click.Command:
             duration = 10.0
         if demo_models and broker:
             raise click.UsageError("--demo-models starts its own local cluster; leave out --broker/--ports")
+        try:  # the request rules' range for this format, before any request goes out
+            check_quality(fmt, quality)
+        except BadRequest as exc:
+            raise click.BadParameter(exc.message, param_hint="--quality") from None
         if plot_path:
             require("lipsync-cluster loadtest --plot", "plot")
         if demo_models:
@@ -601,7 +614,8 @@ def loadtest_command(local_cluster: LocalCluster) -> click.Command:
             plot_report(rep, plot_path)
             click.echo(f"plot written to {plot_path}", err=True)
         if rep["ok"] == 0:
-            click.echo("Error: no request succeeded", err=True)
+            said = "; ".join(f"{code}: {message}" for code, message in sorted(rep.get("error_messages", {}).items()))
+            click.echo("Error: no request succeeded" + (f" ({said})" if said else ""), err=True)
             sys.exit(1)
 
     return loadtest

@@ -17,7 +17,8 @@ import click
 import numpy as np
 
 from ..common.audio import FPS, SAMPLE_RATE
-from ..common.errors import BadRequest, LipsyncError
+from ..common.errors import BadRequest
+from ..common.infer_request import MAX_BATCH_SIZE, check_quality
 from .audio_file import load_audio_16k
 
 DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
@@ -94,9 +95,10 @@ def render_file(client, model_id: str, audio_path: str | os.PathLike, out_path: 
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="The MP4 to write.")
 @click.option("--format", "fmt", type=click.Choice(["jpeg", "png"]), default="jpeg", show_default=True,
               help="How frames travel from the workers (png is lossless and larger).")
-@click.option("--quality", type=click.IntRange(0, 100), default=None,
-              help="jpeg quality 1..100 (default 85) / png compression 0..9.")
-@click.option("--batch-size", type=click.IntRange(1, 25), default=5, show_default=True, help="Frames per request.")
+@click.option("--quality", type=int, default=None,
+              help="jpeg quality 1..100 (default 85) / png compression 0..9 (checked against --format).")
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=5, show_default=True,
+              help="Frames per request.")
 @click.option("--in-flight", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Batches in flight at once.")
 @click.option("--broker", "endpoint", default=DEFAULT_BROKER, show_default=True, envvar="LIPSYNC_BROKER",
@@ -114,12 +116,13 @@ def render(model_id: str, audio_path: str, out_path: str, fmt: str, quality: Opt
     """
     from ..client import Client
 
-    with Client(endpoint, timeout=timeout) as client:
-        try:
-            summary = render_file(client, model_id, audio_path, out_path, format=fmt, quality=quality,
-                                  batch_size=batch_size, max_in_flight=in_flight, progress=not quiet)
-        except LipsyncError as exc:
-            raise click.ClickException(f"{exc.code}: {exc.message}") from None
+    try:  # up front, by the request rules: not after decoding the audio and asking the cluster
+        check_quality(fmt, quality)
+    except BadRequest as exc:
+        raise click.BadParameter(exc.message, param_hint="--quality") from None
+    with Client(endpoint, timeout=timeout) as client:  # errors: one line (the CLI's command wrapper)
+        summary = render_file(client, model_id, audio_path, out_path, format=fmt, quality=quality,
+                              batch_size=batch_size, max_in_flight=in_flight, progress=not quiet)
     click.echo(f"✅ {summary['out']}: {summary['frames']} frames ({summary['audio_seconds']:.2f} s of audio) in "
                f"{summary['wall_seconds']:.1f} s ({summary['realtime_factor']}x real time); latency p50 "
                f"{summary['latency_p50_ms']:.0f} ms, p99 {summary['latency_p99_ms']:.0f} ms")
