@@ -131,18 +131,27 @@ def snapshot_from_broker(endpoint: str, timeout_s: float) -> dict:
     return body
 
 
+def split_wait(timeout_s: float, fallback: bool) -> tuple[float, float]:
+    """``timeout_s`` shared between the PUB socket and the client endpoint (when there is a
+    fallback), so "no broker answered within N s" takes N s, not twice that. The PUB socket
+    speaks about every second: half of the default 5 s is plenty."""
+    return (timeout_s / 2, timeout_s / 2) if fallback else (timeout_s, 0.0)
+
+
 def take_snapshot(stats_endpoint: str, broker: Optional[str], timeout_s: float) -> tuple[dict, list[dict]]:
-    """One snapshot (and recent events) from the PUB socket, else from the client endpoint."""
+    """One snapshot (and recent events) from the PUB socket, else from the client endpoint, all
+    within ``timeout_s``."""
+    pub_wait, broker_wait = split_wait(timeout_s, bool(broker))
     feed = StatsFeed(stats_endpoint)
     try:
-        if feed.poll(timeout_s) and feed.snapshot is not None:
+        if feed.poll(pub_wait) and feed.snapshot is not None:
             feed.snapshot["source"] = "pub"
             return feed.snapshot, list(feed.events)
     finally:
         feed.close()
     if broker:
         try:
-            return snapshot_from_broker(broker, timeout_s), []
+            return snapshot_from_broker(broker, broker_wait), []
         except NoBroker:
             pass
     where = f"{stats_endpoint} (stats)" + (f" nor at {broker} (clients)" if broker else "")
@@ -221,8 +230,11 @@ def render(snapshot: dict, events: Iterable[dict], *, stats_endpoint: str = "", 
         ("requests/s ", "dim"), (_rate(totals.get("requests_per_s")), "bold cyan"),
         ("   frames/s ", "dim"), (_rate(totals.get("frames_per_s")), "bold cyan"),
         f"   requests {totals.get('requests', 0)}  ok {totals.get('ok', 0)}  ",
-        (f"errors {sum(errors.values())}" + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) + ")"
-                                             if errors else ""), "red" if errors else ""),
+        # errors count every op's, refusals at the door included (a bad header never becomes a
+        # request): ok + errors may exceed requests, so the label says what they count
+        (f"errors, all ops incl. refused {sum(errors.values())}"
+         + (" (" + ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) + ")" if errors else ""),
+         "red" if errors else ""),
         f"   frames {totals.get('frames', 0)}   cold loads {totals.get('cold_loads', 0)}"
         f"   loads {totals.get('loads', 0)}   evictions {totals.get('evictions', 0)}",
     )
@@ -336,6 +348,11 @@ def stats(stats_endpoint: Optional[str], broker: Optional[str], once: bool, as_j
 
     def only(snapshot: dict) -> dict:
         if model_id:
+            known = sorted(str(m.get("model_id")) for m in snapshot.get("models") or [])
+            if model_id not in known:  # an empty table would read as "idle", not "no such model"
+                shown = ", ".join(known[:10]) + (f", ... ({len(known)} in all)" if len(known) > 10 else "")
+                raise click.ClickException(f"model {model_id!r} is not in the broker's catalog; "
+                                           f"configured: {shown or 'none'}")
             snapshot = dict(snapshot)
             snapshot["models"] = [m for m in snapshot.get("models") or [] if m.get("model_id") == model_id]
         return snapshot
@@ -366,10 +383,11 @@ def _console() -> Any:
 def _live(stats_endpoint: str, broker: str, timeout: float, as_json: bool, top: int, only) -> None:
     feed = StatsFeed(stats_endpoint)
     use_broker = False
+    pub_wait, broker_wait = split_wait(timeout, True)
     try:
-        if not feed.poll(timeout):
+        if not feed.poll(pub_wait):
             try:
-                feed.snapshot = snapshot_from_broker(broker, timeout)
+                feed.snapshot = snapshot_from_broker(broker, broker_wait)
                 feed.received_at = time.monotonic()
                 use_broker = True
             except NoBroker:
