@@ -34,10 +34,17 @@ class _Commands(click.Group):
         return name, command, rest
 
     def invoke(self, ctx: click.Context) -> Any:
+        from .common.errors import LipsyncError
+        from .common.security import SecurityError
+
         try:
             return super().invoke(ctx)
         except MissingExtra as exc:
             raise click.ClickException(str(exc)) from None
+        except SecurityError as exc:  # a key file's mode, a missing keys folder: one line, not a traceback
+            raise click.ClickException(str(exc)) from None
+        except LipsyncError as exc:  # the server's (or the client's own) error code and message
+            raise click.ClickException(f"{exc.code}: {exc.message}") from None
         except ModuleNotFoundError as exc:  # a module of an extra the table above did not foresee
             command = ctx.invoked_subcommand or "this command"
             extra = extra_providing(exc.name, NEEDS.get(command, ()))
@@ -144,7 +151,11 @@ def start(config_path: Optional[str], models_dir: Optional[str], gpus: Optional[
     if cfg.cluster.metrics_port:
         click.echo(f"  metrics served on    http://{cfg.cluster.metrics_host or cfg.server.host}:{cfg.cluster.metrics_port}/metrics")
     click.echo(f"📦 Available models: {', '.join(models)}")
-    click.echo("  try:  lipsync-cluster models    |   python -c \"from lipsync_cluster.client import Client; "
+    # Commands that work as pasted, venv activated or not: this interpreter's own entry point.
+    from .common.invocation import cli_command, python_command
+
+    click.echo(f"  try:  {cli_command()} models --broker {cfg.frontend}")
+    click.echo(f"        {python_command()} -c \"from lipsync_cluster.client import Client; "
                f"print(Client('{cfg.frontend}').health())\"")
     click.echo("=" * 72, nl=True)
     sys.stdout.flush()
@@ -278,14 +289,26 @@ broker_option = click.option("--broker", "endpoint", default=DEFAULT_BROKER, sho
 timeout_option = click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for an answer.")
 
 
+SHOWN_MODELS = 10  # an unknown model's error lists at most this many of the configured ones
+
+
 def _call(endpoint: str, timeout: float, fn):
+    """``fn(client)``; errors become one line (the command wrapper words them); an unknown model's
+    error lists the configured models (the first :data:`SHOWN_MODELS` and how many in all)."""
     from .client import Client, LipsyncError
+    from .common.errors import UnknownModel
 
     with Client(endpoint, timeout=timeout) as client:
         try:
             return fn(client)
-        except LipsyncError as exc:
-            raise click.ClickException(f"{exc.code}: {exc.message}") from None
+        except UnknownModel as exc:
+            try:
+                ids = sorted(m["model_id"] for m in client.list_models())
+            except LipsyncError:
+                raise exc from None
+            shown = ", ".join(ids[:SHOWN_MODELS]) + (f", ... ({len(ids)} in all)" if len(ids) > SHOWN_MODELS else "")
+            raise UnknownModel(f"{exc.message}; configured: {shown or 'none'} (lipsync-cluster models)",
+                               **exc.details) from None
 
 
 @main.command()
@@ -327,8 +350,11 @@ def load(model_id: str, force: bool, worker_name: Optional[str], gpu: Optional[i
       lipsync-cluster load demo_ada --force --gpu 1
     """
     reply = _call(endpoint, max(timeout, 60.0), lambda c: c.load_model(model_id, force, worker=worker_name, gpu=gpu))
-    click.echo(f"✅ '{model_id}' loaded on {', '.join(reply.get('workers') or [str(reply.get('worker', '?'))])} "
-               f"in {reply.get('load_ms', 0):.0f} ms")
+    where = ", ".join(reply.get("workers") or [str(reply.get("worker", "?"))])
+    if reply.get("loaded") is False:  # the worker had it already: nothing was loaded (--force reloads)
+        click.echo(f"✅ '{model_id}' already loaded on {where}")
+        return
+    click.echo(f"✅ '{model_id}' loaded on {where} in {reply.get('load_ms', 0):.0f} ms")
 
 
 @main.command()
@@ -350,16 +376,24 @@ def unload(model_id: str, endpoint: str, timeout: float) -> None:
 @main.command()
 @broker_option
 @timeout_option
-def health(endpoint: str, timeout: float) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the health reply as JSON.")
+def health(endpoint: str, timeout: float, as_json: bool) -> None:
     """Say whether the cluster is live and ready; exit 1 when not ready.
 
     \b
-    Example:
+    Examples:
       lipsync-cluster health && echo ready
+      lipsync-cluster health --json
     """
     reply = _call(endpoint, timeout, lambda c: c.health())
-    click.echo(json.dumps(reply, default=str))
-    if not reply.get("ready"):
+    body = {k: v for k, v in reply.items() if k not in ("id", "ok")}  # the protocol's envelope is no news
+    if as_json:
+        click.echo(json.dumps(body, default=str))
+    else:
+        providers = ", ".join(f"{name} x{n}" for name, n in sorted((body.get("providers") or {}).items())) or "-"
+        state = "ready" if body.get("ready") else f"not ready: {body.get('reason', 'unknown reason')}"
+        click.echo(f"{state}; {body.get('workers', 0)} worker(s) at {endpoint}; providers: {providers}")
+    if not body.get("ready"):
         sys.exit(1)
 
 
@@ -368,7 +402,12 @@ def health(endpoint: str, timeout: float) -> None:
 
 @main.group()
 def keys() -> None:
-    """CurveZMQ keys: needed to bind the broker to any address other than loopback."""
+    """CurveZMQ keys: needed to bind the broker to any address other than loopback.
+
+    \b
+    Example:
+      lipsync-cluster keys generate /etc/lipsync/keys
+    """
 
 
 @keys.command("generate")
@@ -377,6 +416,9 @@ def keys() -> None:
 def keys_generate(directory: str, force: bool) -> None:
     """Write key pairs for the broker, workers, clients and admins into DIRECTORY.
 
+    \b
+    Example:
+      lipsync-cluster keys generate /etc/lipsync/keys
     \b
     Then, in the cluster YAML:
       security: {curve: true, keys_dir: DIRECTORY}

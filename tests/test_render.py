@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from lipsync_cluster.tools.audio_file import ffmpeg_exe, load_audio_16k
+from lipsync_cluster.cli import main
 from lipsync_cluster.tools.render import render
 from lipsync_cluster.common import imageops
 from lipsync_cluster.common.errors import BadRequest
@@ -154,8 +155,9 @@ def test_render_reports_a_missing_model_clearly(make_cluster, tmp_path):
     wav = tmp_path / "s.wav"
     write_wav(wav, tone(1.0, 16000), 16000, 2)
     out = tmp_path / "x.mp4"
-    result = CliRunner().invoke(render, ["--model", "nobody", "--audio", str(wav), "--out", str(out),
-                                         "--broker", sup.config.frontend, "--quiet"])
+    # through the lipsync-cluster command, whose wrapper turns the server's error into one line
+    result = CliRunner().invoke(main, ["render", "--model", "nobody", "--audio", str(wav), "--out", str(out),
+                                       "--broker", sup.config.frontend, "--quiet"])
     assert result.exit_code != 0
     assert "unknown_model" in result.output and "nobody" in result.output
     assert not out.exists() and not list(tmp_path.glob(".x.part*"))

@@ -22,7 +22,7 @@ import zmq.asyncio
 from ..common.errors import LipsyncError, Unavailable, error_from_wire  # noqa: F401 - re-exported
 from ..common.security import CurveKeys, client_keys_from_env
 from .results import InferResult, infer_request, infer_result
-from .transport import DEFAULT_RETRY, RetryPolicy, Transport
+from .transport import DEFAULT_RETRY, NOT_RUNNING_HINT, RetryPolicy, Transport
 
 if TYPE_CHECKING:
     from .stream import AsyncStreamSession, StreamSession
@@ -75,7 +75,7 @@ class _BaseClient:
 
     def _no_reply(self, what: Any, timeout: float) -> Unavailable:
         return Unavailable(f"no reply to '{what}' from the broker at {self.endpoint} within {timeout:.1f}s; "
-                           "is the cluster running? (lipsync-cluster health)")
+                           f"{NOT_RUNNING_HINT}")
 
     # --- the ops' requests and replies ---------------------------------------------------
 

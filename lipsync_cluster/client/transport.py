@@ -44,6 +44,9 @@ from ..common.wire import HWM
 log = logging.getLogger("lipsync_cluster.client")
 
 RECENT = 65536            # resolved ids remembered to count duplicate replies
+# What a request with no reply advises (client.py says the same): how to get a cluster running.
+NOT_RUNNING_HINT = ("is the cluster running? (start one: lipsync-cluster start --config cluster.yaml "
+                    "--gpus 0 --per-gpu 2, or make run)")
 
 
 @dataclass(frozen=True)
@@ -392,8 +395,7 @@ class Transport:
                 self.counters["gave_up"] += 1
                 self._finish(req, exc=Unavailable(
                     f"no reply to '{req.what}' from the broker at {self.endpoint} within {req.timeout:.1f}s "
-                    f"({req.tries} tr{'y' if req.tries == 1 else 'ies'}); is the cluster running? "
-                    "(lipsync-cluster health)", tries=req.tries))
+                    f"({req.tries} tr{'y' if req.tries == 1 else 'ies'}); {NOT_RUNNING_HINT}", tries=req.tries))
                 continue
             if req.unsent:
                 self._send(req, now)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -71,5 +72,7 @@ def demo_models(out_dir: Path, count: int, kind: str, frames: int, size: tuple[i
     click.echo(f"  {'; '.join(parts)}; {label}, {frames} frames at {size[0]}x{size[1]} each, "
                f"in {elapsed:.1f} s")
     click.echo(f"  config: {result.cluster_yaml}   audio encoder: {result.audio_encoder}")
-    click.echo("Next:")
-    click.echo(f"  lipsync-cluster start --config {out_dir / 'cluster.yaml'} --gpus 0 --per-gpu 2")
+    from ..common.invocation import cli_command
+
+    click.echo("Next:")  # this interpreter's own entry point: works as pasted, venv activated or not
+    click.echo(f"  {cli_command()} start --config {shlex.quote(str(out_dir / 'cluster.yaml'))} --gpus 0 --per-gpu 2")
