@@ -83,7 +83,7 @@ def _key_folders(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("args", [["health"], ["models"], ["stats", "--once"], ["stats", "--once", "--json"],
-                                  ["load", "demo_ada"], ["unload", "demo_ada"],
+                                  ["load", "demo_ada"], ["unload", "demo_ada"], ["loadtest", "--models", "demo_ada", "-n", "1"],
                                   ["render", "--model", "demo_ada", "--audio", __file__, "--out", "x.mp4"]])
 def test_key_errors_are_one_line_not_a_traceback(tmp_path, monkeypatch, args):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -206,3 +206,31 @@ def test_messages_against_a_running_cluster(make_cluster, demo_dir):
     failing = CliRunner().invoke(main, ["loadtest", "--models", "demo_zed", "-n", "2", "-c", "1", "--quiet", *broker])
     assert failing.exit_code == 1
     assert "no request succeeded (unknown_model: model 'demo_zed' is not configured" in failing.stderr, failing.output
+
+
+def test_start_banner_commands_work_as_pasted_outside_the_venv(demo_dir, tmp_path):
+    import signal
+
+    from conftest import cluster_config
+
+    config = cluster_config(demo_dir, tmp_path, cluster={"per_gpu": 1})
+    cli = Path(sys.executable).parent / "lipsync-cluster"
+    proc = subprocess.Popen([str(cli), "start", "--config", str(config), "--gpus", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=_no_venv_env(), cwd=ROOT)
+    try:
+        lines: list[str] = []
+        for line in proc.stdout:  # the banner ends with its second rule; a failed start ends stdout
+            lines.append(line.rstrip("\n"))
+            if len(lines) > 1 and line.startswith("=" * 72):
+                break
+        tried = [line.split("try:", 1)[1] if "try:" in line else line for line in lines
+                 if "try:" in line or "-c \"from lipsync_cluster.client" in line]
+        assert len(tried) == 2, lines
+        outs = [subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=60,
+                               env=_no_venv_env(), cwd=ROOT) for command in tried]
+        assert [o.returncode for o in outs] == [0, 0], [o.stderr for o in outs]
+        assert "demo_ada" in outs[0].stdout and "'ready': True" in outs[1].stdout, [o.stdout for o in outs]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        proc.stdout.close()
