@@ -221,11 +221,9 @@ def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optio
     cfg = _load_config(config_path, {"models_dir": models_dir, "cluster.backend": backend,
                                      "cluster.worker_credits": credits, **given,
                                      "security.curve": True if given else None})
-    from .common.security import SecurityError, worker_keys
-    try:
-        curve = worker_keys(cfg.security)
-    except SecurityError as exc:
-        raise click.ClickException(str(exc)) from None
+    from .common.security import worker_keys
+
+    curve = worker_keys(cfg.security)  # a SecurityError is one line (the command wrapper)
     from .common.logs import setup_logging
     from .supervisor import shm_namespace as default_namespace
     from .worker.loop import WorkerLoop
@@ -425,12 +423,9 @@ def keys_generate(directory: str, force: bool) -> None:
     copy worker.key_secret + broker.key to worker hosts, client.key_secret + broker.key to
     applications (LIPSYNC_KEYS_DIR=DIR), and see docs/SECURITY.md.
     """
-    from .common.security import SecurityError, generate_keys
+    from .common.security import generate_keys
 
-    try:
-        made = generate_keys(directory, force=force)
-    except SecurityError as exc:
-        raise click.ClickException(str(exc)) from None
+    made = generate_keys(directory, force=force)  # a SecurityError is one line (the command wrapper)
     for role, path in made.items():
         click.echo(f"{role:<7} {path}  (public: {path.with_suffix('.key').name})")
     click.echo(f"allow-lists: {directory}/allowed_workers, {directory}/allowed_clients, {directory}/admins")
