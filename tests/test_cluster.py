@@ -17,7 +17,7 @@ import pytest
 from lipsync_cluster.client import Client, LipsyncError, UnknownModel
 from lipsync_cluster.common.model_package import load_package
 
-from conftest import cluster_config, free_port
+from conftest import cluster_config
 
 SILENCE = np.zeros((32, 16, 16), np.float32)
 

@@ -183,7 +183,7 @@ def _write_manifest(pkg: Path, mid: str, kind: str, frames: int, size: tuple[int
         "kind": "light | unet (demo models)",
         "memory_estimate_mb": "model.onnx + decoded frames (N x H x W x 3 bytes), MiB",
     }
-    lines = [f"# Demo avatar model package (synthetic person), written by `lipsync-cluster demo-models`."]
+    lines = ["# Demo avatar model package (synthetic person), written by `lipsync-cluster demo-models`."]
     for key, value in manifest.items():
         flow = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
         text = f"{key}: {flow.removesuffix('...').strip()}"
