@@ -32,21 +32,7 @@ step "machine"
 nvidia-smi -L
 nvidia-smi --query-gpu=index,name,driver_version,memory.used,memory.total --format=csv
 
-if [ "${INSTALL:-1}" = 1 ]; then
-    step "venv in $VENV with .[gpu,tools,test]"
-    if ! "$PY" -m venv "$VENV" 2>/dev/null; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-        "$PY" -m venv "$VENV"
-    fi
-    "$VENV/bin/pip" install -q --upgrade pip setuptools wheel
-    "$VENV/bin/pip" install -q -e ".[gpu,tools,test]"
-    # The test extra holds the CPU onnxruntime, which installs the same module as onnxruntime-gpu:
-    # keep only the GPU one (README "Install").
-    "$VENV/bin/pip" uninstall -q -y onnxruntime onnxruntime-gpu
-    "$VENV/bin/pip" install -q "onnxruntime-gpu[cuda,cudnn]>=1.17"
-else
-    step "INSTALL=0: using $VENV as it is (an offline GPU host with the gpu extra already installed)"
-fi
+. bench/gpu_env.sh  # the venv with .[gpu,tools,test], or INSTALL=0: $VENV as it is
 "$VENV/bin/python" -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())"
 
 step "GPU plan tests"
