@@ -49,14 +49,37 @@ MMAP_THRESHOLD = 32 << 20
 _M_MMAP_THRESHOLD = -3
 
 
-def follow_rss() -> None:
-    """Make freed large blocks go back to the system at once (glibc; elsewhere a no-op)."""
+def _libc() -> Optional[Any]:
     try:
         import ctypes
-        libc = ctypes.CDLL("libc.so.6")
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def follow_rss() -> None:
+    """Make freed large blocks go back to the system at once (glibc; elsewhere a no-op)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
+
+
+_malloc_trim = getattr(_libc(), "malloc_trim", None)
+
+
+def settle_heap() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``, every arena; elsewhere
+    a no-op), so that RSS read next is what is allocated, nothing else.
+
+    Without it an RSS difference measures the heap's history, not the allocation: memory freed
+    earlier (a previous model's temporaries, another test's buffers, the arena's small regions
+    after a shrink) stays resident, a new allocation reuses it without growing RSS (a model
+    measured at 0 bytes, a frame's workspace at a few MB), and a load's own freed temporaries
+    stay resident after it (a model measured at twice its size). Called before each reading a
+    measurement subtracts: at loads, shrinks and first runs of a size, never on the hot path.
+    """
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def process_rss() -> int:
@@ -161,10 +184,17 @@ class WorkerMemory:
 
     # --- the workspace ---------------------------------------------------------------------
 
+    def _settle(self) -> None:
+        """Before a reading a measurement subtracts: the heap's free pages go back (RSS only)."""
+        if self.meter is process_rss:
+            settle_heap()
+
     def shrink(self) -> None:
         """Give the arena's unused memory back (hold ``workspace.lock``)."""
+        self._settle()
         before = self.meter()
         self.workspace.shrink()
+        self._settle()  # the arena's regions under the mmap threshold went to the heap's free lists
         after = self.meter()
         with self._lock:
             self._fits.clear()
@@ -176,6 +206,7 @@ class WorkerMemory:
     def _measured(self, run: Callable[[], Any]) -> tuple[Any, Optional[int]]:
         """``run()`` and the most memory it added at any moment: the peak (RSS high-water mark)
         where the meter is RSS and Linux can reset it, else the reading after it."""
+        self._settle()
         before = self.meter()
         peak = self.meter is process_rss and _reset_peak()
         out = run()
@@ -190,24 +221,38 @@ class WorkerMemory:
                      warm_up: Callable[[Any], None]) -> tuple[Any, Optional[int]]:
         """Create a model's session (while other models run), then run it at batch 1 in a quiet,
         shrunk workspace (``workspace.lock`` taken here). Returns the session and the model's own
-        bytes (weights, prepacked kernels: what stays beside an empty arena), or None where nothing
-        can be read; the batch-1 workspace is recorded for the chunk sizes to come."""
+        bytes (weights, prepacked kernels: what its creation added outside the arena), or None
+        where nothing can be read; the batch-1 workspace is recorded for the chunk sizes to come.
+
+        The model's bytes are read right after its creation, not after its warm-up runs: a
+        shrink frees only the arena's regions that are wholly free, and a run's region can stay
+        (measured on the ``unet`` demo: the second model's 150 MB batch-1 region, every time).
+        What the runs leave after the last shrink is the workspace's, and counted as held.
+        """
+        self._settle()
         reading = self.meter()
         outside = None if reading is None else reading - self.held  # all but the arena, before
         session = create()
         with self.workspace.lock:
+            self._settle()
+            created = self.meter()
+            own = None if outside is None or created is None else max(0, created - self.held - outside)
             grown = 0
             for _ in range(MEASURED_RUNS):
                 self.shrink()
                 grown = max(grown, self._measured(lambda: warm_up(session))[1] or 0)
             self.shrink()
+            self._settle()
             again = self.meter()
-        if outside is None or again is None:
+            if own is not None and again is not None:
+                with self._lock:  # the arena is all the process holds beyond the rest and this model
+                    self.held = max(0, again - outside - own)
+        if own is None:
             return session, None
         with self._lock:
             self._chunk_bytes[(*key, 1)] = grown
             self._measured_runs[(*key, 1)] = MEASURED_RUNS
-        return session, max(0, again - self.held - outside)
+        return session, own
 
     def measure_run(self, key: tuple[str, str], chunk: int, run: Callable[[], object]) -> object:
         """Run ``run`` (one UNet run of ``chunk`` frames, ``workspace.lock`` held), measuring it the
