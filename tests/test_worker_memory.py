@@ -129,13 +129,13 @@ def test_the_worker_reports_its_budget_used_and_free_memory(unet_dir):
                        "onnx": {"intra_op_threads": 1}})
     service = WorkerService(cfg, shm_namespace=f"test-mem-{uuid.uuid4().hex[:8]}")
     try:
-        before = service.stats()
+        before = service.describe()
         service.cache.load(sorted(service.catalog.packages())[0])
-        after = stats = service.stats()
+        after, stats = service.describe(), service.stats()
     finally:
         service.close()
         service.cache.frame_store.cleanup()
-    for d in (before, after):
+    for d in (before, after, stats):
         assert d["mem_budget"] == 2 * 2**30 and d["mem_free"] == d["mem_budget"] - d["mem_used"]
     assert after["mem_used"] - before["mem_used"] > 20 * MB and stats["total_memory_bytes"] > 20 * MB, \
         "a model's cost is counted"

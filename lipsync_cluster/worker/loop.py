@@ -46,7 +46,8 @@ class RequestHandler(Protocol):
 
     def describe(self) -> dict:
         """``{"max_models", "max_memory_bytes", "loaded": [model_id...], "loaded_versions": {...}}``
-        (optionally ``"loading": [...]``); sent with ``ready`` and every heartbeat. Must be quick."""
+        (optionally ``"loading": [...]``, and ``"mem_budget"``, ``"mem_used"``, ``"mem_free"`` in
+        bytes, which heartbeats carry too); sent with ``ready`` and every heartbeat. Must be quick."""
 
     def handle(self, header: dict, payloads: list) -> tuple[dict, list]:
         """Serve one broker ``request`` (``header["client_op"]`` is infer / load_model / ...).
@@ -230,7 +231,9 @@ class WorkerLoop:
         d = self._describe()
         self._send({"op": "heartbeat", "worker": self.name, "loaded": d.get("loaded", []),
                     "loading": d.get("loading", []), "in_flight": self.in_flight,
-                    "draining": self.draining})
+                    "draining": self.draining,
+                    # memory in bytes (budget, used, free), for placement by free memory
+                    **{k: d[k] for k in ("mem_budget", "mem_used", "mem_free") if k in d}})
 
     def _send_stats(self) -> None:
         try:

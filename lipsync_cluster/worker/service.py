@@ -91,6 +91,7 @@ class WorkerService:
             "eviction_policy": self.cache.policy,
             "provider": self.provider,
             "device": self.device,
+            **self.cache.memory.free(),  # mem_budget, mem_used, mem_free: the broker places by them
         }
 
     def stats(self) -> dict:
