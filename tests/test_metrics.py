@@ -171,6 +171,9 @@ def test_metrics_expose_the_documented_names_with_sane_values(metrics_cluster):
         assert value(m, "lipsync_worker_model_slots", worker=w) == 3
         assert value(m, "lipsync_worker_credits", worker=w) == 2
         assert value(m, "lipsync_worker_memory_budget_bytes", worker=w) == 4 * 2**30
+        used, free = (value(m, f"lipsync_worker_memory_{k}_bytes", worker=w) for k in ("used", "free"))
+        assert used > 0 and used + free == 4 * 2**30, "the worker's measured memory, as its stats say"
+        assert len(series_of(m, "worker", w)) == 12, "documented: 12 series per CPU worker"
         assert value(m, "lipsync_worker_restarts", "_total", worker=w) == 0
     assert value(m, "lipsync_broker_ready") == 1 and value(m, "lipsync_broker_up") == 1
     assert value(m, "lipsync_models_configured") == 3

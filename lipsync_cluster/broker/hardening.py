@@ -79,6 +79,11 @@ def _num(value: Any) -> Any:
     return value if isinstance(value, _NUMBER) and not isinstance(value, bool) else None
 
 
+# The worker's measured memory in its stats (worker/memory.py), in bytes (and a count).
+MEMORY_BYTES = ("mem_budget", "mem_used", "mem_free", "mem_process_bytes", "mem_workspace_bytes",
+                "mem_measured_bytes", "mem_chunked_batches")
+
+
 def clean_stats(header: dict) -> dict:
     """A worker's ``stats`` body with every value the broker reads of the right type.
 
@@ -101,6 +106,9 @@ def clean_stats(header: dict) -> dict:
             number = _num(value)
             if number is not None and number >= 0:
                 out[key] = number
+        elif key in MEMORY_BYTES:  # byte counts the broker places by and exports: whole and >= 0
+            if type(value) is int and value >= 0:
+                out[key] = value
         elif value is None or isinstance(value, (str, bool, int, float)):
             out[key] = value
         elif isinstance(value, (list, dict)) and len(value) <= 1024:

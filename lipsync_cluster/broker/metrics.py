@@ -222,8 +222,15 @@ class BrokerCollector:
                                          labels=["worker"]),
             "mem": GaugeMetricFamily("lipsync_worker_memory_bytes", "Memory used by the worker's loaded models",
                                      labels=["worker"]),
-            "budget": GaugeMetricFamily("lipsync_worker_memory_budget_bytes", "The worker's model memory budget",
+            "budget": GaugeMetricFamily("lipsync_worker_memory_budget_bytes",
+                                        "The worker's memory budget (the whole process: capacity.max_memory_gb)",
                                         labels=["worker"]),
+            "used": GaugeMetricFamily("lipsync_worker_memory_used_bytes",
+                                      "Memory the worker's budget holds: process, models and workspace, or its "
+                                      "measured size when that is more", labels=["worker"]),
+            "free": GaugeMetricFamily("lipsync_worker_memory_free_bytes",
+                                      "Memory the worker's budget can still take (placement puts models by it)",
+                                      labels=["worker"]),
             "draining": GaugeMetricFamily("lipsync_worker_draining", "1 while the worker is draining",
                                           labels=["worker"]),
         }
@@ -242,7 +249,9 @@ class BrokerCollector:
             gauges["in_flight"].add_metric([name], _num(w.get("in_flight")))
             gauges["credits"].add_metric([name], _num(w.get("credits")))
             gauges["mem"].add_metric([name], _num(w.get("total_memory_bytes")))
-            gauges["budget"].add_metric([name], _num(w.get("max_memory_bytes")))
+            gauges["budget"].add_metric([name], _num(w.get("mem_budget", w.get("max_memory_bytes"))))
+            gauges["used"].add_metric([name], _num(w.get("mem_used")))
+            gauges["free"].add_metric([name], _num(w.get("mem_free")))
             gauges["draining"].add_metric([name], 1.0 if w.get("draining") else 0.0)
             for key, fam in gpu.items():  # only what the worker measured (GPU workers, NVML)
                 if _num(w.get(key), -1.0) >= 0:
