@@ -259,7 +259,8 @@ def render(snapshot: dict, events: Iterable[dict], *, stats_endpoint: str = "", 
         wt.add_row(str(w.get("worker")), str(w.get("host", "")), "cpu" if w.get("gpu") is None else str(w.get("gpu")),
                    str(w.get("pid", "")), str(w.get("in_flight", 0)), str(w.get("credits", "")),
                    f"{w.get('loaded_models', 0)}/{w.get('max_models', 0)}", loaded,
-                   f"{_mb(w.get('total_memory_bytes'))}/{_mb(w.get('max_memory_bytes'))}",
+                   # the worker's whole measured memory (mem_used) against its budget, where reported
+                   f"{_mb(w.get('mem_used', w.get('total_memory_bytes')))}/{_mb(w.get('mem_budget', w.get('max_memory_bytes')))}",
                    str(w.get("restarts", 0)), state_s)
     if not workers:
         wt.add_row("[red]no worker registered[/]", *[""] * 10)
