@@ -71,8 +71,20 @@ def test_lru_evicts_least_recently_used(demo_dir, store, caplog):
         use(cache, c, clock)
     assert cache.loaded_ids() == sorted([a, c])
     evicted = [e for e in events if e["event"] == "evicted"]
-    assert [e["model_id"] for e in evicted] == [b]
+    assert [(e["model_id"], e["reason"]) for e in evicted] == [(b, "policy lru")]
     assert f"Evicting model '{b}' (policy: lru, usage: 1, last used: 2s)" in caplog.text
+
+
+def test_an_eviction_the_broker_hinted_says_so(demo_dir, store):
+    """Eviction has one owner: the event tells a broker's evict_hint from the worker's own policy."""
+    clock = Clock()
+    cache, events, (a, b, c) = make_cache(demo_dir, store, clock, policy="lru")
+    use(cache, a, clock)
+    use(cache, b, clock)  # LRU would evict a; the broker's hint names b
+    with cache.use(c, evict_hint=b):
+        pass
+    assert [(e["model_id"], e["reason"]) for e in events if e["event"] == "evicted"] == [(b, "evict_hint")]
+    assert cache.loaded_ids() == sorted([a, c])
 
 
 def test_lfu_evicts_least_frequently_used(demo_dir, store):

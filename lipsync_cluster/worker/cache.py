@@ -385,11 +385,15 @@ class ModelCache:
                     self.memory.shrink()
                 shrunk = True
                 continue
-            self._evicted(victim)
+            self._evicted(victim, hinted=victim.model_id == evict_hint)
 
-    def _evicted(self, victim: LoadedModel) -> None:
-        self._log_eviction(victim)
-        self._emit("evicted", victim.model_id, version=victim.version, reason=f"policy {self.policy}",
+    def _evicted(self, victim: LoadedModel, hinted: bool = False) -> None:
+        """Close an evicted model; its event says who chose it: ``evict_hint`` (the broker, which
+        owns placement) or ``policy lru``/``policy lfu`` (this worker, when the broker gave no
+        usable hint)."""
+        reason = "evict_hint" if hinted else f"policy {self.policy}"
+        self._log_eviction(victim, reason)
+        self._emit("evicted", victim.model_id, version=victim.version, reason=reason,
                    usage_count=victim.usage_count, memory_bytes=victim.memory_bytes)
         victim.close()
 
@@ -419,10 +423,10 @@ class ModelCache:
             return min(candidates, key=lambda m: (m.usage_count, m.last_used))
         return min(candidates, key=lambda m: m.last_used)
 
-    def _log_eviction(self, victim: LoadedModel) -> None:
+    def _log_eviction(self, victim: LoadedModel, reason: str) -> None:
         if self.log_operations:
             log.warning("⚠️  Evicting model '%s' (policy: %s, usage: %d, last used: %s)", victim.model_id,
-                        self.policy, victim.usage_count, _ago(self.clock() - victim.last_used))
+                        reason.removeprefix("policy "), victim.usage_count, _ago(self.clock() - victim.last_used))
 
     def unload(self, model_id: str, reason: str = "unloaded") -> bool:
         """Drop ``model_id``; a model serving a request is closed when that request ends."""
