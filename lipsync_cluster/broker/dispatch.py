@@ -194,20 +194,22 @@ class Dispatcher:
         return size
 
     def route(self, p: Pending, now: float) -> Decision:
+        """One ``routing.route`` call per decision; the demand inputs (queue depth, measured
+        times, memory size) are computed by it only on a miss, so a hit stays one index lookup."""
         index = self.table.index
         if p.targets is not None:
             index = PlacementIndex.of([w for w in self.table.values() if w.name in p.targets],
                                       self.heat.order_key)
-        w = index.pick_loaded(p.model)  # the common case, without building route()'s inputs
-        if w is not None:
-            return Decision(DISPATCH, w, None, "loaded")
-        stats = self.stats
-        load_s = stats.load_s(p.model)
-        return route(p.model, index, busy_models=self.queues.busy_models(),
-                     depth=max(1, self.queues.depth(p.model)), service_s=stats.service_s(p.model),
-                     load_s=load_s, max_copies=self.max_copies, allow_evict=not p.no_evict,
-                     head_wait_s=now - p.arrival, patience_s=(load_s or 0.0) * self.placement_patience,
-                     size=self.model_size(p.model), size_of=self.model_size)
+
+        def demand() -> dict:
+            stats = self.stats
+            load_s = stats.load_s(p.model)
+            return {"busy_models": self.queues.busy_models(), "depth": max(1, self.queues.depth(p.model)),
+                    "service_s": stats.service_s(p.model), "load_s": load_s, "head_wait_s": now - p.arrival,
+                    "patience_s": (load_s or 0.0) * self.placement_patience, "size": self.model_size(p.model)}
+
+        return route(p.model, index, max_copies=self.max_copies, allow_evict=not p.no_evict,
+                     size_of=self.model_size, demand=demand)
 
     def dispatch(self) -> None:
         """Match waiting requests with free credits: unload legs first, then oldest head first."""

@@ -110,18 +110,31 @@ def route(model: str, workers: Any, *, busy_models: Collection[str] = (),
           service_s: Optional[float] = None, load_s: Optional[float] = None,
           max_copies: int = 0, allow_evict: bool = True, head_wait_s: float = 0.0,
           patience_s: float = 0.0, size: Optional[int] = None,
-          size_of: Callable[[str], Optional[int]] = lambda m: None) -> Decision:
+          size_of: Callable[[str], Optional[int]] = lambda m: None,
+          demand: Optional[Callable[[], dict]] = None) -> Decision:
     """Decide what to do with the head request of ``model``'s queue (see the module doc).
 
     ``workers``: the table's :class:`PlacementIndex` (or a list of workers, indexed here with
     ``value`` as the order of eviction). ``depth``: requests of ``model`` waiting, this one
     included; ``service_s`` / ``load_s``: the model's measured service and load times (None:
     not measured yet); ``size``: the model's memory in bytes (None: unknown, fits anywhere).
+    ``demand``: those inputs (``busy_models``, ``depth``, ``service_s``, ``load_s``,
+    ``head_wait_s``, ``patience_s``, ``size``) computed only on a miss, in place of the keywords:
+    the hit -- the common case -- costs one index lookup, and the broker decides in one call.
     """
     index = _index(workers, value)
     w = index.pick_loaded(model)
     if w is not None:
         return Decision(DISPATCH, w, None, "loaded")
+    if demand is not None:
+        inputs = demand()
+        busy_models = inputs.get("busy_models", busy_models)
+        depth = inputs.get("depth", depth)
+        service_s = inputs.get("service_s", service_s)
+        load_s = inputs.get("load_s", load_s)
+        head_wait_s = inputs.get("head_wait_s", head_wait_s)
+        patience_s = inputs.get("patience_s", patience_s)
+        size = inputs.get("size", size)
     holders = index.holders.get(model)
     if holders:
         if max_copies and len(holders) >= max_copies:
