@@ -143,3 +143,34 @@ def test_the_worker_reports_its_budget_used_and_free_memory(unet_dir):
     assert service.cache.memory.estimate((model_id, stats["models"][0]["version"]), 1) > 50 * MB, \
         "the load's warm-up measured a frame's workspace"
     assert stats["mem_process_bytes"] > 0 and stats["mem_workspace_bytes"] >= 0
+
+
+def test_the_idle_frames_count_in_the_budget_and_go_before_a_model(unet_dir, store):
+    """The idle-frame cache (worker/idle.py) is part of what the budget holds; a load that needs
+    its room clears it rather than evicting a resident model."""
+    from lipsync_cluster.worker.idle import IdleCache
+
+    catalog = Catalog(str(unet_dir))
+    a, b = sorted(catalog.packages())
+    cache = ModelCache(catalog.resolve, store, max_models=2, max_memory_bytes=8 * 2**30,
+                       session_options=SessionOptions(intra_op_threads=1))
+    idle = IdleCache()
+    pipeline = Pipeline(None, threads=1, idle_cache=idle, memory=cache.memory)
+    try:
+        cache.load(a)
+        before = cache.stats()
+        plane = np.ones((3, 320, 320), dtype=np.uint8)  # a silent frame's UNet output, as kept
+        for i in range(200):
+            idle.put((a, "v", i), plane.copy(), plane.nbytes)
+        assert idle.bytes == 200 * plane.nbytes
+        after = cache.stats()
+        assert after["mem_idle_cache_bytes"] == idle.bytes
+        assert after["mem_used"] >= before["mem_used"] + idle.bytes - 8 * MB, "the idle frames are counted"
+        # Room for b only once the idle frames are gone: they go, the resident a stays.
+        needed = cache._estimate_bytes(catalog.resolve(b)) + cache.memory.one_frame_guess()
+        cache.memory.budget = cache.memory.used() + needed - idle.bytes // 2
+        cache.load(b)
+        assert cache.loaded_ids() == [a, b] and idle.bytes == 0
+    finally:
+        cache.close()
+        pipeline.close()

@@ -81,7 +81,7 @@ def _num(value: Any) -> Any:
 
 # The worker's measured memory in its stats (worker/memory.py), in bytes (and a count).
 MEMORY_BYTES = ("mem_budget", "mem_used", "mem_free", "mem_process_bytes", "mem_workspace_bytes",
-                "mem_measured_bytes", "mem_chunked_batches")
+                "mem_idle_cache_bytes", "mem_measured_bytes", "mem_chunked_batches")
 
 
 def clean_stats(header: dict) -> dict:

@@ -345,7 +345,7 @@ class ModelCache:
                 "besides the process itself", model_id=model_id, needed_bytes=needed,
                 available_bytes=max(0, self.max_memory_bytes - self.memory.base),
                 max_memory_bytes=self.max_memory_bytes)
-        shrunk = False
+        shrunk = cleared = False
         while True:
             reading = self.memory.measured()  # outside the lock: on a GPU it is an NVML call
             with self._lock:
@@ -353,14 +353,17 @@ class ModelCache:
                 replaced = replacing.memory_bytes if replacing is not None and model_id in self._models else 0
                 count = len(others) + 1 + sum(1 for mid in self._loading if mid != model_id and mid not in self._models)
                 reserved = sum(v for k, v in self._reserved.items() if k != model_id)
-                counted = sum(m.memory_bytes for m in self._models.values()) - replaced + reserved
+                counted = (sum(m.memory_bytes for m in self._models.values()) - replaced + reserved
+                           + self.memory.cache_bytes())
                 used = max(counted + self.memory.base + self.memory.held, (reading or 0) - replaced + reserved)
                 if count <= self.max_models and used + needed <= self.max_memory_bytes:
                     self._reserved[model_id] = needed
                     return
-                # the arena's idle memory goes back before any model does
+                # the arena's idle memory goes back before any model does, then the idle frames
                 shrink = not shrunk and self.memory.held > 0 and count <= self.max_models
-                if not shrink:
+                clear = (not shrink and not cleared and count <= self.max_models
+                         and self.memory.cache_bytes() > 0)
+                if not shrink and not clear:
                     candidates = [m for m in others.values() if m.in_use == 0]
                     if not others:
                         raise CapacityFull(
@@ -385,6 +388,10 @@ class ModelCache:
                     self.memory.shrink()
                 shrunk = True
                 continue
+            if clear:
+                self.memory.clear_caches()
+                cleared = True
+                continue
             self._evicted(victim, hinted=victim.model_id == evict_hint)
 
     def _evicted(self, victim: LoadedModel, hinted: bool = False) -> None:
@@ -399,7 +406,11 @@ class ModelCache:
 
     def _evict_for_workspace(self, model_id: str, needed: int) -> bool:
         """Evict idle models other than ``model_id`` until ``needed`` bytes are free for the
-        workspace; False (having evicted nothing) when the idle ones together cannot free it."""
+        workspace (the idle frames go first); False (having evicted nothing) when the idle
+        models together cannot free what is still needed."""
+        needed -= self.memory.clear_caches()
+        if needed <= 0:
+            return True
         with self._lock:
             idle = [m for mid, m in self._models.items() if mid != model_id and m.in_use == 0]
             if sum(m.memory_bytes for m in idle) < needed:

@@ -133,6 +133,14 @@ class IdleCache:
         for b, data in zip(backgrounds, frames):
             self.put(("frame", *key, int(b), fmt, quality), bytes(data), len(data))
 
+    def clear(self) -> int:
+        """Drop every entry (the worker's budget needs the room for a model); the bytes freed."""
+        with self._lock:
+            freed = self._bytes
+            self._entries.clear()
+            self._bytes = 0
+        return freed
+
     def stats(self) -> dict:
         with self._lock:
             return {"idle_cache_frames": len(self._entries), "idle_cache_bytes": self._bytes,

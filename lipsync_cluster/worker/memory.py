@@ -129,10 +129,36 @@ class WorkerMemory:
         self._measured_runs: dict[tuple[str, str, int], int] = {}
         self._fits: set[tuple[str, str, int]] = set()  # ran in the arena as it is (since its last shrink)
         self.held = 0  # bytes the arena holds (grown by runs, given back by shrinks), measured
+        self._caches: list[Any] = []  # clearable caches in the budget (the idle-frame cache)
         if meter is process_rss:
             follow_rss()
         self.base = int(meter() or 0)  # the process before any model: interpreter, libraries, sessions
         self.chunked_batches = 0
+
+    # --- caches that can be given back -----------------------------------------------------
+
+    def add_cache(self, cache: Any) -> None:
+        """Count ``cache`` in the budget (``cache.bytes``; ``cache.clear()`` returns the bytes it
+        freed): the idle-frame cache (worker/idle.py, up to 96 MB). It is cleared before any model
+        is evicted for room: a cached idle frame costs one UNet run to make again, a model a load."""
+        with self._lock:
+            self._caches.append(cache)
+
+    def remove_cache(self, cache: Any) -> None:
+        with self._lock:
+            if cache in self._caches:
+                self._caches.remove(cache)
+
+    def cache_bytes(self) -> int:
+        """Bytes the clearable caches hold (a sum of counters: cheap, no lock but theirs)."""
+        return sum(c.bytes for c in tuple(self._caches))
+
+    def clear_caches(self) -> int:
+        """Empty the clearable caches and give their pages back; the bytes freed (0: none held)."""
+        freed = sum(c.clear() for c in tuple(self._caches))
+        if freed:
+            self._settle()
+        return freed
 
     # --- numbers ---------------------------------------------------------------------------
 
@@ -140,12 +166,12 @@ class WorkerMemory:
         """What the budget is holding: the process, the models and the workspace as counted, or
         the process as measured when that is more (what the system sees is what the budget holds)."""
         reading = self.meter() if reading is None else reading
-        return max(self.base + self.resident() + self.held, reading or 0)
+        return max(self.base + self.resident() + self.cache_bytes() + self.held, reading or 0)
 
     def _outside_workspace(self) -> int:
         """Bytes held outside the workspace: counted, or measured (the reading less the arena)."""
         reading = self.meter()
-        counted = self.base + self.resident()
+        counted = self.base + self.resident() + self.cache_bytes()
         return counted if reading is None else max(counted, reading - self.held)
 
     def measured(self) -> Optional[int]:
@@ -161,6 +187,7 @@ class WorkerMemory:
         """:meth:`free` and its parts: the process, the workspace, the reading, chunked batches."""
         reading = self.meter()
         return {**self.free(reading or 0), "mem_process_bytes": self.base, "mem_workspace_bytes": self.held,
+                "mem_idle_cache_bytes": self.cache_bytes(),
                 "mem_measured_bytes": reading, "mem_chunked_batches": self.chunked_batches}
 
     def estimate(self, key: tuple[str, str], chunk: int) -> int:

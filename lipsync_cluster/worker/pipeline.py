@@ -54,9 +54,13 @@ class Pipeline:
         # workspace (``memory``: its lock, and the chunk sizes that keep it in the budget).
         self.memory = memory
         self._unet_lock = memory.workspace.lock if memory is not None else threading.Lock()
+        if memory is not None:  # the idle frames count in the budget, and go before a model does
+            memory.add_cache(self.idle)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self.memory is not None:
+            self.memory.remove_cache(self.idle)
 
     # --- stages ----------------------------------------------------------------------------
 
