@@ -345,6 +345,12 @@ def test_a_whole_cluster_starts_and_serves_under_curve(make_cluster, keys):
         assert result.worker == "w0-cpu"
     with Client(sup.config.frontend, timeout=5) as stranger, pytest.raises(Unauthorized):
         stranger.health()
+    # The broker's refusal came before the request was made (the handshake follows the connect):
+    # it still answers the request, rather than a silent wait for the timeout.
+    with Client(sup.config.frontend, timeout=5) as stranger:
+        time.sleep(1.0)
+        with pytest.raises(Unauthorized):
+            stranger.health()
 
 
 def test_a_package_symlinked_out_gets_a_short_reason_and_reads_nothing(make_cluster, demo_dir, tmp_path):

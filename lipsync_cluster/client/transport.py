@@ -229,6 +229,8 @@ class Transport:
                     return
                 if self._new:
                     self._send_new()
+                    if self._handshake.refused is not None:  # the broker said no before these were made
+                        self._fail_all(Unauthorized(self._handshake.refused, endpoint=self.endpoint))
                 if self._dealer in events:
                     self._read_replies()
                 if self._monitor is not None and self._monitor in events:

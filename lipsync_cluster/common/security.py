@@ -466,6 +466,7 @@ class HandshakeDiagnosis:
         self.role = role                  # "client" or "worker": names the allow-list folder
         self.curve = curve                # whether this peer holds keys
         self.last: Optional[str] = None   # the latest failure since the last success
+        self.refused: Optional[str] = None  # the certain failure since the last success, if any
         self.failures = 0
 
     def feed(self, event: dict) -> Optional[str]:
@@ -473,8 +474,14 @@ class HandshakeDiagnosis:
         security mechanism that differs, or a run of failed handshakes), else None."""
         kind = event.get("event")
         if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self.last, self.failures = None, 0
+            self.last, self.refused, self.failures = None, None, 0
             return None
+        verdict = self._verdict(kind, event)
+        if verdict is not None:
+            self.refused = verdict  # kept: a request made after the event must hear it too
+        return verdict
+
+    def _verdict(self, kind: Any, event: dict) -> Optional[str]:
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:  # ZAP said no: definitive
             self.last = (f"the broker refused this key (this {self.role}'s CurveZMQ key is not in the broker's "
                          f"security.allowed_{self.role}s folder)")
