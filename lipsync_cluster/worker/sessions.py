@@ -144,6 +144,8 @@ def make_session(path: str | os.PathLike | bytes, opts: SessionOptions, engine: 
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
     model = path if isinstance(path, bytes) else str(path)
     engine = engine or ("cuda" if opts.uses_cuda else "cpu")
+    if engine != "cpu" and not opts.uses_cuda:
+        raise RuntimeError(f"engine {engine} needs a GPU and this worker has none")
     providers = providers_for(opts) if engine in ("cpu", "cuda") else providers_for_engine(
         engine, providers_for(opts)[0][1], precision=opts.precision, trt_cache_dir=trt_cache_dir)
     session = ort.InferenceSession(model, sess_options=so, providers=providers)
