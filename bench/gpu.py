@@ -23,6 +23,7 @@ skipped, and the report is rewritten after every cell, so a run cut short still 
     python bench/gpu.py --out /tmp/gpu-report                 # on a GPU host (the gpu extra installed)
     python bench/gpu.py --out /tmp/gpu-report --docs          # ... and write its table into docs/BENCHMARKS.md
     python bench/gpu.py --cpu --quick --out /tmp/smoke        # every code path but NVML, on the CPU, < 1 min
+    python bench/gpu.py --cpu --raw-only --batches 1,5 --out /tmp/raw   # fp16 error and IO binding on the CPU
 """
 from __future__ import annotations
 
@@ -457,6 +458,7 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="demo models folder (built if absent)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "fp16"), help="the cluster's onnx.precision")
     ap.add_argument("--engine", default="cuda", help="the cluster's onnx.gpu_engine (default cuda)")
+    ap.add_argument("--raw-only", action="store_true", help="only the raw ONNX Runtime part (fp16 vs fp32, binding)")
     ap.add_argument("--docs", action="store_true", help="write the table into docs/BENCHMARKS.md (GPU runs only)")
     args = ap.parse_args()
     started = time.monotonic()
@@ -477,7 +479,7 @@ def main() -> None:
 
     nvml = Nvml(enabled=not args.cpu)
     models_dir = Path(args.models) if args.models else out / f"models-{kind}"
-    build_demo_models(models_dir, count=1 if quick else 6, kind=kind, frames=12 if quick else 25,
+    build_demo_models(models_dir, count=1 if quick or args.raw_only else 6, kind=kind, frames=12 if quick else 25,
                       size=(1280, 720), progress=False)
     models = sorted(p.name for p in models_dir.iterdir() if (p / "model.yaml").exists())
     if args.cpu:
@@ -507,6 +509,9 @@ def main() -> None:
         report["raw"] = pool.submit(raw_in_child, str(models_dir / models[0]), args.cpu, batches,
                                     0.5 if quick else 3.0, engines).result()
     save()
+    if args.raw_only:
+        print(f"wrote {out / 'gpu.json'} and {out / 'gpu.md'} (raw only)")
+        return
     cluster_section(models_dir, models, args.cpu, workers_list, batches, seconds, rt_seconds, nvml, deadline,
                     {"precision": args.precision, "gpu_engine": args.engine}, report, save, out)
     save()

@@ -145,20 +145,20 @@ class ModelCache:
         self._loading: dict[str, threading.Event] = {}
         self._reserved: dict[str, int] = {}  # bytes promised to loads in progress
         self._retired: list[LoadedModel] = []
-        # The one activation workspace of this worker, and the budget it shares with the models:
-        # measured by ``meter`` (RSS on the CPU; the caller passes a GPU reading for CUDA).
-        self.workspace = Workspace(session_options)
-        if meter is None:
-            meter = process_rss if not session_options.uses_cuda else (lambda: None)
-        self.memory = WorkerMemory(max_memory_bytes, self.workspace, meter)
-        self.memory.resident = self._resident_bytes
-        self.memory.evict_for = self._evict_for_workspace
         # The engine the UNets run on and its fallbacks (worker/engine.py); on a GPU their inputs
         # and outputs live in device buffers shared by every model (one UNet runs at a time).
         plain = "cuda" if session_options.uses_cuda else "cpu"
         self.engine = engine or EngineState(EnginePlan(plain), plain)
         self.device_buffers = DeviceBuffers(int(session_options.gpu)) if session_options.uses_cuda else None
         self.trt_cache_dir = trt_cache_dir
+        # The one activation workspace of this worker, and the budget it shares with the models:
+        # measured by ``meter`` (RSS on the CPU; the caller passes a GPU reading for CUDA).
+        self.workspace = Workspace(session_options, keep_device_arena="cuda_graph" in self.engine.candidates())
+        if meter is None:
+            meter = process_rss if not session_options.uses_cuda else (lambda: None)
+        self.memory = WorkerMemory(max_memory_bytes, self.workspace, meter)
+        self.memory.resident = self._resident_bytes
+        self.memory.evict_for = self._evict_for_workspace
 
     # --- queries -------------------------------------------------------------------------
 

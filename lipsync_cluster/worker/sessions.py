@@ -212,12 +212,17 @@ class Workspace:
     budget needs the room or before measuring a new batch size.
     """
 
-    def __init__(self, opts: SessionOptions) -> None:
+    def __init__(self, opts: SessionOptions, keep_device_arena: bool = False) -> None:
         self.opts = opts
         self.lock = threading.Lock()  # held around every UNet run and every workspace measurement
         self._probe = make_session(_probe_model(), opts)
         self._shrink_options = ort.RunOptions()
-        devices = "gpu:%d;cpu:0" % int(opts.gpu) if opts.uses_cuda else "cpu:0"
+        # ``keep_device_arena``: CUDA graphs replay into the device addresses they were captured
+        # with, their activations included; a shrink would hand those regions back to CUDA and
+        # the next allocation (another model's weights) could land where a replay writes. With
+        # graphs the device arena only grows; the host arena still shrinks.
+        self.keeps_device_arena = keep_device_arena and opts.uses_cuda
+        devices = "gpu:%d;cpu:0" % int(opts.gpu) if opts.uses_cuda and not self.keeps_device_arena else "cpu:0"
         self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", devices)
         self.shrinks = 0
 
