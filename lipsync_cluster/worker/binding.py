@@ -173,10 +173,9 @@ class UnetRunner:
 def runner_mode(engine: str) -> str:
     """The runner mode for a session on ``engine`` (worker/engine.py).
 
-    The CPU provider keeps ``session.run``: binding the output to a fresh array saved nothing
-    measurable (``light`` demo, 1 thread, 5 interleaved rounds, 2026-12-06: 48.5 vs 48.5 ms at
-    batch 25, and 10.5 vs 7.4 ms at batch 5, where building the binding costs more than the copy
-    it saves); ``bind_cpu`` stays for tests and bench/gpu.py, which checks it against ``plain``."""
+    The CPU provider keeps ``session.run``: binding the output to a fresh array gained nothing that
+    held across batch sizes (bench/gpu.py --cpu --raw-only; docs/BENCHMARKS.md, "GPU"); ``bind_cpu``
+    stays for the tests and bench/gpu.py, which compare it with ``plain``."""
     if engine == "cpu":
         return "plain"
     return "cuda_graph" if engine == "cuda_graph" else "bind_cuda"
