@@ -92,3 +92,30 @@ def test_modes_per_engine_and_what_they_need():
         UnetRunner(object(), "input", "audio", "cuda_graph")
     with pytest.raises(ValueError, match="is not one of"):
         UnetRunner(object(), "input", "audio", "fast")
+
+
+@pytest.mark.parametrize("mode", ["bind_cuda", "cuda_graph"])
+def test_the_gpu_binding_path_on_host_buffers_is_byte_identical(demo_dir, mode):
+    """The CUDA modes' code (buffers per batch size shared by sessions, one binding per batch size,
+    inputs copied in with update_inplace, the graph id run option, plain runs with graphs off)
+    run on the CPU provider with host buffers: only the device differs from a GPU worker."""
+    from lipsync_cluster.worker.binding import DeviceBuffers
+
+    path = str(demo_dir / "demo_ada" / "model.onnx")
+    buffers = DeviceBuffers(0, device="cpu")
+    plain = _runner(path, "plain")
+    first, second = _runner(path, mode, buffers=buffers), _runner(str(demo_dir / "demo_ben" / "model.onnx"), mode,
+                                                                   buffers=buffers)
+    other = _runner(str(demo_dir / "demo_ben" / "model.onnx"), "plain")
+    kept = []
+    for batch in (2, 1, 2, 5, 2):
+        visual, feats = _inputs(batch, seed=10 + batch + len(kept))
+        a = first.run(visual, feats)
+        b = second.run(visual, feats)  # another model on the same buffers, between runs of the first
+        assert np.array_equal(a, plain.run(visual, feats)) and np.array_equal(b, other.run(visual, feats))
+        kept.append((visual, feats, a))
+    for visual, feats, a in kept:  # every answer is the caller's own: later runs did not overwrite it
+        assert np.array_equal(a, plain.run(visual, feats))
+    assert first.mode == second.mode == mode and first.note == "" and sorted(buffers._sets) == [1, 2, 5]
+    assert buffers.nbytes == 8 * (6 * 320 * 320 + 32 * 256 + 3 * 320 * 320) * 4
+    assert sorted(first._bindings) == [1, 2, 5]  # one binding per batch size, reused

@@ -42,7 +42,8 @@ def output_shape(batch: int) -> tuple[int, int, int, int]:
 
 class DeviceBuffers:
     """Device buffers for the UNet's inputs and output, one set per batch size, for a worker's
-    sessions to share (their runs are serialized by the workspace lock)."""
+    sessions to share (their runs are serialized by the workspace lock). ``device="cpu"`` gives
+    host buffers: the same binding path on the CPU provider, for the tests."""
 
     def __init__(self, device_id: int = 0, device: str = "cuda") -> None:
         self.device, self.device_id = device, device_id
@@ -148,7 +149,10 @@ class UnetRunner:
             binding.bind_ortvalue_output(self.output_name, out_dev)
             self._bindings[batch] = binding
         self.session.run_with_iobinding(binding, self._options(batch))
-        return out_dev.numpy()
+        out = out_dev.numpy()  # from a device: a copy to the host
+        # Host buffers (the tests run this path on the CPU provider): .numpy() is a view of the
+        # buffer the next run overwrites, while this batch may still be composited.
+        return out.copy() if self.buffers.device == "cpu" else out
 
     def _options(self, batch: int) -> Any:
         options = self._run_options.get(batch)
