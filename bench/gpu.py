@@ -96,7 +96,10 @@ class Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
-            reading = self.nvml.sample()
+            try:
+                reading = self.nvml.sample()
+            except Exception:  # noqa: BLE001 - a MIG instance has no utilisation counter: no reading
+                return
             if reading is not None:
                 self.samples.append(reading)
 

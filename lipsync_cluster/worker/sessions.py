@@ -230,12 +230,3 @@ class Workspace:
         """Free the arena's unused regions (call with :attr:`lock` held: no run in progress)."""
         self._probe.run(None, {"x": np.zeros(1, dtype=np.float32)}, self._shrink_options)
         self.shrinks += 1
-
-
-def warm_up(session: ort.InferenceSession, batch_size: int = 1) -> None:
-    """Run one inference with zeros so the first real request does not pay for kernel setup."""
-    feeds = {}
-    for inp in session.get_inputs():
-        shape = [batch_size if not isinstance(d, int) or d <= 0 else d for d in inp.shape]
-        feeds[inp.name] = np.zeros(shape, dtype=np.float32)
-    session.run(None, feeds)
