@@ -437,6 +437,10 @@ def markdown(report: dict) -> str:
                       f"{err['max_abs']:.4f} ({err['max_abs_8bit']} of 255 after the paste-back's truncation), "
                       f"PSNR {err['psnr_db']} dB; bound {err['bound']['max_abs_8bit']} / {err['bound']['psnr_db']} dB: "
                       f"{'within' if err['within_bound'] else 'NOT within'}."]
+        opened = [r for r in raw["rows"] if "open_ms" in r]
+        convert = max((r["convert_ms"] for r in opened if r["precision"] == "fp16"), default=0)
+        lines += ["", f"fp16 conversion at load: {convert / 1000:.1f} s; session open: "
+                      + ", ".join(f"{r['precision']} {r['engine']} {r['open_ms'] / 1000:.1f} s" for r in opened) + "."]
         if raw["notes"]:
             lines += ["", "Runner notes: " + "; ".join(raw["notes"])]
     lines += ["", "Through the cluster (`start --gpus 1 --per-gpu N`, PCM in, JPEG out, 2 requests in flight per "

@@ -57,12 +57,10 @@ def test_providers_per_engine():
     assert providers_for_engine("cuda", cuda) == [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
     graph = providers_for_engine("cuda_graph", cuda)
     assert graph[0] == ("CUDAExecutionProvider", {**cuda, "enable_cuda_graph": True}) and "enable_cuda_graph" not in cuda
-    trt = providers_for_engine("tensorrt", cuda, precision="fp16", trt_cache_dir="/var/cache/trt",
-                               trt_profile={"input": ((1, 6, 320, 320), (5, 6, 320, 320), (25, 6, 320, 320))})
+    trt = providers_for_engine("tensorrt", cuda, precision="fp16", trt_cache_dir="/var/cache/trt")
     name, options = trt[0]
     assert name == "TensorrtExecutionProvider" and trt[1] == ("CUDAExecutionProvider", cuda)
     assert options["trt_fp16_enable"] is True and options["trt_engine_cache_path"] == "/var/cache/trt"
-    assert options["trt_profile_max_shapes"] == "input:25x6x320x320"
     assert providers_for_engine("tensorrt", cuda)[0][1]["trt_engine_cache_enable"] is False
     with pytest.raises(ValueError, match="unknown engine"):
         providers_for_engine("rocm", cuda)

@@ -73,10 +73,10 @@ def plan_engine(requested: str, uses_cuda: bool, available: Sequence[str], ort_v
 
 
 def providers_for_engine(engine: str, cuda_options: dict, *, precision: str = "fp32",
-                         trt_cache_dir: Optional[str] = None, trt_profile: Optional[dict] = None) -> list:
+                         trt_cache_dir: Optional[str] = None) -> list:
     """The ``providers`` list for an InferenceSession on ``engine``. ``cuda_options``: the CUDA
-    provider's options (device, arena; worker/sessions.providers_for). ``trt_profile``: input
-    name -> (min, opt, max) shapes for TensorRT's dynamic batch."""
+    provider's options (device, arena; worker/sessions.providers_for). TensorRT gets no shape
+    profile: it builds an engine per batch size it meets (cached in ``trt_cache_dir``)."""
     if engine == "cpu":
         return ["CPUExecutionProvider"]
     cuda = dict(cuda_options)
@@ -88,9 +88,6 @@ def providers_for_engine(engine: str, cuda_options: dict, *, precision: str = "f
                "trt_engine_cache_enable": bool(trt_cache_dir), "trt_timing_cache_enable": bool(trt_cache_dir)}
         if trt_cache_dir:
             trt["trt_engine_cache_path"] = trt["trt_timing_cache_path"] = trt_cache_dir
-        if trt_profile:
-            for key, pick in (("trt_profile_min_shapes", 0), ("trt_profile_opt_shapes", 1), ("trt_profile_max_shapes", 2)):
-                trt[key] = ",".join(f"{name}:{'x'.join(map(str, shapes[pick]))}" for name, shapes in trt_profile.items())
         providers.insert(0, (TENSORRT, trt))
     elif engine not in ("cuda", "cuda_graph"):
         raise ValueError(f"unknown engine {engine!r}")
