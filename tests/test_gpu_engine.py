@@ -4,11 +4,16 @@ here without a GPU), the providers each engine opens a session with, and the fal
 which engine a worker really uses (log, stats `engine` / `engine_note`)."""
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
 
+from lipsync_cluster import gpu_select
 from lipsync_cluster.common.catalog import Catalog
 from lipsync_cluster.common.frame_store import FrameStore
 from lipsync_cluster.worker.cache import ModelCache
@@ -110,3 +115,46 @@ def test_a_worker_whose_engine_fails_loads_on_the_next_and_reports_it(demo_dir):
     finally:
         cache.close()
         store.cleanup()
+
+
+@pytest.mark.skipif(not gpu_select.probe_physical(), reason="needs a GPU (bench/gpu_check.sh runs it on one)")
+def test_on_a_gpu_bound_runs_and_graphs_match_the_cpu_and_fp16_is_within_its_bound(demo_dir):
+    """On a real GPU: IO binding into device buffers and CUDA graphs (capture, then replays) give
+    what the CPU provider gives (within TF32's rounding), without falling back; fp16 on the GPU --
+    where its arithmetic really is fp16 -- stays within the stated bound of fp32 on the CPU."""
+    device = gpu_select.probe_physical()[0]
+    code = f"""
+import dataclasses, json
+import numpy as np
+from lipsync_cluster.common.model_package import bind_unet_io
+from lipsync_cluster.worker.binding import DeviceBuffers, UnetRunner, runner_mode
+from lipsync_cluster.worker.precision import model_source, mouth_error, within_bound
+from lipsync_cluster.worker.sessions import SessionOptions, make_session
+path = {str(demo_dir / "demo_ada" / "model.onnx")!r}
+rng = np.random.default_rng(0)
+vis = rng.uniform(0, 1, (5, 6, 320, 320)).astype(np.float32)
+aud = rng.uniform(0, 1, (5, 32, 16, 16)).astype(np.float32)
+cpu = make_session(path, SessionOptions(intra_op_threads=1))
+ref = UnetRunner(cpu, *bind_unet_io(cpu.get_inputs())).run(vis, aud)
+opts, buffers, result = SessionOptions(gpu=0), DeviceBuffers(0), {{}}
+for precision in ("fp32", "fp16"):
+    for engine in ("cuda", "cuda_graph"):
+        s = make_session(model_source(path, precision)[0], dataclasses.replace(opts, precision=precision), engine=engine)
+        r = UnetRunner(s, *bind_unet_io(s.get_inputs()), mode=runner_mode(engine), buffers=buffers)
+        outs = [r.run(vis, aud) for _ in range(6)] + [r.run(vis[:2], aud[:2])]
+        result[precision + " " + engine] = dict(
+            provider=s.get_providers()[0], mode=r.mode, note=r.note,
+            max_vs_cpu=float(max(np.abs(o - ref[:len(o)]).max() for o in outs)),
+            within=within_bound(mouth_error(ref, outs[-2])))
+print(json.dumps(result))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": device.pin, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, r in result.items():
+        assert r["provider"] == "CUDAExecutionProvider" and r["note"] == "", (name, r)
+        assert r["mode"] == ("cuda_graph" if name.endswith("cuda_graph") else "bind_cuda"), (name, r)
+        assert r["within"], (name, r)
+        if name.startswith("fp32"):
+            assert r["max_vs_cpu"] < 2e-2, (name, r)  # TF32 convolutions: ~1e-3 relative
