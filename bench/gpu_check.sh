@@ -2,7 +2,8 @@
 # The GPU path on a machine with a GPU (for a lent GPU machine; about 5 minutes, most of it pip):
 #   1. a fresh venv with the project's gpu + test extras as setup.cfg declares them (+ tools, for
 #      demo-models), then onnxruntime-gpu alone (test brings the CPU onnxruntime, the same module)
-#   2. tests/test_gpu_plan.py (its GPU test runs a real CUDA session and reads NVML there)
+#   2. tests/test_gpu_plan.py (its GPU test runs a real CUDA session and reads NVML there) and
+#      tests/test_gpu_engine.py (IO binding, CUDA graphs and fp16 checked against the CPU there)
 #   3. a real cluster: `start --gpus 1 --per-gpu 2` on two `unet` demo models, a few infers
 #      through the client, then each worker's provider as ONNX Runtime really gave it, its GPU
 #      readings (NVML) and nvidia-smi's view of the processes' memory.
@@ -35,8 +36,8 @@ nvidia-smi --query-gpu=index,name,driver_version,memory.used,memory.total --form
 . bench/gpu_env.sh  # the venv with .[gpu,tools,test], or INSTALL=0: $VENV as it is
 "$VENV/bin/python" -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())"
 
-step "GPU plan tests"
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_gpu_plan.py
+step "GPU plan and engine tests (IO binding, CUDA graphs and fp16 on the GPU)"
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_gpu_plan.py tests/test_gpu_engine.py
 
 step "demo models (unet, 2 x 25 frames)"
 "$VENV/bin/lipsync-cluster" demo-models "$WORK/models" --count 2 --kind unet --frames 25 >/dev/null

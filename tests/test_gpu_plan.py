@@ -162,6 +162,9 @@ def test_a_worker_reports_the_provider_it_really_got(make_cluster):
             assert time.monotonic() < deadline, client.health()
             time.sleep(0.1)
         assert {w["worker"]: w["provider"] for w in client.model_stats()["workers"]} == {"w0-cpu": "cpu", "w1-cpu": "cpu"}
+        # the UNets' engine and precision, as each worker uses them (worker/engine.py)
+        assert client.health()["engines"] == {"cpu": 2}
+        assert {(w["engine"], w["engine_note"], w["precision"]) for w in client.model_stats()["workers"]} == {("cpu", "", "fp32")}
         client.load_model("demo_ada")
         deadline = time.monotonic() + 10
         while True:  # the per-model entries come with the worker's next periodic stats

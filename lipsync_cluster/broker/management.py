@@ -73,6 +73,10 @@ def worker_entry(w: Any) -> dict:
         # What ONNX Runtime really gave the worker ("cuda", "cpu"), the device it is pinned to, and
         # its GPU readings (worker/gpu_monitor.py) when it has a GPU.
         "provider": s.get("provider"), "device": s.get("device"),
+        # The UNets' engine the worker really uses (cpu, cuda, cuda_graph, tensorrt), why when it
+        # is not the one asked for, and the precision its models run at (worker/engine.py).
+        **{k: s[k][:500] for k in ("engine", "engine_requested", "engine_note", "precision")
+           if isinstance(s.get(k), str)},
         **{k: s[k] for k in (*GPU_STATS, *MEM_STATS)
            if isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool)},
     }
@@ -99,11 +103,13 @@ def model_stats(catalog: dict[str, dict], table: WorkerTable, queues: ModelQueue
 def health(catalog: dict[str, dict], table: WorkerTable) -> dict:
     """Live always (we answered); ready when a worker is registered and every preload is loaded."""
     providers: dict[str, int] = {}
+    engines: dict[str, int] = {}
     for w in table.values():  # what each worker's sessions really run on, as the worker measured it
-        name = w.stats.get("provider")
-        name = name if isinstance(name, str) else "unknown"
-        providers[name] = providers.get(name, 0) + 1
-    reply: dict[str, Any] = {"live": True, "workers": len(table), "providers": providers}
+        for key, counts in (("provider", providers), ("engine", engines)):
+            name = w.stats.get(key)
+            name = name[:64] if isinstance(name, str) else "unknown"
+            counts[name] = counts.get(name, 0) + 1
+    reply: dict[str, Any] = {"live": True, "workers": len(table), "providers": providers, "engines": engines}
     if not len(table):
         reply.update(ready=False, reason="no worker registered")
         return reply

@@ -54,6 +54,12 @@ class OnnxConfig:
     intra_op_threads: int = 0  # 0 = let ONNX Runtime decide (CPU workers get cores // workers)
     inter_op_threads: int = 1
     library_path: Optional[str] = None  # accepted in the earlier server's configs; unused by the Python runtime
+    # fp16: the UNet and the audio encoder converted at load (worker/precision.py; docs/CONFIG.md).
+    # fp32 by default on CPU and GPU alike: fp16's error on a GPU is measured by bench/gpu.py, not yet here.
+    precision: Literal["fp32", "fp16"] = "fp32"
+    # GPU workers' UNet engine (worker/engine.py): cuda (IO binding), cuda_graph, tensorrt, or auto.
+    gpu_engine: Literal["auto", "cuda", "cuda_graph", "tensorrt"] = "cuda"
+    tensorrt_cache_dir: Optional[str] = None  # TensorRT engine/timing cache (gpu_engine: tensorrt)
 
 
 @dataclass

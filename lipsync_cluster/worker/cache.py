@@ -24,8 +24,11 @@ from ..common.frame_store import FrameStore, SharedFrames
 from ..common.load_backoff import LoadBackoff
 from ..common.model_package import (SESSION_MEMORY_FACTOR, ModelPackage, ModelPackageError, bind_unet_io,
                                     public_reason)
+from .binding import DeviceBuffers, UnetRunner, runner_mode
+from .engine import EnginePlan, EngineState, session_matches
 from .memory import WorkerMemory, process_rss
-from .sessions import SessionOptions, Workspace, make_session, warm_up
+from .precision import model_source
+from .sessions import SessionOptions, Workspace, make_session
 
 log = logging.getLogger("lipsync_cluster.worker.cache")
 
@@ -64,6 +67,7 @@ class LoadedModel:
     total_inference_ms: float = 0.0
     in_use: int = 0
     retired: bool = False  # replaced by a new version or unloaded while in use: close when idle
+    runner: Optional[UnetRunner] = None  # how its UNet runs (worker/binding.py); None: session.run
 
     @property
     def model_id(self) -> str:
@@ -87,11 +91,14 @@ class LoadedModel:
             "memory_bytes": self.memory_bytes,
             "load_ms": round(self.load_ms, 3),
             "in_use": self.in_use,
+            "runner": self.runner.mode if self.runner is not None else "plain",
+            **({"runner_note": self.runner.note} if self.runner is not None and self.runner.note else {}),
         }
 
     def close(self) -> None:
         self.frames.close()
         self.session = None
+        self.runner = None
 
 
 class ModelCache:
@@ -117,6 +124,8 @@ class ModelCache:
         load_backoff_s: float = 2.0,
         load_backoff_max_s: float = 300.0,
         meter: Optional[Callable[[], Optional[int]]] = None,
+        engine: Optional[EngineState] = None,
+        trt_cache_dir: Optional[str] = None,
     ) -> None:
         if policy not in ("lru", "lfu"):
             raise ValueError(f"eviction policy must be lru or lfu, got {policy!r}")
@@ -136,9 +145,15 @@ class ModelCache:
         self._loading: dict[str, threading.Event] = {}
         self._reserved: dict[str, int] = {}  # bytes promised to loads in progress
         self._retired: list[LoadedModel] = []
+        # The engine the UNets run on and its fallbacks (worker/engine.py); on a GPU their inputs
+        # and outputs live in device buffers shared by every model (one UNet runs at a time).
+        plain = "cuda" if session_options.uses_cuda else "cpu"
+        self.engine = engine or EngineState(EnginePlan(plain), plain)
+        self.device_buffers = DeviceBuffers(int(session_options.gpu)) if session_options.uses_cuda else None
+        self.trt_cache_dir = trt_cache_dir
         # The one activation workspace of this worker, and the budget it shares with the models:
         # measured by ``meter`` (RSS on the CPU; the caller passes a GPU reading for CUDA).
-        self.workspace = Workspace(session_options)
+        self.workspace = Workspace(session_options, keep_device_arena="cuda_graph" in self.engine.candidates())
         if meter is None:
             meter = process_rss if not session_options.uses_cuda else (lambda: None)
         self.memory = WorkerMemory(max_memory_bytes, self.workspace, meter)
@@ -268,10 +283,12 @@ class ModelCache:
             _check_same_files(package)
             # Created, then run at batch 1 in a quiet workspace (no UNet runs meanwhile): what the
             # model itself holds, and its workspace per frame, measured.
-            session, session_bytes = self.memory.measure_load(
-                (model_id, package.version), lambda: make_session(package.onnx_path, self.session_options),
-                lambda s: (bind_unet_io(s.get_inputs()), warm_up(s)))
-            visual, audio = bind_unet_io(session.get_inputs())
+            # fp16 is converted here, outside the measurement: the model is what the session holds
+            source, _ = model_source(package.onnx_path, self.session_options.precision)
+            runner, session_bytes = self.memory.measure_load(
+                (model_id, package.version), lambda: self._open_unet(source), lambda r: r.warm_up())
+            del source
+            session, visual, audio = runner.session, runner.visual_name, runner.audio_name
             frames = self.frame_store.attach(model_id, package.version, package.frame_paths,
                                              expected_size=tuple(package.frame_size),
                                              check_source=lambda: _check_same_files(package))
@@ -310,7 +327,7 @@ class ModelCache:
         # the moment the lock is released must see the hold (an in-use model is never closed).
         model = LoadedModel(package=package, session=session, visual_input=visual, audio_input=audio,
                             frames=frames, memory_bytes=memory, load_ms=load_ms, loaded_at=self.clock(),
-                            last_used=self.clock(), in_use=1 if hold else 0)
+                            last_used=self.clock(), in_use=1 if hold else 0, runner=runner)
         with self._lock:
             self._backoff.succeeded(model_id)
             old = self._models.get(model_id)
@@ -324,6 +341,27 @@ class ModelCache:
             log.info("✅ Model '%s' loaded in %.2fs (memory: %.2f MB)", model_id, load_ms / 1000, memory / 2**20)
         self._emit("loaded", model_id, version=package.version, memory_bytes=memory, load_ms=round(load_ms, 3))
         return model
+
+    def _open_unet(self, source: Any) -> UnetRunner:
+        """The UNet's session on the worker's engine, with its runner; an engine that fails (the
+        session cannot open on it, or ONNX Runtime gave another provider) hands over to the next
+        of the plan, for this load and the ones after. A model that is itself wrong fails on
+        every engine: its error is the last one's."""
+        candidates = self.engine.candidates()
+        for position, engine in enumerate(candidates):
+            try:
+                session = make_session(source, self.session_options, engine=engine, trt_cache_dir=self.trt_cache_dir)
+                if not session_matches(engine, session.get_providers()):
+                    raise RuntimeError(f"ONNX Runtime gave {session.get_providers()[0]} instead")
+                visual, audio = bind_unet_io(session.get_inputs())
+                return UnetRunner(session, visual, audio, runner_mode(engine), buffers=self.device_buffers)
+            except ModelPackageError:
+                raise  # the model's inputs are wrong whatever runs it
+            except Exception as exc:
+                if position == len(candidates) - 1:
+                    raise
+                self.engine.fall_back(engine, f"{type(exc).__name__}: {exc}"[:300])
+        raise AssertionError("unreachable: an engine plan is never empty")
 
     def _estimate_bytes(self, package: ModelPackage) -> int:
         if package.memory_estimate_mb:

@@ -111,6 +111,8 @@ class Pipeline:
 
     @staticmethod
     def _run_unet(model: LoadedModel, visual: np.ndarray, feats: np.ndarray) -> np.ndarray:
+        if model.runner is not None:  # IO binding / CUDA graphs where the engine has them (worker/binding.py)
+            return model.runner.run(visual, feats)
         return model.session.run(None, {model.visual_input: visual, model.audio_input: feats})[0]
 
     def composite_and_encode(self, model: LoadedModel, req: InferRequest, bg: np.ndarray, crops: list,

@@ -11,6 +11,8 @@ import os
 import time
 from typing import Callable, Optional
 
+import onnxruntime as ort
+
 from ..common.catalog import Catalog
 from ..common.errors import BadRequest
 from ..common.frame_store import FrameStore
@@ -20,6 +22,7 @@ from ..config import Config
 from .cache import ModelCache
 from .gpu_monitor import GpuMonitor
 from .pipeline import AudioEncoder, Pipeline
+from .engine import EngineState, plan_engine
 from .sessions import SessionOptions, make_session, probe_provider
 
 log = logging.getLogger("lipsync_cluster.worker")
@@ -43,6 +46,7 @@ class WorkerService:
             intra_op_threads=threads,
             inter_op_threads=config.onnx.inter_op_threads,
             gpu_mem_limit_bytes=config.max_memory_bytes if gpu is not None else None,
+            precision=config.onnx.precision,
         )
         # What ONNX Runtime really gives, not what was asked: a worker whose CUDA provider cannot
         # start says so once and runs (and reports) the CPU provider, instead of a fallback per load.
@@ -53,6 +57,10 @@ class WorkerService:
                       gpu, device, self.provider)
             self.session_options = dataclasses.replace(self.session_options, gpu=None, gpu_mem_limit_bytes=None)
         self.gpu_monitor = GpuMonitor(device if self.session_options.uses_cuda else None)
+        # The UNets' engine: what was asked (onnx.gpu_engine) against what this runtime has.
+        self.engine = EngineState(plan_engine(config.onnx.gpu_engine, self.session_options.uses_cuda,
+                                              ort.get_available_providers(), ort.__version__),
+                                  config.onnx.gpu_engine)
         self.catalog = catalog or Catalog(config.models_dir, config.models)
         self._sink: Callable[[dict], None] = lambda event: None
         self.cache = ModelCache(
@@ -71,6 +79,8 @@ class WorkerService:
             # On a GPU the budget holds the process's GPU memory, read through NVML (None: unread).
             meter=(lambda: self.gpu_monitor.read().get("gpu_memory_used_bytes"))
             if self.session_options.uses_cuda else None,
+            engine=self.engine,
+            trt_cache_dir=config.onnx.tensorrt_cache_dir,
         )
         encoder_path = config.audio_encoder
         encoder = AudioEncoder(lambda: make_session(encoder_path, self.session_options)) if encoder_path else None
@@ -96,7 +106,8 @@ class WorkerService:
 
     def stats(self) -> dict:
         return {**self.cache.stats(), "memory_bytes": self.cache.memory_bytes(), "provider": self.provider,
-                "device": self.device, **self.gpu_monitor.read()}
+                "device": self.device, "precision": self.session_options.precision, **self.engine.stats(),
+                **self.gpu_monitor.read()}
 
     def tick(self) -> None:
         self.cache.unload_idle()

@@ -24,6 +24,9 @@ from typing import Any, Optional
 import numpy as np
 import onnxruntime as ort
 
+from .engine import providers_for_engine, session_matches
+from .precision import model_source
+
 log = logging.getLogger(__name__)
 
 # ONNX Runtime prints provider warnings at WARNING level on stderr; keep its own logger quiet
@@ -38,6 +41,7 @@ class SessionOptions:
     inter_op_threads: int = 1
     gpu_mem_limit_bytes: Optional[int] = None
     allow_spinning: bool = False
+    precision: str = "fp32"  # fp16: models opened from a path are converted at open (worker/precision.py)
 
     @property
     def uses_cuda(self) -> bool:
@@ -122,9 +126,14 @@ def _session_options(opts: SessionOptions) -> ort.SessionOptions:
     return so
 
 
-def make_session(path: str | os.PathLike | bytes, opts: SessionOptions) -> ort.InferenceSession:
+def make_session(path: str | os.PathLike | bytes, opts: SessionOptions, engine: Optional[str] = None,
+                 trt_cache_dir: Optional[str] = None) -> ort.InferenceSession:
     """Open ``path`` (or a serialized model) with the providers ``opts`` allows, its activations
-    in the worker's shared arena. Raises whatever ONNX Runtime raises."""
+    in the worker's shared arena. ``engine`` (worker/engine.py): ``cuda`` (the default with a GPU),
+    ``cuda_graph`` or ``tensorrt``. A path is converted to fp16 first when ``opts.precision`` says
+    so; serialized bytes are opened as they are. Raises whatever ONNX Runtime raises."""
+    if not isinstance(path, bytes) and opts.precision != "fp32":
+        path, _ = model_source(path, opts.precision)
     so = _session_options(opts)
     if opts.uses_cuda:
         _load_cuda_libraries()
@@ -134,10 +143,15 @@ def make_session(path: str | os.PathLike | bytes, opts: SessionOptions) -> ort.I
         # stage needs.
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
     model = path if isinstance(path, bytes) else str(path)
-    session = ort.InferenceSession(model, sess_options=so, providers=providers_for(opts))
-    if opts.uses_cuda and session.get_providers()[0] != "CUDAExecutionProvider":
-        log.warning("CUDA was requested for %s but ONNX Runtime fell back to %s",
-                    path, session.get_providers()[0])
+    engine = engine or ("cuda" if opts.uses_cuda else "cpu")
+    if engine != "cpu" and not opts.uses_cuda:
+        raise RuntimeError(f"engine {engine} needs a GPU and this worker has none")
+    providers = providers_for(opts) if engine in ("cpu", "cuda") else providers_for_engine(
+        engine, providers_for(opts)[0][1], precision=opts.precision, trt_cache_dir=trt_cache_dir)
+    session = ort.InferenceSession(model, sess_options=so, providers=providers)
+    if opts.uses_cuda and not session_matches(engine, session.get_providers()):
+        log.warning("%s was requested for %s but ONNX Runtime fell back to %s", engine,
+                    "a converted model" if isinstance(path, bytes) else path, session.get_providers()[0])
     return session
 
 
@@ -198,12 +212,17 @@ class Workspace:
     budget needs the room or before measuring a new batch size.
     """
 
-    def __init__(self, opts: SessionOptions) -> None:
+    def __init__(self, opts: SessionOptions, keep_device_arena: bool = False) -> None:
         self.opts = opts
         self.lock = threading.Lock()  # held around every UNet run and every workspace measurement
         self._probe = make_session(_probe_model(), opts)
         self._shrink_options = ort.RunOptions()
-        devices = "gpu:%d;cpu:0" % int(opts.gpu) if opts.uses_cuda else "cpu:0"
+        # ``keep_device_arena``: CUDA graphs replay into the device addresses they were captured
+        # with, their activations included; a shrink would hand those regions back to CUDA and
+        # the next allocation (another model's weights) could land where a replay writes. With
+        # graphs the device arena only grows; the host arena still shrinks.
+        self.keeps_device_arena = keep_device_arena and opts.uses_cuda
+        devices = "gpu:%d;cpu:0" % int(opts.gpu) if opts.uses_cuda and not self.keeps_device_arena else "cpu:0"
         self._shrink_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", devices)
         self.shrinks = 0
 
@@ -211,12 +230,3 @@ class Workspace:
         """Free the arena's unused regions (call with :attr:`lock` held: no run in progress)."""
         self._probe.run(None, {"x": np.zeros(1, dtype=np.float32)}, self._shrink_options)
         self.shrinks += 1
-
-
-def warm_up(session: ort.InferenceSession, batch_size: int = 1) -> None:
-    """Run one inference with zeros so the first real request does not pay for kernel setup."""
-    feeds = {}
-    for inp in session.get_inputs():
-        shape = [batch_size if not isinstance(d, int) or d <= 0 else d for d in inp.shape]
-        feeds[inp.name] = np.zeros(shape, dtype=np.float32)
-    session.run(None, feeds)
