@@ -129,8 +129,9 @@ def test_generator_through_the_avatar_runner(make_cluster):
 def test_avatar_token_names_the_room_and_the_agent():
     import jwt
 
-    token = avatar_token("key", "secret-secret-secret-secret-secret", "room-1", "lipsync-avatar", on_behalf_of="agent-7")
-    claims = jwt.decode(token, "secret-secret-secret-secret-secret", algorithms=["HS256"])
+    secret = "secret-secret-secret-secret-secret"
+    token = avatar_token("key", secret, "room-1", "lipsync-avatar", on_behalf_of="agent-7")
+    claims = jwt.decode(token, secret, algorithms=["HS256"])
     assert claims["sub"] == "lipsync-avatar" and claims["video"]["room"] == "room-1"
     assert claims["video"]["roomJoin"] and claims["video"]["canPublish"]
     assert claims["attributes"]["lk.publish_on_behalf"] == "agent-7"

@@ -1,7 +1,7 @@
 """What the integrations share: opening the cluster session for a caller's audio format, and RGB images."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
