@@ -98,6 +98,7 @@ class LipsyncVideoGenerator(VideoGenerator):
         self._stream.av.interrupt()
         self._pending.clear()
         self._ends_now = 0  # the runner reports the interrupted segment itself
+        self._resamplers.clear()  # no tail of the cut segment in the next one
 
     def _frames_of(self, item: AVFrame) -> list:
         image = rgb(item.frame)

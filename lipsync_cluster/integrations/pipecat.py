@@ -136,6 +136,7 @@ class LipsyncVideoService(FrameProcessor):
     def _interrupt(self) -> None:
         self._epoch += 1
         self._held_stops.clear()  # control frames: an interruption cancels them in Pipecat too
+        self._resampler = create_stream_resampler()  # no tail of the cut utterance in the next one
         if self._stream is not None:
             self._stream.av.interrupt()
 
