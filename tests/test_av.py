@@ -265,6 +265,7 @@ def test_av_session_on_a_real_cluster_pairs_interrupts_and_idles(make_cluster):
     x = np.stack([speechlike(44100, 1.5), speechlike(44100, 1.5, seed=5)], axis=1)[:44100 + 1000]
     with Client(sup.config.frontend) as client, \
             AVSession(StreamSession(client, "demo_ben"), 44100, channels=2, listening=False) as av:
+        assert av.switch("demo_cleo", at_frame=13) == 13
         pusher = threading.Thread(target=lambda: (push_chunks(av, x), av.close()))
         pusher.start()
         items = list(av.frames(timeout=60))
@@ -272,5 +273,5 @@ def test_av_session_on_a_real_cluster_pairs_interrupts_and_idles(make_cluster):
     assert len(items) == round(av.core.n16 / 640) == 26
     audio = np.concatenate([it.audio for it in items])
     assert audio.shape == (26 * 1764, 2) and np.array_equal(audio[:len(x)], x) and not audio[len(x):].any()
-    assert {it.frame.model_id for it in items} == {"demo_ben"}
+    assert [it.frame.model_id for it in items] == ["demo_ben"] * 13 + ["demo_cleo"] * 13
     assert items[0].decode().shape == (720, 1280, 3)
