@@ -135,3 +135,25 @@ def test_avatar_token_names_the_room_and_the_agent():
     assert claims["sub"] == "lipsync-avatar" and claims["video"]["room"] == "room-1"
     assert claims["video"]["roomJoin"] and claims["video"]["canPublish"]
     assert claims["attributes"]["lk.publish_on_behalf"] == "agent-7"
+
+
+def test_avatar_session_points_the_agents_audio_at_the_avatar(monkeypatch):
+    from livekit.agents import AgentSession
+    from livekit.agents.voice.avatar import DataStreamAudioOutput
+
+    from lipsync_cluster.integrations.livekit import LipsyncAvatarSession
+
+    for name in ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+
+    async def run():
+        session = AgentSession()
+        avatar = LipsyncAvatarSession("demo_ada", identity="avatar-1", launch=False)
+        await avatar.start(session, rtc.Room())
+        assert isinstance(session.output.audio, DataStreamAudioOutput)
+        assert avatar.avatar_identity == "avatar-1" and avatar.provider == "lipsync-cluster"
+        await avatar.aclose()
+        with pytest.raises(ValueError, match="LIVEKIT_URL, LIVEKIT_API_KEY, LIVEKIT_API_SECRET"):
+            await LipsyncAvatarSession("demo_ada").start(AgentSession(), rtc.Room())
+
+    asyncio.run(run())

@@ -207,13 +207,14 @@ class LipsyncAvatarSession(AvatarSession):
         return "lipsync-cluster"
 
     async def start(self, agent_session: Any, room: "rtc.Room") -> None:
-        await super().start(agent_session, room)
-        if self.launch:
+        if self.launch:  # checked before anything is attached to the session
             missing = [n for n, v in (("LIVEKIT_URL", self.livekit_url), ("LIVEKIT_API_KEY", self.api_key),
                                       ("LIVEKIT_API_SECRET", self.api_secret)) if not v]
             if missing:
                 raise ValueError(f"launching the avatar worker needs {', '.join(missing)} (environment or "
                                  "arguments), or launch=False with the worker started elsewhere")
+        await super().start(agent_session, room)
+        if self.launch:
             token = avatar_token(self.api_key, self.api_secret, room.name, self.identity,
                                  on_behalf_of=room.local_participant.identity)
             self._worker = asyncio.create_task(run_avatar_worker(
