@@ -25,7 +25,7 @@ ORT_OTHER := onnxruntime-gpu
 ORT_SPEC := onnxruntime>=1.17
 endif
 
-.PHONY: venv test test-install run bench demo clean browser-deps
+.PHONY: venv test test-install run bench demo clean browser-deps speech-deps
 
 # $(1): the extras to install into .venv (made on first use; pip's cache keeps it quick after that).
 define install_extras
@@ -51,7 +51,11 @@ venv: $(STAMP)
 browser-deps:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "chromium could not be installed: tests/test_browser.py will be skipped"
 
-test: $(STAMP) browser-deps
+# The Pipecat test speaks with Debian's espeak-ng (real speech, no model); without it that test is skipped.
+speech-deps:
+	@command -v espeak-ng >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; } || echo "espeak-ng could not be installed: tests/test_pipecat.py will be skipped"
+
+test: $(STAMP) browser-deps speech-deps
 	$(BIN)/python -m pytest -q tests
 
 # A plain `pip install .` (no extras) in a fresh virtualenv: a working Client against a running

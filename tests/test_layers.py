@@ -24,7 +24,7 @@ TIERS = {
     "config": 1,
     "gpu_select": 1,  # pure planning from the environment: usable by worker, supervisor and cli
     "broker": 2, "worker": 2, "client": 2,
-    "tools": 3, "prepare": 3, "demo": 3, "gateway": 3,
+    "tools": 3, "prepare": 3, "demo": 3, "gateway": 3, "integrations": 3,
     "supervisor": 4,
     "cli": 5,
 }

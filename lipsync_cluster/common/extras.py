@@ -22,6 +22,8 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "console": ("rich", "tqdm"),
     "plot": ("matplotlib",),
     "gateway": ("aiohttp",),
+    "pipecat": ("pipecat",),
+    "livekit": ("livekit",),
 }
 _HINT = {"cpu": " (or 'gpu' on a GPU host: pip install 'lipsync-cluster[gpu]')"}
 
