@@ -47,6 +47,9 @@ class Pipeline:
         # silent PCM batches: the UNet output per background frame is cached (worker/idle.py)
         self.idle = idle_cache if idle_cache is not None else IdleCache()
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="composite")
+        # The pool is the parallelism of crops, paste back and encoding; OpenCV's own threads on
+        # top of it only busy-wait on cores the UNet needs.
+        imageops.single_threaded_opencv()
         # One UNet run at a time per worker: it already uses every core (or the whole GPU) it was
         # given. Two requests in flight then pipeline: one's UNet runs while the other's
         # features, crops, paste-back and encoding use what the UNet leaves idle, instead of
@@ -126,7 +129,11 @@ class Pipeline:
             if req.format == "patch":
                 image = imageops.paste_patch(rects[b], crops[i], out[i])
             else:
-                image = imageops.paste_back(model.frames[b], rects[b], crops[i], out[i])
+                background = model.frames[b]
+                # A frame that is encoded here is composited in this thread's reused buffer; a raw
+                # frame is the reply itself, so it gets memory of its own (one full-frame copy).
+                dst = None if req.format == "raw" else imageops.frame_scratch(background.shape)
+                image = imageops.paste_back(background, rects[b], crops[i], out[i], dst=dst)
             t1 = time.perf_counter()
             if req.format == "raw":
                 data: Any = image
