@@ -122,6 +122,48 @@ def test_paste_back_matches_reference_and_leaves_outside_untouched(rect):
     assert np.array_equal(patch, out[y1:y2, x1:x2])
 
 
+@pytest.mark.parametrize("rect", RECTS)
+def test_paste_back_into_a_reused_buffer_is_the_same_frame(rect):
+    """dst (e.g. the thread's frame scratch) is overwritten completely: nothing of the frame that
+    was composited in it before survives, and the result is the new-array result."""
+    frame, other = _frame(), _frame()
+    crop, pred = imageops.crop_face(frame, rect), RNG.random((3, 320, 320), dtype=np.float32)
+    dst = imageops.frame_scratch(frame.shape)
+    imageops.paste_back(other, (0, 0, 320, 240), imageops.crop_face(other, (0, 0, 320, 240)),
+                        RNG.random((3, 320, 320), dtype=np.float32), dst=dst)
+    got = imageops.paste_back(frame, rect, crop, pred, dst=dst)
+    assert got is dst
+    assert np.array_equal(got, ref_paste(frame, rect, crop, pred))
+    assert imageops.frame_scratch(frame.shape) is dst, "the scratch is reused by the same thread"
+    # the patch written into a strided region of a frame equals the patch on its own
+    x1, y1, x2, y2 = rect
+    region = np.zeros_like(frame)
+    imageops.paste_patch(rect, crop, pred, dst=region[y1:y2, x1:x2])
+    assert np.array_equal(region[y1:y2, x1:x2], imageops.paste_patch(rect, crop, pred))
+
+
+def test_paste_back_refuses_a_dst_that_cannot_hold_the_frame():
+    frame = _frame()
+    crop, pred = imageops.crop_face(frame, RECTS[0]), RNG.random((3, 320, 320), dtype=np.float32)
+    with pytest.raises(ValueError, match="dst must be a separate uint8"):
+        imageops.paste_back(frame, RECTS[0], crop, pred, dst=np.empty((240, 321, 3), np.uint8))
+    with pytest.raises(ValueError, match="dst must be a separate"):
+        imageops.paste_back(frame, RECTS[0], crop, pred, dst=frame)  # would write the background
+    with pytest.raises(ValueError, match="dst must be uint8"):
+        imageops.paste_patch(RECTS[0], crop, pred, dst=np.empty((10, 10, 3), np.uint8))
+
+
+def test_scratch_is_per_thread():
+    import threading
+
+    mine = imageops.frame_scratch((8, 8, 3))
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(imageops.frame_scratch((8, 8, 3))))
+    t.start()
+    t.join()
+    assert seen[0] is not mine and not np.shares_memory(seen[0], mine)
+
+
 def test_paste_truncates_like_synctalk_and_saturates_overshoot():
     crop = np.zeros((328, 328, 3), np.uint8)
     pred = np.full((3, 320, 320), 0.999, np.float32)  # 254.745 -> 254 (truncated, not 255)
