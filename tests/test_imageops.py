@@ -164,6 +164,47 @@ def test_scratch_is_per_thread():
     assert seen[0] is not mine and not np.shares_memory(seen[0], mine)
 
 
+@pytest.mark.parametrize("shape, rect", [
+    ((240, 320, 3), (40, 30, 200, 210)),     # inside, unaligned
+    ((240, 320, 3), (0, 0, 320, 240)),       # the whole frame: no row outside
+    ((250, 330, 3), (100, 200, 180, 250)),   # reaches a bottom edge that is not a multiple of 16
+    ((250, 330, 3), (10, 0, 60, 16)),        # the first MCU row only
+])
+@pytest.mark.parametrize("quality", [85, 30])
+def test_jpeg_of_the_face_strip_joined_to_the_background_rows_is_the_whole_frame(shape, rect, quality):
+    """A background's rows outside the face strip, taken from one frame's JPEG, plus a later
+    frame's strip encoded alone, are byte for byte that later frame encoded whole; and that
+    JPEG decodes to exactly the pixels of the plain JPEG (restart markers change no value)."""
+    frame = _frame(*shape[:2])
+    crop = imageops.crop_face(frame, rect)
+    first, later = (RNG.random((3, 320, 320), dtype=np.float32) for _ in range(2))
+    rows = imageops.mcu_rows(rect, shape[0])
+    outside = imageops.jpeg_outside_rows(imageops.encode_jpeg_rows(imageops.paste_back(frame, rect, crop, first), quality),
+                                         rows, shape[0])
+    assert outside is not None
+    whole_frame = imageops.paste_back(frame, rect, crop, later)
+    strip = imageops.paste_strip(frame, rect, crop, later, rows)
+    assert np.array_equal(strip, whole_frame[rows[0] * 16:rows[1] * 16])
+    joined = imageops.jpeg_join_rows(outside, rows, imageops.encode_jpeg_rows(strip, quality))
+    whole = imageops.encode_jpeg_rows(whole_frame, quality)
+    assert joined == whole
+    plain = imageops.encode_image(whole_frame, "jpeg", quality)
+    assert np.array_equal(cv2.imdecode(np.frombuffer(whole, np.uint8), cv2.IMREAD_COLOR),
+                          cv2.imdecode(np.frombuffer(plain, np.uint8), cv2.IMREAD_COLOR))
+
+
+def test_jpeg_rows_refuse_what_is_not_laid_out_by_rows():
+    frame = _frame()
+    plain = imageops.encode_image(frame, "jpeg", 85)  # no restart markers: one segment
+    assert imageops.jpeg_outside_rows(plain, (2, 5), 240) is None
+    outside = imageops.jpeg_outside_rows(imageops.encode_jpeg_rows(frame), (2, 5), 240)
+    assert imageops.jpeg_join_rows(outside, (2, 5), imageops.encode_jpeg_rows(frame[:16])) is None  # 1 row, not 3
+    assert imageops.jpeg_outside_rows(b"not a jpeg", (2, 5), 240) is None
+    with pytest.raises(ValueError, match="do not cover"):
+        imageops.paste_strip(frame, (40, 30, 200, 210), imageops.crop_face(frame, (40, 30, 200, 210)),
+                             RNG.random((3, 320, 320), dtype=np.float32), (2, 5))
+
+
 def test_paste_truncates_like_synctalk_and_saturates_overshoot():
     crop = np.zeros((328, 328, 3), np.uint8)
     pred = np.full((3, 320, 320), 0.999, np.float32)  # 254.745 -> 254 (truncated, not 255)
