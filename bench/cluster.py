@@ -64,8 +64,12 @@ def config(folder: Path, workers: int, threads: int):
     })
 
 
-def drive(client: Client, model_id: str, seconds: float, in_flight: int, warm: bool = True) -> float:
-    """Frames per second with ``in_flight`` requests outstanding at all times."""
+def drive(client: Client, model_id: str, seconds: float, in_flight: int, warm: bool = True,
+          per_worker: dict | None = None) -> float:
+    """Frames per second with ``in_flight`` requests outstanding at all times.
+
+    ``per_worker`` (filled when given): for each worker that answered, its frames, the ms its
+    UNet ran, and when (s after the start) its first reply came."""
     pcm = np.clip(0.3 * np.random.default_rng(1).standard_normal(16000 * 4), -1, 1).astype(np.float32)
 
     def send(k: int):
@@ -79,8 +83,13 @@ def drive(client: Client, model_id: str, seconds: float, in_flight: int, warm: b
     pending = [send(k) for k in range(in_flight)]
     frames, k, started = 0, in_flight, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        client.wait(pending.pop(0), timeout=120)
+        header, _ = client.wait(pending.pop(0), timeout=120)
         frames += BATCH
+        if per_worker is not None:
+            w = per_worker.setdefault(str(header.get("worker")), {"frames": 0, "unet_ms": 0.0,
+                                                                  "first_s": time.perf_counter() - started})
+            w["frames"] += BATCH
+            w["unet_ms"] += float(header.get("timings", {}).get("inference_ms", 0.0))
         pending.append(send(k))
         k += 1
     elapsed = time.perf_counter() - started
@@ -90,14 +99,14 @@ def drive(client: Client, model_id: str, seconds: float, in_flight: int, warm: b
 
 
 def cluster_fps(folder: Path, model_id: str, workers: int, threads: int, seconds: float,
-                warm: bool = True) -> float:
+                warm: bool = True, per_worker: dict | None = None) -> float:
     cfg = config(folder, workers, threads)
     sup = Supervisor(cfg, 0, workers)
     sup.start()
     try:
         sup.wait_ready(timeout_s=120)
         with Client(cfg.frontend, timeout=120) as client:
-            return drive(client, model_id, seconds, in_flight=4, warm=warm)
+            return drive(client, model_id, seconds, in_flight=4, warm=warm, per_worker=per_worker)
     finally:
         sup.stop()
 
@@ -110,6 +119,10 @@ def _cluster_in(checkout: Path, folder: Path, model_id: str, seconds: float) -> 
     res = json.loads(out.stdout.strip().splitlines()[-1])
     if Path(res["checkout"]).resolve() != checkout.resolve():
         raise SystemExit(f"the child imported {res['checkout']}, not {checkout}")
+    # Where the time went: each worker's first reply and the share of the window its UNet ran.
+    print(f"  {checkout.name}: " + "; ".join(
+        f"{name} {w['frames']} frames, first reply at {w['first_s']:.1f} s, UNet busy {w['unet_ms'] / 10 / seconds:.0f} %"
+        for name, w in sorted(res["workers"].items())), flush=True)
     return float(res["fps"])
 
 
@@ -202,8 +215,9 @@ def main() -> None:
     if args.hot_cluster_once:
         import lipsync_cluster
 
-        fps = cluster_fps(folder, model_id, 2, 1, seconds, warm=False)
-        print(json.dumps({"fps": fps, "checkout": str(Path(lipsync_cluster.__file__).parent.parent)}))
+        per_worker: dict = {}
+        fps = cluster_fps(folder, model_id, 2, 1, seconds, warm=False, per_worker=per_worker)
+        print(json.dumps({"fps": fps, "workers": per_worker, "checkout": str(Path(lipsync_cluster.__file__).parent.parent)}))
         return
     if args.hot:
         hot_model(folder, model_id, args.seconds or 15.0, args.rounds,
