@@ -165,7 +165,9 @@ def stages_main(args, folder: Path) -> None:
         "`StreamSession` sends (the batch's PCM span, float32); ONNX Runtime 1 intra-op thread, no spinning. "
         "ms of process CPU time (every thread) per frame, by stage; `reply` is the rest of the request (parsing, "
         "the composite pool's dispatch, the reply's entries and payload frames). The UNet's output is computed once "
-        "per batch size and reused, so the cells measure only the work around it. "
+        "per batch size and reused, so the cells measure only the work around it. Each cell starts after one pass over "
+        "the model's 60 backgrounds, as a stream's first 2N-2 frames make (jpeg: each background's rows outside the "
+        "face are cached from then on). "
         f"{rounds} interleaved rounds of {frames} frames per cell, each side a child process, medians."
         + (f" Baseline: `{sides[0][1]}` ({_git_head(sides[0][1])}); this checkout {_git_head(here)}." if args.baseline else ""),
         "",

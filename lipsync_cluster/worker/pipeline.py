@@ -3,6 +3,10 @@
 Each stage is its own function with its own timing. Composite and encode run per frame on a
 small thread pool: OpenCV's resize and encoders release the GIL, so they use the cores that the
 UNet leaves idle and, with two requests in flight per worker, overlap the next batch's inference.
+The host work around the UNet is kept small because on a GPU it is what caps the frames per second
+(`bench/pipeline.py --stages` measures it by stage): OpenCV runs single-threaded under the pool,
+encoded frames are composited in per-thread buffers, and a jpeg frame encodes only the rows of
+16-pixel blocks its face touches (``_jpeg_frame``).
 """
 from __future__ import annotations
 
