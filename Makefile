@@ -73,6 +73,7 @@ run: $(STAMP_RUN) $(DEMO_DIR)/cluster.yaml
 
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/pipeline.py --stages
 	$(BIN)/python bench/broker.py
 	$(BIN)/python bench/cluster.py
 	$(BIN)/python bench/routing.py

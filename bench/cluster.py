@@ -15,13 +15,17 @@ default threads (cores split evenly between workers: what `start` gives you).
 flight against a fresh cluster of 2 CPU workers (1 ONNX Runtime thread each, what `start` gives on
 2 cores), with no warm-up that would place copies by hand: the broker spreads the model as the queue
 builds. Side by side, interleaved: raw ONNX Runtime on the same model with 2 intra-op threads,
-inputs prepared in advance (the ceiling of the cores).
+inputs prepared in advance (the ceiling of the cores). With ``--baseline DIR`` (a checkout of other
+code) each round also runs that checkout's cluster, in a child process started in DIR, so the raw
+side, the baseline and this checkout share every round.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,8 +64,12 @@ def config(folder: Path, workers: int, threads: int):
     })
 
 
-def drive(client: Client, model_id: str, seconds: float, in_flight: int, warm: bool = True) -> float:
-    """Frames per second with ``in_flight`` requests outstanding at all times."""
+def drive(client: Client, model_id: str, seconds: float, in_flight: int, warm: bool = True,
+          per_worker: dict | None = None) -> float:
+    """Frames per second with ``in_flight`` requests outstanding at all times.
+
+    ``per_worker`` (filled when given): for each worker that answered, its frames, the ms its
+    UNet ran, and when (s after the start) its first reply came."""
     pcm = np.clip(0.3 * np.random.default_rng(1).standard_normal(16000 * 4), -1, 1).astype(np.float32)
 
     def send(k: int):
@@ -75,8 +83,13 @@ def drive(client: Client, model_id: str, seconds: float, in_flight: int, warm: b
     pending = [send(k) for k in range(in_flight)]
     frames, k, started = 0, in_flight, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        client.wait(pending.pop(0), timeout=120)
+        header, _ = client.wait(pending.pop(0), timeout=120)
         frames += BATCH
+        if per_worker is not None:
+            w = per_worker.setdefault(str(header.get("worker")), {"frames": 0, "unet_ms": 0.0,
+                                                                  "first_s": time.perf_counter() - started})
+            w["frames"] += BATCH
+            w["unet_ms"] += float(header.get("timings", {}).get("inference_ms", 0.0))
         pending.append(send(k))
         k += 1
     elapsed = time.perf_counter() - started
@@ -86,55 +99,102 @@ def drive(client: Client, model_id: str, seconds: float, in_flight: int, warm: b
 
 
 def cluster_fps(folder: Path, model_id: str, workers: int, threads: int, seconds: float,
-                warm: bool = True) -> float:
+                warm: bool = True, per_worker: dict | None = None) -> float:
     cfg = config(folder, workers, threads)
     sup = Supervisor(cfg, 0, workers)
     sup.start()
     try:
         sup.wait_ready(timeout_s=120)
         with Client(cfg.frontend, timeout=120) as client:
-            return drive(client, model_id, seconds, in_flight=4, warm=warm)
+            return drive(client, model_id, seconds, in_flight=4, warm=warm, per_worker=per_worker)
     finally:
         sup.stop()
 
 
-def hot_model(folder: Path, model_id: str, seconds: float, rounds: int) -> None:
+def _cluster_in(checkout: Path, folder: Path, model_id: str, seconds: float) -> float:
+    """cluster_fps(2 workers, 1 thread, no warm-up) with ``checkout``'s code, in a child process."""
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--hot-cluster-once", "--seconds", str(seconds),
+                          "--models", str(folder)], env=env, cwd=str(checkout), check=True, capture_output=True, text=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if Path(res["checkout"]).resolve() != checkout.resolve():
+        raise SystemExit(f"the child imported {res['checkout']}, not {checkout}")
+    # Where the time went: each worker's first reply and the share of the window its UNet ran.
+    print(f"  {checkout.name}: " + "; ".join(
+        f"{name} {w['frames']} frames, first reply at {w['first_s']:.1f} s, UNet busy {w['unet_ms'] / 10 / seconds:.0f} %"
+        for name, w in sorted(res["workers"].items())), flush=True)
+    return float(res["fps"])
+
+
+def _load() -> str:
+    return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def hot_model(folder: Path, model_id: str, seconds: float, rounds: int, baseline: Path | None = None,
+              write: bool = True) -> None:
     """One hot model on 2 workers vs raw ONNX Runtime with 2 threads, interleaved rounds."""
     cfg = config(folder, 1, 2)
     service = WorkerService(cfg, shm_namespace=f"bench-{uuid.uuid4().hex[:6]}")
-    raws, clusters = [], []
+    here = Path(__file__).resolve().parent.parent
+    raws, clusters, bases, loads = [], [], [], [_load()]
     try:
         pipeline_fps(service, model_id, 1, "jpeg", 0.1)  # load it; its session is the raw side's
         session = service.cache.get(model_id).session
         for _ in range(rounds):
             raws.append(raw_fps(session, BATCH, seconds))
-            clusters.append(cluster_fps(folder, model_id, 2, 1, seconds, warm=False))
+            if baseline is not None:
+                bases.append(_cluster_in(baseline, folder, model_id, seconds))
+                clusters.append(_cluster_in(here, folder, model_id, seconds))
+            else:
+                clusters.append(cluster_fps(folder, model_id, 2, 1, seconds, warm=False))
+            loads.append(_load())
             print(f"raw ORT 2 threads {raws[-1]:.2f} fps | cluster 2 workers {clusters[-1]:.2f} fps | "
-                  f"ratio {clusters[-1] / raws[-1]:.2f}", flush=True)
+                  f"ratio {clusters[-1] / raws[-1]:.2f}"
+                  + (f" | baseline cluster {bases[-1]:.2f} fps, ratio {bases[-1] / raws[-1]:.2f}" if bases else "")
+                  + f" | load {loads[-1]}", flush=True)
     finally:
         service.close()
         service.cache.frame_store.cleanup()
+    if not write:
+        return
     raw, clu = float(np.median(raws)), float(np.median(clusters))
+    cells = [f"{raw:.2f}", f"{clu:.2f}", f"**{float(np.median([c / r for r, c in zip(raws, clusters)])):.2f}**"]
+    head = "| raw ORT, 2 threads fps | cluster, 2 workers fps | cluster / raw |"
+    if bases:
+        base = float(np.median(bases))
+        cells += [f"{base:.2f}", f"{float(np.median([b / r for r, b in zip(raws, bases)])):.2f}"]
+        head += " baseline cluster fps | baseline / raw |"
     lines = [
         "## One hot model on two workers (`bench/cluster.py --hot`)",
         "",
-        f"Machine: {machine()}, no GPU. Date: {today()}. Model: `unet` demo, batch {BATCH}, jpeg, audio as PCM; "
+        f"Machine: {machine()}, no GPU. Date: {today()}. Load average (1/5/15 min) before: {loads[0]}, after each "
+        f"round: {'; '.join(loads[1:])}. Model: `unet` demo, batch {BATCH}, jpeg, audio as PCM; "
         f"the client keeps 4 requests in flight against a fresh cluster of 2 CPU workers (1 ONNX Runtime thread "
         f"each) with no warm-up, so the broker places the second copy itself. Raw = ONNX Runtime alone on the same "
         f"model with 2 intra-op threads, inputs prepared in advance. {rounds} interleaved rounds of {seconds:g} s, "
-        "medians.",
+        "medians (ratios: the median of each round's ratio)."
+        + (f" Baseline: the cluster of `{baseline}` ({_git_head(baseline)}), this checkout {_git_head(here)}, "
+           "each in a child process." if bases else ""),
         "",
-        "| raw ORT, 2 threads fps | cluster, 2 workers fps | cluster / raw |",
-        "|---:|---:|---:|",
-        f"| {raw:.2f} | {clu:.2f} | **{clu / raw:.2f}** |",
+        head,
+        "|---:|---:|---:|" + ("---:|---:|" if bases else ""),
+        "| " + " | ".join(cells) + " |",
         "",
-        "Per round, cluster / raw: " + ", ".join(f"{c / r:.2f}" for r, c in zip(raws, clusters)) + ".",
+        "Per round, cluster / raw: " + ", ".join(f"{c / r:.2f}" for r, c in zip(raws, clusters))
+        + ("; baseline / raw: " + ", ".join(f"{b / r:.2f}" for r, b in zip(raws, bases)) if bases else "") + ".",
         "",
-        "Target (issue 11): >= 0.85x raw ONNX Runtime (0.57x before: the second copy was only placed once the "
-        "queue head had waited two service times).",
+        "Target (issue 18): >= 0.9x raw ONNX Runtime (issue 11's 0.85x; 0.57x before issue 11).",
     ]
     write_section("cluster-hot", "\n".join(lines))
     print("wrote docs/BENCHMARKS.md (cluster-hot)")
+
+
+def _git_head(checkout: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
 
 
 def main() -> None:
@@ -143,14 +203,25 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=None)
     ap.add_argument("--hot", action="store_true", help="the hot-model comparison only (see above)")
     ap.add_argument("--rounds", type=int, default=3, help="--hot: interleaved rounds")
+    ap.add_argument("--baseline", default=None, help="--hot: a checkout whose cluster runs in every round too")
+    ap.add_argument("--models", default=None, help="a demo folder with a unet model (built if absent)")
+    ap.add_argument("--hot-cluster-once", action="store_true", help=argparse.SUPPRESS)  # --baseline's child
     args = ap.parse_args()
     seconds = args.seconds or (4.0 if args.quick else 20.0)
     cores = os.cpu_count() or 1
-    folder = Path(tempfile.gettempdir()) / "lipsync-bench-unet"
+    folder = Path(args.models) if args.models else Path(tempfile.gettempdir()) / "lipsync-bench-unet"
     build_demo_models(folder, count=1, kind="unet", frames=60, size=(1280, 720), progress=False)
     model_id = "demo_ada"
+    if args.hot_cluster_once:
+        import lipsync_cluster
+
+        per_worker: dict = {}
+        fps = cluster_fps(folder, model_id, 2, 1, seconds, warm=False, per_worker=per_worker)
+        print(json.dumps({"fps": fps, "workers": per_worker, "checkout": str(Path(lipsync_cluster.__file__).parent.parent)}))
+        return
     if args.hot:
-        hot_model(folder, model_id, args.seconds or 15.0, args.rounds)
+        hot_model(folder, model_id, args.seconds or 15.0, args.rounds,
+                  Path(args.baseline) if args.baseline else None, write=not args.quick)
         return
 
     results = {}

@@ -432,3 +432,17 @@ def test_resample_rejects_bad_input():
         A.resample(np.array([0.0, np.nan]), 44100)
     with pytest.raises(BadRequest, match=r"audio_pcm float samples must lie in \[-1, 1\]"):
         A.resample(np.array([0.0, 2.0]), 44100)
+
+
+def test_mel_columns_alone_equal_the_whole_mel_and_the_bands_equal_the_matrix():
+    """A request computes only the mel columns its windows read; each column is its own 800
+    samples, so they are the whole mel's, bit for bit. The banded filterbank is the matrix."""
+    x = np.random.default_rng(5).uniform(-0.5, 0.5, 16000).astype(np.float64)
+    whole = A._mel_from_float(x)
+    assert whole.shape[1] == A.mel_columns(x.size) == 81
+    for first, last in ((0, 16), (30, 46), (65, 81), (0, 81)):
+        np.testing.assert_array_equal(A._mel_from_float(x, first, last), whole[:, first:last])
+    bins, weights, starts = A._mel_bands()
+    mag = np.abs(np.random.default_rng(6).standard_normal((7, 1 + A.N_FFT // 2)))
+    banded = np.add.reduceat(mag[:, bins] * weights, starts, axis=1).T
+    np.testing.assert_allclose(banded, A.mel_filterbank() @ mag.T, rtol=1e-12, atol=0)

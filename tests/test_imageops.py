@@ -122,6 +122,89 @@ def test_paste_back_matches_reference_and_leaves_outside_untouched(rect):
     assert np.array_equal(patch, out[y1:y2, x1:x2])
 
 
+@pytest.mark.parametrize("rect", RECTS)
+def test_paste_back_into_a_reused_buffer_is_the_same_frame(rect):
+    """dst (e.g. the thread's frame scratch) is overwritten completely: nothing of the frame that
+    was composited in it before survives, and the result is the new-array result."""
+    frame, other = _frame(), _frame()
+    crop, pred = imageops.crop_face(frame, rect), RNG.random((3, 320, 320), dtype=np.float32)
+    dst = imageops.frame_scratch(frame.shape)
+    imageops.paste_back(other, (0, 0, 320, 240), imageops.crop_face(other, (0, 0, 320, 240)),
+                        RNG.random((3, 320, 320), dtype=np.float32), dst=dst)
+    got = imageops.paste_back(frame, rect, crop, pred, dst=dst)
+    assert got is dst
+    assert np.array_equal(got, ref_paste(frame, rect, crop, pred))
+    assert imageops.frame_scratch(frame.shape) is dst, "the scratch is reused by the same thread"
+    # the patch written into a strided region of a frame equals the patch on its own
+    x1, y1, x2, y2 = rect
+    region = np.zeros_like(frame)
+    imageops.paste_patch(rect, crop, pred, dst=region[y1:y2, x1:x2])
+    assert np.array_equal(region[y1:y2, x1:x2], imageops.paste_patch(rect, crop, pred))
+
+
+def test_paste_back_refuses_a_dst_that_cannot_hold_the_frame():
+    frame = _frame()
+    crop, pred = imageops.crop_face(frame, RECTS[0]), RNG.random((3, 320, 320), dtype=np.float32)
+    with pytest.raises(ValueError, match="dst must be a separate uint8"):
+        imageops.paste_back(frame, RECTS[0], crop, pred, dst=np.empty((240, 321, 3), np.uint8))
+    with pytest.raises(ValueError, match="dst must be a separate"):
+        imageops.paste_back(frame, RECTS[0], crop, pred, dst=frame)  # would write the background
+    with pytest.raises(ValueError, match="dst must be uint8"):
+        imageops.paste_patch(RECTS[0], crop, pred, dst=np.empty((10, 10, 3), np.uint8))
+
+
+def test_scratch_is_per_thread():
+    import threading
+
+    mine = imageops.frame_scratch((8, 8, 3))
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(imageops.frame_scratch((8, 8, 3))))
+    t.start()
+    t.join()
+    assert seen[0] is not mine and not np.shares_memory(seen[0], mine)
+
+
+@pytest.mark.parametrize("shape, rect", [
+    ((240, 320, 3), (40, 30, 200, 210)),     # inside, unaligned
+    ((240, 320, 3), (0, 0, 320, 240)),       # the whole frame: no row outside
+    ((250, 330, 3), (100, 200, 180, 250)),   # reaches a bottom edge that is not a multiple of 16
+    ((250, 330, 3), (10, 0, 60, 16)),        # the first MCU row only
+])
+@pytest.mark.parametrize("quality", [85, 30])
+def test_jpeg_of_the_face_strip_joined_to_the_background_rows_is_the_whole_frame(shape, rect, quality):
+    """A background's rows outside the face strip, taken from one frame's JPEG, plus a later
+    frame's strip encoded alone, are byte for byte that later frame encoded whole; and that
+    JPEG decodes to exactly the pixels of the plain JPEG (restart markers change no value)."""
+    frame = _frame(*shape[:2])
+    crop = imageops.crop_face(frame, rect)
+    first, later = (RNG.random((3, 320, 320), dtype=np.float32) for _ in range(2))
+    rows = imageops.mcu_rows(rect, shape[0])
+    outside = imageops.jpeg_outside_rows(imageops.encode_jpeg_rows(imageops.paste_back(frame, rect, crop, first), quality),
+                                         rows, shape[0])
+    assert outside is not None
+    whole_frame = imageops.paste_back(frame, rect, crop, later)
+    strip = imageops.paste_strip(frame, rect, crop, later, rows)
+    assert np.array_equal(strip, whole_frame[rows[0] * 16:rows[1] * 16])
+    joined = imageops.jpeg_join_rows(outside, rows, imageops.encode_jpeg_rows(strip, quality))
+    whole = imageops.encode_jpeg_rows(whole_frame, quality)
+    assert joined == whole
+    plain = imageops.encode_image(whole_frame, "jpeg", quality)
+    assert np.array_equal(cv2.imdecode(np.frombuffer(whole, np.uint8), cv2.IMREAD_COLOR),
+                          cv2.imdecode(np.frombuffer(plain, np.uint8), cv2.IMREAD_COLOR))
+
+
+def test_jpeg_rows_refuse_what_is_not_laid_out_by_rows():
+    frame = _frame()
+    plain = imageops.encode_image(frame, "jpeg", 85)  # no restart markers: one segment
+    assert imageops.jpeg_outside_rows(plain, (2, 5), 240) is None
+    outside = imageops.jpeg_outside_rows(imageops.encode_jpeg_rows(frame), (2, 5), 240)
+    assert imageops.jpeg_join_rows(outside, (2, 5), imageops.encode_jpeg_rows(frame[:16])) is None  # 1 row, not 3
+    assert imageops.jpeg_outside_rows(b"not a jpeg", (2, 5), 240) is None
+    with pytest.raises(ValueError, match="do not cover"):
+        imageops.paste_strip(frame, (40, 30, 200, 210), imageops.crop_face(frame, (40, 30, 200, 210)),
+                             RNG.random((3, 320, 320), dtype=np.float32), (2, 5))
+
+
 def test_paste_truncates_like_synctalk_and_saturates_overshoot():
     crop = np.zeros((328, 328, 3), np.uint8)
     pred = np.full((3, 320, 320), 0.999, np.float32)  # 254.745 -> 254 (truncated, not 255)

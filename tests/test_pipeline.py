@@ -86,6 +86,30 @@ def test_raw_format_equals_an_independent_paste_back(service):
         assert np.array_equal(got, imageops.paste_back(bg, rect, crop, out))
 
 
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_encoded_frames_equal_an_independent_paste_back_and_encode(service, fmt):
+    """jpeg/png frames are composited in the composite threads' reused buffers, and a jpeg frame
+    of a background seen before is its face strip joined to that background's cached rows: every
+    frame of successive batches is byte-identical to encoding an independent paste back whole."""
+    mid = model_ids(service)[1]
+    model = None
+    encode = (lambda im: imageops.encode_jpeg_rows(im)) if fmt == "jpeg" else (lambda im: imageops.encode_image(im, fmt))
+    starts = (0, 5, 0, 5) if fmt == "jpeg" else (0, 5)  # the second pass meets backgrounds seen before
+    for start in starts:
+        feats = np.random.default_rng(start).uniform(0, 1, (5, 32, 16, 16)).astype(np.float32)
+        reply, frames = infer(service, mid, batch=5, start=start, fmt=fmt, audio_features=feats)
+        model = model or service.cache.get(mid)
+        for i, (info, data) in enumerate(zip(reply["images"], frames)):
+            bg = np.asarray(model.frames[info["background_index"]])
+            rect = model.package.crop_rects[info["background_index"]]
+            crop = imageops.crop_face(bg, rect)
+            out = model.session.run(None, {model.visual_input: imageops.visual_input(crop)[None],
+                                           model.audio_input: feats[i:i + 1]})[0][0]
+            assert bytes(data) == encode(imageops.paste_back(bg, rect, crop, out))
+    if fmt == "jpeg":
+        assert service.pipeline.jpeg_rows.hits >= 10 and len(service.pipeline.jpeg_rows) >= 5
+
+
 def test_patch_format_is_the_rect_only(service):
     mid = model_ids(service)[0]
     reply, frames = infer(service, mid, batch=1, fmt="patch", audio_features=np.zeros((32, 16, 16), np.float32))

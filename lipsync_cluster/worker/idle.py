@@ -52,8 +52,9 @@ def is_silent(pcm: Optional[np.ndarray]) -> bool:
     return float(np.max(np.abs(pcm))) < SILENCE_THRESHOLD
 
 
-class IdleCache:
-    """UNet outputs of silent frames per (model id, version, background index), LRU-bounded."""
+class BytesLRU:
+    """A thread-safe LRU of values bounded by their total bytes, clearable by the worker's budget
+    (``WorkerMemory.add_cache``: ``bytes`` and ``clear()``)."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_bytes = max_bytes
@@ -66,6 +67,42 @@ class IdleCache:
     @property
     def bytes(self) -> int:
         return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple):
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            self._entries.move_to_end(key)
+            return entry[0]
+
+    def put(self, key: tuple, value, nbytes: int) -> None:
+        if nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._entries[key] = (value, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.max_bytes:
+                _, (_, gone) = self._entries.popitem(last=False)
+                self._bytes -= gone
+
+    def clear(self) -> int:
+        """Drop every entry (the worker's budget needs the room for a model); the bytes freed."""
+        with self._lock:
+            freed = self._bytes
+            self._entries.clear()
+            self._bytes = 0
+        return freed
+
+
+class IdleCache(BytesLRU):
+    """UNet outputs of silent frames per (model id, version, background index), LRU-bounded."""
 
     def outputs(self, key: tuple, backgrounds: np.ndarray,
                 compute: Callable[[list[int]], np.ndarray]) -> tuple[np.ndarray, int]:
@@ -96,27 +133,6 @@ class IdleCache:
         stacked /= np.float32(255)
         return stacked, hits
 
-    def get(self, key: tuple):
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            self._entries.move_to_end(key)
-            return entry[0]
-
-    def put(self, key: tuple, value, nbytes: int) -> None:
-        if nbytes > self.max_bytes:
-            return
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old[1]
-            self._entries[key] = (value, nbytes)
-            self._bytes += nbytes
-            while self._bytes > self.max_bytes:
-                _, (_, gone) = self._entries.popitem(last=False)
-                self._bytes -= gone
-
     def encoded(self, key: tuple, backgrounds: np.ndarray, fmt: str, quality) -> Optional[list]:
         """The finished frames (bytes) of ``backgrounds`` in ``fmt``/``quality``, or None unless all are here."""
         out = []
@@ -132,14 +148,6 @@ class IdleCache:
     def keep_encoded(self, key: tuple, backgrounds: np.ndarray, fmt: str, quality, frames: list) -> None:
         for b, data in zip(backgrounds, frames):
             self.put(("frame", *key, int(b), fmt, quality), bytes(data), len(data))
-
-    def clear(self) -> int:
-        """Drop every entry (the worker's budget needs the room for a model); the bytes freed."""
-        with self._lock:
-            freed = self._bytes
-            self._entries.clear()
-            self._bytes = 0
-        return freed
 
     def stats(self) -> dict:
         with self._lock:

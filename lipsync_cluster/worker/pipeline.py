@@ -3,6 +3,10 @@
 Each stage is its own function with its own timing. Composite and encode run per frame on a
 small thread pool: OpenCV's resize and encoders release the GIL, so they use the cores that the
 UNet leaves idle and, with two requests in flight per worker, overlap the next batch's inference.
+The host work around the UNet is kept small because on a GPU it is what caps the frames per second
+(`bench/pipeline.py --stages` measures it by stage): OpenCV runs single-threaded under the pool,
+encoded frames are composited in per-thread buffers, and a jpeg frame encodes only the rows of
+16-pixel blocks its face touches (``_jpeg_frame``).
 """
 from __future__ import annotations
 
@@ -18,9 +22,12 @@ from ..common.errors import BadRequest
 from ..common.infer_request import InferRequest
 from .cache import LoadedModel
 from .memory import WorkerMemory
-from .idle import IdleCache, is_silent
+from .idle import BytesLRU, IdleCache, is_silent
 
 DEFAULT_JPEG_QUALITY = 85
+# The JPEG rows around each background's face strip (imageops.jpeg_outside_rows): ~25-60 KB per
+# background frame and quality, so this holds the frames of a few models at 1280x720.
+JPEG_ROWS_MAX_BYTES = 64 << 20
 
 
 class AudioEncoder:
@@ -47,6 +54,9 @@ class Pipeline:
         # silent PCM batches: the UNet output per background frame is cached (worker/idle.py)
         self.idle = idle_cache if idle_cache is not None else IdleCache()
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="composite")
+        # The pool is the parallelism of crops, paste back and encoding; OpenCV's own threads on
+        # top of it only busy-wait on cores the UNet needs.
+        imageops.single_threaded_opencv()
         # One UNet run at a time per worker: it already uses every core (or the whole GPU) it was
         # given. Two requests in flight then pipeline: one's UNet runs while the other's
         # features, crops, paste-back and encoding use what the UNet leaves idle, instead of
@@ -54,13 +64,17 @@ class Pipeline:
         # workspace (``memory``: its lock, and the chunk sizes that keep it in the budget).
         self.memory = memory
         self._unet_lock = memory.workspace.lock if memory is not None else threading.Lock()
-        if memory is not None:  # the idle frames count in the budget, and go before a model does
+        # jpeg frames: the encoded rows above and below the face, per background (see _jpeg_frame)
+        self.jpeg_rows = BytesLRU(JPEG_ROWS_MAX_BYTES)
+        if memory is not None:  # the caches count in the budget, and go before a model does
             memory.add_cache(self.idle)
+            memory.add_cache(self.jpeg_rows)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         if self.memory is not None:
             self.memory.remove_cache(self.idle)
+            self.memory.remove_cache(self.jpeg_rows)
 
     # --- stages ----------------------------------------------------------------------------
 
@@ -124,11 +138,17 @@ class Pipeline:
 
         def one(i: int) -> tuple[Any, float, float]:
             b = int(bg[i])
+            if req.format == "jpeg":
+                return self._jpeg_frame(model, b, crops[i], out[i], quality)
             t0 = time.perf_counter()
             if req.format == "patch":
                 image = imageops.paste_patch(rects[b], crops[i], out[i])
             else:
-                image = imageops.paste_back(model.frames[b], rects[b], crops[i], out[i])
+                background = model.frames[b]
+                # A frame that is encoded here is composited in this thread's reused buffer; a raw
+                # frame is the reply itself, so it gets memory of its own (one full-frame copy).
+                dst = None if req.format == "raw" else imageops.frame_scratch(background.shape)
+                image = imageops.paste_back(background, rects[b], crops[i], out[i], dst=dst)
             t1 = time.perf_counter()
             if req.format == "raw":
                 data: Any = image
@@ -152,6 +172,36 @@ class Pipeline:
                 payloads.append(data)
             images.append(info)
         return images, payloads, composite_ms, encode_ms
+
+    def _jpeg_frame(self, model: LoadedModel, b: int, crop: np.ndarray, out: np.ndarray,
+                    quality: Optional[int]) -> tuple[bytes, float, float]:
+        """One composited frame as JPEG, and the ms of paste and of encoding.
+
+        The first frame of a background is composited and encoded whole; the rows above and below
+        its face strip are kept (``jpeg_rows``). Every later frame of that background composites
+        and encodes only the strip and joins it to them: the same bytes as encoding it whole."""
+        background, rect = model.frames[b], model.package.crop_rects[b]
+        rows = imageops.mcu_rows(rect, background.shape[0])
+        key = (model.model_id, model.version, b, quality)
+        outside = self.jpeg_rows.get(key)
+        t0 = time.perf_counter()
+        if outside is not None:
+            strip = imageops.paste_strip(background, rect, crop, out, rows)
+            t1 = time.perf_counter()
+            data = imageops.jpeg_join_rows(outside, rows, imageops.encode_jpeg_rows(strip, quality))
+            if data is not None:
+                self.jpeg_rows.hits += 1  # a statistic: a lost update between threads only blurs it
+                return data, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
+            t0 = time.perf_counter()  # not laid out by rows after all: the whole frame, below
+        frame = imageops.paste_back(background, rect, crop, out, dst=imageops.frame_scratch(background.shape))
+        t1 = time.perf_counter()
+        data = imageops.encode_jpeg_rows(frame, quality)
+        self.jpeg_rows.misses += 1
+        if outside is None:
+            parts = imageops.jpeg_outside_rows(data, rows, background.shape[0])
+            if parts is not None:
+                self.jpeg_rows.put(key, parts, len(parts[0]) + len(parts[1]))
+        return data, (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
 
     def _reply(self, model: LoadedModel, req: InferRequest, bg: np.ndarray, frames: list, idle_frames: int,
                started: float, timings: dict) -> tuple[dict, list]:
