@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import msgpack
 import zmq
 
+from ..common import vocab
 from ..common.errors import BadRequest, InternalError, LipsyncError, Unavailable
 from ..common.infer_request import check_deadline, check_infer, strip_broker_fields
 from ..common.protocol import TAG
@@ -55,7 +56,7 @@ Catalog = Callable[[], "dict[str, dict]"]
 def _memory_report(w: Worker, header: dict) -> None:
     """``mem_free`` (bytes the worker's budget can still take), sent with `ready` and heartbeats:
     placement puts a model only where it fits (routing.place)."""
-    mem_free = header.get("mem_free")
+    mem_free = header.get(vocab.MEM_FREE)
     if type(mem_free) is int and mem_free >= 0:
         w.mem_free = mem_free
 
@@ -470,7 +471,7 @@ class Broker:
         self.dispatcher.no_workers_since = None
         log.info("worker %s registered (host %s, pid %s, gpu %s, credits %d, max_models %d, loaded: %s)",
                  name, w.host, w.pid, w.gpu, w.credits, w.max_models, ", ".join(sorted(w.loaded)) or "-")
-        self._publish(b"event", {"event": "worker_joined", "worker": name, "time": time.time(),
+        self._publish(b"event", {"event": vocab.WORKER_JOINED, "worker": name, "time": time.time(),
                                  "host": w.host, "pid": w.pid, "gpu": w.gpu, "credits": w.credits})
         self.dispatcher.dirty = True
 
@@ -496,11 +497,11 @@ class Broker:
             return
         event, model = body["event"], body["model_id"]
         w.apply_event(event, model)
-        if event == "loaded":
+        if event == vocab.LOADED:
             self.dispatcher.load_failures.succeeded(model)
         if "loaded" in body:
             w.apply_report(body["loaded"], body.get("loading"))
-        if self.config.logging.log_model_operations and event != "loading":
+        if self.config.logging.log_model_operations and event != vocab.LOADING:
             log.info("worker %s: model %s %s%s", w.name, model, event,
                      f" ({body['reason']})" if body.get("reason") else "")
         body["worker"] = w.name
@@ -532,7 +533,7 @@ class Broker:
         pending = w.take_all_sent()
         log.log(logging.INFO if reason == "disconnected" else logging.WARNING,
                 "worker %s gone (%s); %d request(s) in flight", w.name, reason, len(pending))
-        self._publish(b"event", {"event": "worker_left", "worker": w.name, "reason": reason,
+        self._publish(b"event", {"event": vocab.WORKER_LEFT, "worker": w.name, "reason": reason,
                                  "time": time.time(), "in_flight": len(pending)})
         self.dispatcher.worker_lost(pending, w.name)
         if not len(self.table) and self.dispatcher.no_workers_since is None:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import msgpack
 
+from ..common import vocab
 from ..common.errors import ModelLoadFailed, Overloaded, Unavailable
 from ..common.load_backoff import LoadBackoff
 from ..common.protocol import TAG
@@ -289,7 +290,7 @@ class Dispatcher:
         code = error_code(header)
         if code is None:
             if p.op == "load_model":
-                w.apply_event("loaded", p.model)
+                w.apply_event(vocab.LOADED, p.model)
         elif code == "model_load_failed" and not p.answered:
             self.load_failed(p.model, header.get("error"), now)
         if not p.finish(self, header, payloads, now):

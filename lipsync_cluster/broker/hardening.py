@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import zmq
 
+from ..common import vocab
 from ..common.errors import BadRequest
 from ..common.infer_request import is_model_id
 from ..common.model_package import public_reason
@@ -25,7 +26,7 @@ from ..common.security import BrokerSecurity, check_bind_allowed
 
 _NUMBER = (int, float)
 
-WORKER_EVENTS = frozenset(("loading", "loaded", "evicted", "unloaded", "idle_unloaded", "load_failed"))
+WORKER_EVENTS = vocab.MODEL_EVENTS
 EVENT_NUMBERS = ("time", "load_ms", "memory_bytes", "usage_count")
 MAX_EVENT_TEXT = 512        # characters of an event's reason (a worker's clients see short reasons too)
 MAX_EVENT_MODELS = 1024     # entries of an event's loaded/loading lists
@@ -80,8 +81,7 @@ def _num(value: Any) -> Any:
 
 
 # The worker's measured memory in its stats (worker/memory.py), in bytes (and a count).
-MEMORY_BYTES = ("mem_budget", "mem_used", "mem_free", "mem_process_bytes", "mem_workspace_bytes",
-                "mem_idle_cache_bytes", "mem_measured_bytes", "mem_chunked_batches")
+MEMORY_BYTES = frozenset(vocab.MEM_STATS)
 
 
 def clean_stats(header: dict) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Iterator, Optional
 
+from ..common import vocab
 from .placement import PlacementIndex
 from .requests import Pending
 
@@ -191,12 +192,12 @@ class Worker:
         self.changed()
 
     def apply_event(self, event: str, model: str) -> None:
-        if event == "loading":
+        if event == vocab.LOADING:
             self.loading.add(model)
-        elif event == "loaded":
+        elif event == vocab.LOADED:
             self.loading.discard(model)
             self.loaded.add(model)
-        elif event in ("evicted", "unloaded", "idle_unloaded", "load_failed"):
+        elif event in vocab.GONE_EVENTS:
             self.loading.discard(model)
             self.loaded.discard(model)
         self.changed()

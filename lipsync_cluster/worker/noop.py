@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+from ..common import vocab
 from ..common.errors import BadRequest, ModelLoadFailed
 
 
@@ -83,11 +84,11 @@ class NoopHandler:
             return reply, (list(payloads) if self.echo else [])
         if op == "load_model":
             if header.get("force_reload"):
-                self._unload(model, "unloaded", "force_reload")
+                self._unload(model, vocab.UNLOADED, "force_reload")
             loaded_now, load_ms = self._ensure(model, header.get("model_version"), header.get("evict_hint"))
             return {"model_id": model, "load_ms": load_ms, "already_loaded": not loaded_now}, []
         if op == "unload_model":
-            return {"model_id": model, "unloaded": self._unload(model, "unloaded", "requested")}, []
+            return {"model_id": model, "unloaded": self._unload(model, vocab.UNLOADED, "requested")}, []
         if op == "model_stats":
             return self.stats(), []
         raise BadRequest(f"field 'client_op' is {op!r}; the noop worker serves infer, load_model, unload_model")
@@ -112,7 +113,7 @@ class NoopHandler:
         with self._lock:
             idle = [m for m in self._loaded if now - self._last.get(m, now) > self.idle_unload_s]
         for m in idle:
-            self._unload(m, "idle_unloaded", f"idle for more than {self.idle_unload_s:g} s")
+            self._unload(m, vocab.IDLE_UNLOADED, f"idle for more than {self.idle_unload_s:g} s")
 
     def close(self) -> None:
         pass
@@ -126,7 +127,7 @@ class NoopHandler:
             if model in self._loaded:
                 return False, 0.0
             self._loading.add(model)
-            self._sink({"event": "loading", "model_id": model, "version": version})
+            self._sink({"event": vocab.LOADING, "model_id": model, "version": version})
         t0 = time.perf_counter()
         if self.load_s > 0:
             time.sleep(self.load_s)
@@ -134,7 +135,7 @@ class NoopHandler:
         with self._lock:
             self._loading.discard(model)
             if model in self.fail_load:
-                self._sink({"event": "load_failed", "model_id": model, "version": version,
+                self._sink({"event": vocab.LOAD_FAILED, "model_id": model, "version": version,
                             "reason": "configured to fail"})
                 raise ModelLoadFailed(f"model {model!r} failed to load (noop worker configured to fail)")
             if model in self._loaded:  # another executor loaded it meanwhile
@@ -147,11 +148,11 @@ class NoopHandler:
                     reason = "lru"
                 del self._loaded[victim]
                 self.evictions.append((victim, reason))
-                self._sink({"event": "evicted", "model_id": victim, "reason": reason,
+                self._sink({"event": vocab.EVICTED, "model_id": victim, "reason": reason,
                             "memory_bytes": self.memory_per_model, "loaded": sorted(self._loaded)})
             self._loaded[model] = version
             self._last[model] = time.monotonic()
-            self._sink({"event": "loaded", "model_id": model, "version": version, "load_ms": load_ms,
+            self._sink({"event": vocab.LOADED, "model_id": model, "version": version, "load_ms": load_ms,
                         "memory_bytes": self.memory_per_model, "loaded": sorted(self._loaded)})
         return True, load_ms
 
