@@ -25,6 +25,7 @@ import zmq
 
 from ..common import vocab
 from ..common.errors import BadRequest, InternalError, LipsyncError, Unavailable
+from ..common.heat import LFU_HALF_LIFE_S
 from ..common.infer_request import check_deadline, check_infer, strip_broker_fields
 from ..common.protocol import TAG
 from ..common.security import BrokerSecurity, SecurityError
@@ -74,7 +75,7 @@ class _Park(Exception):
 
 class Broker:
     def __init__(self, config: Config, catalog: Catalog, *, ctx: Optional[zmq.Context] = None,
-                 default_deadline_s: float = 120.0, lfu_half_life_s: float = 300.0,
+                 default_deadline_s: float = 120.0, lfu_half_life_s: float = LFU_HALF_LIFE_S,
                  no_worker_grace_s: float = 10.0) -> None:
         cl = config.cluster
         self.config = config

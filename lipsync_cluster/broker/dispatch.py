@@ -17,12 +17,13 @@ import msgpack
 
 from ..common import vocab
 from ..common.errors import ModelLoadFailed, Overloaded, Unavailable
+from ..common.heat import Heat
 from ..common.load_backoff import LoadBackoff
 from ..common.protocol import TAG
 from .queues import ModelQueues
 from .requests import ClientRequest, Pending, Preload, UnloadLeg, error_code
 from .placement import PlacementIndex
-from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, route
+from .routing import DISPATCH, PLACE, WAIT, Decision, route
 from .stats import BrokerStats
 from .workers import Worker, WorkerTable
 

@@ -14,7 +14,7 @@ old entries and adds its new ones, which costs the few models one worker holds, 
 The first three answers are buckets keyed by small integers (in flight, models held), so a hit
 costs the same at 2,048 workers as at 8. The last is a heap of loaded models ordered by
 (only copy?, value), where value is ``order_key`` -- a key that changes only when the model is
-requested and then only grows (``Heat.order_key``); entries whose key grew are re-pushed when
+requested and then only grows (``common/heat.py``, ``Heat.order_key``); entries whose key grew are re-pushed when
 they surface (lazy update), so the heap is never rebuilt per request.
 """
 from __future__ import annotations

@@ -22,9 +22,9 @@ then indexes them first.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Collection, NamedTuple, Optional
 
+from ..common.heat import Heat  # noqa: F401 - the broker's heat, named here with the decisions it orders
 from .placement import PlacementIndex, fits_by_memory
 
 DISPATCH = "dispatch"  # m is loaded on the worker
@@ -148,54 +148,3 @@ def route(model: str, workers: Any, *, busy_models: Collection[str] = (),
         return d
     return place(model, index, busy_models, allow_evict, head_wait_s=head_wait_s,
                  patience_s=patience_s, size=size, size_of=size_of)
-
-
-class Heat:
-    """How valuable each model is to keep loaded, cluster-wide.
-
-    ``lru``: the last time any worker was sent a request for it (older = colder).
-    ``lfu``: an exponentially decayed request count with half-life ``half_life_s``, kept for
-    every model the broker has seen requested, loaded or not (it sees every request).
-    """
-
-    def __init__(self, policy: str = "lru", half_life_s: float = 300.0) -> None:
-        if policy not in ("lru", "lfu"):
-            raise ValueError(f"eviction policy {policy!r} is not one of lru, lfu")
-        self.policy = policy
-        self.half_life_s = half_life_s
-        self._last: dict[str, float] = {}
-        self._score: dict[str, float] = {}    # decayed count as of self._last[model]
-
-    def touch(self, model: str, now: float) -> None:
-        if self.policy == "lfu":
-            self._score[model] = self._decayed(model, now) + 1.0
-        self._last[model] = now
-
-    def _decayed(self, model: str, now: float) -> float:
-        score = self._score.get(model, 0.0)
-        if score:
-            score *= 0.5 ** (max(0.0, now - self._last[model]) / self.half_life_s)
-        return score
-
-    def last_used(self, model: str) -> Optional[float]:
-        return self._last.get(model)
-
-    def value(self, model: str, now: float) -> float:
-        if self.policy == "lru":
-            return self._last.get(model, -math.inf)
-        return self._decayed(model, now)
-
-    def valuer(self, now: float) -> Callable[[str], float]:
-        return lambda m: self.value(m, now)
-
-    def order_key(self, model: str) -> float:
-        """A key that orders models as ``value`` does at any one time, without a clock: LFU's
-        decayed count s x 2^(-(now - t)/h) orders as log2(s) + t/h. It changes only when the
-        model is touched, and then only grows (what the placement index's heap relies on)."""
-        last = self._last.get(model)
-        if last is None:
-            return -math.inf
-        if self.policy == "lru":
-            return last
-        score = self._score.get(model, 0.0)
-        return math.log2(score) + last / self.half_life_s if score > 0 else -math.inf

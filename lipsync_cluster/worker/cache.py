@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 from ..common import vocab
 from ..common.errors import CapacityFull, LipsyncError, ModelLoadFailed
 from ..common.frame_store import FrameStore, SharedFrames
+from ..common.heat import LFU_HALF_LIFE_S, DecayedCount, check_policy
 from ..common.load_backoff import LoadBackoff
 from ..common.model_package import (SESSION_MEMORY_FACTOR, ModelPackage, ModelPackageError, bind_unet_io,
                                     public_reason)
@@ -62,6 +63,7 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     usage_count: int = 0
+    uses: DecayedCount = field(default_factory=DecayedCount)  # the LFU score (common/heat.py)
     total_inference_ms: float = 0.0
     in_use: int = 0
     retired: bool = False  # replaced by a new version or unloaded while in use: close when idle
@@ -118,13 +120,14 @@ class ModelCache:
         load_backoff_s: float = 2.0,
         load_backoff_max_s: float = 300.0,
         meter: Optional[Callable[[], Optional[int]]] = None,
+        lfu_half_life_s: float = LFU_HALF_LIFE_S,
     ) -> None:
-        if policy not in ("lru", "lfu"):
-            raise ValueError(f"eviction policy must be lru or lfu, got {policy!r}")
+        check_policy(policy)
         self.resolve = resolve
         self.frame_store = frame_store
         self.max_models = max_models
         self.policy = policy
+        self.lfu_half_life_s = lfu_half_life_s
         self.idle_unload_s = idle_unload_s
         self.session_options = session_options
         self.event_sink = event_sink or (lambda event: None)
@@ -205,6 +208,7 @@ class ModelCache:
                 model.in_use -= 1
                 model.usage_count += 1
                 model.last_used = self.clock()
+                model.uses.add(model.last_used, self.lfu_half_life_s)
                 close_now = model.retired and model.in_use == 0
             if close_now:
                 self._close_retired(model)
@@ -431,8 +435,9 @@ class ModelCache:
         for m in candidates:
             if m.model_id == evict_hint:
                 return m
-        if self.policy == "lfu":
-            return min(candidates, key=lambda m: (m.usage_count, m.last_used))
+        if self.policy == "lfu":  # the broker's score too: a decayed count of uses (common/heat.py)
+            h = self.lfu_half_life_s
+            return min(candidates, key=lambda m: (m.uses.key(h), m.last_used))
         return min(candidates, key=lambda m: m.last_used)
 
     def _log_eviction(self, victim: LoadedModel, reason: str) -> None:
