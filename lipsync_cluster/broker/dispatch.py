@@ -23,7 +23,7 @@ from ..common.protocol import TAG
 from .queues import ModelQueues
 from .requests import ClientRequest, Pending, Preload, UnloadLeg, error_code
 from .placement import PlacementIndex
-from .routing import DISPATCH, PLACE, WAIT, Decision, route
+from .routing import DISPATCH, PLACE, WAIT, Decision, Demand, route
 from .stats import BrokerStats
 from .workers import Worker, WorkerTable
 
@@ -203,15 +203,15 @@ class Dispatcher:
             index = PlacementIndex.of([w for w in self.table.values() if w.name in p.targets],
                                       self.heat.order_key)
 
-        def demand() -> dict:
+        def demand() -> Demand:
             stats = self.stats
             load_s = stats.load_s(p.model)
-            return {"busy_models": self.queues.busy_models(), "depth": max(1, self.queues.depth(p.model)),
-                    "service_s": stats.service_s(p.model), "load_s": load_s, "head_wait_s": now - p.arrival,
-                    "patience_s": (load_s or 0.0) * self.placement_patience, "size": self.model_size(p.model)}
+            return Demand(busy_models=self.queues.busy_models(), depth=max(1, self.queues.depth(p.model)),
+                          service_s=stats.service_s(p.model), load_s=load_s, head_wait_s=now - p.arrival,
+                          patience_s=(load_s or 0.0) * self.placement_patience, size=self.model_size(p.model))
 
-        return route(p.model, index, max_copies=self.max_copies, allow_evict=not p.no_evict,
-                     size_of=self.model_size, demand=demand)
+        return route(p.model, index, demand, max_copies=self.max_copies, allow_evict=not p.no_evict,
+                     size_of=self.model_size)
 
     def dispatch(self) -> None:
         """Match waiting requests with free credits: unload legs first, then oldest head first."""
