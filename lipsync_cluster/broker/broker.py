@@ -10,6 +10,11 @@ go to the :class:`~.dispatch.Dispatcher` (``dispatch.py``: queues per model, dea
 decisions of ``routing.py`` over the worker table of ``workers.py``). A worker never has more
 requests than the credits it announced. Payload frames are forwarded as the zmq Frames they
 arrived in (no copy, no re-encoding); only the small msgpack header is rewritten per leg.
+
+A worker's reports are parsed once into typed reports (``workers.py``) and handed to the
+dispatcher's verbs (``worker_joined``, ``worker_left``, ``worker_heartbeat``, ``worker_event``,
+``worker_measured``): the broker never writes the dispatcher's state itself. The design as a
+whole: docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -35,11 +40,11 @@ from ..config.schema import Config
 from . import management
 from .catalog_watch import CatalogWatcher
 from .dispatch import Dispatcher
-from .hardening import check_message_size, clean_event, clean_stats, open_security
+from .hardening import check_message_size, open_security
 from .requests import Gather, UnloadLeg
 from .stats import BrokerStats, format_report
 from .validate import check_envelope, check_known, check_load, check_model
-from .workers import Worker
+from .workers import Heartbeat, ModelEvent, Registration, ReportError, StatsReport, Worker
 
 log = logging.getLogger("lipsync_cluster.broker")
 
@@ -52,14 +57,6 @@ MAX_PARKED = 1024           # requests waiting for a catalog re-read; beyond: un
 PARK_MAX_S = 5.0            # a read that takes longer: parked requests are answered from the last one
 
 Catalog = Callable[[], "dict[str, dict]"]
-
-
-def _memory_report(w: Worker, header: dict) -> None:
-    """``mem_free`` (bytes the worker's budget can still take), sent with `ready` and heartbeats:
-    placement puts a model only where it fits (routing.place)."""
-    mem_free = header.get(vocab.MEM_FREE)
-    if type(mem_free) is int and mem_free >= 0:
-        w.mem_free = mem_free
 
 
 class BindError(RuntimeError):
@@ -348,7 +345,7 @@ class Broker:
         p = d.client_request(client, cid, "infer", model, header, payloads, deadline_s)
         p.frames = batch
         self.stats.arrival(model)
-        d.heat.touch(model, p.arrival)  # LFU/LRU see every request, even ones shed below
+        d.saw(p)  # LFU/LRU see every request, even ones shed below
         d.admit(p)
 
     def _on_load_model(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
@@ -450,31 +447,20 @@ class Broker:
         return why is None
 
     def _on_ready(self, identity: bytes, header: dict) -> None:
-        name = header.get("worker")
-        if not isinstance(name, str) or not name:
-            log.error("broker: a worker sent `ready` without a 'worker' name; ignored")
+        try:
+            r = Registration.parse(header)
+        except ReportError as exc:
+            log.error("broker: %s; ignored", exc)
             return
-
-        def num(key: str, default: int) -> int:
-            v = header.get(key)
-            return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
-
-        gpu = header.get("gpu")
-        w = Worker(identity, name, host=str(header.get("host", "")), pid=num("pid", 0),
-                   gpu=gpu if isinstance(gpu, int) and not isinstance(gpu, bool) else None,
-                   credits=min(64, max(1, num("credits", 1))), max_models=max(1, num("max_models", 1)),
-                   max_memory_bytes=num("max_memory_bytes", 0))
-        w.apply_report(header.get("loaded"), header.get("loading"))
-        _memory_report(w, header)
+        name = r.name
+        w = Worker.register(identity, r)
         w.restarts = self.stats.registered(name, w.pid)
-        for old in self.table.add(w):
+        for old in self.dispatcher.worker_joined(w):
             self._lost(old, f"replaced by a new registration of {name}")
-        self.dispatcher.no_workers_since = None
         log.info("worker %s registered (host %s, pid %s, gpu %s, credits %d, max_models %d, loaded: %s)",
                  name, w.host, w.pid, w.gpu, w.credits, w.max_models, ", ".join(sorted(w.loaded)) or "-")
         self._publish(b"event", {"event": vocab.WORKER_JOINED, "worker": name, "time": time.time(),
                                  "host": w.host, "pid": w.pid, "gpu": w.gpu, "credits": w.credits})
-        self.dispatcher.dirty = True
 
     def _on_ready_again(self, w: Worker, header: dict, payloads: list) -> None:
         # The same socket registering again: start from a clean slate.
@@ -482,45 +468,29 @@ class Broker:
         self._on_ready(w.identity, header)
 
     def _on_heartbeat(self, w: Worker, header: dict, payloads: list) -> None:
-        w.apply_report(header.get("loaded"), header.get("loading"))
-        draining = header.get("draining") is True
-        if draining and not w.draining:
+        hb = Heartbeat.parse(header)
+        if hb.draining and not w.draining:
             log.info("worker %s is draining", w.name)
-        w.draining = draining
-        _memory_report(w, header)
-        self.dispatcher.dirty = True
+        self.dispatcher.worker_heartbeat(w, hb)
 
     def _on_event(self, w: Worker, header: dict, payloads: list) -> None:
-        body = clean_event(header)  # kept and published: known kinds, typed fields, bounded sizes
-        if body is None:
-            log.warning("broker: worker %s sent an event that is not one (%r for %r); ignored",
-                        w.name, str(header.get("event"))[:64], str(header.get("model_id"))[:80])
+        try:
+            e = ModelEvent.parse(header)  # kept and published: known kinds, typed fields, bounded sizes
+        except ReportError as exc:
+            log.warning("broker: worker %s sent %s; ignored", w.name, exc)
             return
-        event, model = body["event"], body["model_id"]
-        w.apply_event(event, model)
-        if event == vocab.LOADED:
-            self.dispatcher.load_failures.succeeded(model)
-        if "loaded" in body:
-            w.apply_report(body["loaded"], body.get("loading"))
-        if self.config.logging.log_model_operations and event != vocab.LOADING:
-            log.info("worker %s: model %s %s%s", w.name, model, event,
+        self.dispatcher.worker_event(w, e)
+        body = e.body
+        if self.config.logging.log_model_operations and e.event != vocab.LOADING:
+            log.info("worker %s: model %s %s%s", w.name, e.model, e.event,
                      f" ({body['reason']})" if body.get("reason") else "")
         body["worker"] = w.name
         body.setdefault("time", time.time())
         self._publish(b"event", body)
-        self.dispatcher.dirty = True
 
     def _on_stats(self, w: Worker, header: dict, payloads: list) -> None:
-        header.pop("op", None)
-        w.stats = header = clean_stats(header)  # management answers are built from it: types checked
-        mm = header.get("max_models")
-        if isinstance(mm, int) and not isinstance(mm, bool) and mm >= 1:
-            w.max_models = mm
-        sizes = self.dispatcher.sizes
-        for m in header.get("models") or ():  # what each model really costs, as the worker measured
-            size = m.get("memory_bytes")
-            if type(size) is int and size > 0:
-                sizes[m["model_id"]] = size
+        # Management answers are built from what it keeps: types checked, sizes bounded.
+        self.dispatcher.worker_measured(w, StatsReport.parse(header))
 
     def _on_disconnect(self, w: Worker, header: dict, payloads: list) -> None:
         self._lost(w, "disconnected")
@@ -529,16 +499,11 @@ class Broker:
 
     def _lost(self, w: Worker, reason: str) -> None:
         """Forget ``w``; its in-flight requests go back to the front of their queue once."""
-        if self.table.get(w.identity) is w:
-            self.table.remove(w.identity)
-        pending = w.take_all_sent()
         log.log(logging.INFO if reason == "disconnected" else logging.WARNING,
-                "worker %s gone (%s); %d request(s) in flight", w.name, reason, len(pending))
+                "worker %s gone (%s); %d request(s) in flight", w.name, reason, w.in_flight)
         self._publish(b"event", {"event": vocab.WORKER_LEFT, "worker": w.name, "reason": reason,
-                                 "time": time.time(), "in_flight": len(pending)})
-        self.dispatcher.worker_lost(pending, w.name)
-        if not len(self.table) and self.dispatcher.no_workers_since is None:
-            self.dispatcher.no_workers_since = time.monotonic()
+                                 "time": time.time(), "in_flight": w.in_flight})
+        self.dispatcher.worker_left(w)
 
     def _sweep(self, now: float) -> None:
         """Parked requests, then deadlines and workerless waits (dispatch.py)."""

@@ -25,7 +25,7 @@ from .requests import ClientRequest, Pending, Preload, UnloadLeg, error_code
 from .placement import PlacementIndex
 from .routing import DISPATCH, PLACE, WAIT, Decision, Demand, route
 from .stats import BrokerStats
-from .workers import Worker, WorkerTable
+from .workers import Heartbeat, ModelEvent, StatsReport, Worker, WorkerTable
 
 log = logging.getLogger("lipsync_cluster.broker")
 
@@ -74,6 +74,47 @@ class Dispatcher:
         now = time.monotonic()
         return ClientRequest(self.next_rid(), client, cid, op, model, header, payloads, now,
                              self.deadline(now, deadline_s))
+
+    # --- workers: what the broker hears about them (the table's only writer) ---------------
+
+    def worker_joined(self, w: Worker) -> list[Worker]:
+        """A worker registered; returns the stale entries it replaces (same identity or name),
+        already out of the table: the broker answers for them with :meth:`worker_left`."""
+        stale = self.table.add(w)
+        self.no_workers_since = None
+        self.dirty = True
+        return stale
+
+    def worker_left(self, w: Worker) -> int:
+        """Forget ``w``; its in-flight requests finish, or go back to the front of their queue
+        once (:meth:`worker_lost`). Returns how many were in flight."""
+        if self.table.get(w.identity) is w:
+            self.table.remove(w.identity)
+        pending = w.take_all_sent()
+        self.worker_lost(pending, w.name)
+        if not len(self.table) and self.no_workers_since is None:
+            self.no_workers_since = time.monotonic()
+        return len(pending)
+
+    def worker_heartbeat(self, w: Worker, hb: Heartbeat) -> None:
+        w.apply_heartbeat(hb)
+        self.dirty = True
+
+    def worker_event(self, w: Worker, e: ModelEvent) -> None:
+        """A model event: what ``w`` holds changed; a load that succeeded ends its backoff."""
+        w.apply_model_event(e)
+        if e.event == vocab.LOADED:
+            self.load_failures.succeeded(e.model)
+        self.dirty = True
+
+    def worker_measured(self, w: Worker, s: StatsReport) -> None:
+        """A worker's stats: what it runs, and what each model it holds really costs."""
+        w.apply_stats(s)
+        self.sizes.update(s.sizes)
+
+    def saw(self, p: Pending) -> None:
+        """A client asked for ``p``'s model: LFU/LRU see every request, even ones shed later."""
+        self.heat.touch(p.model, p.arrival)
 
     # --- admission -----------------------------------------------------------------------
 
