@@ -38,7 +38,7 @@ from ..common.wire import (MAX_HEADER_BYTES, MAX_WORKER_HEADER_BYTES, readable, 
                            send_parts, tune)
 from ..config.schema import Config
 from . import management
-from .catalog_watch import CatalogWatcher
+from .catalog_watch import CatalogWatcher, Park, Parking
 from .dispatch import Dispatcher
 from .hardening import check_message_size, open_security
 from .requests import Gather, UnloadLeg
@@ -53,8 +53,6 @@ SWEEP_S = 0.025             # deadline sweep / copy check period
 PUBLISH_S = 1.0             # stats snapshot period on the PUB socket
 CATALOG_REFRESH_S = 2.0     # re-read the catalog this often (plus when an unknown id arrives)
 UNKNOWN_REFRESH_S = 0.25    # ... but at most this often
-MAX_PARKED = 1024           # requests waiting for a catalog re-read; beyond: unknown_model at once
-PARK_MAX_S = 5.0            # a read that takes longer: parked requests are answered from the last one
 
 Catalog = Callable[[], "dict[str, dict]"]
 
@@ -64,10 +62,6 @@ class BindError(RuntimeError):
 
 
 _SCALARS = (str, int, float, bytes, type(None))
-
-
-class _Park(Exception):
-    """Raised while validating a request that names an id not (yet) in the catalog."""
 
 
 class Broker:
@@ -82,8 +76,8 @@ class Broker:
         self._watch = CatalogWatcher(catalog, self.ctx, self._catalog_wake_endpoint,
                                      period_s=CATALOG_REFRESH_S, min_gap_s=UNKNOWN_REFRESH_S)
         self._catalog_wake: Optional[zmq.Socket] = None
-        self._parked: list[tuple[int, float, list]] = []  # (scan that must finish, parked at, frames)
-        self._replaying = False
+        self._parking = Parking(self._watch, self._on_client_message)  # ids the catalog may soon know
+        self._known = self._parking.known
         self.interval = cl.heartbeat_interval_s
         self.dead_after = cl.heartbeat_interval_s * cl.heartbeat_liveness
         self.max_batch = cl.max_batch_size
@@ -255,45 +249,14 @@ class Broker:
         """Every configured model (as of the latest scan): ``{model_id: {version, preload, ...}}``."""
         return self._watch.current
 
-    def _known(self, model: str) -> bool:
-        if model in self._watch.current:
-            return True
-        if self._replaying or len(self._parked) >= MAX_PARKED:
-            return False
-        raise _Park  # wait for a fresh read: the package may have been added a moment ago
-
     def _on_catalog_scanned(self) -> None:
         try:
             while True:
                 self._catalog_wake.recv(zmq.NOBLOCK)
         except zmq.Again:
             pass
-        self._release_parked(time.monotonic())
+        self._parking.release(time.monotonic())
         self.dispatcher.preload(time.monotonic())
-
-    def _release_parked(self, now: float) -> None:
-        """Replay parked requests whose catalog read finished, or that waited PARK_MAX_S."""
-        if not self._parked:
-            return
-        done = self._watch.scans
-        ready, waiting = [], []
-        for item in self._parked:
-            (ready if item[0] <= done or now - item[1] >= PARK_MAX_S else waiting).append(item)
-        if ready:
-            self._parked = waiting
-            self._replay([frames for _, _, frames in ready])
-
-    def _replay(self, parked: list[list]) -> None:
-        """Handle parked requests again; an id still unknown is now answered `unknown_model`."""
-        self._replaying = True
-        try:
-            for frames in parked:
-                try:
-                    self._on_client_message(frames)
-                except Exception:
-                    log.exception("broker: unexpected error handling a parked request; continuing")
-        finally:
-            self._replaying = False
 
     # --- client messages ------------------------------------------------------------------
 
@@ -323,11 +286,8 @@ class Broker:
         strip_broker_fields(header)  # a client cannot set what the broker tells a worker
         try:
             handler(client, cid, header, payloads)
-        except _Park:
-            # Answered once a catalog read that started after this moment has finished.
-            watch = self._watch
-            self._parked.append((watch.scans + (2 if watch.busy else 1), time.monotonic(), frames))
-            watch.request()
+        except Park:  # answered once a catalog read that started after this moment has finished
+            self._parking.park(frames, time.monotonic())
         except LipsyncError as exc:
             model = header.get("model_id")
             self._refuse(client, cid, exc, model if isinstance(model, str) and model in self.catalog else None)
@@ -506,8 +466,8 @@ class Broker:
         self.dispatcher.worker_left(w)
 
     def _sweep(self, now: float) -> None:
-        """Parked requests, then deadlines and workerless waits (dispatch.py)."""
-        self._release_parked(now)
+        """Parked requests (catalog_watch.py), then deadlines and workerless waits (dispatch.py)."""
+        self._parking.release(now)
         self.dispatcher.sweep(now)
 
     def _heartbeat(self, now: float) -> None:
@@ -549,8 +509,7 @@ class Broker:
         """Answer everything pending with `unavailable`, tell workers, close the sockets."""
         try:
             self._watch.stop()
-            parked, self._parked = [frames for _, _, frames in self._parked], []
-            self._replay(parked)  # unknown ids get their answer; the rest join what is drained below
+            self._parking.release_all()  # unknown ids get their answer; the rest join what is drained below
             for w in list(self.table.values()):
                 try:
                     self.backend.send_multipart([w.identity, *self._disconnect_frames], zmq.NOBLOCK)
