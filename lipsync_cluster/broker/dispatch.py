@@ -1,9 +1,28 @@
 """Admission and dispatch: the broker's queues, deadlines and the legs it sends to workers.
 
-The :class:`Dispatcher` owns what waits (per-model queues, unload legs) and decides where each
-request goes by calling the pure ``routing.route`` once per decision. It sends through the
-callables the broker gives it (it has no sockets) and is the :class:`requests.Outlet` through
-which every request kind is answered.
+The :class:`Dispatcher` owns what waits (per-model queues, unload legs) and the worker table,
+and decides where each request goes by calling the pure ``routing.route`` once per decision. It
+sends through the callables the broker gives it (it has no sockets) and is the
+:class:`requests.Outlet` through which every request kind is answered.
+
+A request's life (docs/ARCHITECTURE.md, "A request's life"); every exit is ``Pending.finish``:
+
+  in      broker._on_client_message: header bounded + unpacked (wire.read_header), envelope
+          (validate.py) -> unknown id: catalog_watch.Parking holds the frames until a catalog
+          read -> _on_infer / _on_load_model: request rules, load backoff -> ClientRequest
+          (_on_unload_model: one UnloadLeg per holder -> fan_out; preload(): a Preload leg)
+  admit   admit(): queue empty and route() finds a worker -> send() now; else _check_wait
+          (expected wait > deadline: finish(overloaded)) and ModelQueues.push (full: overloaded)
+  wait    in its model's queue; dispatch() takes heads oldest first as credits free,
+          route() each: DISPATCH / PLACE -> send(), WAIT -> stays
+  sent    send(): header + rid + time left -> the worker; Worker.start (credit taken, index);
+          a failed send re-queues it (unsent) or finishes it
+  exits   replied(): the worker's reply -> Worker.finish, finish(reply)   (a late one: counted)
+          sweep(): deadline in the queue or on a worker -> expire -> finish(timeout)
+          sweep(): no worker for no_worker_grace_s -> finish(unavailable)
+          worker_left(): its legs -> lost(): re-queued at the front once, else finish(unavailable)
+          load_failed(): a model's failed load answers its queue -> finish(model_load_failed)
+          broker shutdown: drain_all() -> finish(unavailable)
 """
 from __future__ import annotations
 

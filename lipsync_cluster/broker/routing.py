@@ -1,6 +1,6 @@
 """Where a request goes: pure decisions over the placement index (no sockets, no clocks).
 
-For the head request of model m's queue (ARCHITECTURE.md, "Routing and placement"):
+For the head request of model m's queue (docs/ARCHITECTURE.md, "Routing and placement"):
 
 1. a worker with m loaded and a free credit (fewest in flight): dispatch there;
 2. else, if some workers hold m (loaded or loading): another copy is placed when the queue's

@@ -2,7 +2,7 @@
 
 This is the hot path of every ``infer`` request, so each function is a few vectorised numpy
 passes or OpenCV calls (OpenCV releases the GIL, so a worker's encoder threads overlap
-inference). The numbers match SyncTalk_2D's ``inference_328.py`` exactly (see ARCHITECTURE.md,
+inference). The numbers match SyncTalk_2D's ``inference_328.py`` exactly (see docs/ARCHITECTURE.md,
 "The numbers of the SyncTalk_2D family"):
 
 * crop: the face rect ``[x1, y1, x2, y2]`` of the background is resized to 328x328 (cubic);
