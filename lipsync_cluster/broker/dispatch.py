@@ -316,8 +316,11 @@ class Dispatcher:
         header = p.header.copy()
         # The time left, not a wall-clock instant: a worker on another host counts it from when the
         # leg arrives, so clock skew between hosts cannot make it refuse (or keep) everything.
-        header.update(op="request", client_op=p.op, rid=p.rid, queue_ms=(now - p.arrival) * 1000.0,
-                      deadline_left_ms=None if p.deadline is None else (p.deadline - now) * 1000.0)
+        header["op"] = "request"
+        header["client_op"] = p.op
+        header["rid"] = p.rid
+        header["queue_ms"] = (now - p.arrival) * 1000.0
+        header["deadline_left_ms"] = None if p.deadline is None else (p.deadline - now) * 1000.0
         if d.evict is not None:
             header["evict_hint"] = d.evict
         info = self.catalog().get(p.model)

@@ -252,40 +252,53 @@ class Worker:
         m = p.model
         first = False  # a model's first request in flight here changes what is held or evictable
         if m is not None:
-            n = self.inflight_by_model.get(m, 0)
-            self.inflight_by_model[m] = n + 1
+            by_model = self.inflight_by_model
+            n = by_model.get(m, 0)
+            by_model[m] = n + 1
             first = n == 0
-        if p.evict_hint is not None:
-            self.hints[p.evict_hint] = self.hints.get(p.evict_hint, 0) + 1
-        if p.evict_hint is None and (not first or self._plainly_loaded(m)):
-            self.changed(False, m if first else None)
+        hint = p.evict_hint
+        if hint is not None:
+            self.hints[hint] = self.hints.get(hint, 0) + 1
+        index = self.index
+        if index is None:
+            return
+        if hint is None and not first:
+            index.moved(self)  # the per-request path: only its in-flight count changed
+        elif hint is None and self._plainly_loaded(m):
+            index.moved(self, m)
         else:
-            self.changed()
+            index.update(self)
 
     def finish(self, rid: Any) -> Optional[Pending]:
-        p = self.sent.pop(rid, None) if isinstance(rid, int) else None
+        p = self.sent.pop(rid, None) if type(rid) is int else None
         if p is None:
             return None
         m = p.model
         last = False
         if m is not None:
-            n = self.inflight_by_model.get(m, 0) - 1
+            by_model = self.inflight_by_model
+            n = by_model.get(m, 0) - 1
             if n > 0:
-                self.inflight_by_model[m] = n
+                by_model[m] = n
             else:
-                self.inflight_by_model.pop(m, None)
+                by_model.pop(m, None)
                 last = True
-        if p.evict_hint is not None:
-            n = self.hints.get(p.evict_hint, 0) - 1
+        hint = p.evict_hint
+        if hint is not None:
+            n = self.hints.get(hint, 0) - 1
             if n > 0:
-                self.hints[p.evict_hint] = n
+                self.hints[hint] = n
             else:
-                self.hints.pop(p.evict_hint, None)
+                self.hints.pop(hint, None)
         self.served += 1
-        if p.evict_hint is None and (not last or self._plainly_loaded(m)):
-            self.changed(False, m if last else None)
-        else:
-            self.changed()
+        index = self.index
+        if index is not None:
+            if hint is None and not last:
+                index.moved(self)
+            elif hint is None and self._plainly_loaded(m):
+                index.moved(self, m)
+            else:
+                index.update(self)
         return p
 
     def _plainly_loaded(self, model: Optional[str]) -> bool:
