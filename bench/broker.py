@@ -329,7 +329,7 @@ def run(args) -> dict:
 
 def routing_costs(n_workers: int, decisions: int, seed: int = 0) -> dict:
     """Median / p99 microseconds of one ``routing.route`` decision, hit and miss, at ``n_workers``."""
-    from lipsync_cluster.broker.routing import DISPATCH, PLACE, Heat, route
+    from lipsync_cluster.broker.routing import DISPATCH, PLACE, Demand, Heat, route
     from lipsync_cluster.broker.workers import Worker, WorkerTable
 
     rng = np.random.default_rng(seed)
@@ -347,7 +347,7 @@ def routing_costs(n_workers: int, decisions: int, seed: int = 0) -> dict:
         clock += 0.001
         heat.touch(models[m], clock)
     loaded = sorted({m for w in table.values() for m in w.loaded})
-    kw = dict(busy_models=(), depth=1, service_s=0.01, load_s=0.5)
+    demand = Demand(busy_models=(), depth=1, service_s=0.01, load_s=0.5)
     out: dict = {}
     hits, misses = [], []
     draws = rng.choice(len(loaded), size=decisions, p=None)
@@ -355,7 +355,7 @@ def routing_costs(n_workers: int, decisions: int, seed: int = 0) -> dict:
     for k in draws:
         m = loaded[k]
         t0 = perf()
-        d = route(m, table.index, **kw)
+        d = route(m, table.index, demand)
         hits.append(perf() - t0)
         assert d.action == DISPATCH, d
     for i in range(decisions):
@@ -363,7 +363,7 @@ def routing_costs(n_workers: int, decisions: int, seed: int = 0) -> dict:
         clock += 0.001
         heat.touch(m, clock)
         t0 = perf()
-        d = route(m, table.index, **kw)
+        d = route(m, table.index, demand)
         misses.append(perf() - t0)
         assert d.action == PLACE and d.evict is not None, d
         d.worker.apply_event("evicted", d.evict)  # as the worker's events would tell the broker

@@ -289,9 +289,9 @@ def test_a_slow_catalog_never_stalls_routing():
 
 
 def test_a_hung_catalog_does_not_hold_requests_forever(monkeypatch):
-    import lipsync_cluster.broker.broker as broker_module
+    import lipsync_cluster.broker.catalog_watch as catalog_watch
 
-    monkeypatch.setattr(broker_module, "PARK_MAX_S", 0.3)
+    monkeypatch.setattr(catalog_watch, "PARK_MAX_S", 0.3)
     hang = threading.Event()
     release = threading.Event()
 

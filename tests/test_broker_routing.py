@@ -6,7 +6,7 @@ import math
 import pytest
 
 from lipsync_cluster.broker.queues import ModelQueues, Pending
-from lipsync_cluster.broker.routing import (DISPATCH, PLACE, WAIT, Heat, copy_threshold_s, route)
+from lipsync_cluster.broker.routing import (DISPATCH, PLACE, WAIT, Demand, Heat, copy_threshold_s, route)
 from lipsync_cluster.broker.workers import Worker, WorkerTable
 from lipsync_cluster.common.errors import Overloaded
 
@@ -30,6 +30,22 @@ def lru(last: dict[str, float]):
     return lambda m: last.get(m, -math.inf)
 
 
+def test_demand_is_typed_and_built_only_on_a_miss():
+    asked = []
+
+    def demand() -> Demand:
+        asked.append(1)
+        return Demand(depth=3, service_s=0.1, load_s=0.5)
+
+    hit = worker("a", loaded=["m"])
+    assert route("m", [hit], demand).action == DISPATCH and not asked  # a hit builds no demand
+    assert route("n", [hit], demand).action == PLACE and asked == [1]
+    with pytest.raises(TypeError):
+        Demand(dept=3)  # a misspelt input fails where it is written, not as a silent default
+    with pytest.raises(TypeError, match="not a Demand"):
+        route("n", [hit], lambda: {"depth": 3})
+
+
 def test_dispatch_to_loaded_worker_with_fewest_in_flight():
     a = worker("a", loaded=["m"], busy={"m": 1})
     b = worker("b", loaded=["m"])
@@ -42,16 +58,16 @@ def test_busy_holder_means_wait_while_the_expected_wait_is_shorter_than_a_load()
     a = worker("a", loaded=["m"], credits=1, busy={"m": 1})
     free = worker("b")
     # 3 waiting x 0.1 s / 1 credit = 0.3 s < a 0.5 s load: wait for the copy there is.
-    d = route("m", [a, free], depth=3, service_s=0.1, load_s=0.5)
+    d = route("m", [a, free], Demand(depth=3, service_s=0.1, load_s=0.5))
     assert d.action == WAIT and d.reason == "busy"
-    assert route("m", [a, free], depth=3, service_s=None, load_s=0.5).action == WAIT  # unknown: wait
+    assert route("m", [a, free], Demand(depth=3, service_s=None, load_s=0.5)).action == WAIT  # unknown: wait
 
 
 def test_loading_anywhere_means_wait():
     loading = worker("a", credits=2, busy={"m": 1})  # a request for m in flight, m not loaded yet
     assert loading.is_loading("m") and not loading.has_loaded("m")
     free = worker("b")
-    d = route("m", [loading, free], depth=3, service_s=0.1, load_s=1.0)
+    d = route("m", [loading, free], Demand(depth=3, service_s=0.1, load_s=1.0))
     assert d.action == WAIT and d.reason == "loading"
     reported = worker("c")
     reported.loading.add("m")
@@ -82,9 +98,9 @@ def test_never_evict_a_model_with_work_in_flight_or_queued():
     b = worker("b", loaded=["mid"], max_models=1)
     c = worker("c", loaded=["warm"], max_models=1)
     value = lru({"old": 1.0, "mid": 2.0, "warm": 3.0})
-    d = route("m", [a, b, c], value=value, busy_models={"mid"})
+    d = route("m", [a, b, c], Demand(busy_models={"mid"}), value=value)
     assert (d.worker, d.evict) == (c, "warm")
-    d = route("m", [a, b], value=value, busy_models={"mid"})
+    d = route("m", [a, b], Demand(busy_models={"mid"}), value=value)
     assert d.action == WAIT
 
 
@@ -132,15 +148,15 @@ def test_another_copy_once_the_expected_wait_exceeds_a_load():
     assert copy_threshold_s(0.02) == pytest.approx(0.05)            # no load measured: 2 services,
     assert copy_threshold_s(0.2) == pytest.approx(0.4)              # at least 50 ms
     assert copy_threshold_s(0.2, load_s=1.5) == pytest.approx(1.5)  # else one load (ski rental)
-    assert route("m", [a, b], depth=10, service_s=0.1, load_s=1.0).action == WAIT    # 1.0 s: not longer
-    d = route("m", [a, b], depth=11, service_s=0.1, load_s=1.0)                       # 1.1 s > 1.0 s
+    assert route("m", [a, b], Demand(depth=10, service_s=0.1, load_s=1.0)).action == WAIT    # 1.0 s: not longer
+    d = route("m", [a, b], Demand(depth=11, service_s=0.1, load_s=1.0))                       # 1.1 s > 1.0 s
     assert (d.action, d.worker) == (PLACE, b) and d.reason.startswith("another copy")
     # Even while a copy is still loading, a queue long enough gets a further copy.
     loading = worker("c", credits=1, busy={"m": 1})
     c = worker("d")
-    assert route("m", [a, loading, c], depth=30, service_s=0.1, load_s=1.0).worker is c
+    assert route("m", [a, loading, c], Demand(depth=30, service_s=0.1, load_s=1.0)).worker is c
     # The operator's cap: wait.
-    d = route("m", [a, b], depth=100, service_s=0.1, load_s=1.0, max_copies=1)
+    d = route("m", [a, b], Demand(depth=100, service_s=0.1, load_s=1.0), max_copies=1)
     assert d.action == WAIT and "max_copies" in d.reason
 
 
@@ -149,20 +165,20 @@ def test_a_model_is_placed_where_it_fits_in_free_memory():
     small.mem_free = 100
     big = worker("b", loaded=["x"], max_models=4)
     big.mem_free = 1000
-    d = route("m", [small, big], size=500)
+    d = route("m", [small, big], Demand(size=500))
     assert (d.action, d.worker) == (PLACE, big)  # fewer models on a, but m does not fit there
     busy_big = worker("d", loaded=["x"], credits=1, max_models=4, busy={"x": 1})
     busy_big.mem_free = 1000
-    assert route("m", [small, busy_big], size=500).action == WAIT  # wait for the one it fits on
+    assert route("m", [small, busy_big], Demand(size=500)).action == WAIT  # wait for the one it fits on
     full = worker("c", loaded=["old"], max_models=1)
     full.mem_free = 50
-    d = route("m", [full], size=500, size_of={"old": 600}.get)  # fits once "old" is gone
+    d = route("m", [full], Demand(size=500), size_of={"old": 600}.get)  # fits once "old" is gone
     assert (d.worker, d.evict) == (full, "old")
     # Fits on no worker at all: placed as if memory were unknown; the worker makes room (it may
     # evict more than one model) or answers capacity_full -- no waiting for a fit that never comes.
-    d = route("m", [full], size=500, size_of={"old": 100}.get)
+    d = route("m", [full], Demand(size=500), size_of={"old": 100}.get)
     assert (d.action, d.worker, d.evict) == (PLACE, full, "old") and "bytes free" in d.reason
-    d = route("m", [small], size=500)
+    d = route("m", [small], Demand(size=500))
     assert (d.action, d.worker) == (PLACE, small)
 
 

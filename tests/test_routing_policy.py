@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from lipsync_cluster.broker.queues import Pending
-from lipsync_cluster.broker.routing import PLACE, WAIT, copy_threshold_s, route
+from lipsync_cluster.broker.routing import PLACE, WAIT, Demand, copy_threshold_s, route
 from lipsync_cluster.broker.workers import Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,9 +42,9 @@ def test_patience_waits_for_a_busy_worker_holding_a_colder_model():
     busy = worker("b", loaded=["z"], credits=1, busy={"s": 1})  # s: a one-off being loaded
     value = {"x": 50.0, "y": 40.0, "z": 30.0, "s": 1.0, "m": 2.0}.get
     assert route("m", [idle, busy], value=value).evict == "y"   # default: no patience
-    d = route("m", [idle, busy], value=value, head_wait_s=0.1, patience_s=0.5)
+    d = route("m", [idle, busy], Demand(head_wait_s=0.1, patience_s=0.5), value=value)
     assert d.action == WAIT and "colder" in d.reason
-    d = route("m", [idle, busy], value=value, head_wait_s=0.6, patience_s=0.5)
+    d = route("m", [idle, busy], Demand(head_wait_s=0.6, patience_s=0.5), value=value)
     assert (d.action, d.evict) == (PLACE, "y")                  # waited long enough
 
 

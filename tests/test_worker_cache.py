@@ -284,3 +284,15 @@ def test_a_re_prepare_between_resolve_and_read_never_pairs_versions(demo_dir, st
         assert loaded_now and model.version == fresh.version
         import cv2
         assert (model.frames[0] == cv2.imread(str(fresh.frame_paths[0]))).all()
+
+
+def test_lfu_counts_decay_as_the_brokers_do(demo_dir, store):
+    """The worker's LFU is the broker's score (common/heat.py): uses long ago count for less."""
+    clock = Clock()
+    cache, events, (a, b, c) = make_cache(demo_dir, store, clock, policy="lfu", lfu_half_life_s=10.0)
+    for _ in range(4):
+        use(cache, a, clock)
+    clock.advance(60)  # six half-lives: a's 4 uses now weigh less than b's one
+    use(cache, b, clock)
+    use(cache, c, clock)
+    assert [e["model_id"] for e in events if e["event"] == "evicted"] == [a]

@@ -10,6 +10,11 @@ go to the :class:`~.dispatch.Dispatcher` (``dispatch.py``: queues per model, dea
 decisions of ``routing.py`` over the worker table of ``workers.py``). A worker never has more
 requests than the credits it announced. Payload frames are forwarded as the zmq Frames they
 arrived in (no copy, no re-encoding); only the small msgpack header is rewritten per leg.
+
+A worker's reports are parsed once into typed reports (``workers.py``) and handed to the
+dispatcher's verbs (``worker_joined``, ``worker_left``, ``worker_heartbeat``, ``worker_event``,
+``worker_measured``): the broker never writes the dispatcher's state itself. The design as a
+whole: docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ from typing import Any, Callable, Optional
 import msgpack
 import zmq
 
+from ..common import vocab
 from ..common.errors import BadRequest, InternalError, LipsyncError, Unavailable
+from ..common.heat import LFU_HALF_LIFE_S
 from ..common.infer_request import check_deadline, check_infer, strip_broker_fields
 from ..common.protocol import TAG
 from ..common.security import BrokerSecurity, SecurityError
@@ -31,13 +38,13 @@ from ..common.wire import (MAX_HEADER_BYTES, MAX_WORKER_HEADER_BYTES, readable, 
                            send_parts, tune)
 from ..config.schema import Config
 from . import management
-from .catalog_watch import CatalogWatcher
+from .catalog_watch import CatalogWatcher, Park, Parking
 from .dispatch import Dispatcher
-from .hardening import check_message_size, clean_event, clean_stats, open_security
+from .hardening import check_message_size, open_security
 from .requests import Gather, UnloadLeg
 from .stats import BrokerStats, format_report
 from .validate import check_envelope, check_known, check_load, check_model
-from .workers import Worker
+from .workers import Heartbeat, ModelEvent, Registration, ReportError, StatsReport, Worker
 
 log = logging.getLogger("lipsync_cluster.broker")
 
@@ -46,18 +53,8 @@ SWEEP_S = 0.025             # deadline sweep / copy check period
 PUBLISH_S = 1.0             # stats snapshot period on the PUB socket
 CATALOG_REFRESH_S = 2.0     # re-read the catalog this often (plus when an unknown id arrives)
 UNKNOWN_REFRESH_S = 0.25    # ... but at most this often
-MAX_PARKED = 1024           # requests waiting for a catalog re-read; beyond: unknown_model at once
-PARK_MAX_S = 5.0            # a read that takes longer: parked requests are answered from the last one
 
 Catalog = Callable[[], "dict[str, dict]"]
-
-
-def _memory_report(w: Worker, header: dict) -> None:
-    """``mem_free`` (bytes the worker's budget can still take), sent with `ready` and heartbeats:
-    placement puts a model only where it fits (routing.place)."""
-    mem_free = header.get("mem_free")
-    if type(mem_free) is int and mem_free >= 0:
-        w.mem_free = mem_free
 
 
 class BindError(RuntimeError):
@@ -67,13 +64,9 @@ class BindError(RuntimeError):
 _SCALARS = (str, int, float, bytes, type(None))
 
 
-class _Park(Exception):
-    """Raised while validating a request that names an id not (yet) in the catalog."""
-
-
 class Broker:
     def __init__(self, config: Config, catalog: Catalog, *, ctx: Optional[zmq.Context] = None,
-                 default_deadline_s: float = 120.0, lfu_half_life_s: float = 300.0,
+                 default_deadline_s: float = 120.0, lfu_half_life_s: float = LFU_HALF_LIFE_S,
                  no_worker_grace_s: float = 10.0) -> None:
         cl = config.cluster
         self.config = config
@@ -83,8 +76,8 @@ class Broker:
         self._watch = CatalogWatcher(catalog, self.ctx, self._catalog_wake_endpoint,
                                      period_s=CATALOG_REFRESH_S, min_gap_s=UNKNOWN_REFRESH_S)
         self._catalog_wake: Optional[zmq.Socket] = None
-        self._parked: list[tuple[int, float, list]] = []  # (scan that must finish, parked at, frames)
-        self._replaying = False
+        self._parking = Parking(self._watch, self._on_client_message)  # ids the catalog may soon know
+        self._known = self._parking.known
         self.interval = cl.heartbeat_interval_s
         self.dead_after = cl.heartbeat_interval_s * cl.heartbeat_liveness
         self.max_batch = cl.max_batch_size
@@ -210,7 +203,10 @@ class Broker:
             self._shutdown()
 
     def _drain(self, sock: zmq.Socket, handle: Callable[[list], None]) -> None:
-        """Handle the waiting messages (poll said at least one), at most RECV_BATCH."""
+        """Handle the waiting messages (poll said at least one), at most RECV_BATCH.
+
+        Read until a receive finds nothing: asking the socket first (``readable``, ZMQ_EVENTS)
+        costs a poll() system call per message, about as much as receiving one."""
         for _ in range(RECV_BATCH):
             try:
                 handle(recv_parts(sock))
@@ -218,8 +214,6 @@ class Broker:
                 return
             except Exception:  # a bug must cost one message, not the broker
                 log.exception("broker: unexpected error handling a message; continuing")
-            if not readable(sock):
-                return
 
     def _send_client(self, client: bytes, header: dict, payloads: Any = ()) -> None:
         try:
@@ -256,45 +250,14 @@ class Broker:
         """Every configured model (as of the latest scan): ``{model_id: {version, preload, ...}}``."""
         return self._watch.current
 
-    def _known(self, model: str) -> bool:
-        if model in self._watch.current:
-            return True
-        if self._replaying or len(self._parked) >= MAX_PARKED:
-            return False
-        raise _Park  # wait for a fresh read: the package may have been added a moment ago
-
     def _on_catalog_scanned(self) -> None:
         try:
             while True:
                 self._catalog_wake.recv(zmq.NOBLOCK)
         except zmq.Again:
             pass
-        self._release_parked(time.monotonic())
+        self._parking.release(time.monotonic())
         self.dispatcher.preload(time.monotonic())
-
-    def _release_parked(self, now: float) -> None:
-        """Replay parked requests whose catalog read finished, or that waited PARK_MAX_S."""
-        if not self._parked:
-            return
-        done = self._watch.scans
-        ready, waiting = [], []
-        for item in self._parked:
-            (ready if item[0] <= done or now - item[1] >= PARK_MAX_S else waiting).append(item)
-        if ready:
-            self._parked = waiting
-            self._replay([frames for _, _, frames in ready])
-
-    def _replay(self, parked: list[list]) -> None:
-        """Handle parked requests again; an id still unknown is now answered `unknown_model`."""
-        self._replaying = True
-        try:
-            for frames in parked:
-                try:
-                    self._on_client_message(frames)
-                except Exception:
-                    log.exception("broker: unexpected error handling a parked request; continuing")
-        finally:
-            self._replaying = False
 
     # --- client messages ------------------------------------------------------------------
 
@@ -324,11 +287,8 @@ class Broker:
         strip_broker_fields(header)  # a client cannot set what the broker tells a worker
         try:
             handler(client, cid, header, payloads)
-        except _Park:
-            # Answered once a catalog read that started after this moment has finished.
-            watch = self._watch
-            self._parked.append((watch.scans + (2 if watch.busy else 1), time.monotonic(), frames))
-            watch.request()
+        except Park:  # answered once a catalog read that started after this moment has finished
+            self._parking.park(frames, time.monotonic())
         except LipsyncError as exc:
             model = header.get("model_id")
             self._refuse(client, cid, exc, model if isinstance(model, str) and model in self.catalog else None)
@@ -346,7 +306,7 @@ class Broker:
         p = d.client_request(client, cid, "infer", model, header, payloads, deadline_s)
         p.frames = batch
         self.stats.arrival(model)
-        d.heat.touch(model, p.arrival)  # LFU/LRU see every request, even ones shed below
+        d.saw(p)  # LFU/LRU see every request, even ones shed below
         d.admit(p)
 
     def _on_load_model(self, client: bytes, cid: Any, header: dict, payloads: list) -> None:
@@ -448,31 +408,20 @@ class Broker:
         return why is None
 
     def _on_ready(self, identity: bytes, header: dict) -> None:
-        name = header.get("worker")
-        if not isinstance(name, str) or not name:
-            log.error("broker: a worker sent `ready` without a 'worker' name; ignored")
+        try:
+            r = Registration.parse(header)
+        except ReportError as exc:
+            log.error("broker: %s; ignored", exc)
             return
-
-        def num(key: str, default: int) -> int:
-            v = header.get(key)
-            return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else default
-
-        gpu = header.get("gpu")
-        w = Worker(identity, name, host=str(header.get("host", "")), pid=num("pid", 0),
-                   gpu=gpu if isinstance(gpu, int) and not isinstance(gpu, bool) else None,
-                   credits=min(64, max(1, num("credits", 1))), max_models=max(1, num("max_models", 1)),
-                   max_memory_bytes=num("max_memory_bytes", 0))
-        w.apply_report(header.get("loaded"), header.get("loading"))
-        _memory_report(w, header)
+        name = r.name
+        w = Worker.register(identity, r)
         w.restarts = self.stats.registered(name, w.pid)
-        for old in self.table.add(w):
+        for old in self.dispatcher.worker_joined(w):
             self._lost(old, f"replaced by a new registration of {name}")
-        self.dispatcher.no_workers_since = None
         log.info("worker %s registered (host %s, pid %s, gpu %s, credits %d, max_models %d, loaded: %s)",
                  name, w.host, w.pid, w.gpu, w.credits, w.max_models, ", ".join(sorted(w.loaded)) or "-")
-        self._publish(b"event", {"event": "worker_joined", "worker": name, "time": time.time(),
+        self._publish(b"event", {"event": vocab.WORKER_JOINED, "worker": name, "time": time.time(),
                                  "host": w.host, "pid": w.pid, "gpu": w.gpu, "credits": w.credits})
-        self.dispatcher.dirty = True
 
     def _on_ready_again(self, w: Worker, header: dict, payloads: list) -> None:
         # The same socket registering again: start from a clean slate.
@@ -480,45 +429,29 @@ class Broker:
         self._on_ready(w.identity, header)
 
     def _on_heartbeat(self, w: Worker, header: dict, payloads: list) -> None:
-        w.apply_report(header.get("loaded"), header.get("loading"))
-        draining = header.get("draining") is True
-        if draining and not w.draining:
+        hb = Heartbeat.parse(header)
+        if hb.draining and not w.draining:
             log.info("worker %s is draining", w.name)
-        w.draining = draining
-        _memory_report(w, header)
-        self.dispatcher.dirty = True
+        self.dispatcher.worker_heartbeat(w, hb)
 
     def _on_event(self, w: Worker, header: dict, payloads: list) -> None:
-        body = clean_event(header)  # kept and published: known kinds, typed fields, bounded sizes
-        if body is None:
-            log.warning("broker: worker %s sent an event that is not one (%r for %r); ignored",
-                        w.name, str(header.get("event"))[:64], str(header.get("model_id"))[:80])
+        try:
+            e = ModelEvent.parse(header)  # kept and published: known kinds, typed fields, bounded sizes
+        except ReportError as exc:
+            log.warning("broker: worker %s sent %s; ignored", w.name, exc)
             return
-        event, model = body["event"], body["model_id"]
-        w.apply_event(event, model)
-        if event == "loaded":
-            self.dispatcher.load_failures.succeeded(model)
-        if "loaded" in body:
-            w.apply_report(body["loaded"], body.get("loading"))
-        if self.config.logging.log_model_operations and event != "loading":
-            log.info("worker %s: model %s %s%s", w.name, model, event,
+        self.dispatcher.worker_event(w, e)
+        body = e.body
+        if self.config.logging.log_model_operations and e.event != vocab.LOADING:
+            log.info("worker %s: model %s %s%s", w.name, e.model, e.event,
                      f" ({body['reason']})" if body.get("reason") else "")
         body["worker"] = w.name
         body.setdefault("time", time.time())
         self._publish(b"event", body)
-        self.dispatcher.dirty = True
 
     def _on_stats(self, w: Worker, header: dict, payloads: list) -> None:
-        header.pop("op", None)
-        w.stats = header = clean_stats(header)  # management answers are built from it: types checked
-        mm = header.get("max_models")
-        if isinstance(mm, int) and not isinstance(mm, bool) and mm >= 1:
-            w.max_models = mm
-        sizes = self.dispatcher.sizes
-        for m in header.get("models") or ():  # what each model really costs, as the worker measured
-            size = m.get("memory_bytes")
-            if type(size) is int and size > 0:
-                sizes[m["model_id"]] = size
+        # Management answers are built from what it keeps: types checked, sizes bounded.
+        self.dispatcher.worker_measured(w, StatsReport.parse(header))
 
     def _on_disconnect(self, w: Worker, header: dict, payloads: list) -> None:
         self._lost(w, "disconnected")
@@ -527,20 +460,15 @@ class Broker:
 
     def _lost(self, w: Worker, reason: str) -> None:
         """Forget ``w``; its in-flight requests go back to the front of their queue once."""
-        if self.table.get(w.identity) is w:
-            self.table.remove(w.identity)
-        pending = w.take_all_sent()
         log.log(logging.INFO if reason == "disconnected" else logging.WARNING,
-                "worker %s gone (%s); %d request(s) in flight", w.name, reason, len(pending))
-        self._publish(b"event", {"event": "worker_left", "worker": w.name, "reason": reason,
-                                 "time": time.time(), "in_flight": len(pending)})
-        self.dispatcher.worker_lost(pending, w.name)
-        if not len(self.table) and self.dispatcher.no_workers_since is None:
-            self.dispatcher.no_workers_since = time.monotonic()
+                "worker %s gone (%s); %d request(s) in flight", w.name, reason, w.in_flight)
+        self._publish(b"event", {"event": vocab.WORKER_LEFT, "worker": w.name, "reason": reason,
+                                 "time": time.time(), "in_flight": w.in_flight})
+        self.dispatcher.worker_left(w)
 
     def _sweep(self, now: float) -> None:
-        """Parked requests, then deadlines and workerless waits (dispatch.py)."""
-        self._release_parked(now)
+        """Parked requests (catalog_watch.py), then deadlines and workerless waits (dispatch.py)."""
+        self._parking.release(now)
         self.dispatcher.sweep(now)
 
     def _heartbeat(self, now: float) -> None:
@@ -582,8 +510,7 @@ class Broker:
         """Answer everything pending with `unavailable`, tell workers, close the sockets."""
         try:
             self._watch.stop()
-            parked, self._parked = [frames for _, _, frames in self._parked], []
-            self._replay(parked)  # unknown ids get their answer; the rest join what is drained below
+            self._parking.release_all()  # unknown ids get their answer; the rest join what is drained below
             for w in list(self.table.values()):
                 try:
                     self.backend.send_multipart([w.identity, *self._disconnect_frames], zmq.NOBLOCK)

@@ -1,4 +1,4 @@
-"""Calls the model catalog off the broker's thread.
+"""Calls the model catalog off the broker's thread, and holds requests for ids it may soon know.
 
 ``catalog()`` may read the disk (a new or changed package is hashed), which can take seconds for
 a large package; the routing loop must never wait for that. A :class:`CatalogWatcher` thread calls
@@ -6,6 +6,11 @@ it every ``period_s`` and whenever asked (a request named an unknown id), at mos
 ``min_gap_s``, and after each scan pokes the broker through an inproc socket. The broker reads
 ``current`` (a dict swapped whole, never mutated) and ``scans`` (to tell whether a scan finished
 after a given moment).
+
+A request naming an id the catalog does not (yet) know is parked (:class:`Parking`): a package
+copied in a moment ago must not be answered ``unknown_model``. It is handled again once a catalog
+read that started after it has finished, or after PARK_MAX_S (a read that hangs), and then an id
+still unknown is answered ``unknown_model``.
 """
 from __future__ import annotations
 
@@ -17,6 +22,13 @@ from typing import Callable, Optional
 import zmq
 
 log = logging.getLogger("lipsync_cluster.broker")
+
+MAX_PARKED = 1024           # requests waiting for a catalog re-read; beyond: unknown_model at once
+PARK_MAX_S = 5.0            # a read that takes longer: parked requests are answered from the last one
+
+
+class Park(Exception):
+    """Raised while validating a request that names an id not (yet) in the catalog."""
 
 
 class CatalogWatcher:
@@ -99,3 +111,67 @@ class CatalogWatcher:
                     pass
         finally:
             wake.close(linger=0)
+
+
+class Parking:
+    """Requests (their frames, as received) waiting for a catalog read; the broker's thread only.
+
+    ``known(model)`` is the validators' question: True if the catalog has it, False when it is to
+    be answered ``unknown_model`` now (while replaying, or with MAX_PARKED parked), else it raises
+    :class:`Park` and the broker calls :meth:`park`. :meth:`release` replays what is due through
+    ``handle`` (the broker's client-message handler, which asks ``known`` again).
+    """
+
+    def __init__(self, watch: CatalogWatcher, handle: Callable[[list], None], *,
+                 max_parked: int = MAX_PARKED, max_wait_s: Optional[float] = None) -> None:
+        self._watch = watch
+        self._handle = handle
+        self.max_parked = max_parked
+        self.max_wait_s = PARK_MAX_S if max_wait_s is None else max_wait_s
+        self._parked: list[tuple[int, float, list]] = []  # (scan that must finish, parked at, frames)
+        self._replaying = False
+
+    def __len__(self) -> int:
+        return len(self._parked)
+
+    def known(self, model: str) -> bool:
+        if model in self._watch.current:
+            return True
+        if self._replaying or len(self._parked) >= self.max_parked:
+            return False
+        raise Park  # wait for a fresh read: the package may have been added a moment ago
+
+    def park(self, frames: list, now: float) -> None:
+        """Answered once a catalog read that started after this moment has finished."""
+        watch = self._watch
+        self._parked.append((watch.scans + (2 if watch.busy else 1), now, frames))
+        watch.request()
+
+    def release(self, now: float) -> None:
+        """Replay parked requests whose catalog read finished, or that waited ``max_wait_s``."""
+        if not self._parked:
+            return
+        done = self._watch.scans
+        ready, waiting = [], []
+        for item in self._parked:
+            (ready if item[0] <= done or now - item[1] >= self.max_wait_s else waiting).append(item)
+        if ready:
+            self._parked = waiting
+            self._replay([frames for _, _, frames in ready])
+
+    def release_all(self) -> None:
+        """Replay everything now (shutdown): unknown ids get their answer."""
+        parked, self._parked = [frames for _, _, frames in self._parked], []
+        self._replay(parked)
+
+    def _replay(self, parked: list[list]) -> None:
+        """Handle parked requests again; an id still unknown is now answered `unknown_model`."""
+        self._replaying = True
+        try:
+            for frames in parked:
+                try:
+                    self._handle(frames)
+                except Exception:
+                    log.exception("broker: unexpected error handling a parked request; continuing")
+        finally:
+            self._replaying = False

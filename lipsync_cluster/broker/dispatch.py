@@ -1,9 +1,28 @@
 """Admission and dispatch: the broker's queues, deadlines and the legs it sends to workers.
 
-The :class:`Dispatcher` owns what waits (per-model queues, unload legs) and decides where each
-request goes by calling the pure ``routing.route`` once per decision. It sends through the
-callables the broker gives it (it has no sockets) and is the :class:`requests.Outlet` through
-which every request kind is answered.
+The :class:`Dispatcher` owns what waits (per-model queues, unload legs) and the worker table,
+and decides where each request goes by calling the pure ``routing.route`` once per decision. It
+sends through the callables the broker gives it (it has no sockets) and is the
+:class:`requests.Outlet` through which every request kind is answered.
+
+A request's life (docs/ARCHITECTURE.md, "A request's life"); every exit is ``Pending.finish``:
+
+  in      broker._on_client_message: header bounded + unpacked (wire.read_header), envelope
+          (validate.py) -> unknown id: catalog_watch.Parking holds the frames until a catalog
+          read -> _on_infer / _on_load_model: request rules, load backoff -> ClientRequest
+          (_on_unload_model: one UnloadLeg per holder -> fan_out; preload(): a Preload leg)
+  admit   admit(): queue empty and route() finds a worker -> send() now; else _check_wait
+          (expected wait > deadline: finish(overloaded)) and ModelQueues.push (full: overloaded)
+  wait    in its model's queue; dispatch() takes heads oldest first as credits free,
+          route() each: DISPATCH / PLACE -> send(), WAIT -> stays
+  sent    send(): header + rid + time left -> the worker; Worker.start (credit taken, index);
+          a failed send re-queues it (unsent) or finishes it
+  exits   replied(): the worker's reply -> Worker.finish, finish(reply)   (a late one: counted)
+          sweep(): deadline in the queue or on a worker -> expire -> finish(timeout)
+          sweep(): no worker for no_worker_grace_s -> finish(unavailable)
+          worker_left(): its legs -> lost(): re-queued at the front once, else finish(unavailable)
+          load_failed(): a model's failed load answers its queue -> finish(model_load_failed)
+          broker shutdown: drain_all() -> finish(unavailable)
 """
 from __future__ import annotations
 
@@ -15,15 +34,17 @@ from typing import Any, Callable, Optional
 
 import msgpack
 
+from ..common import vocab
 from ..common.errors import ModelLoadFailed, Overloaded, Unavailable
+from ..common.heat import Heat
 from ..common.load_backoff import LoadBackoff
 from ..common.protocol import TAG
 from .queues import ModelQueues
 from .requests import ClientRequest, Pending, Preload, UnloadLeg, error_code
 from .placement import PlacementIndex
-from .routing import DISPATCH, PLACE, WAIT, Decision, Heat, route
+from .routing import DISPATCH, PLACE, WAIT, Decision, Demand, route
 from .stats import BrokerStats
-from .workers import Worker, WorkerTable
+from .workers import Heartbeat, ModelEvent, StatsReport, Worker, WorkerTable
 
 log = logging.getLogger("lipsync_cluster.broker")
 
@@ -72,6 +93,47 @@ class Dispatcher:
         now = time.monotonic()
         return ClientRequest(self.next_rid(), client, cid, op, model, header, payloads, now,
                              self.deadline(now, deadline_s))
+
+    # --- workers: what the broker hears about them (the table's only writer) ---------------
+
+    def worker_joined(self, w: Worker) -> list[Worker]:
+        """A worker registered; returns the stale entries it replaces (same identity or name),
+        already out of the table: the broker answers for them with :meth:`worker_left`."""
+        stale = self.table.add(w)
+        self.no_workers_since = None
+        self.dirty = True
+        return stale
+
+    def worker_left(self, w: Worker) -> int:
+        """Forget ``w``; its in-flight requests finish, or go back to the front of their queue
+        once (:meth:`worker_lost`). Returns how many were in flight."""
+        if self.table.get(w.identity) is w:
+            self.table.remove(w.identity)
+        pending = w.take_all_sent()
+        self.worker_lost(pending, w.name)
+        if not len(self.table) and self.no_workers_since is None:
+            self.no_workers_since = time.monotonic()
+        return len(pending)
+
+    def worker_heartbeat(self, w: Worker, hb: Heartbeat) -> None:
+        w.apply_heartbeat(hb)
+        self.dirty = True
+
+    def worker_event(self, w: Worker, e: ModelEvent) -> None:
+        """A model event: what ``w`` holds changed; a load that succeeded ends its backoff."""
+        w.apply_model_event(e)
+        if e.event == vocab.LOADED:
+            self.load_failures.succeeded(e.model)
+        self.dirty = True
+
+    def worker_measured(self, w: Worker, s: StatsReport) -> None:
+        """A worker's stats: what it runs, and what each model it holds really costs."""
+        w.apply_stats(s)
+        self.sizes.update(s.sizes)
+
+    def saw(self, p: Pending) -> None:
+        """A client asked for ``p``'s model: LFU/LRU see every request, even ones shed later."""
+        self.heat.touch(p.model, p.arrival)
 
     # --- admission -----------------------------------------------------------------------
 
@@ -201,15 +263,15 @@ class Dispatcher:
             index = PlacementIndex.of([w for w in self.table.values() if w.name in p.targets],
                                       self.heat.order_key)
 
-        def demand() -> dict:
+        def demand() -> Demand:
             stats = self.stats
             load_s = stats.load_s(p.model)
-            return {"busy_models": self.queues.busy_models(), "depth": max(1, self.queues.depth(p.model)),
-                    "service_s": stats.service_s(p.model), "load_s": load_s, "head_wait_s": now - p.arrival,
-                    "patience_s": (load_s or 0.0) * self.placement_patience, "size": self.model_size(p.model)}
+            return Demand(busy_models=self.queues.busy_models(), depth=max(1, self.queues.depth(p.model)),
+                          service_s=stats.service_s(p.model), load_s=load_s, head_wait_s=now - p.arrival,
+                          patience_s=(load_s or 0.0) * self.placement_patience, size=self.model_size(p.model))
 
-        return route(p.model, index, max_copies=self.max_copies, allow_evict=not p.no_evict,
-                     size_of=self.model_size, demand=demand)
+        return route(p.model, index, demand, max_copies=self.max_copies, allow_evict=not p.no_evict,
+                     size_of=self.model_size)
 
     def dispatch(self) -> None:
         """Match waiting requests with free credits: unload legs first, then oldest head first."""
@@ -254,8 +316,11 @@ class Dispatcher:
         header = p.header.copy()
         # The time left, not a wall-clock instant: a worker on another host counts it from when the
         # leg arrives, so clock skew between hosts cannot make it refuse (or keep) everything.
-        header.update(op="request", client_op=p.op, rid=p.rid, queue_ms=(now - p.arrival) * 1000.0,
-                      deadline_left_ms=None if p.deadline is None else (p.deadline - now) * 1000.0)
+        header["op"] = "request"
+        header["client_op"] = p.op
+        header["rid"] = p.rid
+        header["queue_ms"] = (now - p.arrival) * 1000.0
+        header["deadline_left_ms"] = None if p.deadline is None else (p.deadline - now) * 1000.0
         if d.evict is not None:
             header["evict_hint"] = d.evict
         info = self.catalog().get(p.model)
@@ -289,7 +354,7 @@ class Dispatcher:
         code = error_code(header)
         if code is None:
             if p.op == "load_model":
-                w.apply_event("loaded", p.model)
+                w.apply_event(vocab.LOADED, p.model)
         elif code == "model_load_failed" and not p.answered:
             self.load_failed(p.model, header.get("error"), now)
         if not p.finish(self, header, payloads, now):

@@ -8,9 +8,10 @@ Kept apart from ``broker.py`` (which calls in at a few points) so the hot path s
 * :func:`catalog_reader` - the catalog as the broker sees it, broken packages included (with their
   ``error``) so a request for one gets ``model_load_failed`` and the reason, not ``unknown_model``;
 * :func:`clean_stats` - a worker's ``stats`` report reduced to well-typed values before the broker
-  keeps it (management answers and the stats snapshot are built from it);
+  keeps it (management answers and the stats snapshot are built from it; ``workers.StatsReport``);
 * :func:`clean_event` - a worker's ``event``: a known kind about a valid model id, only the fields
-  events have, each typed and bounded, before the broker keeps (last RECENT_EVENTS) and publishes it.
+  events have, each typed and bounded, before the broker keeps (last RECENT_EVENTS) and publishes it
+  (``workers.ModelEvent``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import zmq
 
+from ..common import vocab
 from ..common.errors import BadRequest
 from ..common.infer_request import is_model_id
 from ..common.model_package import public_reason
@@ -25,7 +27,6 @@ from ..common.security import BrokerSecurity, check_bind_allowed
 
 _NUMBER = (int, float)
 
-WORKER_EVENTS = frozenset(("loading", "loaded", "evicted", "unloaded", "idle_unloaded", "load_failed"))
 EVENT_NUMBERS = ("time", "load_ms", "memory_bytes", "usage_count")
 MAX_EVENT_TEXT = 512        # characters of an event's reason (a worker's clients see short reasons too)
 MAX_EVENT_MODELS = 1024     # entries of an event's loaded/loading lists
@@ -80,8 +81,7 @@ def _num(value: Any) -> Any:
 
 
 # The worker's measured memory in its stats (worker/memory.py), in bytes (and a count).
-MEMORY_BYTES = ("mem_budget", "mem_used", "mem_free", "mem_process_bytes", "mem_workspace_bytes",
-                "mem_idle_cache_bytes", "mem_measured_bytes", "mem_chunked_batches")
+MEMORY_BYTES = frozenset(vocab.MEM_STATS)
 
 
 def clean_stats(header: dict) -> dict:
@@ -119,14 +119,14 @@ def clean_stats(header: dict) -> dict:
 def clean_event(header: dict) -> Optional[dict]:
     """A worker's ``event`` as the broker keeps and publishes it, or None when it is not one.
 
-    The kind must be one of :data:`WORKER_EVENTS` and ``model_id`` a model id; the fields kept are
+    The kind must be one of ``vocab.MODEL_EVENTS`` and ``model_id`` a model id; the fields kept are
     the ones workers send: ``version`` and ``reason`` (text, cut to :data:`MAX_EVENT_TEXT`),
     finite non-negative numbers (:data:`EVENT_NUMBERS`), and ``loaded`` / ``loading`` (model ids,
     at most :data:`MAX_EVENT_MODELS`). Everything else is dropped, so an event costs the broker
     at most a few KiB however large the message was.
     """
     event, model = header.get("event"), header.get("model_id")
-    if type(event) is not str or event not in WORKER_EVENTS or not is_model_id(model):
+    if type(event) is not str or event not in vocab.MODEL_EVENTS or not is_model_id(model):
         return None
     body: dict = {"event": event, "model_id": model}
     for key in ("version", "reason"):

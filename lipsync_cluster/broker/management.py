@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ..common import vocab
 from .queues import ModelQueues
 from .stats import BrokerStats, merge_model_entries
 from .workers import WorkerTable
@@ -15,8 +16,7 @@ from .workers import WorkerTable
 # Per-worker GPU readings a worker's stats may carry (worker/gpu_monitor.py); numbers only.
 GPU_STATS = ("gpu_memory_used_bytes", "gpu_device_memory_used_bytes", "gpu_memory_total_bytes", "gpu_utilization")
 # The worker's memory as it measures it (worker/memory.py): budget, used, free, and the parts.
-MEM_STATS = ("mem_budget", "mem_used", "mem_free", "mem_process_bytes", "mem_workspace_bytes",
-             "mem_idle_cache_bytes", "mem_chunked_batches")
+MEM_STATS = (*vocab.MEM_REPORT, *vocab.MEM_PARTS, "mem_chunked_batches")
 
 
 def _worker_model_entries(table: WorkerTable) -> dict[str, list[dict]]:

@@ -35,6 +35,8 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 from prometheus_client.process_collector import ProcessCollector
 
+from ..common import vocab
+
 log = logging.getLogger("lipsync_cluster.broker.metrics")
 
 LIVE_STALE_S = 10.0     # no snapshot for this long: the broker loop is stuck -> /health/live 503
@@ -249,9 +251,9 @@ class BrokerCollector:
             gauges["in_flight"].add_metric([name], _num(w.get("in_flight")))
             gauges["credits"].add_metric([name], _num(w.get("credits")))
             gauges["mem"].add_metric([name], _num(w.get("total_memory_bytes")))
-            gauges["budget"].add_metric([name], _num(w.get("mem_budget", w.get("max_memory_bytes"))))
-            gauges["used"].add_metric([name], _num(w.get("mem_used")))
-            gauges["free"].add_metric([name], _num(w.get("mem_free")))
+            gauges["budget"].add_metric([name], _num(w.get(vocab.MEM_BUDGET, w.get("max_memory_bytes"))))
+            gauges["used"].add_metric([name], _num(w.get(vocab.MEM_USED)))
+            gauges["free"].add_metric([name], _num(w.get(vocab.MEM_FREE)))
             gauges["draining"].add_metric([name], 1.0 if w.get("draining") else 0.0)
             for key, fam in gpu.items():  # only what the worker measured (GPU workers, NVML)
                 if _num(w.get(key), -1.0) >= 0:

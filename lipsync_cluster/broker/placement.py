@@ -14,7 +14,7 @@ old entries and adds its new ones, which costs the few models one worker holds, 
 The first three answers are buckets keyed by small integers (in flight, models held), so a hit
 costs the same at 2,048 workers as at 8. The last is a heap of loaded models ordered by
 (only copy?, value), where value is ``order_key`` -- a key that changes only when the model is
-requested and then only grows (``Heat.order_key``); entries whose key grew are re-pushed when
+requested and then only grows (``common/heat.py``, ``Heat.order_key``); entries whose key grew are re-pushed when
 they surface (lazy update), so the heap is never rebuilt per request.
 """
 from __future__ import annotations
@@ -29,12 +29,13 @@ class _Entry:
     """What one worker is indexed under (so that its entries can be removed on the next update)."""
 
     __slots__ = ("active", "held", "ready", "loading", "evictable", "in_flight", "room", "credits",
-                 "free", "slots")
+                 "free", "slots", "spare")
 
     def __init__(self) -> None:
         self.active = False          # not draining: counts as a holder
         self.held: frozenset = frozenset()      # loaded (not hinted away) or loading: ``holds``
         self.slots = 0                           # model slots taken (``slots_used``)
+        self.spare = False                       # slots < max_models: room for one more model
         self.ready: frozenset = frozenset()      # loaded (not hinted away) on this worker
         self.loading: frozenset = frozenset()
         self.evictable: frozenset = frozenset()  # loaded, nothing in flight, not loading, not hinted
@@ -114,15 +115,17 @@ class PlacementIndex:
             new.held = new.ready | new.loading
             new.slots = len(new.held.union(in_flight))
             new.evictable = frozenset(m for m in new.ready if m not in in_flight and m not in loading)
-            if new.free and new.slots < w.max_models:
+            new.spare = new.slots < w.max_models
+            if new.free and new.spare:
                 new.room = (new.slots, new.in_flight)
         self._apply(w, old, new)
         self._entries[w] = new
 
     def moved(self, w: Any, busy: Optional[str] = None) -> None:
         """Re-index ``w`` when only its number of requests in flight changed, and with ``busy``
-        whether that loaded model has requests in flight (so can be evicted) -- what it holds and
-        its hints did not: the per-request path, a few dict operations."""
+        whether that loaded model has requests in flight (so can be evicted) -- what it holds,
+        its hints, credits and slots did not: the per-request path, a few dict operations.
+        (Credits and slots are read from its entry: they change only through :meth:`update`.)"""
         e = self._entries.get(w)
         if e is None or not e.active:
             self.update(w)
@@ -134,36 +137,49 @@ class PlacementIndex:
             elif busy in e.ready and not w.inflight_by_model.get(busy):
                 e.evictable = e.evictable | {busy}
                 _add(self.evictable, busy, w)
-        in_flight, free = w.in_flight, w.free > 0
-        if in_flight == e.in_flight and free == e.free:
+        in_flight = len(w.sent)
+        old = e.in_flight
+        if in_flight == old:
             return
-        self.in_flight += in_flight - e.in_flight
-        if free != e.free:
+        free = in_flight < e.credits  # active: not draining, so free credits = credits - in flight
+        was_free = e.free
+        self.in_flight += in_flight - old
+        if free != was_free:
             if free:
                 self.free[w] = None
             else:
                 self.free.pop(w, None)
-        room = (e.slots, in_flight) if free and e.slots < w.max_models else None
-        if room != e.room:
+        if e.spare:  # (here too empty buckets stay: a request costs no allocation but the key)
+            rooms = self.room
             if e.room is not None:
-                _drop(self.room, e.room, w)
-            if room is not None:
-                _add(self.room, room, w)
-        ready = self.ready
-        for m in e.ready:  # (level buckets stay when empty: no allocation per request)
-            levels = ready.get(m)
-            if e.free and levels is not None:
-                b = levels.get(e.in_flight)
+                b = rooms.get(e.room)
                 if b is not None:
                     b.pop(w, None)
             if free:
-                if levels is None:
-                    levels = ready[m] = {}
+                e.room = room = (e.slots, in_flight)
+                b = rooms.get(room)
+                if b is None:
+                    b = rooms[room] = {}
+                b[w] = None
+            else:
+                e.room = None
+        ready = self.ready
+        for m in e.ready:  # (level buckets stay when empty: no allocation per request)
+            levels = ready.get(m)
+            if levels is None:
+                if not free:
+                    continue
+                levels = ready[m] = {}
+            elif was_free:
+                b = levels.get(old)
+                if b is not None:
+                    b.pop(w, None)
+            if free:
                 b = levels.get(in_flight)
                 if b is None:
                     b = levels[in_flight] = {}
                 b[w] = None
-        e.in_flight, e.free, e.room = in_flight, free, room
+        e.in_flight, e.free = in_flight, free
 
     def remove(self, w: Any) -> None:
         old = self._entries.pop(w, None)

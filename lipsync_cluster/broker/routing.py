@@ -1,6 +1,6 @@
 """Where a request goes: pure decisions over the placement index (no sockets, no clocks).
 
-For the head request of model m's queue (ARCHITECTURE.md, "Routing and placement"):
+For the head request of model m's queue (docs/ARCHITECTURE.md, "Routing and placement"):
 
 1. a worker with m loaded and a free credit (fewest in flight): dispatch there;
 2. else, if some workers hold m (loaded or loading): another copy is placed when the queue's
@@ -22,9 +22,10 @@ then indexes them first.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Collection, NamedTuple, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, NamedTuple, Optional, Union
 
+from ..common.heat import Heat  # noqa: F401 - the broker's heat, named here with the decisions it orders
 from .placement import PlacementIndex, fits_by_memory
 
 DISPATCH = "dispatch"  # m is loaded on the worker
@@ -105,97 +106,60 @@ def _place(model: str, index: PlacementIndex, busy_models: Collection[str], allo
                     " where the model fits")
 
 
-def route(model: str, workers: Any, *, busy_models: Collection[str] = (),
-          value: Optional[Callable[[str], float]] = None, depth: int = 1,
-          service_s: Optional[float] = None, load_s: Optional[float] = None,
-          max_copies: int = 0, allow_evict: bool = True, head_wait_s: float = 0.0,
-          patience_s: float = 0.0, size: Optional[int] = None,
-          size_of: Callable[[str], Optional[int]] = lambda m: None,
-          demand: Optional[Callable[[], dict]] = None) -> Decision:
+@dataclass(frozen=True)
+class Demand:
+    """What a miss needs to know of the demand for a model (a hit needs none of it).
+
+    ``busy_models``: models with requests waiting (never evicted); ``depth``: requests of the model
+    waiting, the routed one included; ``service_s`` / ``load_s``: its measured service and load
+    times (None: not measured yet); ``head_wait_s``: how long the routed request has waited;
+    ``patience_s``: ``cluster.placement_patience`` x the load time (0: off); ``size``: the model's
+    memory in bytes (None: unknown, fits anywhere). A field that does not exist is a TypeError.
+    """
+
+    busy_models: Collection[str] = ()
+    depth: int = 1
+    service_s: Optional[float] = None
+    load_s: Optional[float] = None
+    head_wait_s: float = 0.0
+    patience_s: float = 0.0
+    size: Optional[int] = None
+
+
+NO_DEMAND = Demand()
+
+
+def route(model: str, workers: Any, demand: Union[Demand, Callable[[], Demand]] = NO_DEMAND, *,
+          value: Optional[Callable[[str], float]] = None, max_copies: int = 0, allow_evict: bool = True,
+          size_of: Callable[[str], Optional[int]] = lambda m: None) -> Decision:
     """Decide what to do with the head request of ``model``'s queue (see the module doc).
 
     ``workers``: the table's :class:`PlacementIndex` (or a list of workers, indexed here with
-    ``value`` as the order of eviction). ``depth``: requests of ``model`` waiting, this one
-    included; ``service_s`` / ``load_s``: the model's measured service and load times (None:
-    not measured yet); ``size``: the model's memory in bytes (None: unknown, fits anywhere).
-    ``demand``: those inputs (``busy_models``, ``depth``, ``service_s``, ``load_s``,
-    ``head_wait_s``, ``patience_s``, ``size``) computed only on a miss, in place of the keywords:
-    the hit -- the common case -- costs one index lookup, and the broker decides in one call.
+    ``value`` as the order of eviction). ``demand``: a :class:`Demand`, or a callable returning
+    one that is called only on a miss: the hit -- the common case -- costs one index lookup and
+    builds nothing, and the broker decides in one call. ``max_copies``: copies of a model at
+    most (0: no cap); ``allow_evict`` False: free slots only (preloads); ``size_of``: any model's
+    size in bytes, for the room an eviction frees.
     """
     index = _index(workers, value)
     w = index.pick_loaded(model)
     if w is not None:
         return Decision(DISPATCH, w, None, "loaded")
-    if demand is not None:
-        inputs = demand()
-        busy_models = inputs.get("busy_models", busy_models)
-        depth = inputs.get("depth", depth)
-        service_s = inputs.get("service_s", service_s)
-        load_s = inputs.get("load_s", load_s)
-        head_wait_s = inputs.get("head_wait_s", head_wait_s)
-        patience_s = inputs.get("patience_s", patience_s)
-        size = inputs.get("size", size)
+    if not isinstance(demand, Demand):
+        demand = demand()
+        if not isinstance(demand, Demand):
+            raise TypeError(f"route: demand() returned {type(demand).__name__}, not a Demand")
     holders = index.holders.get(model)
     if holders:
         if max_copies and len(holders) >= max_copies:
             return Decision(WAIT, None, None, "busy (max_copies_per_model reached)")
-        wait = expected_wait_s(depth, service_s, index.holder_credits.get(model, 0))
-        if wait is None or wait <= copy_threshold_s(service_s, load_s):
+        service_s = demand.service_s
+        wait = expected_wait_s(demand.depth, service_s, index.holder_credits.get(model, 0))
+        if wait is None or wait <= copy_threshold_s(service_s, demand.load_s):
             return Decision(WAIT, None, None, "loading" if index.loading.get(model) else "busy")
-        d = place(model, index, busy_models, allow_evict, size=size, size_of=size_of)
+        d = place(model, index, demand.busy_models, allow_evict, size=demand.size, size_of=size_of)
         if d.action == PLACE:
             return d._replace(reason=f"another copy (expected wait {wait:.3f} s): {d.reason}")
         return d
-    return place(model, index, busy_models, allow_evict, head_wait_s=head_wait_s,
-                 patience_s=patience_s, size=size, size_of=size_of)
-
-
-class Heat:
-    """How valuable each model is to keep loaded, cluster-wide.
-
-    ``lru``: the last time any worker was sent a request for it (older = colder).
-    ``lfu``: an exponentially decayed request count with half-life ``half_life_s``, kept for
-    every model the broker has seen requested, loaded or not (it sees every request).
-    """
-
-    def __init__(self, policy: str = "lru", half_life_s: float = 300.0) -> None:
-        if policy not in ("lru", "lfu"):
-            raise ValueError(f"eviction policy {policy!r} is not one of lru, lfu")
-        self.policy = policy
-        self.half_life_s = half_life_s
-        self._last: dict[str, float] = {}
-        self._score: dict[str, float] = {}    # decayed count as of self._last[model]
-
-    def touch(self, model: str, now: float) -> None:
-        if self.policy == "lfu":
-            self._score[model] = self._decayed(model, now) + 1.0
-        self._last[model] = now
-
-    def _decayed(self, model: str, now: float) -> float:
-        score = self._score.get(model, 0.0)
-        if score:
-            score *= 0.5 ** (max(0.0, now - self._last[model]) / self.half_life_s)
-        return score
-
-    def last_used(self, model: str) -> Optional[float]:
-        return self._last.get(model)
-
-    def value(self, model: str, now: float) -> float:
-        if self.policy == "lru":
-            return self._last.get(model, -math.inf)
-        return self._decayed(model, now)
-
-    def valuer(self, now: float) -> Callable[[str], float]:
-        return lambda m: self.value(m, now)
-
-    def order_key(self, model: str) -> float:
-        """A key that orders models as ``value`` does at any one time, without a clock: LFU's
-        decayed count s x 2^(-(now - t)/h) orders as log2(s) + t/h. It changes only when the
-        model is touched, and then only grows (what the placement index's heap relies on)."""
-        last = self._last.get(model)
-        if last is None:
-            return -math.inf
-        if self.policy == "lru":
-            return last
-        score = self._score.get(model, 0.0)
-        return math.log2(score) + last / self.half_life_s if score > 0 else -math.inf
+    return place(model, index, demand.busy_models, allow_evict, head_wait_s=demand.head_wait_s,
+                 patience_s=demand.patience_s, size=demand.size, size_of=size_of)

@@ -10,6 +10,8 @@ from bisect import bisect_left
 from collections import deque
 from typing import Any, Iterable, Optional
 
+from ..common import vocab
+
 LATENCY_SAMPLES = 2048  # per model; enough for a stable p99 at 1 Hz snapshots
 # Histogram upper bounds (seconds) for the Prometheus exporter (broker/metrics.py).
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -255,28 +257,28 @@ class BrokerStats:
         """Count a published ``event`` (worker model events, worker joined/left) and keep it."""
         self.events.append(dict(body))
         event, model = body.get("event"), body.get("model_id")
-        if event in ("worker_joined", "worker_left"):
+        if event in vocab.WORKER_EVENTS:
             name = body.get("worker")
             if isinstance(name, str):
                 seen = self.workers_seen.setdefault(name, {"pid": None, "registrations": 0,
                                                            "restarts": 0, "up": False})
-                seen["up"] = event == "worker_joined"
+                seen["up"] = event == vocab.WORKER_JOINED
             return
         if not isinstance(model, str):
             return
         c = self.model(model)
-        if event == "loaded":
+        if event == vocab.LOADED:
             c.loads += 1
             load_ms = body.get("load_ms")
             if isinstance(load_ms, (int, float)) and not isinstance(load_ms, bool):
                 c.load_ms_last = float(load_ms)
                 c.load_ms_sum += float(load_ms)
                 self.load_h.observe(load_ms / 1000.0)
-        elif event == "evicted":
+        elif event == vocab.EVICTED:
             c.evictions += 1
-        elif event in ("unloaded", "idle_unloaded"):
+        elif event in vocab.UNLOAD_EVENTS:
             c.unloads += 1
-        elif event == "load_failed":
+        elif event == vocab.LOAD_FAILED:
             c.load_failures += 1
 
     def registered(self, name: str, pid: Any) -> int:

@@ -6,14 +6,135 @@ events) with what the broker itself has *sent* and not yet seen answered (in-fli
 and eviction hints). The combination matters because reports lag: a heartbeat written just
 before the worker received a request still says the model is absent, and must not make the
 broker place the same model a second time.
+
+What a worker reports (``ready``, ``heartbeat``, ``event``, ``stats``) is parsed here, once, into
+the typed reports below (:class:`Registration`, :class:`Heartbeat`, :class:`ModelEvent`,
+:class:`StatsReport`); the broker and the dispatcher use those and never read a report's header.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+from ..common import vocab
+from .hardening import clean_event, clean_stats
 from .placement import PlacementIndex
 from .requests import Pending
+
+
+# --- reports: a worker's messages, parsed once ---------------------------------------------------
+
+def _count(header: dict, key: str, default: int) -> int:
+    """A non-negative int field (a bool is not one), else ``default``."""
+    v = header.get(key)
+    return v if type(v) is int and v >= 0 else default
+
+
+def _names(value: Any) -> Optional[frozenset[str]]:
+    """A list of model ids as a set (entries that are not strings dropped); None: not a list."""
+    if isinstance(value, (list, tuple)):
+        return frozenset(m for m in value if isinstance(m, str))
+    return None
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What a worker says it holds, and its free memory: ``ready``, heartbeats, some events.
+    None: not said (the broker keeps what it knew)."""
+
+    loaded: Optional[frozenset[str]] = None
+    loading: Optional[frozenset[str]] = None
+    mem_free: Optional[int] = None     # bytes its budget can still take (placement fits by it)
+
+    @classmethod
+    def parse(cls, header: dict) -> "Holdings":
+        mem_free = header.get(vocab.MEM_FREE)
+        return cls(_names(header.get("loaded")), _names(header.get("loading")),
+                   mem_free if type(mem_free) is int and mem_free >= 0 else None)
+
+
+class ReportError(ValueError):
+    """A report the broker cannot use (the message says why; it is logged and ignored)."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A worker's ``ready``: who it is, what it can take, what it holds."""
+
+    name: str
+    host: str = ""
+    pid: int = 0
+    gpu: Optional[int] = None
+    credits: int = 1                   # 1..64
+    max_models: int = 1
+    max_memory_bytes: int = 0
+    holdings: Holdings = field(default_factory=Holdings)
+
+    @classmethod
+    def parse(cls, header: dict) -> "Registration":
+        name = header.get("worker")
+        if not isinstance(name, str) or not name:
+            raise ReportError("a worker sent `ready` without a 'worker' name")
+        gpu = header.get("gpu")
+        return cls(name, host=str(header.get("host", "")), pid=_count(header, "pid", 0),
+                   gpu=gpu if type(gpu) is int else None,
+                   credits=min(64, max(1, _count(header, "credits", 1))),
+                   max_models=max(1, _count(header, "max_models", 1)),
+                   max_memory_bytes=_count(header, "max_memory_bytes", 0), holdings=Holdings.parse(header))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    holdings: Holdings
+    draining: bool = False
+
+    @classmethod
+    def parse(cls, header: dict) -> "Heartbeat":
+        return cls(Holdings.parse(header), header.get("draining") is True)
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """A worker's ``event`` about one model (:data:`vocab.MODEL_EVENTS`): ``body`` is what the broker
+    keeps and publishes (``hardening.clean_event``: typed, bounded); ``holdings`` the lists some
+    events carry."""
+
+    event: str
+    model: str
+    body: dict
+    holdings: Optional[Holdings] = None
+
+    @classmethod
+    def parse(cls, header: dict) -> "ModelEvent":
+        body = clean_event(header)
+        if body is None:
+            raise ReportError(f"an event that is not one ({str(header.get('event'))[:64]!r} for "
+                              f"{str(header.get('model_id'))[:80]!r})")
+        holdings = Holdings(_names(body["loaded"]), _names(body.get("loading"))) if "loaded" in body else None
+        return cls(body["event"], body["model_id"], body, holdings)
+
+
+@dataclass(frozen=True)
+class StatsReport:
+    """A worker's ``stats``: ``body`` as kept for management answers (``hardening.clean_stats``),
+    its ``max_models`` when valid, and each model's memory as the worker measured it."""
+
+    body: dict
+    max_models: Optional[int] = None
+    sizes: dict = field(default_factory=dict)  # model -> bytes
+
+    @classmethod
+    def parse(cls, header: dict) -> "StatsReport":
+        header = {k: v for k, v in header.items() if k != "op"}
+        body = clean_stats(header)
+        mm = body.get("max_models")
+        sizes = {}
+        for m in body.get("models") or ():
+            size = m.get("memory_bytes")
+            if type(size) is int and size > 0:
+                sizes[m["model_id"]] = size
+        return cls(body, mm if type(mm) is int and mm >= 1 else None, sizes)
 
 
 class Worker:
@@ -131,40 +252,53 @@ class Worker:
         m = p.model
         first = False  # a model's first request in flight here changes what is held or evictable
         if m is not None:
-            n = self.inflight_by_model.get(m, 0)
-            self.inflight_by_model[m] = n + 1
+            by_model = self.inflight_by_model
+            n = by_model.get(m, 0)
+            by_model[m] = n + 1
             first = n == 0
-        if p.evict_hint is not None:
-            self.hints[p.evict_hint] = self.hints.get(p.evict_hint, 0) + 1
-        if p.evict_hint is None and (not first or self._plainly_loaded(m)):
-            self.changed(False, m if first else None)
+        hint = p.evict_hint
+        if hint is not None:
+            self.hints[hint] = self.hints.get(hint, 0) + 1
+        index = self.index
+        if index is None:
+            return
+        if hint is None and not first:
+            index.moved(self)  # the per-request path: only its in-flight count changed
+        elif hint is None and self._plainly_loaded(m):
+            index.moved(self, m)
         else:
-            self.changed()
+            index.update(self)
 
     def finish(self, rid: Any) -> Optional[Pending]:
-        p = self.sent.pop(rid, None) if isinstance(rid, int) else None
+        p = self.sent.pop(rid, None) if type(rid) is int else None
         if p is None:
             return None
         m = p.model
         last = False
         if m is not None:
-            n = self.inflight_by_model.get(m, 0) - 1
+            by_model = self.inflight_by_model
+            n = by_model.get(m, 0) - 1
             if n > 0:
-                self.inflight_by_model[m] = n
+                by_model[m] = n
             else:
-                self.inflight_by_model.pop(m, None)
+                by_model.pop(m, None)
                 last = True
-        if p.evict_hint is not None:
-            n = self.hints.get(p.evict_hint, 0) - 1
+        hint = p.evict_hint
+        if hint is not None:
+            n = self.hints.get(hint, 0) - 1
             if n > 0:
-                self.hints[p.evict_hint] = n
+                self.hints[hint] = n
             else:
-                self.hints.pop(p.evict_hint, None)
+                self.hints.pop(hint, None)
         self.served += 1
-        if p.evict_hint is None and (not last or self._plainly_loaded(m)):
-            self.changed(False, m if last else None)
-        else:
-            self.changed()
+        index = self.index
+        if index is not None:
+            if hint is None and not last:
+                index.moved(self)
+            elif hint is None and self._plainly_loaded(m):
+                index.moved(self, m)
+            else:
+                index.update(self)
         return p
 
     def _plainly_loaded(self, model: Optional[str]) -> bool:
@@ -182,6 +316,38 @@ class Worker:
 
     # --- reports -------------------------------------------------------------------------
 
+    @classmethod
+    def register(cls, identity: bytes, r: Registration) -> "Worker":
+        """A worker from its ``ready``."""
+        w = cls(identity, r.name, host=r.host, pid=r.pid, gpu=r.gpu, credits=r.credits,
+                max_models=r.max_models, max_memory_bytes=r.max_memory_bytes)
+        w.apply_holdings(r.holdings)
+        return w
+
+    def apply_holdings(self, h: Holdings) -> None:
+        """What it says it holds, taken as the truth where said; its free memory."""
+        if h.loaded is not None:
+            self.loaded = set(h.loaded)
+        if h.loading is not None:
+            self.loading = set(h.loading)
+        if h.mem_free is not None:
+            self.mem_free = h.mem_free
+        self.changed()
+
+    def apply_heartbeat(self, hb: Heartbeat) -> None:
+        self.apply_holdings(hb.holdings)
+        self.draining = hb.draining
+
+    def apply_model_event(self, e: ModelEvent) -> None:
+        self.apply_event(e.event, e.model)
+        if e.holdings is not None:
+            self.apply_holdings(e.holdings)
+
+    def apply_stats(self, s: StatsReport) -> None:
+        self.stats = s.body
+        if s.max_models is not None:
+            self.max_models = s.max_models
+
     def apply_report(self, loaded: Any, loading: Any = None) -> None:
         """Take a full `loaded` (and optionally `loading`) list from the worker as the truth."""
         if isinstance(loaded, (list, tuple)):
@@ -191,12 +357,12 @@ class Worker:
         self.changed()
 
     def apply_event(self, event: str, model: str) -> None:
-        if event == "loading":
+        if event == vocab.LOADING:
             self.loading.add(model)
-        elif event == "loaded":
+        elif event == vocab.LOADED:
             self.loading.discard(model)
             self.loaded.add(model)
-        elif event in ("evicted", "unloaded", "idle_unloaded", "load_failed"):
+        elif event in vocab.GONE_EVENTS:
             self.loading.discard(model)
             self.loaded.discard(model)
         self.changed()

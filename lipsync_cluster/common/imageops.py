@@ -4,7 +4,8 @@ This is the hot path of every ``infer`` request, so each function is a few vecto
 passes or OpenCV calls (OpenCV releases the GIL, so a worker's encoder threads overlap
 inference). Scratch arrays (the 328 patch, the scaled output) are kept per thread and reused:
 a fresh array of a megabyte or more is a fresh mmap, and its page faults cost more than the
-arithmetic. Results are always new arrays (or the caller's ``dst``), never scratch. The numbers match SyncTalk_2D's ``inference_328.py`` exactly (see ARCHITECTURE.md,
+arithmetic. Results are always new arrays (or the caller's ``dst``), never scratch. The numbers
+match SyncTalk_2D's ``inference_328.py`` exactly (see docs/ARCHITECTURE.md,
 "The numbers of the SyncTalk_2D family"):
 
 * crop: the face rect ``[x1, y1, x2, y2]`` of the background is resized to 328x328 (cubic);

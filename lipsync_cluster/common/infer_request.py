@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+from zmq import Frame as _Frame
 
 from .errors import BadRequest
 from .wire import frame_buffer
@@ -145,22 +146,24 @@ def check_tensors(header: dict, payloads: Sequence[Any]) -> dict[str, tuple[str,
         raise BadRequest("field 'tensors' must be a map of name -> {frame, dtype, shape}")
     out: dict[str, tuple[str, list]] = {}
     for name, desc in tensors.items():
-        field = f"tensors.{name}"
         if not isinstance(name, str) or not isinstance(desc, dict):
-            raise BadRequest(f"field '{field}' must be a map with frame, dtype, shape")
+            raise BadRequest(f"field 'tensors.{name}' must be a map with frame, dtype, shape")
         index, dtype, shape = desc.get("frame"), desc.get("dtype"), desc.get("shape")
         if type(index) is not int or not 0 <= index < len(payloads):
             raise BadRequest(
-                f"field '{field}.frame' is {index!r}; the message has {len(payloads)} payload frame(s)")
+                f"field 'tensors.{name}.frame' is {index!r}; the message has {len(payloads)} payload frame(s)")
         itemsize = _ITEMSIZE.get(dtype) if isinstance(dtype, str) else None
         if itemsize is None:
-            raise BadRequest(f"field '{field}.dtype' is {dtype!r}; allowed: {', '.join(ALLOWED_DTYPES)}")
+            raise BadRequest(f"field 'tensors.{name}.dtype' is {dtype!r}; allowed: {', '.join(ALLOWED_DTYPES)}")
         if type(shape) is not list or len(shape) > 8:
-            raise BadRequest(f"field '{field}.shape' must be a list of at most 8 non-negative ints, got {shape!r}")
+            raise BadRequest(f"field 'tensors.{name}.shape' must be a list of at most 8 non-negative ints, "
+                             f"got {shape!r}")
         for d in shape:
             if type(d) is not int or not 0 <= d < 2**31:
-                raise BadRequest(f"field '{field}.shape' must be a list of at most 8 non-negative ints, got {shape!r}")
-        nbytes = _nbytes(payloads[index])
+                raise BadRequest(f"field 'tensors.{name}.shape' must be a list of at most 8 non-negative ints, "
+                                 f"got {shape!r}")
+        frame = payloads[index]
+        nbytes = len(frame) if type(frame) is _Frame else _nbytes(frame)  # a received frame: its length
         expected = math.prod(shape) * itemsize
         if nbytes != expected:
             raise BadRequest(

@@ -1,6 +1,6 @@
 """Model packages: a folder per avatar (manifest, UNet, background frames, face boxes).
 
-See ARCHITECTURE.md, "Model package". This module is the one place that reads them::
+See docs/ARCHITECTURE.md, "Model package". This module is the one place that reads them::
 
     models/<model_id>/
       model.yaml          manifest (below)

@@ -20,7 +20,7 @@ are the frame's own 40 ms and 4..7 the next 40 ms. Averaging 0..7 keeps the mout
 the sound (leading it by ~25 ms, as real mouths do) while smoothing the 40 ms jitter; the middle
 columns would open the mouth ~100 ms before the sound.
 
-Calibration (mel per ARCHITECTURE.md, 16 kHz): digital silence e = -4 (a = 0); white noise at
+Calibration (mel per docs/ARCHITECTURE.md, 16 kHz): digital silence e = -4 (a = 0); white noise at
 -60 dBFS e ~ -3 (a ~ 0.34); a voiced vowel peaking at 0.1 / 0.3 / 0.8 full scale
 e ~ -1.7 / -1.3 / -0.6 (a ~ 0.78 / 0.90 / 1.14).
 """

@@ -26,6 +26,7 @@ import click
 import msgpack
 import zmq
 
+from ..common import vocab
 from ..common.extras import require
 from ..common.security import client_keys_from_env
 
@@ -260,7 +261,7 @@ def render(snapshot: dict, events: Iterable[dict], *, stats_endpoint: str = "", 
                    str(w.get("pid", "")), str(w.get("in_flight", 0)), str(w.get("credits", "")),
                    f"{w.get('loaded_models', 0)}/{w.get('max_models', 0)}", loaded,
                    # the worker's whole measured memory (mem_used) against its budget, where reported
-                   f"{_mb(w.get('mem_used', w.get('total_memory_bytes')))}/{_mb(w.get('mem_budget', w.get('max_memory_bytes')))}",
+                   f"{_mb(w.get(vocab.MEM_USED, w.get('total_memory_bytes')))}/{_mb(w.get(vocab.MEM_BUDGET, w.get('max_memory_bytes')))}",
                    str(w.get("restarts", 0)), state_s)
     if not workers:
         wt.add_row("[red]no worker registered[/]", *[""] * 10)
@@ -296,9 +297,10 @@ def render(snapshot: dict, events: Iterable[dict], *, stats_endpoint: str = "", 
     et = Table(title="Recent model events", box=box.SIMPLE_HEAD, title_justify="left", expand=True)
     for col in ("time", "worker", "event", "model", "detail"):
         et.add_column(col, ratio=1 if col == "detail" else None)
-    shown = [e for e in events if e.get("event") != "loading"][-10:]
-    colours = {"loaded": "green", "evicted": "yellow", "idle_unloaded": "yellow", "unloaded": "yellow",
-               "load_failed": "bold red", "worker_left": "red", "worker_joined": "cyan"}
+    shown = [e for e in events if e.get("event") != vocab.LOADING][-10:]
+    colours = {vocab.LOADED: "green", vocab.EVICTED: "yellow", vocab.IDLE_UNLOADED: "yellow",
+               vocab.UNLOADED: "yellow", vocab.LOAD_FAILED: "bold red", vocab.WORKER_LEFT: "red",
+               vocab.WORKER_JOINED: "cyan"}
     for e in reversed(shown):
         t = e.get("time")
         when = datetime.fromtimestamp(t).strftime("%H:%M:%S") if isinstance(t, (int, float)) else "-"

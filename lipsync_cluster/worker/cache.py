@@ -19,8 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
+from ..common import vocab
 from ..common.errors import CapacityFull, LipsyncError, ModelLoadFailed
 from ..common.frame_store import FrameStore, SharedFrames
+from ..common.heat import LFU_HALF_LIFE_S, DecayedCount, check_policy
 from ..common.load_backoff import LoadBackoff
 from ..common.model_package import (SESSION_MEMORY_FACTOR, ModelPackage, ModelPackageError, bind_unet_io,
                                     public_reason)
@@ -64,6 +66,7 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     usage_count: int = 0
+    uses: DecayedCount = field(default_factory=DecayedCount)  # the LFU score (common/heat.py)
     total_inference_ms: float = 0.0
     in_use: int = 0
     retired: bool = False  # replaced by a new version or unloaded while in use: close when idle
@@ -126,13 +129,14 @@ class ModelCache:
         meter: Optional[Callable[[], Optional[int]]] = None,
         engine: Optional[EngineState] = None,
         trt_cache_dir: Optional[str] = None,
+        lfu_half_life_s: float = LFU_HALF_LIFE_S,
     ) -> None:
-        if policy not in ("lru", "lfu"):
-            raise ValueError(f"eviction policy must be lru or lfu, got {policy!r}")
+        check_policy(policy)
         self.resolve = resolve
         self.frame_store = frame_store
         self.max_models = max_models
         self.policy = policy
+        self.lfu_half_life_s = lfu_half_life_s
         self.idle_unload_s = idle_unload_s
         self.session_options = session_options
         self.event_sink = event_sink or (lambda event: None)
@@ -219,6 +223,7 @@ class ModelCache:
                 model.in_use -= 1
                 model.usage_count += 1
                 model.last_used = self.clock()
+                model.uses.add(model.last_used, self.lfu_half_life_s)
                 close_now = model.retired and model.in_use == 0
             if close_now:
                 self._close_retired(model)
@@ -274,7 +279,7 @@ class ModelCache:
         estimate = self._estimate_bytes(package)
         # room for its first run too: the warm-up measures its workspace in a shrunk arena
         self._make_room(model_id, estimate + self.memory.one_frame_guess(), evict_hint, replacing)
-        self._emit("loading", model_id, version=package.version)
+        self._emit(vocab.LOADING, model_id, version=package.version)
         if self.log_operations:
             log.info("📦 Loading model '%s' (version %s, %d frames)...", model_id, package.version, package.num_frames)
         started = time.perf_counter()
@@ -303,7 +308,7 @@ class ModelCache:
             if not changed:  # a package caught mid re-prepare is not broken: no backoff
                 with self._lock:
                     self._backoff.failed(model_id, package.version, public_reason(reason), time.monotonic())
-            self._emit("load_failed", model_id, version=package.version, reason=public_reason(reason))
+            self._emit(vocab.LOAD_FAILED, model_id, version=package.version, reason=public_reason(reason))
             log.error("❌ Model '%s' failed to load: %s", model_id, reason)  # the details: here only
             raise ModelLoadFailed(f"model '{model_id}' failed to load: {public_reason(reason)}", model_id=model_id,
                                   version=package.version) from exc
@@ -339,7 +344,7 @@ class ModelCache:
             self.frame_store.remove_other_versions(model_id, package.version)
         if self.log_operations:
             log.info("✅ Model '%s' loaded in %.2fs (memory: %.2f MB)", model_id, load_ms / 1000, memory / 2**20)
-        self._emit("loaded", model_id, version=package.version, memory_bytes=memory, load_ms=round(load_ms, 3))
+        self._emit(vocab.LOADED, model_id, version=package.version, memory_bytes=memory, load_ms=round(load_ms, 3))
         return model
 
     def _open_unet(self, source: Any) -> UnetRunner:
@@ -438,7 +443,7 @@ class ModelCache:
         usable hint)."""
         reason = "evict_hint" if hinted else f"policy {self.policy}"
         self._log_eviction(victim, reason)
-        self._emit("evicted", victim.model_id, version=victim.version, reason=reason,
+        self._emit(vocab.EVICTED, victim.model_id, version=victim.version, reason=reason,
                    usage_count=victim.usage_count, memory_bytes=victim.memory_bytes)
         victim.close()
 
@@ -468,8 +473,9 @@ class ModelCache:
         for m in candidates:
             if m.model_id == evict_hint:
                 return m
-        if self.policy == "lfu":
-            return min(candidates, key=lambda m: (m.usage_count, m.last_used))
+        if self.policy == "lfu":  # the broker's score too: a decayed count of uses (common/heat.py)
+            h = self.lfu_half_life_s
+            return min(candidates, key=lambda m: (m.uses.key(h), m.last_used))
         return min(candidates, key=lambda m: m.last_used)
 
     def _log_eviction(self, victim: LoadedModel, reason: str) -> None:
@@ -477,7 +483,7 @@ class ModelCache:
             log.warning("⚠️  Evicting model '%s' (policy: %s, usage: %d, last used: %s)", victim.model_id,
                         reason.removeprefix("policy "), victim.usage_count, _ago(self.clock() - victim.last_used))
 
-    def unload(self, model_id: str, reason: str = "unloaded") -> bool:
+    def unload(self, model_id: str, reason: str = vocab.UNLOADED) -> bool:
         """Drop ``model_id``; a model serving a request is closed when that request ends."""
         with self._lock:
             model = self._models.pop(model_id, None)
@@ -488,7 +494,7 @@ class ModelCache:
                 self._retire_locked(model)
         now = self.clock()
         if self.log_operations:
-            if reason == "idle_unloaded":
+            if reason == vocab.IDLE_UNLOADED:
                 log.info("⏰ Auto-unloading idle model '%s' (idle for %s)", model_id, _ago(now - model.last_used))
             else:
                 log.info("🗑️  Model '%s' unloaded (was active for %s, used %d times)", model_id,
@@ -507,7 +513,7 @@ class ModelCache:
         with self._lock:
             idle = [mid for mid, m in self._models.items()
                     if m.in_use == 0 and now - m.last_used >= self.idle_unload_s]
-        return [mid for mid in idle if self.unload(mid, reason="idle_unloaded")]
+        return [mid for mid in idle if self.unload(mid, reason=vocab.IDLE_UNLOADED)]
 
     def close(self) -> None:
         for mid in self.loaded_ids():

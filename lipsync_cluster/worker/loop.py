@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Protocol, runtime_checkable
 import msgpack
 import zmq
 
+from ..common import vocab
 from ..common.errors import InternalError, LipsyncError, RequestTimeout
 # Lean multipart I/O and the bounded header decode shared with the broker (common/wire.py).
 from ..common.wire import MAX_LEG_HEADER_BYTES, TAG, read_header, readable, tune
@@ -233,7 +234,7 @@ class WorkerLoop:
                     "loading": d.get("loading", []), "in_flight": self.in_flight,
                     "draining": self.draining,
                     # memory in bytes (budget, used, free), for placement by free memory
-                    **{k: d[k] for k in ("mem_budget", "mem_used", "mem_free") if k in d}})
+                    **{k: d[k] for k in vocab.MEM_REPORT if k in d}})
 
     def _send_stats(self) -> None:
         try:

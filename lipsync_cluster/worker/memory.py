@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import psutil
 
+from ..common import vocab
 from ..common.errors import CapacityFull
 from .sessions import Workspace
 
@@ -181,7 +182,7 @@ class WorkerMemory:
         """``mem_budget``, ``mem_used``, ``mem_free`` in bytes, as heartbeats carry them. Used is the
         larger of the account and the reading, so a worker never claims room it does not have."""
         used = self.used(reading)
-        return {"mem_budget": self.budget, "mem_used": used, "mem_free": max(0, self.budget - used)}
+        return {vocab.MEM_BUDGET: self.budget, vocab.MEM_USED: used, vocab.MEM_FREE: max(0, self.budget - used)}
 
     def snapshot(self) -> dict:
         """:meth:`free` and its parts: the process, the workspace, the reading, chunked batches."""

@@ -3,7 +3,8 @@
 ``infer`` answers at once (or after ``sleep_s`` / ``sleep_by_model[model]``) with the payload
 sizes it received, optionally echoing the payload frames back unchanged (to measure pass-through
 of large payloads). ``load_model`` / ``unload_model`` only track a set of model ids, honour the
-broker's ``evict_hint``, respect ``max_models`` and emit the same events as the real model cache,
+broker's ``evict_hint`` (else evict by ``policy``, lru or lfu, scored as the broker and the model
+cache score: ``common/heat.py``), respect ``max_models`` and emit the same events as the real model cache,
 so routing and placement can be observed with small ``max_models``.
 
 Run as a process: ``python -m lipsync_cluster.worker.noop --backend tcp://127.0.0.1:5556``.
@@ -17,7 +18,9 @@ import threading
 import time
 from typing import Callable, Optional
 
+from ..common import vocab
 from ..common.errors import BadRequest, ModelLoadFailed
+from ..common.heat import LFU_HALF_LIFE_S, Heat
 
 
 class NoopHandler:
@@ -25,7 +28,8 @@ class NoopHandler:
                  sleep_by_model: Optional[dict[str, float]] = None, echo: bool = False,
                  load_s: float = 0.0, memory_per_model: int = 100 * 2**20,
                  max_memory_bytes: int = 8 * 2**30, fail_load: tuple[str, ...] = (),
-                 idle_unload_s: float = 0.0, preload: tuple[str, ...] = ()) -> None:
+                 idle_unload_s: float = 0.0, preload: tuple[str, ...] = (), policy: str = "lru",
+                 lfu_half_life_s: float = LFU_HALF_LIFE_S) -> None:
         self.max_models = max_models
         self.sleep_s = sleep_s
         self.sleep_by_model = dict(sleep_by_model or {})
@@ -39,7 +43,8 @@ class NoopHandler:
         self._loaded: dict[str, str] = {}     # model -> version
         self._loading: set[str] = set()
         self._uses: dict[str, int] = {}
-        self._last: dict[str, float] = {}
+        self._last: dict[str, float] = {}     # last use (or load): lru and idle unloading
+        self._heat = Heat(policy, lfu_half_life_s)  # uses: lfu
         self._busy_s: dict[str, float] = {}
         self._sink: Callable[[dict], None] = lambda event: None
         self.handled = 0
@@ -73,6 +78,7 @@ class NoopHandler:
                 self.handled += 1
                 self._uses[model] = self._uses.get(model, 0) + 1
                 self._last[model] = time.monotonic()
+                self._heat.touch(model, self._last[model])
                 self._busy_s[model] = self._busy_s.get(model, 0.0) + infer_ms / 1000.0
             sizes = [memoryview(getattr(p, "buffer", p)).nbytes for p in payloads]
             reply = {"model_id": model, "model_version": self._loaded.get(model, "noop"),
@@ -83,11 +89,11 @@ class NoopHandler:
             return reply, (list(payloads) if self.echo else [])
         if op == "load_model":
             if header.get("force_reload"):
-                self._unload(model, "unloaded", "force_reload")
+                self._unload(model, vocab.UNLOADED, "force_reload")
             loaded_now, load_ms = self._ensure(model, header.get("model_version"), header.get("evict_hint"))
             return {"model_id": model, "load_ms": load_ms, "already_loaded": not loaded_now}, []
         if op == "unload_model":
-            return {"model_id": model, "unloaded": self._unload(model, "unloaded", "requested")}, []
+            return {"model_id": model, "unloaded": self._unload(model, vocab.UNLOADED, "requested")}, []
         if op == "model_stats":
             return self.stats(), []
         raise BadRequest(f"field 'client_op' is {op!r}; the noop worker serves infer, load_model, unload_model")
@@ -112,7 +118,7 @@ class NoopHandler:
         with self._lock:
             idle = [m for m in self._loaded if now - self._last.get(m, now) > self.idle_unload_s]
         for m in idle:
-            self._unload(m, "idle_unloaded", f"idle for more than {self.idle_unload_s:g} s")
+            self._unload(m, vocab.IDLE_UNLOADED, f"idle for more than {self.idle_unload_s:g} s")
 
     def close(self) -> None:
         pass
@@ -126,7 +132,7 @@ class NoopHandler:
             if model in self._loaded:
                 return False, 0.0
             self._loading.add(model)
-            self._sink({"event": "loading", "model_id": model, "version": version})
+            self._sink({"event": vocab.LOADING, "model_id": model, "version": version})
         t0 = time.perf_counter()
         if self.load_s > 0:
             time.sleep(self.load_s)
@@ -134,7 +140,7 @@ class NoopHandler:
         with self._lock:
             self._loading.discard(model)
             if model in self.fail_load:
-                self._sink({"event": "load_failed", "model_id": model, "version": version,
+                self._sink({"event": vocab.LOAD_FAILED, "model_id": model, "version": version,
                             "reason": "configured to fail"})
                 raise ModelLoadFailed(f"model {model!r} failed to load (noop worker configured to fail)")
             if model in self._loaded:  # another executor loaded it meanwhile
@@ -142,16 +148,19 @@ class NoopHandler:
             while len(self._loaded) >= self.max_models:
                 if hint in self._loaded:
                     victim, reason = hint, "evict_hint"
+                elif self._heat.policy == "lfu":
+                    victim = min(self._loaded, key=lambda m: (self._heat.order_key(m), self._last.get(m, 0.0)))
+                    reason = "lfu"
                 else:
                     victim = min(self._loaded, key=lambda m: self._last.get(m, 0.0))
                     reason = "lru"
                 del self._loaded[victim]
                 self.evictions.append((victim, reason))
-                self._sink({"event": "evicted", "model_id": victim, "reason": reason,
+                self._sink({"event": vocab.EVICTED, "model_id": victim, "reason": reason,
                             "memory_bytes": self.memory_per_model, "loaded": sorted(self._loaded)})
             self._loaded[model] = version
             self._last[model] = time.monotonic()
-            self._sink({"event": "loaded", "model_id": model, "version": version, "load_ms": load_ms,
+            self._sink({"event": vocab.LOADED, "model_id": model, "version": version, "load_ms": load_ms,
                         "memory_bytes": self.memory_per_model, "loaded": sorted(self._loaded)})
         return True, load_ms
 
@@ -176,6 +185,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds per infer")
     ap.add_argument("--load", type=float, default=0.0, help="seconds per model load")
     ap.add_argument("--echo", action="store_true", help="send the payload frames back")
+    ap.add_argument("--policy", choices=("lru", "lfu"), default="lru", help="eviction without a hint")
     ap.add_argument("--heartbeat", type=float, default=1.0)
     ap.add_argument("--liveness", type=int, default=3)
     ap.add_argument("--gpu", type=int, default=None)
@@ -187,7 +197,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    handler = NoopHandler(max_models=args.max_models, sleep_s=args.sleep, load_s=args.load, echo=args.echo)
+    handler = NoopHandler(max_models=args.max_models, sleep_s=args.sleep, load_s=args.load, echo=args.echo,
+                          policy=args.policy)
     WorkerLoop(args.backend, handler, name=args.name or f"noop-{os.getpid()}", credits=args.credits,
                heartbeat_interval_s=args.heartbeat, heartbeat_liveness=args.liveness,
                gpu=args.gpu).run(stop)
