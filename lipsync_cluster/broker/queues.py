@@ -7,7 +7,7 @@ with ``overloaded`` at once instead of growing memory and latency without limit.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from ..common.errors import Overloaded
 from .requests import Pending  # what waits here (tests and benches build them from this module)
@@ -101,16 +101,21 @@ class ModelQueues:
 
     def expire(self, now: float) -> list[Pending]:
         """Remove and return every queued request whose deadline has passed."""
+        return self.prune(lambda p, ahead: p.deadline is not None and p.deadline <= now)
+
+    def prune(self, doomed: Callable[[Pending, int], bool]) -> list[Pending]:
+        """Remove and return every queued request for which ``doomed(p, ahead)`` is true
+        (``ahead``: how many wait before it in its model's queue, the removed ones included)."""
         out: list[Pending] = []
         for model, q in self._queues.items():
-            if not any(p.deadline is not None and p.deadline <= now for p in q):
-                continue
-            keep = deque()
-            for p in q:
-                (out if p.deadline is not None and p.deadline <= now else keep).append(p)
-            self._queues[model] = keep
-        self.total -= len(out)
-        self.work_s = sum(p.work_s for p in self) if self.total else 0.0
+            gone = [p for i, p in enumerate(q) if doomed(p, i)]
+            if gone:
+                out.extend(gone)
+                drop = set(map(id, gone))
+                self._queues[model] = deque(p for p in q if id(p) not in drop)
+        if out:
+            self.total -= len(out)
+            self.work_s = sum(p.work_s for p in self) if self.total else 0.0
         return out
 
     def drain(self) -> list[Pending]:

@@ -1,0 +1,220 @@
+"""Admission that keeps its word: admit a request only when it is expected to finish well within
+its deadline, and refuse it early from the queue when that turns out wrong.
+
+Pure (no sockets, no clock of its own: every call takes ``now``), so it is tested in-process with
+an injected clock (tests/test_admission.py). The :class:`~.dispatch.Dispatcher` owns one
+:class:`Admission` and feeds it what it measures; this module owns the rule:
+
+* **What it learns** (:class:`Dist`: an exponentially weighted mean and variance, so a p90 of
+  recent samples, not a mean): per model (and for all models together, the fallback of a model
+  not measured yet) the *service* time (dispatch -> reply, minus the model load the worker
+  reported) and the *load* time (``model_load_ms`` of replies that loaded their model); and the
+  *margin*: how much longer requests really waited in the queue than predicted when they were
+  admitted (the ratio actual / predicted; its p90, between 1 and :data:`MARGIN_MAX`). The queue
+  model below is optimistic under load (service slows when every core is busy, a cold model
+  waits for a slot to free); the margin learns by how much, instead of a constant.
+* **The rule at admission** (:meth:`Admission.check`, for a request that must queue): the
+  expected wait (the work queued ahead and running now over every worker's credits; or its own
+  model's queue over the credits of the copies serving it, when longer) times the margin, plus
+  a p90 load when no worker holds its model (a cold load), plus its own p90 service, must fit in
+  :data:`TARGET` (0.8) of its deadline. A model no worker holds while the cluster has been
+  saturated for :data:`SATURATED_S` waits for a slot that will not free in time: refused.
+* **The re-check** (:meth:`Admission.late`, every :data:`RECHECK_S` for every queued request):
+  the time already waited, plus what is still ahead of it in its model's queue (x margin), plus
+  a load if its model is still cold, plus its p90 service, past the same target: refused now
+  with ``overloaded`` (``queue: "recheck"``), before its deadline rather than at it.
+
+A request answered within the target keeps the promise; one that cannot is told early, so the
+caller can go elsewhere while it still has time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from ..common.errors import Overloaded
+
+TARGET = 0.8            # of the deadline: an admitted request is expected to finish by then
+RECHECK_S = 0.1         # how often queued requests are checked again
+SATURATED_S = 1.0       # more waiting than running for this long: a cold model's slot will not free
+MARGIN_MAX = 4.0        # the learned queue-wait margin is clamped to [1, MARGIN_MAX]
+MARGIN_MIN_SAMPLES = 8  # observations before the margin counts (until then: 1)
+WAIT_FLOOR_S = 0.1      # predicted waits below this count as this in the margin's ratio
+Z90 = 1.2816            # the normal distribution's 90th percentile, in standard deviations
+CV_FLOOR = 0.1          # a distribution is never assumed tighter than this (few samples)
+DEFAULT_SERVICE_S = 0.05  # nothing measured yet
+DEFAULT_LOAD_S = 0.5
+
+
+class Dist:
+    """A streaming estimate of a positive quantity: exponentially weighted mean and variance
+    (weight ``alpha`` for the newest sample: about the last 2/alpha samples count)."""
+
+    __slots__ = ("alpha", "mean", "var", "n", "hi")
+
+    def __init__(self, alpha: float = 0.1) -> None:
+        self.alpha = alpha
+        self.mean = 0.0
+        self.var = 0.0
+        self.n = 0
+        self.hi = 0.0   # high(), kept current: read on every dispatch
+
+    def observe(self, x: float) -> None:
+        if self.n == 0:
+            self.mean, self.var = x, 0.0
+        else:  # West (1979): the incremental exponentially weighted variance
+            diff = x - self.mean
+            incr = self.alpha * diff
+            self.mean += incr
+            self.var = (1.0 - self.alpha) * (self.var + diff * incr)
+        self.n += 1
+        self.hi = self.high()
+
+    @property
+    def sd(self) -> float:
+        return max(math.sqrt(max(0.0, self.var)), CV_FLOOR * abs(self.mean))
+
+    def high(self, z: float = Z90) -> float:
+        """About the 90th percentile (``z`` standard deviations above the mean)."""
+        return self.mean + z * self.sd
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """What the dispatcher knows about the cluster when a request arrives (or is re-checked)."""
+
+    credits: int              # every registered worker's credits (not draining)
+    in_flight: int            # requests running on workers now
+    queued_work_s: float      # the expected service of every queued request, summed
+    depth: int                # requests queued for this request's model (ahead of it)
+    holder_credits: int       # credits of the workers holding its model (0: a cold load)
+    saturated_s: float        # how long more requests have waited than the cluster runs at once
+
+
+class Admission:
+    """The learned distributions and the admission rule (see the module doc)."""
+
+    def __init__(self, target: float = TARGET, alpha: float = 0.1) -> None:
+        self.target = target
+        self.alpha = alpha
+        self.service: dict[str, Dist] = {}
+        self.load: dict[str, Dist] = {}
+        self.all_service = Dist(alpha)
+        self.all_load = Dist(alpha)
+        self.ratio = Dist(alpha)      # actual queue wait / predicted, of admitted requests
+        self.refused_late = 0         # refused by the re-check (counted for the stats)
+
+    # --- what is measured ------------------------------------------------------------------
+
+    def served(self, model: str, service_s: float, load_s: Optional[float] = None) -> None:
+        """A reply: ``service_s`` from dispatch to reply, of which ``load_s`` loaded the model."""
+        if load_s is not None and load_s > 0:
+            self._dist(self.load, model).observe(load_s)
+            self.all_load.observe(load_s)
+            service_s -= load_s
+        service_s = max(service_s, 1e-4)
+        self._dist(self.service, model).observe(service_s)
+        self.all_service.observe(service_s)
+
+    def waited(self, predicted_s: float, actual_s: float) -> None:
+        """A request admitted to the queue left it (dispatched, or refused or expired there:
+        then ``actual_s`` is at least what it would have waited). Teaches the margin."""
+        if predicted_s >= 0:
+            self.ratio.observe(actual_s / max(predicted_s, WAIT_FLOOR_S))
+
+    def _dist(self, table: dict[str, Dist], model: str) -> Dist:
+        d = table.get(model)
+        if d is None:
+            d = table[model] = Dist(self.alpha)
+        return d
+
+    # --- what is expected ------------------------------------------------------------------
+
+    def service_mean(self, model: Optional[str]) -> float:
+        d = self.service.get(model) if model is not None else None
+        if d is None or not d.n:
+            d = self.all_service
+        return d.mean if d.n else DEFAULT_SERVICE_S
+
+    def service_high(self, model: str) -> float:
+        d = self.service.get(model)
+        if d is None:
+            d = self.all_service
+        return d.hi if d.n else DEFAULT_SERVICE_S
+
+    def load_high(self, model: str) -> float:
+        d = self.load.get(model)
+        if d is None:
+            d = self.all_load
+        return d.hi if d.n else DEFAULT_LOAD_S
+
+    def margin(self) -> float:
+        """How much longer than predicted queued requests wait (p90 of the ratio, in [1, MARGIN_MAX])."""
+        if self.ratio.n < MARGIN_MIN_SAMPLES:
+            return 1.0
+        return min(MARGIN_MAX, max(1.0, self.ratio.high()))
+
+    def queue_wait(self, model: str, view: QueueView) -> float:
+        """The predicted wait in the queue (before the margin): the work ahead and running over
+        every credit, or its model's own queue over its holders' credits when that is longer
+        (a cold model: the load comes on top, see :meth:`check`)."""
+        mean_all = self.service_mean(None)
+        wait = (max(0.0, view.queued_work_s) + view.in_flight * mean_all) / max(1, view.credits)
+        if view.holder_credits:
+            wait = max(wait, view.depth * self.service_mean(model) / view.holder_credits)
+        return wait
+
+    def check(self, model: str, budget_s: float, view: QueueView) -> float:
+        """Admit a request that must queue, or raise :class:`Overloaded` saying why. Returns the
+        predicted queue wait (kept on the request: the margin learns from it)."""
+        if view.credits <= 0:  # no worker registered: nothing to estimate (the no-worker grace answers)
+            return -1.0
+        wait = self.queue_wait(model, view)
+        cold = not view.holder_credits
+        if cold and view.saturated_s > SATURATED_S:
+            raise Overloaded(
+                f"no worker holds model {model!r} and every worker is busy with requests "
+                "waiting for the models it holds", queue="wait",
+                expected_wait_ms=round(wait * 1000.0, 1),
+                retry_after_ms=int(min(60_000, max(10, 1000.0 * wait))))
+        finish = wait * self.margin() + (self.load_high(model) if cold else 0.0) + self.service_high(model)
+        allowed = self.target * budget_s
+        if finish > allowed:
+            raise Overloaded(
+                f"expected to finish in {finish:.2f} s (wait {wait:.2f} s x margin {self.margin():.2f}"
+                f"{', a load' if cold else ''}, service), past {self.target:.0%} of the request's "
+                f"deadline of {budget_s:.2f} s, for model {model!r}", queue="wait",
+                expected_wait_ms=round(wait * 1000.0, 1), expected_finish_ms=round(finish * 1000.0, 1),
+                retry_after_ms=int(min(60_000, max(10, 1000.0 * (finish - allowed)))))
+        return wait
+
+    def due(self, arrival: float, budget_s: float) -> float:
+        """When a request should be answered at the latest: the target share of its deadline."""
+        return arrival + self.target * budget_s
+
+    def start_finish(self, model: str, now: float, cold: bool) -> float:
+        """At dispatch: when a request started now would finish (p90 service, and a p90 load
+        first when ``cold``); later than its :meth:`due`: refuse it rather than send it."""
+        return now + self.service_high(model) + (self.load_high(model) if cold else 0.0)
+
+    def late(self, model: str, waited_s: float, budget_s: float, ahead: int, holder_credits: int) -> Optional[float]:
+        """The re-check of a queued request: None while it can still finish within the target,
+        else when it is now expected to finish (seconds after its arrival). ``ahead``: requests
+        before it in its model's queue; ``holder_credits``: as in :class:`QueueView`."""
+        finish = waited_s + self.service_high(model)
+        if holder_credits:
+            finish += ahead * self.service_mean(model) / holder_credits * self.margin()
+        else:
+            finish += self.load_high(model)
+        return finish if finish > self.target * budget_s else None
+
+    def refusal(self, model: str, waited_s: float, budget_s: float, finish_s: float) -> Overloaded:
+        """The error for a request the re-check refuses."""
+        self.refused_late += 1
+        return Overloaded(
+            f"refused after {waited_s:.2f} s: model {model!r} is now expected to finish {finish_s:.2f} s "
+            f"after the request arrived, past {self.target:.0%} of its deadline of {budget_s:.2f} s "
+            "(the queue moved slower than estimated, or its model must be loaded first)", queue="recheck",
+            waited_ms=round(waited_s * 1000.0, 1), expected_finish_ms=round(finish_s * 1000.0, 1),
+            retry_after_ms=int(min(60_000, max(10, 1000.0 * (finish_s - waited_s)))))

@@ -1,0 +1,279 @@
+"""Admission that keeps its word (broker/admission.py): the learned distributions, the rule, the
+re-check of queued requests with an injected clock (in-process, no sleeps), and one real broker
+showing an early refusal when a model turns slow (marked `processes`)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lipsync_cluster.broker.admission import (DEFAULT_LOAD_S, MARGIN_MAX, MARGIN_MIN_SAMPLES, SATURATED_S,
+                                              Admission, Dist, QueueView)
+from lipsync_cluster.broker.dispatch import Dispatcher
+from lipsync_cluster.broker.queues import ModelQueues
+from lipsync_cluster.broker.requests import ClientRequest
+from lipsync_cluster.broker.stats import BrokerStats
+from lipsync_cluster.broker.workers import Worker
+from lipsync_cluster.common.errors import Overloaded
+
+try:
+    from test_broker_support import BrokerThread, Client, WorkerThread, catalog_of, features, infer, make_config, \
+        wait_workers
+except ImportError:  # tests/ imported as a package
+    from tests.test_broker_support import BrokerThread, Client, WorkerThread, catalog_of, features, infer, \
+        make_config, wait_workers
+
+
+def view(**kw) -> QueueView:
+    base = dict(credits=4, in_flight=0, queued_work_s=0.0, depth=0, holder_credits=2, saturated_s=0.0)
+    return QueueView(**{**base, **kw})
+
+
+# --- the learned distributions -------------------------------------------------------------------
+
+def test_dist_learns_mean_and_spread_and_its_high_value_sits_above_the_mean():
+    d = Dist(alpha=0.1)
+    for i in range(400):
+        d.observe(1.0 if i % 2 else 3.0)  # mean 2, standard deviation 1
+    assert d.mean == pytest.approx(2.0, abs=0.15)
+    assert d.sd == pytest.approx(1.0, abs=0.15)
+    assert d.high() == pytest.approx(2.0 + 1.2816, abs=0.3)
+    one = Dist()
+    one.observe(0.5)  # one sample: never assumed exact (a floor on the spread)
+    assert one.high() > 0.5
+
+
+def test_dist_follows_a_change_within_a_few_dozen_samples():
+    d = Dist(alpha=0.1)
+    for _ in range(50):
+        d.observe(0.1)
+    for _ in range(40):
+        d.observe(1.0)
+    assert d.mean > 0.95
+
+
+def test_service_excludes_the_load_and_each_has_its_own_distribution():
+    a = Admission()
+    assert a.service_mean("m") == pytest.approx(0.05) and a.load_high("m") == DEFAULT_LOAD_S  # nothing known
+    a.served("m", 1.2, load_s=1.0)  # a cold request: 1 s of its 1.2 s was the load
+    a.served("m", 0.2)
+    assert a.service_mean("m") == pytest.approx(0.2)
+    assert a.load_high("m") >= 1.0
+    assert a.service_mean("other") == pytest.approx(0.2)  # a model not measured: every model's
+    assert a.load_high("other") >= 1.0
+
+
+# --- the rule at admission ----------------------------------------------------------------------
+
+def test_admits_what_fits_in_the_target_share_of_the_deadline_and_refuses_the_rest():
+    a = Admission(target=0.8)
+    for _ in range(20):
+        a.served("m", 0.5)
+    # 8 requests of 0.5 s queued ahead through 4 credits: a wait of 1 s, then its own 0.5 s (+ spread).
+    assert a.check("m", 3.0, view(queued_work_s=4.0)) == pytest.approx(1.0)
+    assert a.check("m", 2.0, view(queued_work_s=4.0)) == pytest.approx(1.0)  # about 1.56 s < 1.6 s
+    with pytest.raises(Overloaded) as exc:
+        a.check("m", 1.9, view(queued_work_s=4.0))  # about 1.56 s > 0.8 x 1.9 s
+    assert exc.value.details["queue"] == "wait" and exc.value.details["retry_after_ms"] >= 10
+    assert "past 80% of the request's deadline" in exc.value.message
+
+
+def test_its_own_model_queue_counts_when_longer_than_the_cluster_wide_wait():
+    a = Admission()
+    for _ in range(20):
+        a.served("m", 0.5)
+    # Nothing else queued, but 6 of its own wait for the 1 credit of its single copy: 3 s.
+    assert a.check("m", 10.0, view(depth=6, holder_credits=1)) == pytest.approx(3.0)
+    with pytest.raises(Overloaded):
+        a.check("m", 4.0, view(depth=6, holder_credits=1))
+
+
+def test_a_cold_model_counts_its_load_and_is_refused_while_the_cluster_stays_saturated():
+    a = Admission()
+    for _ in range(20):
+        a.served("m", 0.2)
+        a.served("x", 1.2, load_s=1.0)  # loads take 1 s
+    a.check("cold", 2.0, view(holder_credits=0))  # 0.2 + 1.0 (+ spreads) < 1.6
+    with pytest.raises(Overloaded, match="a load"):
+        a.check("cold", 1.5, view(holder_credits=0))  # the same, held, would fit: a.check("m", 1.5, ...)
+    a.check("m", 1.5, view())
+    with pytest.raises(Overloaded, match="no worker holds model"):
+        a.check("cold", 60.0, view(holder_credits=0, saturated_s=SATURATED_S + 0.1))
+
+
+def test_the_margin_learns_that_the_queue_moves_slower_than_predicted():
+    a = Admission()
+    for _ in range(20):
+        a.served("m", 0.5)
+    busy = view(queued_work_s=6.0)  # a predicted wait of 1.5 s: finishes in about 2.1 s
+    a.check("m", 3.0, busy)
+    assert a.margin() == 1.0
+    for _ in range(MARGIN_MIN_SAMPLES - 1):
+        a.waited(1.5, 3.0)  # they really waited twice as long
+    assert a.margin() == 1.0, "too few observations to count yet"
+    for _ in range(30):
+        a.waited(1.5, 3.0)
+    assert 2.0 <= a.margin() <= MARGIN_MAX
+    with pytest.raises(Overloaded, match="margin"):
+        a.check("m", 3.0, busy)
+    for _ in range(200):
+        a.waited(1.5, 1.0)  # faster than predicted: the margin never goes below 1
+    assert a.margin() == 1.0
+    for _ in range(200):
+        a.waited(0.5, 50.0)  # wildly off: clamped
+    assert a.margin() == MARGIN_MAX
+
+
+# --- the re-check ------------------------------------------------------------------------------
+
+def test_recheck_refuses_what_can_no_longer_finish_in_time_and_keeps_the_rest():
+    a = Admission(target=0.8)
+    for _ in range(20):
+        a.served("m", 0.5)
+    # 5 s deadline (target 4 s). Waited 1 s, 2 ahead through 1 credit: 1 + 1 + 0.5 (+ spread) fits.
+    assert a.late("m", 1.0, 5.0, ahead=2, holder_credits=1) is None
+    # Waited 3 s with 2 still ahead: about 4.6 s > 4 s, told now (2 s before the deadline).
+    finish = a.late("m", 3.0, 5.0, ahead=2, holder_credits=1)
+    assert finish is not None and 4.0 < finish < 5.0
+    err = a.refusal("m", 3.0, 5.0, finish)
+    assert err.code == "overloaded" and err.details["queue"] == "recheck" and a.refused_late == 1
+    # A cold model still not placed must also fit its load.
+    for _ in range(20):
+        a.served("x", 2.5, load_s=2.0)
+    assert a.late("m", 2.0, 5.0, ahead=0, holder_credits=0) is not None
+    assert a.late("m", 2.0, 5.0, ahead=0, holder_credits=1) is None
+
+
+def test_start_finish_at_dispatch_counts_the_current_service_and_a_cold_load():
+    a = Admission(target=0.8)
+    for _ in range(20):
+        a.served("m", 0.5, load_s=None)
+        a.served("x", 1.5, load_s=1.0)
+    due = a.due(100.0, 5.0)
+    assert due == pytest.approx(104.0)
+    assert a.start_finish("m", 103.0, cold=False) == pytest.approx(103.0 + a.service_high("m"))
+    assert 103.5 < a.start_finish("m", 103.0, cold=False) < due
+    assert a.start_finish("m", 103.0, cold=True) > due  # a 1 s load does not fit any more
+    assert a.start_finish("m", 103.6, cold=False) > due
+
+
+def test_queues_prune_removes_by_position_and_keeps_the_work_sum():
+    q = ModelQueues(100, 100)
+    reqs = [ClientRequest(i, b"c", i, "infer", "a" if i < 4 else "b", {}, [], 0.0, 10.0) for i in range(6)]
+    for p in reqs:
+        q.push(p, work_s=0.5)
+    gone = q.prune(lambda p, ahead: ahead >= 2)  # keep the first two of each model
+    assert [p.rid for p in gone] == [2, 3]
+    assert q.total == 4 and q.depth("a") == 2 and q.depth("b") == 2
+    assert q.work_s == pytest.approx(2.0)
+    assert [p.rid for p in q.expire(10.0)] == [0, 1, 4, 5] and q.total == 0
+
+
+class _Clocked:
+    """A Dispatcher with one worker (1 credit, model ``a`` loaded) and no sockets: what it sends
+    is recorded; time is whatever the test says (``now`` arguments and request arrivals)."""
+
+    def __init__(self) -> None:
+        self.replies: list[dict] = []
+        self.legs: list[list] = []
+        cfg = make_config()
+        self.d = Dispatcher(cfg, BrokerStats(0.0), lambda: catalog_of("a"),
+                            send_client=lambda client, header, payloads=(): self.replies.append(header),
+                            send_worker=lambda w, frames: self.legs.append(frames) or True,
+                            default_deadline_s=120.0, lfu_half_life_s=300.0, no_worker_grace_s=10.0)
+        self.w = Worker(b"w0", "w0", credits=1, max_models=1, loaded=("a",), now=0.0)
+        self.d.table.add(self.w)
+        self.d.no_workers_since = None
+        self.rid = 0
+
+    def request(self, arrival: float, deadline_s: float) -> ClientRequest:
+        self.rid += 1
+        p = ClientRequest(self.rid, b"client", self.rid, "infer", "a", infer("a", self.rid), [], arrival,
+                          arrival + deadline_s)
+        p.frames = 1
+        self.d.admit(p)
+        return p
+
+    def reply(self, p: ClientRequest, now: float) -> None:
+        """The worker answers ``p`` (as Dispatcher.replied does, at ``now``)."""
+        assert self.w.finish(p.rid) is p
+        self.d.admission.served(p.model, now - p.dispatched_at)
+        p.finish(self.d, {"ok": True}, now=now)
+
+
+def test_a_queued_request_is_refused_early_when_the_queue_moves_slower_than_admission_expected():
+    c = _Clocked()
+    adm = c.d.admission
+    for _ in range(20):
+        adm.served("a", 0.1)  # learned: 0.1 s per request
+    first = c.request(100.0, 2.0)  # dispatched at once (the credit was free)
+    queued = [c.request(100.0 + 0.01 * i, 2.0) for i in range(1, 4)]  # 3 queued: ~0.4 s, admitted
+    assert len(c.legs) == 1 and c.d.queues.depth("a") == 3 and not c.replies
+    assert all(p.expect_s >= 0 for p in queued)
+    # The model turns slow: the first request takes 1.2 s where 0.1 s was expected.
+    c.d.sweep(100.5)
+    assert not c.replies, "nothing is late yet"
+    c.reply(first, 101.2)
+    assert c.d.admission.service_high("a") > 0.4  # learned at once: the spread widened
+    c.d.sweep(101.2)  # the re-check, 0.8 s before their deadlines
+    assert [r["id"] for r in c.replies if not r.get("ok")] == [p.rid for p in queued]
+    for r in c.replies[1:]:
+        err = r["error"]
+        assert err["code"] == "overloaded" and err["details"]["queue"] == "recheck", r
+        assert "past 80% of its deadline" in err["message"]
+    assert c.d.queues.total == 0 and adm.refused_late == 3
+    assert adm.ratio.n == 3, "the margin learned from the requests that left the queue"
+    c.d.sweep(102.5)  # their deadlines pass: nothing is answered a second time (no `timeout`)
+    assert len(c.replies) == 4
+
+
+def test_a_queued_request_starts_when_its_latest_start_still_keeps_the_target():
+    c = _Clocked()
+    for _ in range(20):
+        c.d.admission.served("a", 0.5)
+    first = c.request(100.0, 5.0)
+    second = c.request(100.0, 5.0)
+    c.reply(first, 100.5)
+    c.d.sweep(100.5)
+    c.d.dispatch(100.5)
+    assert second.worker == "w0" and len(c.legs) == 2 and not [r for r in c.replies if not r.get("ok")]
+    c.reply(second, 101.0)
+    third = c.request(101.0, 5.0)  # sent at once
+    fourth = c.request(101.0, 5.0)  # queued: due at 105.0, so it must start by about 104.4
+    assert third.worker == "w0" and fourth.worker is None
+    c.reply(third, 104.5)  # far slower than expected
+    c.d.dispatch(104.5)  # starting now misses the target: refused at dispatch, not sent
+    assert fourth.worker is None and c.replies[-1]["error"]["details"]["queue"] == "recheck"
+
+
+@pytest.mark.processes
+def test_a_real_broker_refuses_early_a_request_that_can_no_longer_make_its_deadline():
+    """A model that turns 10x slower than the broker learned: the requests admitted behind it
+    are answered `overloaded` (re-check) before their deadline, none waits it out as `timeout`."""
+    with BrokerThread(catalog_of("a")) as b:
+        with WorkerThread(b.backend, "w0", credits=1, sleep_s=0.05) as w:
+            client = Client(b.frontend)
+            try:
+                wait_workers(client, 1)
+                for i in range(5):  # the broker learns about 0.05 s per request
+                    assert client.call(infer("a", f"warm{i}"), features(), timeout=10)["ok"]
+                w.handler.sleep_s = 0.6
+                sent = {}
+                for i in range(6):  # admitted: about 0.3 s of queue against a 3 s deadline
+                    sent[i] = time.monotonic()
+                    client.send(dict(infer("a", i), deadline_ms=3000), features())
+                got = {}
+                for _ in range(6):
+                    reply, _ = client.recv(10)
+                    got[reply["id"]] = (reply, time.monotonic())
+                codes = [r["error"]["code"] if not r["ok"] else "ok" for r, _ in got.values()]
+                assert "timeout" not in codes, codes
+                early = [(i, r, t) for i, (r, t) in got.items()
+                         if not r["ok"] and r["error"]["details"].get("queue") == "recheck"]
+                assert early, codes  # at 0.6 s each, the last ones cannot start by 2.4 s - service
+                for i, r, t in early:
+                    assert r["error"]["code"] == "overloaded"
+                    assert t - sent[i] < 3.0, "told before the deadline, not at it"
+                assert got[0][0]["ok"], "the first was sent at once and is served"
+            finally:
+                client.close()
