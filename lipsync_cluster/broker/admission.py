@@ -36,11 +36,11 @@ from typing import Optional
 from ..common.errors import Overloaded
 
 TARGET = 0.8            # of the deadline: an admitted request is expected to finish by then
-RECHECK_S = 0.1         # how often queued requests are checked again
+RECHECK_S = 0.05        # how often queued requests are checked again
 SATURATED_S = 1.0       # more waiting than running for this long: a cold model's slot will not free
 MARGIN_MAX = 4.0        # the learned queue-wait margin is clamped to [1, MARGIN_MAX]
 MARGIN_MIN_SAMPLES = 8  # observations before the margin counts (until then: 1)
-WAIT_FLOOR_S = 0.1      # predicted waits below this count as this in the margin's ratio
+WAIT_FLOOR_S = 0.25     # predicted waits shorter than this do not teach the margin (noise)
 Z90 = 1.2816            # the normal distribution's 90th percentile, in standard deviations
 CV_FLOOR = 0.1          # a distribution is never assumed tighter than this (few samples)
 DEFAULT_SERVICE_S = 0.05  # nothing measured yet
@@ -102,7 +102,7 @@ class Admission:
         self.load: dict[str, Dist] = {}
         self.all_service = Dist(alpha)
         self.all_load = Dist(alpha)
-        self.ratio = Dist(alpha)      # actual queue wait / predicted, of admitted requests
+        self.ratio = Dist(alpha)      # log(actual queue wait / predicted), of admitted requests
         self.refused_late = 0         # refused by the re-check (counted for the stats)
 
     # --- what is measured ------------------------------------------------------------------
@@ -119,9 +119,11 @@ class Admission:
 
     def waited(self, predicted_s: float, actual_s: float) -> None:
         """A request admitted to the queue left it (dispatched, or refused or expired there:
-        then ``actual_s`` is at least what it would have waited). Teaches the margin."""
-        if predicted_s >= 0:
-            self.ratio.observe(actual_s / max(predicted_s, WAIT_FLOOR_S))
+        then ``actual_s`` is at least what it would have waited). Teaches the margin: the log of
+        actual / predicted, so that a few wild ratios do not swamp it (short predictions, whose
+        ratio is mostly noise, are left out)."""
+        if predicted_s >= WAIT_FLOOR_S:
+            self.ratio.observe(math.log(max(actual_s, 1e-3) / predicted_s))
 
     def _dist(self, table: dict[str, Dist], model: str) -> Dist:
         d = table.get(model)
@@ -153,7 +155,7 @@ class Admission:
         """How much longer than predicted queued requests wait (p90 of the ratio, in [1, MARGIN_MAX])."""
         if self.ratio.n < MARGIN_MIN_SAMPLES:
             return 1.0
-        return min(MARGIN_MAX, max(1.0, self.ratio.high()))
+        return min(MARGIN_MAX, max(1.0, math.exp(self.ratio.hi)))
 
     def queue_wait(self, model: str, view: QueueView) -> float:
         """The predicted wait in the queue (before the margin): the work ahead and running over
@@ -165,9 +167,11 @@ class Admission:
             wait = max(wait, view.depth * self.service_mean(model) / view.holder_credits)
         return wait
 
-    def check(self, model: str, budget_s: float, view: QueueView) -> float:
+    def check(self, model: str, budget_s: float, view: QueueView, target: Optional[float] = None) -> float:
         """Admit a request that must queue, or raise :class:`Overloaded` saying why. Returns the
-        predicted queue wait (kept on the request: the margin learns from it)."""
+        predicted queue wait (kept on the request: the margin learns from it; -1 when there is
+        nothing to learn from: no worker, or no service measured yet). ``target``: the
+        share of ``budget_s`` to fit in (default: :attr:`target`)."""
         if view.credits <= 0:  # no worker registered: nothing to estimate (the no-worker grace answers)
             return -1.0
         wait = self.queue_wait(model, view)
@@ -178,43 +182,55 @@ class Admission:
                 "waiting for the models it holds", queue="wait",
                 expected_wait_ms=round(wait * 1000.0, 1),
                 retry_after_ms=int(min(60_000, max(10, 1000.0 * wait))))
-        finish = wait * self.margin() + (self.load_high(model) if cold else 0.0) + self.service_high(model)
-        allowed = self.target * budget_s
+        margin = self.margin()
+        finish = wait * margin + (self.load_high(model) if cold else 0.0) + self.service_high(model)
+        share = self.target if target is None else target
+        allowed = share * budget_s
         if finish > allowed:
             raise Overloaded(
-                f"expected to finish in {finish:.2f} s (wait {wait:.2f} s x margin {self.margin():.2f}"
-                f"{', a load' if cold else ''}, service), past {self.target:.0%} of the request's "
+                f"expected to finish in {finish:.2f} s (wait {wait:.2f} s x margin {margin:.2f}"
+                f"{', a load' if cold else ''}, service), past {share:.0%} of the request's "
                 f"deadline of {budget_s:.2f} s, for model {model!r}", queue="wait",
                 expected_wait_ms=round(wait * 1000.0, 1), expected_finish_ms=round(finish * 1000.0, 1),
                 retry_after_ms=int(min(60_000, max(10, 1000.0 * (finish - allowed)))))
-        return wait
+        # A prediction from the default guess (nothing measured yet) teaches the margin nothing.
+        return wait if self.all_service.n else -1.0
 
-    def due(self, arrival: float, budget_s: float) -> float:
+    def due(self, arrival: float, budget_s: float, target: Optional[float] = None) -> float:
         """When a request should be answered at the latest: the target share of its deadline."""
-        return arrival + self.target * budget_s
+        return arrival + (self.target if target is None else target) * budget_s
 
     def start_finish(self, model: str, now: float, cold: bool) -> float:
         """At dispatch: when a request started now would finish (p90 service, and a p90 load
         first when ``cold``); later than its :meth:`due`: refuse it rather than send it."""
         return now + self.service_high(model) + (self.load_high(model) if cold else 0.0)
 
+    def projection(self, model: str, now: float, holder_credits: int) -> tuple[float, float]:
+        """The re-check's estimate for ``model``'s queue: ``(base, step)``, the request with ``i``
+        requests ahead of it finishing at ``base + i * step``: its p90 service after those ahead
+        went through the ``holder_credits`` of the copies serving it (x margin), or after a p90
+        load when no worker holds the model (the slot it waits for is not predicted: only that
+        the load must still fit)."""
+        base = now + self.service_high(model)
+        if not holder_credits:
+            return base + self.load_high(model), 0.0
+        return base, self.service_mean(model) / holder_credits * self.margin()
+
     def late(self, model: str, waited_s: float, budget_s: float, ahead: int, holder_credits: int) -> Optional[float]:
-        """The re-check of a queued request: None while it can still finish within the target,
+        """The re-check of one queued request: None while it can still finish within the target,
         else when it is now expected to finish (seconds after its arrival). ``ahead``: requests
         before it in its model's queue; ``holder_credits``: as in :class:`QueueView`."""
-        finish = waited_s + self.service_high(model)
-        if holder_credits:
-            finish += ahead * self.service_mean(model) / holder_credits * self.margin()
-        else:
-            finish += self.load_high(model)
+        base, step = self.projection(model, waited_s, holder_credits)
+        finish = base + ahead * step
         return finish if finish > self.target * budget_s else None
 
-    def refusal(self, model: str, waited_s: float, budget_s: float, finish_s: float) -> Overloaded:
-        """The error for a request the re-check refuses."""
+    def refusal(self, model: str, waited_s: float, budget_s: float, due_s: float, finish_s: float) -> Overloaded:
+        """The error for a request the re-check refuses (times in seconds after its arrival)."""
         self.refused_late += 1
         return Overloaded(
             f"refused after {waited_s:.2f} s: model {model!r} is now expected to finish {finish_s:.2f} s "
-            f"after the request arrived, past {self.target:.0%} of its deadline of {budget_s:.2f} s "
+            f"after the request arrived, past {due_s:.2f} s ({due_s / max(budget_s, 1e-9):.0%} of its "
+            f"deadline of {budget_s:.2f} s) "
             "(the queue moved slower than estimated, or its model must be loaded first)", queue="recheck",
             waited_ms=round(waited_s * 1000.0, 1), expected_finish_ms=round(finish_s * 1000.0, 1),
             retry_after_ms=int(min(60_000, max(10, 1000.0 * (finish_s - waited_s)))))

@@ -144,14 +144,16 @@ class Dispatcher:
         `overloaded` at once."""
         adm = self.admission
         timed = p.op == "infer" and p.deadline is not None
+        # The target share applies to a deadline the caller set; the default one is a safety net.
+        share = None if p.header.get("deadline_ms") is not None else 1.0
         if timed:
-            p.due = adm.due(p.arrival, p.deadline - p.arrival)
+            p.due = adm.due(p.arrival, p.deadline - p.arrival, share)
         if not self.queues.depth(p.model):
             d = self.route(p, p.arrival)
             if d.action != WAIT:
                 finish = adm.start_finish(p.model, p.arrival, True) if d.action == PLACE and timed else 0.0
                 if finish > p.due:  # a cold load that cannot finish within the target: say so now
-                    self._refuse_late(p, p.arrival, finish)
+                    self._refuse_late(p, p.arrival, finish, p.arrival)
                 else:
                     self.send(p, d, p.arrival)
                 return
@@ -159,7 +161,7 @@ class Dispatcher:
         try:
             if timed:
                 self.note_saturation(p.arrival)
-                p.expect_s = adm.check(p.model, p.deadline - p.arrival, self._view(p.model, p.arrival))
+                p.expect_s = adm.check(p.model, p.deadline - p.arrival, self._view(p.model, p.arrival), share)
             self.queues.push(p, work_s=work)
         except Overloaded as exc:
             exc.details.setdefault("retry_after_ms", self._retry_after_ms(p.model))
@@ -172,7 +174,10 @@ class Dispatcher:
     def _view(self, model: str, now: float) -> QueueView:
         index = self.table.index
         since = self.saturated_since
-        return QueueView(credits=index.credits, in_flight=index.in_flight, queued_work_s=self.queues.work_s,
+        # The queued work at today's mean service (what each request was expected to take when it
+        # was queued may be a guess from before anything was measured).
+        return QueueView(credits=index.credits, in_flight=index.in_flight,
+                         queued_work_s=self.queues.total * self.admission.service_mean(None),
                          depth=self.queues.depth(model), holder_credits=index.holder_credits.get(model, 0),
                          saturated_s=0.0 if since is None else now - since)
 
@@ -180,25 +185,15 @@ class Dispatcher:
         """Refuse queued requests now expected to finish past their deadline's target (before the
         deadline, not at it): the estimate at admission turned out wrong."""
         adm, credits = self.admission, self.table.index.holder_credits
-        finishes: dict[int, float] = {}
+        for p, finish in self.queues.prune_late(lambda m: adm.projection(m, now, credits.get(m, 0))):
+            self._refuse_late(p, now, finish, finish - adm.service_high(p.model))  # when it would start
 
-        def late(p: Pending, ahead: int) -> bool:
-            if p.op != "infer" or p.deadline is None:
-                return False
-            finish = adm.late(p.model, now - p.arrival, p.deadline - p.arrival, ahead, credits.get(p.model, 0))
-            if finish is None:
-                return False
-            finishes[p.rid] = finish
-            return True
-
-        for p in self.queues.prune(late):
-            self._refuse_late(p, now, p.arrival + finishes[p.rid])
-
-    def _refuse_late(self, p: Pending, now: float, finish: float) -> None:
-        """Refuse ``p`` (out of its queue, or never queued) expected to finish at ``finish``."""
-        self._left_queue(p, finish - p.arrival)  # it would have waited at least this long
+    def _refuse_late(self, p: Pending, now: float, finish: float, start: float) -> None:
+        """Refuse ``p`` (out of its queue, or never queued): it would start at ``start`` and
+        finish at ``finish``, past its deadline's target."""
+        self._left_queue(p, start - p.arrival)  # it would have waited at least this long
         p.finish(self, self.admission.refusal(p.model, now - p.arrival, p.deadline - p.arrival,
-                                              finish - p.arrival), now=now)
+                                              p.due - p.arrival, finish - p.arrival), now=now)
 
     def _left_queue(self, p: Pending, waited_s: float) -> None:
         """``p`` left the queue (sent, refused, expired) after ``waited_s``: the margin learns
@@ -305,7 +300,7 @@ class Dispatcher:
                 finish = self.admission.start_finish(p.model, now, d.action == PLACE)
                 if finish > p.due:
                     # Starting now misses its deadline's target (the re-check runs only every RECHECK_S).
-                    self._refuse_late(p, now, finish)
+                    self._refuse_late(p, now, finish, now)
                     continue
                 self.send(p, d, now)
             if not self.table.any_free():

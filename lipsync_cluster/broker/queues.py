@@ -101,18 +101,33 @@ class ModelQueues:
 
     def expire(self, now: float) -> list[Pending]:
         """Remove and return every queued request whose deadline has passed."""
-        return self.prune(lambda p, ahead: p.deadline is not None and p.deadline <= now)
-
-    def prune(self, doomed: Callable[[Pending, int], bool]) -> list[Pending]:
-        """Remove and return every queued request for which ``doomed(p, ahead)`` is true
-        (``ahead``: how many wait before it in its model's queue, the removed ones included)."""
         out: list[Pending] = []
         for model, q in self._queues.items():
-            gone = [p for i, p in enumerate(q) if doomed(p, i)]
-            if gone:
-                out.extend(gone)
-                drop = set(map(id, gone))
-                self._queues[model] = deque(p for p in q if id(p) not in drop)
+            if not any(p.deadline is not None and p.deadline <= now for p in q):
+                continue
+            keep = deque()
+            for p in q:
+                (out if p.deadline is not None and p.deadline <= now else keep).append(p)
+            self._queues[model] = keep
+        self.total -= len(out)
+        self.work_s = sum(p.work_s for p in self) if self.total else 0.0
+        return out
+
+    def prune_late(self, projection: Callable[[str], tuple[float, float]]) -> list[tuple[Pending, float]]:
+        """Remove and return the queued requests that would finish after their ``due`` time, each
+        with that projected finish: ``projection(model)`` is ``(base, step)``, the request with
+        ``i`` requests ahead of it in its model's queue finishing at ``base + i * step``
+        (admission.py; one multiply-add per queued request, run every few sweeps)."""
+        out: list[tuple[Pending, float]] = []
+        for model, q in self._queues.items():
+            if not q:
+                continue
+            base, step = projection(model)
+            late = [(p, base + i * step) for i, p in enumerate(q) if base + i * step > p.due]
+            if late:
+                out.extend(late)
+                gone = {id(p) for p, _ in late}
+                self._queues[model] = deque(p for p in q if id(p) not in gone)
         if out:
             self.total -= len(out)
             self.work_s = sum(p.work_s for p in self) if self.total else 0.0
