@@ -15,18 +15,20 @@ batch 5, jpeg:
 Targets (issue 17), at 2x, 3x and 4x: <= 5 % of refusals are ``timeout``; p99 of served <= 0.8x the
 deadline; goodput >= 0.9x the closed-loop capacity; a refusal answers in < 50 ms.
 
-    python bench/admission.py                    # ~2.5 min, writes docs/BENCHMARKS.md "admission"
-    python bench/admission.py --quick            # shorter runs, prints only
-    python bench/admission.py --json new.json    # also keep the rows (for a before/after table)
-    python bench/admission.py --before old.json  # write the table with an earlier run's rows beside
+    python bench/admission.py                         # ~1.5 min, writes docs/BENCHMARKS.md "admission"
+    python bench/admission.py --quick                 # shorter runs, prints only
+    git worktree add /tmp/base main
+    python bench/admission.py --baseline /tmp/base    # before and after side by side, measured in turn
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -73,47 +75,85 @@ def load_avg() -> str:
         return "?"
 
 
-def measure(args: argparse.Namespace, seconds: float) -> dict:
-    out: dict = {"load_start": load_avg(), "rows": []}
-    with demo_cluster(args.models, args.demo_dir, args.workers, args.slots, eviction_policy="lfu") as endpoint:
-        with Client(endpoint, timeout=60) as client:
-            models = sorted(m["model_id"] for m in client.list_models())[: args.models]
-            base = dict(models=models, zipf=args.zipf, deadline_ms=args.deadline_ms, duration=seconds)
+@contextlib.contextmanager
+def cluster_running(args: argparse.Namespace, code: Optional[str]) -> Iterator[str]:
+    """A demo cluster whose broker and workers run the code in ``code`` (a checkout of another
+    commit, through PYTHONPATH; None: this checkout); yields its client endpoint."""
+    old = os.environ.get("PYTHONPATH")
+    if code:
+        os.environ["PYTHONPATH"] = code
+    else:
+        os.environ.pop("PYTHONPATH", None)
+    try:
+        cm = demo_cluster(args.models, args.demo_dir, args.workers, args.slots, eviction_policy="lfu")
+        endpoint = cm.__enter__()
+    finally:  # the processes have started: they keep what they were given
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    try:
+        yield endpoint
+    finally:
+        cm.__exit__(None, None, None)
+
+
+def measure(args: argparse.Namespace, seconds: float) -> dict[str, dict]:
+    """Every variant (``--baseline`` first when given, then this checkout) on its own cluster, all
+    running at once and measured in turn, phase by phase, so that a change in the machine's load
+    falls on both; the open loop offers each variant the same rate (x the mean capacity)."""
+    variants = ([("before", args.baseline)] if args.baseline else []) + [(args.label, None)]
+    res: dict[str, dict] = {label: {"load_start": load_avg(), "rows": [], "closed": {}} for label, _ in variants}
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for label, code in variants:
+            endpoint = stack.enter_context(cluster_running(args, code))
+            clients[label] = stack.enter_context(Client(endpoint, timeout=60))
+        models = sorted(m["model_id"] for m in clients[args.label].list_models())[: args.models]
+        base = dict(models=models, zipf=args.zipf, deadline_ms=args.deadline_ms, duration=seconds)
+        for label, client in clients.items():
             run(client, LoadSpec(concurrency=args.concurrency[0], **dict(base, duration=3.0)))  # warm up
-            caps = {}
-            for conc in args.concurrency:
-                cap = caps[conc] = run(client, LoadSpec(concurrency=conc, **base))
-                print(f"[{args.label}] closed loop, {conc} in flight: {cap['goodput']:.1f} req/s, p50 "
+        for conc in args.concurrency:
+            for label, client in clients.items():
+                cap = run(client, LoadSpec(concurrency=conc, **base))
+                res[label]["closed"][str(conc)] = round(cap["goodput"], 1)
+                print(f"[{label}] closed loop, {conc} in flight: {cap['goodput']:.1f} req/s, p50 "
                       f"{cap['p50_ms']:.0f} ms, p99 {cap['p99_ms']:.0f} ms, refused {cap['codes']}", flush=True)
-            capacity = out["capacity"] = max(c["goodput"] for c in caps.values())
-            out["closed"] = {str(k): round(v["goodput"], 1) for k, v in caps.items()}
-            for mult in (float(x) for x in args.loads.split(",")):
-                r = run(client, LoadSpec(rate=mult * capacity, **base))
-                r["mult"] = mult
-                out["rows"].append(r)
-                print(f"[{args.label}] {mult:.1f}x ({mult * capacity:.1f} req/s offered, {r['offered']:.1f} sent/s): "
-                      f"goodput {r['goodput']:.1f} req/s = {r['goodput'] / capacity:.2f}x capacity; refused "
+        for r in res.values():
+            r["capacity"] = max(r["closed"].values())
+        common = sum(r["capacity"] for r in res.values()) / len(res)
+        for mult in (float(x) for x in args.loads.split(",")):
+            for label, client in clients.items():
+                r = run(client, LoadSpec(rate=mult * common, **base))
+                r["mult"], r["rate"] = mult, mult * common
+                res[label]["rows"].append(r)
+                capacity = res[label]["capacity"]
+                print(f"[{label}] {mult:.1f}x ({mult * common:.1f} req/s offered, {r['offered']:.1f} sent/s): "
+                      f"goodput {r['goodput']:.1f} req/s = {r['goodput'] / capacity:.2f}x its capacity; refused "
                       f"{r['refused']} {r['codes']}; timeout {100 * r['timeout_share']:.1f}% of refusals; refusal "
                       f"p50 {r['refusal_p50_ms']:.0f} ms p99 {r['refusal_p99_ms']:.0f} ms, within 50 ms "
                       f"{100 * r['fast_share']:.1f}%; ok p50 {r['p50_ms']:.0f} ms p99 {r['p99_ms']:.0f} ms "
                       f"({r['p99_ms'] / args.deadline_ms:.2f}x deadline), cold {r['cold']}; served past 0.8x the deadline "
                       f"{r['slow']} ({r['slow_cold']} cold, load {r['slow_load_ms']:.0f} ms)", flush=True)
-    out["load_end"] = load_avg()
-    return out
+    for r in res.values():
+        r["load_end"] = load_avg()
+    return res
 
 
 def table(runs: list[tuple[str, dict]], deadline_ms: float) -> list[str]:
-    lines = ["| code | offered | goodput req/s | x capacity | refused | by code | `timeout` share of refusals "
-             "| refusal p50 / p99 ms | within 50 ms | ok p50 ms | ok p99 ms | p99 / deadline | cold served |",
+    """One row per load and code, the codes of one load next to each other."""
+    lines = ["| offered | code | goodput req/s | x its capacity | refused | by code | `timeout` share of refusals "
+             "| refusal p50 / p99 ms | refusals within 50 ms | ok p50 ms | ok p99 ms | ok p99 / deadline | cold served |",
              "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, res in runs:
-        for r in res["rows"]:
+    for i in range(len(runs[0][1]["rows"])):
+        for label, res in runs:
+            r = res["rows"][i]
             codes = ", ".join(f"{k} {v}" for k, v in sorted(r["codes"].items())) or "-"
             lines.append(
-                f"| {label} | {r['mult']:.1f}x | {r['goodput']:.1f} | **{r['goodput'] / res['capacity']:.2f}** | "
-                f"{r['refused']} | {codes} | **{100 * r['timeout_share']:.1f}%** | {r['refusal_p50_ms']:.0f} / "
-                f"{r['refusal_p99_ms']:.0f} | {100 * r['fast_share']:.1f}% | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
-                f"**{r['p99_ms'] / deadline_ms:.2f}** | {r['cold']} |")
+                f"| {r['mult']:.1f}x ({r['rate']:.1f}/s) | {label} | {r['goodput']:.1f} | "
+                f"**{r['goodput'] / res['capacity']:.2f}** | {r['refused']} | {codes} | **{100 * r['timeout_share']:.1f}%** | "
+                f"{r['refusal_p50_ms']:.0f} / {r['refusal_p99_ms']:.0f} | {100 * r['fast_share']:.1f}% | {r['p50_ms']:.0f} | "
+                f"{r['p99_ms']:.0f} | **{r['p99_ms'] / deadline_ms:.2f}** | {r['cold']} |")
     return lines
 
 
@@ -133,23 +173,21 @@ def main() -> None:
     ap.add_argument("--demo-dir", default=None, help="keep the demo models here (reused next time)")
     ap.add_argument("--label", default="this", help="names this code's rows in the table (e.g. after)")
     ap.add_argument("--json", default=None, help="also write the results here")
-    ap.add_argument("--before", default=None, help="an earlier --json run: its rows go first in the table")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="also run a checkout of the code before (e.g. `git worktree add /tmp/base main`) on a "
+                         "cluster of its own, measured in turn with this one (rows labelled `before`)")
     ap.add_argument("--quick", action="store_true", help="shorter runs; prints only (unless --write)")
     ap.add_argument("--write", action="store_true", help="with --quick: write docs/BENCHMARKS.md anyway")
     args = ap.parse_args()
     seconds = args.seconds or (8.0 if args.quick else 15.0)
     credits = 2 * args.workers  # cluster.worker_credits defaults to 2
-    args.concurrency = [int(x) for x in args.concurrency.split(",")] if args.concurrency else [credits, 4 * credits]
+    args.concurrency = [int(x) for x in args.concurrency.split(",")] if args.concurrency else [credits]
     res = measure(args, seconds)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(res, label=args.label, seconds=seconds)))
+        Path(args.json).write_text(json.dumps(dict(res, seconds=seconds)))
     if args.quick and not args.write:
         return
-    runs: list[tuple[str, dict]] = []
-    if args.before:
-        before = json.loads(Path(args.before).read_text())
-        runs.append((before.get("label", "before"), before))
-    runs.append((args.label, res))
+    runs = list(res.items())
     caps = "; ".join(f"{label}: **{r['capacity']:.1f} req/s** (" + ", ".join(
         f"{v} req/s at {k} in flight" for k, v in r["closed"].items()) + f"), load average {r['load_start']} at the "
         f"start, {r['load_end']} at the end" for label, r in runs)
@@ -157,15 +195,17 @@ def main() -> None:
         "## Admission under overload (`bench/admission.py`)",
         "",
         f"Machine: {machine()}, no GPU. Date: {today()}. Command: `python bench/admission.py"
-        f"{' --quick --write' if args.quick else ''}{' --before <json>' if args.before else ''}`.",
+        f"{' --quick --write' if args.quick else ''}{' --baseline <checkout of main>' if args.baseline else ''}"
+        f"{f' --seconds {seconds:g}' if args.seconds else ''}`.",
         "",
         f"A local cluster ({args.workers} CPU workers x {args.slots} slots, `lipsync-cluster loadtest "
         f"--demo-models {args.models}`'s setup) over {args.models} light demo models; requests Zipf({args.zipf:g}) "
         f"(the tail asks for models no worker holds: cold loads), batch 5, jpeg, deadline "
         f"{args.deadline_ms / 1000:g} s; {seconds:g} s per run, the load test's own driver. Capacity = a closed "
-        f"loop, the best of {' and '.join(map(str, args.concurrency))} in flight, measured by each code on its own "
-        f"cluster: {caps}. Open loop = "
-        "Poisson arrivals at a multiple of that capacity. Latencies count from the request's scheduled arrival.",
+        f"loop, the best of {' and '.join(map(str, args.concurrency))} in flight (every credit busy), measured by "
+        f"each code on its own cluster: {caps}. Open loop = Poisson arrivals at a multiple of the mean of those "
+        "capacities, the same rate for each code; the clusters run side by side and are measured in turn, phase "
+        "by phase. Latencies count from the request's scheduled arrival.",
         "",
         *table(runs, args.deadline_ms),
         "",
