@@ -25,7 +25,7 @@ except ImportError:  # tests/ imported as a package
 
 
 def view(**kw) -> QueueView:
-    base = dict(credits=4, in_flight=0, queued_work_s=0.0, depth=0, holder_credits=2, saturated_s=0.0)
+    base = dict(credits=4, in_flight=0, queued=0, depth=0, holder_credits=2, saturated_s=0.0)
     return QueueView(**{**base, **kw})
 
 
@@ -69,11 +69,12 @@ def test_admits_what_fits_in_the_target_share_of_the_deadline_and_refuses_the_re
     a = Admission(target=0.8)
     for _ in range(20):
         a.served("m", 0.5)
-    # 8 requests of 0.5 s queued ahead through 4 credits: a wait of 1 s, then its own 0.5 s (+ spread).
-    assert a.check("m", 3.0, view(queued_work_s=4.0)) == pytest.approx(1.0)
-    assert a.check("m", 2.0, view(queued_work_s=4.0)) == pytest.approx(1.0)  # about 1.56 s < 1.6 s
+    # 6 requests of 0.5 s queued ahead and 2 running, through 4 credits: a wait of 1 s, then its
+    # own 0.5 s (+ spread).
+    assert a.check("m", 3.0, view(queued=6, in_flight=2)) == pytest.approx(1.0)
+    assert a.check("m", 2.0, view(queued=6, in_flight=2)) == pytest.approx(1.0)  # about 1.56 s < 1.6 s
     with pytest.raises(Overloaded) as exc:
-        a.check("m", 1.9, view(queued_work_s=4.0))  # about 1.56 s > 0.8 x 1.9 s
+        a.check("m", 1.9, view(queued=6, in_flight=2))  # about 1.56 s > 0.8 x 1.9 s
     assert exc.value.details["queue"] == "wait" and exc.value.details["retry_after_ms"] >= 10
     assert "past 80% of the request's deadline" in exc.value.message
 
@@ -105,7 +106,7 @@ def test_the_margin_learns_that_the_queue_moves_slower_than_predicted():
     a = Admission()
     for _ in range(20):
         a.served("m", 0.5)
-    busy = view(queued_work_s=6.0)  # a predicted wait of 1.5 s: finishes in about 2.1 s
+    busy = view(queued=12)  # a predicted wait of 1.5 s: finishes in about 2.1 s
     a.check("m", 3.0, busy)
     assert a.margin() == 1.0
     for _ in range(MARGIN_MIN_SAMPLES - 1):
@@ -129,22 +130,25 @@ def test_the_margin_learns_that_the_queue_moves_slower_than_predicted():
 
 # --- the re-check ------------------------------------------------------------------------------
 
-def test_recheck_refuses_what_can_no_longer_finish_in_time_and_keeps_the_rest():
+def test_the_same_estimate_serves_admission_and_the_recheck_from_where_a_request_stands():
     a = Admission(target=0.8)
     for _ in range(20):
         a.served("m", 0.5)
-    # 5 s deadline (target 4 s). Waited 1 s, 2 ahead through 1 credit: 1 + 1 + 0.5 (+ spread) fits.
-    assert a.late("m", 1.0, 5.0, ahead=2, holder_credits=1) is None
-    # Waited 3 s with 2 still ahead: about 4.6 s > 4 s, told now (2 s before the deadline).
-    finish = a.late("m", 3.0, 5.0, ahead=2, holder_credits=1)
-    assert finish is not None and 4.0 < finish < 5.0
-    err = a.refusal("m", 3.0, 5.0, 4.0, finish)
-    assert err.code == "overloaded" and err.details["queue"] == "recheck" and a.refused_late == 1
-    # A cold model still not placed must also fit its load.
+    high = a.service_high("m")
+    # 3 ahead (all models) and 1 running over 2 credits: 1 s; its own queue (2 ahead, 1 credit): 1 s.
+    wait, finish = a.expect("m", credits=2, in_flight=1, ahead=3, ahead_model=2, holder_credits=1)
+    assert wait == pytest.approx(1.0) and finish == pytest.approx(1.0 + high)
+    # Its own model's queue through its single copy is longer: that counts.
+    wait, _ = a.expect("m", credits=2, in_flight=1, ahead=3, ahead_model=6, holder_credits=1)
+    assert wait == pytest.approx(3.0)
+    # A cold model: a p90 load on top.
     for _ in range(20):
         a.served("x", 2.5, load_s=2.0)
-    assert a.late("m", 2.0, 5.0, ahead=0, holder_credits=0) is not None
-    assert a.late("m", 2.0, 5.0, ahead=0, holder_credits=1) is None
+    _, cold = a.expect("m", credits=2, in_flight=1, ahead=3, ahead_model=0, holder_credits=0)
+    assert cold == pytest.approx(1.0 + a.load_high("m") + high)
+    err = a.refusal("m", 3.0, 5.0, 4.0, 4.6)
+    assert err.code == "overloaded" and err.details["queue"] == "recheck" and a.refused_late == 1
+    assert "(80% of its deadline of 5.00 s)" in err.message
 
 
 def test_start_finish_at_dispatch_counts_the_current_service_and_a_cold_load():
@@ -160,18 +164,23 @@ def test_start_finish_at_dispatch_counts_the_current_service_and_a_cold_load():
     assert a.start_finish("m", 103.6, cold=False) > due
 
 
-def test_queues_prune_late_removes_by_projected_finish_and_keeps_the_work_sum():
+def test_queues_prune_late_removes_by_expected_finish_and_asks_only_requests_with_a_due_time():
     q = ModelQueues(100, 100)
     reqs = [ClientRequest(i, b"c", i, "infer", "a" if i < 4 else "b", {}, [], 0.0, 10.0) for i in range(6)]
     for p in reqs:
         p.due = 8.0
-        q.push(p, work_s=0.5)
-    reqs[5].due = float("inf")  # untimed: never late
-    # a: the i-th finishes at 7 + 0.6 i (the third and fourth pass 8); b: at 9 (only the timed one).
-    gone = q.prune_late(lambda m: (7.0, 0.6) if m == "a" else (9.0, 0.0))
+        q.push(p)
+    reqs[5].due = float("inf")  # untimed: never asked, never late
+    asked = []
+
+    def finish(p, ahead):  # a: the i-th finishes at 7 + 0.6 i (the third and fourth pass 8); b: at 9
+        asked.append(p.rid)
+        return 7.0 + 0.6 * ahead if p.model == "a" else 9.0
+
+    gone = q.prune_late(finish)
     assert [(p.rid, round(t, 1)) for p, t in gone] == [(2, 8.2), (3, 8.8), (4, 9.0)]
+    assert 5 not in asked
     assert q.total == 3 and q.depth("a") == 2 and q.depth("b") == 1
-    assert q.work_s == pytest.approx(1.5)
     assert [p.rid for p in q.expire(10.0)] == [0, 1, 5] and q.total == 0
 
 

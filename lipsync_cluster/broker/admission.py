@@ -19,10 +19,12 @@ an injected clock (tests/test_admission.py). The :class:`~.dispatch.Dispatcher` 
   a p90 load when no worker holds its model (a cold load), plus its own p90 service, must fit in
   :data:`TARGET` (0.8) of its deadline. A model no worker holds while the cluster has been
   saturated for :data:`SATURATED_S` waits for a slot that will not free in time: refused.
-* **The re-check** (:meth:`Admission.late`, every :data:`RECHECK_S` for every queued request):
-  the time already waited, plus what is still ahead of it in its model's queue (x margin), plus
-  a load if its model is still cold, plus its p90 service, past the same target: refused now
-  with ``overloaded`` (``queue: "recheck"``), before its deadline rather than at it.
+* **The re-check** (every :data:`RECHECK_S`, for every queued request): the same estimate
+  (:meth:`Admission.expect`) from where it stands now (what is still queued before it, what its
+  model's holders are now), added to the time it already waited; past the same target: refused
+  now with ``overloaded`` (``queue: "recheck"``), before its deadline rather than at it. And at
+  dispatch, a request whose start now (and load, when its model must be placed) would finish
+  past the target is refused instead of sent (:meth:`Admission.start_finish`).
 
 A request answered within the target keeps the promise; one that cannot is told early, so the
 caller can go elsewhere while it still has time.
@@ -86,7 +88,7 @@ class QueueView:
 
     credits: int              # every registered worker's credits (not draining)
     in_flight: int            # requests running on workers now
-    queued_work_s: float      # the expected service of every queued request, summed
+    queued: int               # requests queued (all models) ahead of it
     depth: int                # requests queued for this request's model (ahead of it)
     holder_credits: int       # credits of the workers holding its model (0: a cold load)
     saturated_s: float        # how long more requests have waited than the cluster runs at once
@@ -157,15 +159,20 @@ class Admission:
             return 1.0
         return min(MARGIN_MAX, max(1.0, math.exp(self.ratio.hi)))
 
-    def queue_wait(self, model: str, view: QueueView) -> float:
-        """The predicted wait in the queue (before the margin): the work ahead and running over
-        every credit, or its model's own queue over its holders' credits when that is longer
-        (a cold model: the load comes on top, see :meth:`check`)."""
-        mean_all = self.service_mean(None)
-        wait = (max(0.0, view.queued_work_s) + view.in_flight * mean_all) / max(1, view.credits)
-        if view.holder_credits:
-            wait = max(wait, view.depth * self.service_mean(model) / view.holder_credits)
-        return wait
+    def expect(self, model: str, credits: int, in_flight: int, ahead: int, ahead_model: int,
+               holder_credits: int) -> tuple[float, float]:
+        """``(wait, finish)`` for a request with ``ahead`` requests queued before it (all models;
+        the broker serves the oldest head first, so all queues drain together) and
+        ``ahead_model`` before it in its own model's queue: ``wait`` is the predicted queue wait
+        before the margin (those ahead and those running, at the mean service of all models,
+        over every credit; or its own model's queue over its holders' credits when longer), and
+        ``finish`` how long from now until it is answered: the wait x the margin, plus a p90 load
+        when no worker holds its model (a cold load), plus its p90 service."""
+        wait = (ahead + in_flight) * self.service_mean(None) / max(1, credits)
+        if holder_credits:
+            wait = max(wait, ahead_model * self.service_mean(model) / holder_credits)
+            return wait, wait * self.margin() + self.service_high(model)
+        return wait, wait * self.margin() + self.load_high(model) + self.service_high(model)
 
     def check(self, model: str, budget_s: float, view: QueueView, target: Optional[float] = None) -> float:
         """Admit a request that must queue, or raise :class:`Overloaded` saying why. Returns the
@@ -174,7 +181,8 @@ class Admission:
         share of ``budget_s`` to fit in (default: :attr:`target`)."""
         if view.credits <= 0:  # no worker registered: nothing to estimate (the no-worker grace answers)
             return -1.0
-        wait = self.queue_wait(model, view)
+        wait, finish = self.expect(model, view.credits, view.in_flight, view.queued, view.depth,
+                                   view.holder_credits)
         cold = not view.holder_credits
         if cold and view.saturated_s > SATURATED_S:
             raise Overloaded(
@@ -182,13 +190,11 @@ class Admission:
                 "waiting for the models it holds", queue="wait",
                 expected_wait_ms=round(wait * 1000.0, 1),
                 retry_after_ms=int(min(60_000, max(10, 1000.0 * wait))))
-        margin = self.margin()
-        finish = wait * margin + (self.load_high(model) if cold else 0.0) + self.service_high(model)
         share = self.target if target is None else target
         allowed = share * budget_s
         if finish > allowed:
             raise Overloaded(
-                f"expected to finish in {finish:.2f} s (wait {wait:.2f} s x margin {margin:.2f}"
+                f"expected to finish in {finish:.2f} s (wait {wait:.2f} s x margin {self.margin():.2f}"
                 f"{', a load' if cold else ''}, service), past {share:.0%} of the request's "
                 f"deadline of {budget_s:.2f} s, for model {model!r}", queue="wait",
                 expected_wait_ms=round(wait * 1000.0, 1), expected_finish_ms=round(finish * 1000.0, 1),
@@ -204,25 +210,6 @@ class Admission:
         """At dispatch: when a request started now would finish (p90 service, and a p90 load
         first when ``cold``); later than its :meth:`due`: refuse it rather than send it."""
         return now + self.service_high(model) + (self.load_high(model) if cold else 0.0)
-
-    def projection(self, model: str, now: float, holder_credits: int) -> tuple[float, float]:
-        """The re-check's estimate for ``model``'s queue: ``(base, step)``, the request with ``i``
-        requests ahead of it finishing at ``base + i * step``: its p90 service after those ahead
-        went through the ``holder_credits`` of the copies serving it (x margin), or after a p90
-        load when no worker holds the model (the slot it waits for is not predicted: only that
-        the load must still fit)."""
-        base = now + self.service_high(model)
-        if not holder_credits:
-            return base + self.load_high(model), 0.0
-        return base, self.service_mean(model) / holder_credits * self.margin()
-
-    def late(self, model: str, waited_s: float, budget_s: float, ahead: int, holder_credits: int) -> Optional[float]:
-        """The re-check of one queued request: None while it can still finish within the target,
-        else when it is now expected to finish (seconds after its arrival). ``ahead``: requests
-        before it in its model's queue; ``holder_credits``: as in :class:`QueueView`."""
-        base, step = self.projection(model, waited_s, holder_credits)
-        finish = base + ahead * step
-        return finish if finish > self.target * budget_s else None
 
     def refusal(self, model: str, waited_s: float, budget_s: float, due_s: float, finish_s: float) -> Overloaded:
         """The error for a request the re-check refuses (times in seconds after its arrival)."""

@@ -27,6 +27,7 @@ A request's life (docs/ARCHITECTURE.md, "A request's life"); every exit is ``Pen
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
 import logging
 import time
 from collections import deque
@@ -157,36 +158,37 @@ class Dispatcher:
                 else:
                     self.send(p, d, p.arrival)
                 return
-        work = self._service_s(p.model)
         try:
             if timed:
                 self.note_saturation(p.arrival)
                 p.expect_s = adm.check(p.model, p.deadline - p.arrival, self._view(p.model, p.arrival), share)
-            self.queues.push(p, work_s=work)
+            self.queues.push(p)
         except Overloaded as exc:
             exc.details.setdefault("retry_after_ms", self._retry_after_ms(p.model))
             p.finish(self, exc, now=time.monotonic())
 
-    def _service_s(self, model: Optional[str]) -> float:
-        """The model's mean service time as learned (admission.py), else all models', else 50 ms."""
-        return self.admission.service_mean(model)
-
     def _view(self, model: str, now: float) -> QueueView:
         index = self.table.index
         since = self.saturated_since
-        # The queued work at today's mean service (what each request was expected to take when it
-        # was queued may be a guess from before anything was measured).
-        return QueueView(credits=index.credits, in_flight=index.in_flight,
-                         queued_work_s=self.queues.total * self.admission.service_mean(None),
+        return QueueView(credits=index.credits, in_flight=index.in_flight, queued=self.queues.total,
                          depth=self.queues.depth(model), holder_credits=index.holder_credits.get(model, 0),
                          saturated_s=0.0 if since is None else now - since)
 
     def _recheck(self, now: float) -> None:
         """Refuse queued requests now expected to finish past their deadline's target (before the
         deadline, not at it): the estimate at admission turned out wrong."""
-        adm, credits = self.admission, self.table.index.holder_credits
-        for p, finish in self.queues.prune_late(lambda m: adm.projection(m, now, credits.get(m, 0))):
-            self._refuse_late(p, now, finish, finish - adm.service_high(p.model))  # when it would start
+        adm, index, queues = self.admission, self.table.index, self.queues
+        if not index.credits:
+            return
+        arrivals = sorted(p.arrival for p in queues)  # a request's place in the oldest-head-first order
+        credits, flight, holders = index.credits, index.in_flight, index.holder_credits
+
+        def finish(p: Pending, ahead_model: int) -> float:
+            ahead = bisect_left(arrivals, p.arrival)
+            return now + adm.expect(p.model, credits, flight, ahead, ahead_model, holders.get(p.model, 0))[1]
+
+        for p, t in queues.prune_late(finish):
+            self._refuse_late(p, now, t, t - adm.service_high(p.model))  # when it would start
 
     def _refuse_late(self, p: Pending, now: float, finish: float, start: float) -> None:
         """Refuse ``p`` (out of its queue, or never queued): it would start at ``start`` and
@@ -387,7 +389,8 @@ class Dispatcher:
             self._left_queue(p, now - p.arrival)
             p.expire(self, now)
         if self.queues.total and now >= self._recheck_at:
-            self._recheck_at = now + RECHECK_S
+            # A few microseconds per queued request: a deep queue is re-checked less often.
+            self._recheck_at = now + max(RECHECK_S, 6e-5 * self.queues.total)
             self._recheck(now)
         if self.control:
             for p in [p for p in self.control if p.deadline is not None and p.deadline <= now]:
