@@ -80,16 +80,20 @@ def load_avg() -> str:
 @contextlib.contextmanager
 def cluster_running(args: argparse.Namespace, code: Optional[str]) -> Iterator[str]:
     """A demo cluster whose broker and workers run the code in ``code`` (a checkout of another
-    commit, through PYTHONPATH; None: this checkout); yields its client endpoint."""
-    old = os.environ.get("PYTHONPATH")
+    commit, through PYTHONPATH and as the working directory, which ``python -m`` puts first;
+    None: this checkout); yields its client endpoint."""
+    old, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
     if code:
         os.environ["PYTHONPATH"] = code
+        os.chdir(code)
     else:
         os.environ.pop("PYTHONPATH", None)
+        os.chdir(REPO)
     try:
         cm = demo_cluster(args.models, args.demo_dir, args.workers, args.slots, eviction_policy="lfu")
         endpoint = cm.__enter__()
     finally:  # the processes have started: they keep what they were given
+        os.chdir(cwd)
         if old is None:
             os.environ.pop("PYTHONPATH", None)
         else:

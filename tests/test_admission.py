@@ -145,7 +145,9 @@ def test_the_same_estimate_serves_admission_and_the_recheck_from_where_a_request
     for _ in range(20):
         a.served("x", 2.5, load_s=2.0)
     _, cold = a.expect("m", credits=2, in_flight=1, ahead=3, ahead_model=0, holder_credits=0)
-    assert cold == pytest.approx(1.0 + a.load_high("m") + high)
+    assert cold == pytest.approx(1.0 + a.cold_high("m"))
+    # The p90 of a load then a service: above both means, below the sum of both p90s.
+    assert 2.0 + 0.5 < a.cold_high("m") < a.load_high("m") + high
     err = a.refusal("m", 3.0, 5.0, 4.0, 4.6)
     assert err.code == "overloaded" and err.details["queue"] == "recheck" and a.refused_late == 1
     assert "(80% of its deadline of 5.00 s)" in err.message
@@ -293,3 +295,20 @@ def test_a_real_broker_refuses_early_a_request_that_can_no_longer_make_its_deadl
                 assert got[0][0]["ok"], "the first was sent at once and is served"
             finally:
                 client.close()
+
+
+def test_a_cold_model_whose_load_cannot_fit_is_refused_at_once_not_sent():
+    c = _Clocked()
+    c.d.table.remove(b"w0")
+    w = Worker(b"w1", "w1", credits=1, max_models=2, now=0.0)  # a free slot: "b" would be placed
+    c.d.table.add(w)
+    for _ in range(20):
+        c.d.admission.served("x", 2.5, load_s=2.0)  # loads take about 2 s, service 0.5 s
+    p = ClientRequest(1, b"client", 1, "infer", "b", infer("b", 1, deadline_ms=2500), [], 100.0, 102.5)
+    c.d.admit(p)  # 2 s + 0.5 s (p90: more) > 0.8 x 2.5 s
+    assert not c.legs and p.worker is None
+    err = c.replies[-1]["error"]
+    assert err["code"] == "overloaded" and err["details"]["queue"] == "wait" and "must be loaded first" in err["message"]
+    q = ClientRequest(2, b"client", 2, "infer", "b", infer("b", 2, deadline_ms=5000), [], 100.0, 105.0)
+    c.d.admit(q)  # fits 4 s: sent, the worker loads it
+    assert q.worker == "w1" and len(c.legs) == 1

@@ -42,6 +42,7 @@ RECHECK_S = 0.05        # how often queued requests are checked again
 SATURATED_S = 1.0       # more waiting than running for this long: a cold model's slot will not free
 MARGIN_MAX = 4.0        # the learned queue-wait margin is clamped to [1, MARGIN_MAX]
 MARGIN_MIN_SAMPLES = 8  # observations before the margin counts (until then: 1)
+MARGIN_Z = 0.5          # the margin: this many standard deviations above the typical log ratio
 WAIT_FLOOR_S = 0.25     # predicted waits shorter than this do not teach the margin (noise)
 Z90 = 1.2816            # the normal distribution's 90th percentile, in standard deviations
 CV_FLOOR = 0.1          # a distribution is never assumed tighter than this (few samples)
@@ -104,7 +105,10 @@ class Admission:
         self.load: dict[str, Dist] = {}
         self.all_service = Dist(alpha)
         self.all_load = Dist(alpha)
-        self.ratio = Dist(alpha)      # log(actual queue wait / predicted), of admitted requests
+        # log(actual queue wait / predicted) of admitted requests, for models held when they left the
+        # queue and for cold ones (which also waited for a slot to free: a margin of their own)
+        self.ratio = Dist(alpha)
+        self.ratio_cold = Dist(alpha)
         self.refused_late = 0         # refused by the re-check (counted for the stats)
 
     # --- what is measured ------------------------------------------------------------------
@@ -119,13 +123,13 @@ class Admission:
         self._dist(self.service, model).observe(service_s)
         self.all_service.observe(service_s)
 
-    def waited(self, predicted_s: float, actual_s: float) -> None:
+    def waited(self, predicted_s: float, actual_s: float, cold: bool = False) -> None:
         """A request admitted to the queue left it (dispatched, or refused or expired there:
         then ``actual_s`` is at least what it would have waited). Teaches the margin: the log of
         actual / predicted, so that a few wild ratios do not swamp it (short predictions, whose
         ratio is mostly noise, are left out)."""
         if predicted_s >= WAIT_FLOOR_S:
-            self.ratio.observe(math.log(max(actual_s, 1e-3) / predicted_s))
+            (self.ratio_cold if cold else self.ratio).observe(math.log(max(actual_s, 1e-3) / predicted_s))
 
     def _dist(self, table: dict[str, Dist], model: str) -> Dist:
         d = table.get(model)
@@ -153,11 +157,22 @@ class Admission:
             d = self.all_load
         return d.hi if d.n else DEFAULT_LOAD_S
 
-    def margin(self) -> float:
-        """How much longer than predicted queued requests wait (p90 of the ratio, in [1, MARGIN_MAX])."""
-        if self.ratio.n < MARGIN_MIN_SAMPLES:
+    def cold_high(self, model: str) -> float:
+        """About the 90th percentile of a load followed by a service of ``model`` (the p90 of the
+        sum, not the sum of the p90s: the two vary independently)."""
+        load = self.load.get(model) or self.all_load
+        svc = self.service.get(model) or self.all_service
+        lm, ls = (load.mean, load.sd) if load.n else (DEFAULT_LOAD_S, CV_FLOOR * DEFAULT_LOAD_S)
+        sm, ss = (svc.mean, svc.sd) if svc.n else (DEFAULT_SERVICE_S, CV_FLOOR * DEFAULT_SERVICE_S)
+        return lm + sm + Z90 * math.sqrt(ls * ls + ss * ss)
+
+    def margin(self, cold: bool = False) -> float:
+        """How much longer than predicted queued requests wait: a little above the typical ratio
+        (the tail is the re-check's), in [1, MARGIN_MAX]; cold models' own."""
+        r = self.ratio_cold if cold else self.ratio
+        if r.n < MARGIN_MIN_SAMPLES:
             return 1.0
-        return min(MARGIN_MAX, max(1.0, math.exp(self.ratio.hi)))
+        return min(MARGIN_MAX, max(1.0, math.exp(r.mean + MARGIN_Z * r.sd)))
 
     def expect(self, model: str, credits: int, in_flight: int, ahead: int, ahead_model: int,
                holder_credits: int) -> tuple[float, float]:
@@ -166,13 +181,13 @@ class Admission:
         ``ahead_model`` before it in its own model's queue: ``wait`` is the predicted queue wait
         before the margin (those ahead and those running, at the mean service of all models,
         over every credit; or its own model's queue over its holders' credits when longer), and
-        ``finish`` how long from now until it is answered: the wait x the margin, plus a p90 load
-        when no worker holds its model (a cold load), plus its p90 service."""
+        ``finish`` how long from now until it is answered: the wait x the margin, plus its p90
+        service, or when no worker holds its model (a cold load) the p90 of a load and service."""
         wait = (ahead + in_flight) * self.service_mean(None) / max(1, credits)
         if holder_credits:
             wait = max(wait, ahead_model * self.service_mean(model) / holder_credits)
             return wait, wait * self.margin() + self.service_high(model)
-        return wait, wait * self.margin() + self.load_high(model) + self.service_high(model)
+        return wait, wait * self.margin(True) + self.cold_high(model)
 
     def check(self, model: str, budget_s: float, view: QueueView, target: Optional[float] = None) -> float:
         """Admit a request that must queue, or raise :class:`Overloaded` saying why. Returns the
@@ -194,7 +209,7 @@ class Admission:
         allowed = share * budget_s
         if finish > allowed:
             raise Overloaded(
-                f"expected to finish in {finish:.2f} s (wait {wait:.2f} s x margin {self.margin():.2f}"
+                f"expected to finish in {finish:.2f} s (wait {wait:.2f} s x margin {self.margin(cold):.2f}"
                 f"{', a load' if cold else ''}, service), past {share:.0%} of the request's "
                 f"deadline of {budget_s:.2f} s, for model {model!r}", queue="wait",
                 expected_wait_ms=round(wait * 1000.0, 1), expected_finish_ms=round(finish * 1000.0, 1),
@@ -207,9 +222,20 @@ class Admission:
         return arrival + (self.target if target is None else target) * budget_s
 
     def start_finish(self, model: str, now: float, cold: bool) -> float:
-        """At dispatch: when a request started now would finish (p90 service, and a p90 load
-        first when ``cold``); later than its :meth:`due`: refuse it rather than send it."""
-        return now + self.service_high(model) + (self.load_high(model) if cold else 0.0)
+        """At dispatch: when a request started now would finish (p90 service, or of a load and
+        service when ``cold``); later than its :meth:`due`: refuse it rather than send it."""
+        return now + (self.cold_high(model) if cold else self.service_high(model))
+
+    def cold_refusal(self, model: str, budget_s: float, due_s: float, finish_s: float) -> Overloaded:
+        """The error for a request that would be sent at once to load its model, but whose p90
+        load and service do not fit its deadline's target."""
+        return Overloaded(
+            f"model {model!r} must be loaded first: expected to finish in {finish_s:.2f} s (a load and "
+            f"its service at the 90th percentile; a load {self.load.get(model, self.all_load).mean:.2f} s on "
+            f"average), past "
+            f"{due_s:.2f} s ({due_s / max(budget_s, 1e-9):.0%} of the request's deadline of {budget_s:.2f} s)",
+            queue="wait", expected_finish_ms=round(finish_s * 1000.0, 1),
+            retry_after_ms=int(min(60_000, max(10, 1000.0 * (finish_s - due_s)))))
 
     def refusal(self, model: str, waited_s: float, budget_s: float, due_s: float, finish_s: float) -> Overloaded:
         """The error for a request the re-check refuses (times in seconds after its arrival)."""

@@ -154,7 +154,8 @@ class Dispatcher:
             if d.action != WAIT:
                 finish = adm.start_finish(p.model, p.arrival, True) if d.action == PLACE and timed else 0.0
                 if finish > p.due:  # a cold load that cannot finish within the target: say so now
-                    self._refuse_late(p, p.arrival, finish, p.arrival)
+                    exc = adm.cold_refusal(p.model, p.deadline - p.arrival, p.due - p.arrival, finish - p.arrival)
+                    p.finish(self, exc, now=p.arrival)
                 else:
                     self.send(p, d, p.arrival)
                 return
@@ -197,11 +198,14 @@ class Dispatcher:
         p.finish(self, self.admission.refusal(p.model, now - p.arrival, p.deadline - p.arrival,
                                               p.due - p.arrival, finish - p.arrival), now=now)
 
-    def _left_queue(self, p: Pending, waited_s: float) -> None:
+    def _left_queue(self, p: Pending, waited_s: float, cold: Optional[bool] = None) -> None:
         """``p`` left the queue (sent, refused, expired) after ``waited_s``: the margin learns
-        how long it waited against what was predicted when it was admitted."""
+        how long it waited against what was predicted when it was admitted (``cold``: its model
+        had to be placed; None: no worker holds it now)."""
         if p.expect_s >= 0:
-            self.admission.waited(p.expect_s, waited_s)
+            if cold is None:
+                cold = not self.table.index.holder_credits.get(p.model)
+            self.admission.waited(p.expect_s, waited_s, cold)
             p.expect_s = -1.0
 
     def fan_out(self, legs: list[UnloadLeg]) -> None:
@@ -344,7 +348,8 @@ class Dispatcher:
         w.start(p, now)
         p.worker = w.name
         p.dispatched_at = now
-        self._left_queue(p, now - p.arrival)
+        if p.expect_s >= 0:
+            self._left_queue(p, now - p.arrival, d.action == PLACE)
         if d.action == PLACE and self.log_model_operations:
             log.info("placing model %s on worker %s (%s%s)", p.model, w.name, d.reason,
                      f"; evicting {d.evict}" if d.evict else "")
