@@ -64,15 +64,19 @@ class Dist:
         self.hi = 0.0   # high(), kept current: read on every dispatch
 
     def observe(self, x: float) -> None:
-        if self.n == 0:
-            self.mean, self.var = x, 0.0
-        else:  # West (1979): the incremental exponentially weighted variance
-            diff = x - self.mean
+        # Once per reply, twice (the model's and all models'): kept to plain arithmetic.
+        n = self.n
+        if n:  # West (1979): the incremental exponentially weighted variance
+            mean = self.mean
+            diff = x - mean
             incr = self.alpha * diff
-            self.mean += incr
-            self.var = (1.0 - self.alpha) * (self.var + diff * incr)
-        self.n += 1
-        self.hi = self.high()
+            mean += incr
+            var = (1.0 - self.alpha) * (self.var + diff * incr)
+        else:
+            mean, var = x, 0.0
+        self.mean, self.var, self.n = mean, var, n + 1
+        sd, floor = var ** 0.5, CV_FLOOR * abs(mean)
+        self.hi = mean + Z90 * (sd if sd > floor else floor)
 
     @property
     def sd(self) -> float:
