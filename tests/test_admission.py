@@ -186,6 +186,15 @@ def test_queues_prune_late_removes_by_expected_finish_and_asks_only_requests_wit
     assert [p.rid for p in q.expire(10.0)] == [0, 1, 5] and q.total == 0
 
 
+def test_queues_prune_late_with_slack_keeps_what_is_only_a_little_past_its_due_time():
+    q = ModelQueues(100, 100)
+    p = ClientRequest(1, b"c", 1, "infer", "a", {}, [], 100.0, 105.0)
+    p.due = 104.0
+    q.push(p)
+    assert q.prune_late(lambda p, ahead: 104.3, slack=0.1) == []  # within 104 + 0.1 x 4 s
+    assert [r.rid for r, _ in q.prune_late(lambda p, ahead: 104.5, slack=0.1)] == [1]
+
+
 class _Clocked:
     """A Dispatcher with one worker (1 credit, model ``a`` loaded) and no sockets: what it sends
     is recorded; time is whatever the test says (``now`` arguments and request arrivals)."""

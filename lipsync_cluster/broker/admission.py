@@ -21,8 +21,10 @@ an injected clock (tests/test_admission.py). The :class:`~.dispatch.Dispatcher` 
   saturated for :data:`SATURATED_S` waits for a slot that will not free in time: refused.
 * **The re-check** (every :data:`RECHECK_S`, for every queued request): the same estimate
   (:meth:`Admission.expect`) from where it stands now (what is still queued before it, what its
-  model's holders are now), added to the time it already waited; past the same target: refused
-  now with ``overloaded`` (``queue: "recheck"``), before its deadline rather than at it. And at
+  model's holders are now), added to the time it already waited; past the target by more than
+  :data:`RECHECK_SLACK` of it (a request admitted just within it is not refused when the next
+  reply moves the estimate a little: the estimate is a p90, most finish before it): refused now
+  with ``overloaded`` (``queue: "recheck"``), before its deadline rather than at it. And at
   dispatch, a request whose start now (and load, when its model must be placed) would finish
   past the target is refused instead of sent (:meth:`Admission.start_finish`).
 
@@ -39,6 +41,7 @@ from ..common.errors import Overloaded
 
 TARGET = 0.8            # of the deadline: an admitted request is expected to finish by then
 RECHECK_S = 0.05        # how often queued requests are checked again
+RECHECK_SLACK = 0.1     # the re-check gives up past the target + this share of it (not at it: hysteresis)
 SATURATED_S = 1.0       # more waiting than running for this long: a cold model's slot will not free
 MARGIN_MAX = 4.0        # the learned queue-wait margin is clamped to [1, MARGIN_MAX]
 MARGIN_MIN_SAMPLES = 8  # observations before the margin counts (until then: 1)

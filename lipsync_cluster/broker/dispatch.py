@@ -40,7 +40,7 @@ from ..common.errors import ModelLoadFailed, Overloaded, Unavailable
 from ..common.heat import Heat
 from ..common.load_backoff import LoadBackoff
 from ..common.protocol import TAG
-from .admission import RECHECK_S, Admission, QueueView
+from .admission import RECHECK_S, RECHECK_SLACK, Admission, QueueView
 from .queues import ModelQueues
 from .requests import ClientRequest, Pending, Preload, UnloadLeg, error_code
 from .placement import PlacementIndex
@@ -188,7 +188,7 @@ class Dispatcher:
             ahead = bisect_left(arrivals, p.arrival)
             return now + adm.expect(p.model, credits, flight, ahead, ahead_model, holders.get(p.model, 0))[1]
 
-        for p, t in queues.prune_late(finish):
+        for p, t in queues.prune_late(finish, RECHECK_SLACK):
             self._refuse_late(p, now, t, t - adm.service_high(p.model))  # when it would start
 
     def _refuse_late(self, p: Pending, now: float, finish: float, start: float) -> None:

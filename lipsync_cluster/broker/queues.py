@@ -100,10 +100,11 @@ class ModelQueues:
         self.total -= len(out)
         return out
 
-    def prune_late(self, finish: Callable[[Pending, int], float]) -> list[tuple[Pending, float]]:
-        """Remove and return the queued requests that would finish after their ``due`` time, each
-        with that expected finish: ``finish(p, ahead)``, ``ahead`` being how many wait before it
-        in its model's queue (admission.py; requests without a due time are not asked)."""
+    def prune_late(self, finish: Callable[[Pending, int], float], slack: float = 0.0) -> list[tuple[Pending, float]]:
+        """Remove and return the queued requests that would finish after their ``due`` time (plus
+        ``slack`` x the time from their arrival to it), each with that expected finish:
+        ``finish(p, ahead)``, ``ahead`` being how many wait before it in its model's queue
+        (admission.py; requests without a due time are not asked)."""
         out: list[tuple[Pending, float]] = []
         inf = float("inf")
         for model, q in self._queues.items():
@@ -111,7 +112,7 @@ class ModelQueues:
             for i, p in enumerate(q):
                 if p.due != inf:
                     t = finish(p, i)
-                    if t > p.due:
+                    if t > p.due + slack * (p.due - p.arrival):
                         (late := late or []).append((p, t))
             if late:
                 out.extend(late)
