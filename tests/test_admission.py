@@ -248,6 +248,7 @@ def test_a_queued_request_is_refused_early_when_the_queue_moves_slower_than_admi
         assert err["code"] == "overloaded" and err["details"]["queue"] == "recheck", r
         assert "(80% of its deadline of 2.00 s)" in err["message"]
     assert c.d.queues.total == 0 and adm.refused_late == 3
+    assert adm.summary()["refused_from_queue"] == 3 and adm.summary()["target"] == 0.8
     # The margin learned from the one whose predicted wait (0.3 s) was long enough to count.
     assert adm.ratio.n == 1 and adm.ratio.mean > 0, "it waited longer than predicted"
     c.d.sweep(102.5)  # their deadlines pass: nothing is answered a second time (no `timeout`)

@@ -118,6 +118,14 @@ class Admission:
         self.ratio_cold = Dist(alpha)
         self.refused_late = 0         # refused by the re-check (counted for the stats)
 
+    def summary(self) -> dict:
+        """What admission has learned, for the stats snapshot (the console, /metrics, operators)."""
+        def ms(d: Dist) -> Optional[float]:
+            return round(d.hi * 1000.0, 1) if d.n else None
+        return {"target": self.target, "margin": round(self.margin(), 3),
+                "margin_cold": round(self.margin(True), 3), "service_p90_ms": ms(self.all_service),
+                "load_p90_ms": ms(self.all_load), "refused_from_queue": self.refused_late}
+
     # --- what is measured ------------------------------------------------------------------
 
     def served(self, model: str, service_s: float, load_s: Optional[float] = None) -> None:
