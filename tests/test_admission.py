@@ -322,3 +322,4 @@ def test_a_cold_model_whose_load_cannot_fit_is_refused_at_once_not_sent():
     q = ClientRequest(2, b"client", 2, "infer", "b", infer("b", 2, deadline_ms=5000), [], 100.0, 105.0)
     c.d.admit(q)  # fits 4 s: sent, the worker loads it
     assert q.worker == "w1" and len(c.legs) == 1
+
