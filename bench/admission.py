@@ -59,7 +59,8 @@ def run(client: Client, spec: LoadSpec) -> dict:
     ref_lat = [1000.0 * (rec.done - rec.sent) for rec in refused]
     # Refused from the queue by the re-check (admission.py), after waiting: their answer is not at once.
     early = [1000.0 * (rec.done - rec.sent) for rec in refused if rec.message.startswith("refused after")]
-    at_once = [1000.0 * (rec.done - rec.sent) for rec in refused if not rec.message.startswith("refused after")]
+    at_once = [1000.0 * (rec.done - rec.sent) for rec in refused
+               if rec.code == "overloaded" and not rec.message.startswith("refused after")]
     slow = [rec for rec in ok if 1000.0 * (rec.done - rec.sent) > 0.8 * (spec.deadline_ms or 1e12)]
     return {"early": len(early), "early_p50_ms": _pct(early, 50), "slow": len(slow), "slow_cold": sum(1 for rec in slow if rec.cold),
             "slow_load_ms": float(np.mean([rec.load_ms for rec in slow if rec.cold])) if any(r.cold for r in slow) else 0.0,
