@@ -11,14 +11,16 @@ A request's life (docs/ARCHITECTURE.md, "A request's life"); every exit is ``Pen
           (validate.py) -> unknown id: catalog_watch.Parking holds the frames until a catalog
           read -> _on_infer / _on_load_model: request rules, load backoff -> ClientRequest
           (_on_unload_model: one UnloadLeg per holder -> fan_out; preload(): a Preload leg)
-  admit   admit(): queue empty and route() finds a worker -> send() now; else _check_wait
-          (expected wait > deadline: finish(overloaded)) and ModelQueues.push (full: overloaded)
+  admit   admit(): queue empty and route() finds a worker -> send() now (a cold load that cannot
+          fit the target: finish(overloaded)); else admission.check (not expected within 0.8 x
+          the deadline: finish(overloaded)) and ModelQueues.push (full: overloaded)
   wait    in its model's queue; dispatch() takes heads oldest first as credits free,
           route() each: DISPATCH / PLACE -> send(), WAIT -> stays
   sent    send(): header + rid + time left -> the worker; Worker.start (credit taken, index);
           a failed send re-queues it (unsent) or finishes it
   exits   replied(): the worker's reply -> Worker.finish, finish(reply)   (a late one: counted)
           sweep(): deadline in the queue or on a worker -> expire -> finish(timeout)
+          sweep() -> _recheck(), dispatch(): no longer expected within the target -> finish(overloaded)
           sweep(): no worker for no_worker_grace_s -> finish(unavailable)
           worker_left(): its legs -> lost(): re-queued at the front once, else finish(unavailable)
           load_failed(): a model's failed load answers its queue -> finish(model_load_failed)
