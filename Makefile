@@ -77,6 +77,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/broker.py
 	$(BIN)/python bench/cluster.py
 	$(BIN)/python bench/routing.py
+	$(BIN)/python bench/admission.py
 	$(BIN)/python bench/stream.py
 	$(BIN)/python bench/chaos.py
 

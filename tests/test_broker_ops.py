@@ -215,6 +215,8 @@ def test_stats_and_events_are_published(cluster):
     wait_for(got_both, 5, "stats and event messages")
     snap = topics[b"stats"][-1]
     assert {"models", "workers", "totals", "queues"} <= set(snap)
+    adm = snap["admission"]  # what admission learned (broker/admission.py)
+    assert adm["target"] == 0.8 and adm["margin"] >= 1.0 and adm["refused_from_queue"] == 0
     assert any(e.get("event") in ("loaded", "unloaded") and e.get("worker") for e in topics[b"event"])
     lines = b.broker.report_lines()
     assert lines[0].startswith("📊 Model Statistics Report") and any("Loaded models:" in l for l in lines)

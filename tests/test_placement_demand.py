@@ -100,17 +100,22 @@ def test_a_request_whose_wait_exceeds_its_deadline_is_refused_at_once():
                 wait_workers(client, 1)
                 call_infer(client, "a", "warm")  # the broker learns the service time (0.2 s)
                 sent = {}
-                for i in range(15):  # 3 s of work against a 1.19 s deadline
+                for i in range(15):  # 3 s of work against a 1.19 s deadline (0.95 s: its 0.8 target)
                     sent[i] = time.monotonic()
                     client.send(dict(infer("a", i), deadline_ms=1190), features())
                 got = collect(client, 15, timeout=5)
                 refused = [(r, t) for r, t in got if not r["ok"]]
                 ok = [r for r, _ in got if r["ok"]]
-                assert len(ok) >= 4 and len(refused) >= 8
+                assert len(ok) >= 3 and len(refused) >= 8
+                at_once = [r for r, t in refused if r["error"]["details"]["queue"] == "wait"]
+                assert len(at_once) >= 8
                 for r, t in refused:
                     err = r["error"]
                     assert err["code"] == "overloaded", r
-                    assert err["details"]["queue"] == "wait" and err["details"]["retry_after_ms"] > 0
-                    assert t - sent[r["id"]] < 0.5  # at once, not after the deadline
+                    assert err["details"]["retry_after_ms"] > 0
+                    # at once; or, admitted, refused from the queue once it cannot make the target
+                    assert err["details"]["queue"] in ("wait", "recheck"), r
+                for r in at_once:
+                    assert [t for x, t in got if x is r][0] - sent[r["id"]] < 0.5  # at once, not after the deadline
             finally:
                 client.close()

@@ -490,6 +490,7 @@ class Broker:
         body["events"] = list(self.stats.events)[-20:]
         body["health"] = management.health(self.catalog, self.table)
         body["eviction_policy"] = self.dispatcher.heat.policy
+        body["admission"] = self.dispatcher.admission.summary()  # what admission learned (admission.py)
         return body
 
     def _publish_stats(self, now: float) -> None:

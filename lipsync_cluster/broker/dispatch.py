@@ -11,14 +11,16 @@ A request's life (docs/ARCHITECTURE.md, "A request's life"); every exit is ``Pen
           (validate.py) -> unknown id: catalog_watch.Parking holds the frames until a catalog
           read -> _on_infer / _on_load_model: request rules, load backoff -> ClientRequest
           (_on_unload_model: one UnloadLeg per holder -> fan_out; preload(): a Preload leg)
-  admit   admit(): queue empty and route() finds a worker -> send() now; else _check_wait
-          (expected wait > deadline: finish(overloaded)) and ModelQueues.push (full: overloaded)
+  admit   admit(): queue empty and route() finds a worker -> send() now (a cold load that cannot
+          fit the target: finish(overloaded)); else admission.check (not expected within 0.8 x
+          the deadline: finish(overloaded)) and ModelQueues.push (full: overloaded)
   wait    in its model's queue; dispatch() takes heads oldest first as credits free,
           route() each: DISPATCH / PLACE -> send(), WAIT -> stays
   sent    send(): header + rid + time left -> the worker; Worker.start (credit taken, index);
           a failed send re-queues it (unsent) or finishes it
   exits   replied(): the worker's reply -> Worker.finish, finish(reply)   (a late one: counted)
           sweep(): deadline in the queue or on a worker -> expire -> finish(timeout)
+          sweep() -> _recheck(), dispatch(): no longer expected within the target -> finish(overloaded)
           sweep(): no worker for no_worker_grace_s -> finish(unavailable)
           worker_left(): its legs -> lost(): re-queued at the front once, else finish(unavailable)
           load_failed(): a model's failed load answers its queue -> finish(model_load_failed)
@@ -27,6 +29,7 @@ A request's life (docs/ARCHITECTURE.md, "A request's life"); every exit is ``Pen
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_left
 import logging
 import time
 from collections import deque
@@ -39,6 +42,7 @@ from ..common.errors import ModelLoadFailed, Overloaded, Unavailable
 from ..common.heat import Heat
 from ..common.load_backoff import LoadBackoff
 from ..common.protocol import TAG
+from .admission import RECHECK_S, RECHECK_SLACK, Admission, QueueView
 from .queues import ModelQueues
 from .requests import ClientRequest, Pending, Preload, UnloadLeg, error_code
 from .placement import PlacementIndex
@@ -49,7 +53,6 @@ from .workers import Heartbeat, ModelEvent, StatsReport, Worker, WorkerTable
 log = logging.getLogger("lipsync_cluster.broker")
 
 PRELOAD_RETRY_S = 10.0      # after a failed or impossible preload, try again this much later
-SATURATED_S = 1.0           # more waiting than running for this long: a cold model's slot will not free
 
 
 class Dispatcher:
@@ -68,7 +71,8 @@ class Dispatcher:
         self.heat = Heat(config.capacity.eviction_policy, lfu_half_life_s)
         self.table = WorkerTable(self.heat.order_key)  # its placement index orders victims by heat
         self.sizes: dict[str, int] = {}              # model -> bytes, as workers measured it
-        self._mean_service = (-1e9, 0.05)            # (when computed, mean service s of all models)
+        self.admission = Admission()                 # learned times and the admission rule (admission.py)
+        self._recheck_at = 0.0                       # when queued requests are next checked again
         self.saturated_since: Optional[float] = None  # since when more requests wait than run at once
         self.load_failures = LoadBackoff(cl.load_failure_backoff_s, cl.load_failure_backoff_max_s)
         self.max_copies = cl.max_copies_per_model
@@ -139,66 +143,72 @@ class Dispatcher:
 
     def admit(self, p: Pending) -> None:
         """Send ``p`` now if its queue is empty and a worker fits; else queue it (bounded), unless
-        the wait it would have already exceeds its deadline: then `overloaded` at once."""
+        it is not expected to finish within its deadline's target (admission.py): then
+        `overloaded` at once."""
+        adm = self.admission
+        timed = p.op == "infer" and p.deadline is not None
+        # The target share applies to a deadline the caller set; the default one is a safety net.
+        share = None if p.header.get("deadline_ms") is not None else 1.0
+        if timed:
+            p.due = adm.due(p.arrival, p.deadline - p.arrival, share)
         if not self.queues.depth(p.model):
             d = self.route(p, p.arrival)
             if d.action != WAIT:
-                self.send(p, d, p.arrival)
+                finish = adm.start_finish(p.model, p.arrival, True) if d.action == PLACE and timed else 0.0
+                if finish > p.due:  # a cold load that cannot finish within the target: say so now
+                    exc = adm.cold_refusal(p.model, p.deadline - p.arrival, p.due - p.arrival, finish - p.arrival)
+                    p.finish(self, exc, now=p.arrival)
+                else:
+                    self.send(p, d, p.arrival)
                 return
-        work = self._service_s(p.model)
         try:
-            if p.op == "infer" and p.deadline is not None:
-                self._check_wait(p, work)
-            self.queues.push(p, work_s=work)
+            if timed:
+                self.note_saturation(p.arrival)
+                p.expect_s = adm.check(p.model, p.deadline - p.arrival, self._view(p.model, p.arrival), share)
+            self.queues.push(p)
         except Overloaded as exc:
             exc.details.setdefault("retry_after_ms", self._retry_after_ms(p.model))
             p.finish(self, exc, now=time.monotonic())
 
-    def _service_s(self, model: Optional[str]) -> float:
-        """The model's measured service time, else the mean of every model's (refreshed once a
-        second), else 50 ms."""
-        service = self.stats.service_s(model) if model is not None else None
-        if service is None:
-            now = time.monotonic()
-            if now - self._mean_service[0] > 1.0:
-                known = [c.service_s for c in self.stats.models.values() if c.service_s is not None]
-                self._mean_service = (now, sum(known) / len(known) if known else 0.05)
-            service = self._mean_service[1]
-        return service
-
-    def _check_wait(self, p: Pending, work_s: float) -> None:
-        """Admission that knows the wait (Triton's queue policy): the work queued ahead of ``p``
-        (and running now) over the credits of every worker, or its model's own queue over the
-        credits of the copies serving it when that is longer, plus a load when no worker holds
-        its model, plus its own service. Longer than its deadline: `overloaded` now, with when to
-        retry. A model no worker holds waits for a slot, and a slot frees only when a loaded
-        model has nothing waiting: while more requests have been waiting than the cluster runs at
-        once for over SATURATED_S (sustained overload, not a burst such as a reconnect's resends),
-        that is not expected within any deadline."""
+    def _view(self, model: str, now: float) -> QueueView:
         index = self.table.index
-        if not index.credits:  # no worker registered: nothing to estimate (the no-worker grace answers)
+        since = self.saturated_since
+        return QueueView(credits=index.credits, in_flight=index.in_flight, queued=self.queues.total,
+                         depth=self.queues.depth(model), holder_credits=index.holder_credits.get(model, 0),
+                         saturated_s=0.0 if since is None else now - since)
+
+    def _recheck(self, now: float) -> None:
+        """Refuse queued requests now expected to finish past their deadline's target (before the
+        deadline, not at it): the estimate at admission turned out wrong."""
+        adm, index, queues = self.admission, self.table.index, self.queues
+        if not index.credits:
             return
-        self.note_saturation(p.arrival)
-        # In flight: counted as a whole service each (a burst arrives as they start; conservative).
-        wait = self.queues.expected_wait_s(index.credits, index.in_flight * self._service_s(None))
-        budget = p.deadline - p.arrival
-        credits = index.holder_credits.get(p.model, 0)
-        if credits:  # its own queue through the copies serving it (when they cannot grow)
-            wait = max(wait, self.queues.depth(p.model) * work_s / credits)
-        else:
-            since = self.saturated_since
-            if since is not None and p.arrival - since > SATURATED_S:
-                raise Overloaded(
-                    f"no worker holds model {p.model!r} and every worker is busy with requests "
-                    "waiting for the models it holds", queue="wait",
-                    expected_wait_ms=round(wait * 1000.0, 1),
-                    retry_after_ms=int(min(60_000, max(10, 1000.0 * wait))))
-            wait += self.stats.load_s(p.model) or 0.0
-        if wait + work_s > budget:
-            raise Overloaded(
-                f"expected wait {wait:.2f} s for model {p.model!r} exceeds the request's deadline "
-                f"of {budget:.2f} s", queue="wait", expected_wait_ms=round(wait * 1000.0, 1),
-                retry_after_ms=int(min(60_000, max(10, 1000.0 * (wait + work_s - budget)))))
+        arrivals = sorted(p.arrival for p in queues)  # a request's place in the oldest-head-first order
+        credits, flight, holders = index.credits, index.in_flight, index.holder_credits
+
+        def finish(p: Pending, ahead_model: int) -> float:
+            ahead = bisect_left(arrivals, p.arrival)
+            return now + adm.expect(p.model, credits, flight, ahead, ahead_model, holders.get(p.model, 0))[1]
+
+        for p, t in queues.prune_late(finish, RECHECK_SLACK):
+            self._refuse_late(p, now, t, t - adm.service_high(p.model))  # when it would start
+
+    def _refuse_late(self, p: Pending, now: float, finish: float, start: float) -> None:
+        """Refuse ``p`` (out of its queue, or never queued): it would start at ``start`` and
+        finish at ``finish``, past its deadline's target."""
+        self._left_queue(p, start - p.arrival)  # it would have waited at least this long
+        p.finish(self, self.admission.refusal(p.model, now - p.arrival, p.deadline - p.arrival,
+                                              p.due - p.arrival, finish - p.arrival), now=now)
+
+    def _left_queue(self, p: Pending, waited_s: float, cold: Optional[bool] = None) -> None:
+        """``p`` left the queue (sent, refused, expired) after ``waited_s``: the margin learns
+        how long it waited against what was predicted when it was admitted (``cold``: its model
+        had to be placed; None: no worker holds it now)."""
+        if p.expect_s >= 0:
+            if cold is None:
+                cold = not self.table.index.holder_credits.get(p.model)
+            self.admission.waited(p.expect_s, waited_s, cold)
+            p.expect_s = -1.0
 
     def fan_out(self, legs: list[UnloadLeg]) -> None:
         self.control.extend(legs)
@@ -273,10 +283,10 @@ class Dispatcher:
         return route(p.model, index, demand, max_copies=self.max_copies, allow_evict=not p.no_evict,
                      size_of=self.model_size)
 
-    def dispatch(self) -> None:
+    def dispatch(self, now: Optional[float] = None) -> None:
         """Match waiting requests with free credits: unload legs first, then oldest head first."""
         self.dirty = False
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if self.control:
             self._dispatch_control(now)
         if not self.queues.total or not self.table.any_free():
@@ -295,6 +305,11 @@ class Dispatcher:
                 if d.action == WAIT:
                     break
                 queues.pop(model)
+                finish = self.admission.start_finish(p.model, now, d.action == PLACE)
+                if finish > p.due:
+                    # Starting now misses its deadline's target (the re-check runs only every RECHECK_S).
+                    self._refuse_late(p, now, finish, now)
+                    continue
                 self.send(p, d, now)
             if not self.table.any_free():
                 return
@@ -335,6 +350,8 @@ class Dispatcher:
         w.start(p, now)
         p.worker = w.name
         p.dispatched_at = now
+        if p.expect_s >= 0:
+            self._left_queue(p, now - p.arrival, d.action == PLACE)
         if d.action == PLACE and self.log_model_operations:
             log.info("placing model %s on worker %s (%s%s)", p.model, w.name, d.reason,
                      f"; evicting {d.evict}" if d.evict else "")
@@ -351,6 +368,9 @@ class Dispatcher:
         now = time.monotonic()
         if p.op == "infer":
             self.stats.service(p.model, now - p.dispatched_at)
+            load_ms = header.get("model_load_ms") if header.get("model_loaded") is True else None
+            self.admission.served(p.model, now - p.dispatched_at,
+                                  load_ms / 1000.0 if isinstance(load_ms, (int, float)) else None)
         code = error_code(header)
         if code is None:
             if p.op == "load_model":
@@ -373,7 +393,12 @@ class Dispatcher:
         """Deadlines (queued and in flight) and requests waiting too long for any worker."""
         self.note_saturation(now)
         for p in self.queues.expire(now):
+            self._left_queue(p, now - p.arrival)
             p.expire(self, now)
+        if self.queues.total and now >= self._recheck_at:
+            # A few microseconds per queued request: a deep queue is re-checked less often.
+            self._recheck_at = now + max(RECHECK_S, 6e-5 * self.queues.total)
+            self._recheck(now)
         if self.control:
             for p in [p for p in self.control if p.deadline is not None and p.deadline <= now]:
                 self.control.remove(p)

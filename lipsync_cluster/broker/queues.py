@@ -7,7 +7,7 @@ with ``overloaded`` at once instead of growing memory and latency without limit.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from ..common.errors import Overloaded
 from .requests import Pending  # what waits here (tests and benches build them from this module)
@@ -34,13 +34,6 @@ class ModelQueues:
         self._queues: dict[str, deque[Pending]] = {}
         self.total = 0
         self._busy = Busy(self._queues)
-        self.work_s = 0.0   # the sum of the queued requests' expected service times
-
-    def expected_wait_s(self, credits: int, in_flight_s: float = 0.0) -> float:
-        """How long a request queued now waits: the work queued ahead of it plus ``in_flight_s``
-        (what the workers are running now), served ``credits`` at a time (the broker dispatches
-        the oldest head first, so all queues drain together)."""
-        return (max(0.0, self.work_s) + in_flight_s) / max(1, credits)
 
     def __len__(self) -> int:
         return self.total
@@ -56,9 +49,8 @@ class ModelQueues:
         """Models with at least one request waiting (never evict these), as a live view."""
         return self._busy
 
-    def push(self, p: Pending, retry_after_ms: int = 100, work_s: float = 0.0) -> None:
-        """Append at the back, counting ``work_s`` (its expected service time) as queued work;
-        raise :class:`Overloaded` when a bound is reached."""
+    def push(self, p: Pending, retry_after_ms: int = 100) -> None:
+        """Append at the back; raise :class:`Overloaded` when a bound is reached."""
         q = self._queues.get(p.model)
         if q is None:
             q = self._queues[p.model] = deque()
@@ -71,8 +63,6 @@ class ModelQueues:
                              retry_after_ms=retry_after_ms, queue="total")
         q.append(p)
         self.total += 1
-        p.work_s = work_s
-        self.work_s += work_s
 
     def push_front(self, p: Pending) -> None:
         """Put a retried request back at the head; bounds do not apply (it was admitted)."""
@@ -81,7 +71,6 @@ class ModelQueues:
             q = self._queues[p.model] = deque()
         q.appendleft(p)
         self.total += 1
-        self.work_s += p.work_s
 
     def head(self, model: str) -> Optional[Pending]:
         q = self._queues.get(model)
@@ -90,7 +79,6 @@ class ModelQueues:
     def pop(self, model: str) -> Pending:
         p = self._queues[model].popleft()
         self.total -= 1
-        self.work_s = self.work_s - p.work_s if self.total else 0.0  # no float drift left behind
         return p
 
     def by_head_age(self) -> list[str]:
@@ -110,14 +98,33 @@ class ModelQueues:
                 (out if p.deadline is not None and p.deadline <= now else keep).append(p)
             self._queues[model] = keep
         self.total -= len(out)
-        self.work_s = sum(p.work_s for p in self) if self.total else 0.0
+        return out
+
+    def prune_late(self, finish: Callable[[Pending, int], float], slack: float = 0.0) -> list[tuple[Pending, float]]:
+        """Remove and return the queued requests that would finish after their ``due`` time (plus
+        ``slack`` x the time from their arrival to it), each with that expected finish:
+        ``finish(p, ahead)``, ``ahead`` being how many wait before it in its model's queue
+        (admission.py; requests without a due time are not asked)."""
+        out: list[tuple[Pending, float]] = []
+        inf = float("inf")
+        for model, q in self._queues.items():
+            late = None
+            for i, p in enumerate(q):
+                if p.due != inf:
+                    t = finish(p, i)
+                    if t > p.due + slack * (p.due - p.arrival):
+                        (late := late or []).append((p, t))
+            if late:
+                out.extend(late)
+                gone = {id(p) for p, _ in late}
+                self._queues[model] = deque(p for p in q if id(p) not in gone)
+        self.total -= len(out)
         return out
 
     def drain(self) -> list[Pending]:
         out = [p for q in self._queues.values() for p in q]
         self._queues.clear()
         self.total = 0
-        self.work_s = 0.0
         return out
 
     def __iter__(self) -> Iterator[Pending]:

@@ -58,7 +58,7 @@ class Pending:
     __slots__ = (
         "rid", "client", "cid", "op", "model", "header", "payloads", "arrival", "deadline",
         "retries", "worker", "dispatched_at", "evict_hint", "targets", "answered", "no_evict",
-        "frames", "work_s",
+        "frames", "expect_s", "due",
     )
 
     # A kind the broker times out while a worker holds it (an unload leg instead waits for the
@@ -84,7 +84,8 @@ class Pending:
         self.answered = False                    # finish() ran: any later outcome is late
         self.no_evict = False                    # place only into a free slot (preloads)
         self.frames = 0                          # frames produced (batch_size for infer)
-        self.work_s = 0.0                        # expected service time, counted while queued
+        self.expect_s = -1.0                     # predicted queue wait at admission (-1: none)
+        self.due = float("inf")                  # when it should be answered: its deadline's target
 
     def __repr__(self) -> str:  # for logs and test failures
         return f"{type(self).__name__}(rid={self.rid}, op={self.op}, model={self.model}, cid={self.cid!r})"
