@@ -1,0 +1,580 @@
+"""WebRTC out of the gateway: ``POST /webrtc/offer`` -> one video and one audio track on one clock.
+
+A peer offers (``{"sdp", "type": "offer", "model", "lookahead_frames"?}``) with a video and an
+audio transceiver it receives on and, to talk, a data channel; the answer's tracks are
+
+* video: 25 fps, pts ``n x 3600`` at 90 kHz, H.264 when the offer has it, else VP8;
+* audio: the avatar's speech (the PCM pushed on the data channel, 48 kHz, Opus), pts in samples;
+
+and frame ``n`` and its 40 ms of audio leave together: one :class:`Player` decides what tick ``n``
+shows (the next paired frame of the stream, or, while the cluster has none ready, the last
+picture again with 40 ms of silence) and both tracks are paced off its clock, started only once
+the first pair exists (aiortc stamps RTP with wall time at send, so a track that started late
+would stay late). Neither track ever stalls. The data channel carries what the WebSocket carries
+(binary 16 kHz s16le PCM, JSON ``switch``/``interrupt``/``listen``/``ping``), handled by the
+same code (:class:`~lipsync_cluster.gateway.server.StreamControl`).
+
+The session listens from the start (silence appended in real time when no audio comes, so the
+workers' idle frames flow). It ends when the peer's connection fails or closes, when no RTCP
+report came from the peer for the gateway's ``webrtc_peer_timeout_s``, or when the gateway stops; its StreamSession is
+cancelled at once.
+
+Imported only when a peer offers: the ``gateway`` extra does not need aiortc.
+"""
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+from aiohttp import web
+
+try:
+    import av
+    from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import MediaStreamError
+    from aiortc.rtcrtpsender import RTCRtpSender
+except ImportError as exc:  # the webrtc extra is optional; server.py turns this into a 501
+    raise ImportError(f"WebRTC needs the 'webrtc' extra: pip install 'lipsync-cluster[webrtc]' ({exc})") from exc
+
+from ._pairs_standin import AVPairs  # stand-in until client/av.py (branch agents) lands
+from ..client.stream import AsyncStreamSession
+from ..common.audio import FPS
+from ..common.errors import LipsyncError
+from ..common.infer_request import require_int
+from .server import StreamControl, _short_latency, LIVE_WINDOW
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = logging.getLogger("lipsync_cluster.gateway.webrtc")
+
+AUDIO_RATE = 48000  # Opus's clock
+AUDIO_PACKET = AUDIO_RATE // 50  # 20 ms: aiortc's Opus encoder stamps all packets of one call alike
+VIDEO_CLOCK = 90000
+MAX_OFFER_BYTES = 64 * 1024  # a real offer is a few kB
+MAX_CHANNEL_MESSAGE = 64 * 1024  # the SCTP max-message-size aiortc announces (2 s of PCM)
+MAX_CHANNEL_BUFFER = 1 << 20  # bytes waiting on the data channel before a peer that does not read is dropped
+STATS_INTERVAL_S = 0.5
+MAX_TICKS_AHEAD = 25  # ticks decided but not yet taken by both tracks (one track's encoder lagging)
+KEYFRAME_S = 2
+X264_PRESET = "veryfast"  # half the CPU of libx264's default (medium) at the same bit rate
+VP8_CPU_USED = 8  # libvpx realtime speed (aiortc uses -6: slower, a little sharper)
+STAMP_BLOCK = 16  # px per bit of the frame-index stamp (tests, benchmarks)
+STAMP_BITS = 20
+
+
+class OfferError(Exception):
+    """A refused offer: ``status`` and the wire error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+# --- the frame-index stamp (debug: lets a receiver read which frame it got) ----------------------
+
+
+def stamp_index(image: np.ndarray, index: int) -> np.ndarray:
+    """Write ``index`` as ``STAMP_BITS`` black/white blocks along the bottom-left edge (a copy).
+
+    Blocks of 16 px on the macroblock grid survive H.264 and VP8 at their default bit rates.
+    """
+    out = image.copy()
+    h = out.shape[0]
+    y0 = (h // STAMP_BLOCK - 1) * STAMP_BLOCK
+    for bit in range(STAMP_BITS):
+        x0 = bit * STAMP_BLOCK
+        out[y0:y0 + STAMP_BLOCK, x0:x0 + STAMP_BLOCK] = 255 if (index >> bit) & 1 else 0
+    return out
+
+
+def read_stamp(image: np.ndarray) -> int:
+    """The index :func:`stamp_index` wrote (``image`` BGR or grey, the size it was stamped at)."""
+    grey = image if image.ndim == 2 else image.mean(axis=2)
+    h = grey.shape[0]
+    y0 = (h // STAMP_BLOCK - 1) * STAMP_BLOCK
+    value = 0
+    for bit in range(STAMP_BITS):
+        x0 = bit * STAMP_BLOCK
+        block = grey[y0 + 4:y0 + STAMP_BLOCK - 4, x0 + 4:x0 + STAMP_BLOCK - 4]
+        if block.mean() > 128:
+            value |= 1 << bit
+    return value
+
+
+# --- the clock both tracks follow --------------------------------------------------------------
+
+
+class Player:
+    """Tick ``n`` of the session clock: one picture and its 40 ms of audio, for both tracks.
+
+    ``pairs`` is the pairing core (:class:`~lipsync_cluster.client.av.AVPairs`): ``poll()`` gives
+    the next ``(index, frame, audio)`` or None. A tick is decided once, by the first track that
+    reaches it; a tick with no pair ready repeats the last picture with silence (a filler), so a
+    late cluster shifts both tracks alike and never one against the other.
+    """
+
+    def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False) -> None:
+        self.pairs = pairs
+        self.fps = fps
+        self.samples = AUDIO_RATE // fps  # audio per tick
+        self.stamp = stamp
+        self.t0: Optional[float] = None
+        self.started = asyncio.Event()
+        self.closed = False
+        self.ticks: dict[int, list] = {}  # tick -> [frame or None, audio, takers left]
+        self.decided = 0
+        self.frames = self.fillers = self.dropped_ticks = 0
+        self.last_index = -1
+        self._last: Any = None  # the last real frame shown (fillers repeat it)
+        self._last_image: Optional[np.ndarray] = None
+        self._last_image_index = -2
+
+    async def start(self) -> None:
+        """Wait for the first pair, then start the clock (both tracks wait on this)."""
+        while not self.closed and self.t0 is None:
+            first = self.pairs.poll()
+            if first is not None:
+                self._store(0, first)
+                self.decided = 1
+                self.t0 = time.monotonic()
+                self.started.set()
+                return
+            await asyncio.sleep(0.01)
+
+    def _store(self, tick: int, pair: Any) -> None:
+        index, frame, audio = pair
+        self.ticks[tick] = [(index, frame), np.asarray(audio, np.int16).reshape(-1), 2]
+        self._last = (index, frame)
+        self.last_index = index
+        self.frames += 1
+
+    def tick(self, n: int) -> list:
+        """Decide ticks up to ``n`` (each a pair if one is ready, else a filler)."""
+        while self.decided <= n:
+            pair = self.pairs.poll()
+            if pair is not None:
+                self._store(self.decided, pair)
+            else:
+                self.ticks[self.decided] = [self._last, np.zeros(self.samples, np.int16), 2]
+                self.fillers += 1
+            self.decided += 1
+        while len(self.ticks) > MAX_TICKS_AHEAD:  # one track stopped taking: forget its old ticks
+            del self.ticks[min(self.ticks)]
+            self.dropped_ticks += 1
+        return self.ticks.get(n) or [self._last, np.zeros(self.samples, np.int16), 2]
+
+    def now_tick(self) -> int:
+        return int((time.monotonic() - self.t0) * self.fps) if self.t0 is not None else 0
+
+    def skip(self, n: int) -> None:
+        """The video track will not show tick ``n`` (its encoder is behind)."""
+        self.tick(n)
+        self._taken(n)
+
+    def _taken(self, n: int) -> None:
+        entry = self.ticks.get(n)
+        if entry is not None:
+            entry[2] -= 1
+            if entry[2] <= 0:
+                del self.ticks[n]
+
+    async def wait(self, t: float) -> None:
+        """Sleep until ``t`` seconds on the session clock."""
+        await self.started.wait()
+        if self.closed:
+            raise MediaStreamError
+        delay = self.t0 + t - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def image(self, n: int) -> tuple[int, np.ndarray]:
+        """Tick ``n``'s picture (BGR), decoded once per frame (a filler reuses the last)."""
+        entry = self.tick(n)
+        index, frame = entry[0]
+        if index != self._last_image_index:
+            image = frame.decode() if hasattr(frame, "decode") else np.asarray(frame)
+            if self.stamp:
+                image = stamp_index(image, index)
+            self._last_image, self._last_image_index = image, index
+        self._taken(n)
+        return index, self._last_image
+
+    def audio(self, n: int, half: int) -> np.ndarray:
+        entry = self.tick(n)
+        half_len = self.samples // 2
+        out = entry[1][half * half_len:(half + 1) * half_len]
+        if half == 1:
+            self._taken(n)
+        return out
+
+
+class VideoEncoder:
+    """H.264 (libx264, baseline, zerolatency) or VP8 (libvpx, realtime) at a fixed bit rate.
+
+    The gateway encodes itself and hands aiortc finished packets: aiortc's own encoders run
+    libx264 at its default preset (twice the CPU of ``veryfast`` for the same picture) with no way
+    to choose. Every ``KEYFRAME_S`` a key frame (aiortc does not pass a peer's key frame request
+    to a track that sends packets: this bounds a loss's damage). ``cpu_s`` counts encode CPU time.
+    """
+
+    def __init__(self, codec: str, kbps: int, fps: int = FPS) -> None:
+        self.name = codec
+        self.kbps, self.fps = kbps, fps
+        self.ctx: Any = None
+        self.cpu_s = 0.0
+        self.frames = 0
+        self.bytes = 0
+
+    def _open(self, width: int, height: int) -> None:
+        name = "libx264" if self.name == "h264" else "libvpx"
+        ctx = av.CodecContext.create(name, "w")
+        ctx.width, ctx.height = width, height
+        ctx.pix_fmt = "yuv420p"
+        ctx.bit_rate = self.kbps * 1000
+        ctx.framerate = fractions.Fraction(self.fps, 1)
+        ctx.time_base = fractions.Fraction(1, self.fps)
+        ctx.gop_size = KEYFRAME_S * self.fps
+        if name == "libx264":
+            ctx.profile = "Baseline"
+            ctx.options = {"preset": X264_PRESET, "tune": "zerolatency", "level": "31"}
+        else:
+            ctx.options = {"deadline": "realtime", "cpu-used": str(VP8_CPU_USED), "lag-in-frames": "0",
+                           "static-thresh": "1", "undershoot-pct": "100", "overshoot-pct": "15",
+                           "bufsize": str(self.kbps * 1000), "minrate": str(self.kbps * 1000),
+                           "maxrate": str(self.kbps * 1000)}
+        self.ctx = ctx
+
+    def encode(self, image: np.ndarray, n: int) -> "av.Packet":
+        t = time.thread_time()
+        if self.ctx is None:
+            self._open(image.shape[1], image.shape[0])
+        frame = av.VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p")
+        frame.pts = n
+        frame.time_base = self.ctx.time_base
+        data = b"".join(bytes(p) for p in self.ctx.encode(frame))
+        packet = av.Packet(data)
+        packet.pts = n * (VIDEO_CLOCK // self.fps)
+        packet.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        self.cpu_s += time.thread_time() - t
+        self.frames += 1
+        self.bytes += len(data)
+        return packet
+
+
+class AvatarVideoTrack(MediaStreamTrack):
+    """Tick ``n``'s picture, encoded, at ``t0 + n / 25``. An encoder that falls more than a tick
+    behind skips ticks (counted in ``skipped``): the picture stays on time with its sound."""
+
+    kind = "video"
+
+    def __init__(self, player: Player, encoder: Optional[VideoEncoder] = None) -> None:
+        super().__init__()
+        self.player = player
+        self.encoder = encoder
+        self.n = 0
+        self.skipped = 0
+
+    async def recv(self) -> "av.Packet":
+        if self.readyState != "live":
+            raise MediaStreamError
+        await self.player.started.wait()
+        n = self.n
+        late = self.player.now_tick() - 1
+        if n > 0 and late > n:
+            for m in range(n, late):
+                self.player.skip(m)
+            self.skipped += late - n
+            n = late
+        self.n = n + 1
+        await self.player.wait(n / self.player.fps)
+        loop = asyncio.get_running_loop()
+        # decoding a 720p JPEG and encoding take milliseconds: off the event loop (both release the GIL)
+        return await loop.run_in_executor(None, self._encode, n)
+
+    def _encode(self, n: int) -> "av.Packet":
+        _, image = self.player.image(n)
+        return self.encoder.encode(image, n)
+
+
+class AvatarAudioTrack(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, player: Player) -> None:
+        super().__init__()
+        self.player = player
+        self.h = 0  # 20 ms packets: two per tick
+
+    async def recv(self) -> "av.AudioFrame":
+        if self.readyState != "live":
+            raise MediaStreamError
+        h = self.h
+        self.h += 1
+        await self.player.wait(h * AUDIO_PACKET / AUDIO_RATE)
+        pcm = self.player.audio(h // 2, h % 2)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = AUDIO_RATE
+        frame.pts = h * AUDIO_PACKET
+        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
+        return frame
+
+
+# --- one peer --------------------------------------------------------------------------------------
+
+
+class PeerSession(StreamControl):
+    """One WebRTC peer: its connection, its StreamSession (through the pairing core), its tracks."""
+
+    def __init__(self, gateway: "Gateway", sid: str, peer: str, model: str, lookahead: int) -> None:
+        self.gateway, self.id, self.peer = gateway, sid, peer
+        self.model = model
+        self.started_at = time.time()
+        g = gateway
+        self.session = AsyncStreamSession(g.client, model, batch_size=g.batch_size, format=g.format,
+                                          quality=g.quality, max_in_flight=g.max_in_flight,
+                                          request_timeout=g.request_timeout, lookahead_frames=lookahead)
+        self.session.set_listening(True)  # idle frames while nobody speaks: the tracks never wait
+        self.stream = AVPairs(self.session, sample_rate=AUDIO_RATE)
+        self.player = Player(self.stream, stamp=g.webrtc_stamp)
+        self.video_track = AvatarVideoTrack(self.player)
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(g.ice_servers)))
+        self.channel: Any = None
+        self.closed = False
+        self.reason = ""
+        self.done = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.messages_in = 0
+
+    # --- signalling ----------------------------------------------------------------------------
+
+    async def answer(self, sdp: str) -> RTCSessionDescription:
+        pc = self.pc
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
+            raise OfferError(400, "bad_request", f"the offer's SDP could not be read: {exc}") from None
+        kinds = {t.kind: t for t in pc.getTransceivers()}
+        missing = [k for k in ("video", "audio") if k not in kinds]
+        if missing:
+            raise OfferError(400, "bad_request", f"the offer has no {' and no '.join(missing)} section: add "
+                                                 "addTransceiver('video', {direction: 'recvonly'}) and the same "
+                                                 "for 'audio' before createOffer")
+        for kind, t in kinds.items():
+            if t.direction not in ("recvonly", "sendrecv"):
+                raise OfferError(400, "bad_request", f"the offer's {kind} section is {t.direction}; the avatar "
+                                                     "sends, so it must be recvonly or sendrecv")
+        video = kinds["video"]
+        caps = RTCRtpSender.getCapabilities("video").codecs
+        prefer = [c for c in caps if c.mimeType.lower() == "video/h264"] + \
+                 [c for c in caps if c.mimeType.lower() == "video/vp8"] + \
+                 [c for c in caps if c.mimeType.lower() == "video/rtx"]
+        video.setCodecPreferences(prefer)
+        pc.addTrack(self.video_track)
+        pc.addTrack(AvatarAudioTrack(self.player))
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: Any) -> None:
+            if self.channel is not None:
+                channel.close()  # one control channel per peer
+                return
+            self.channel = channel
+            channel.on("message", self._on_message)
+            self.put_control({"type": "hello", "session": self.id, "fps": FPS, "sample_rate": 16000,
+                              "pcm": "s16le", "model_id": self.model, "audio_rate": AUDIO_RATE,
+                              "max_message": MAX_CHANNEL_MESSAGE})
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            state = pc.connectionState
+            log.info("webrtc %s (%s): connection %s", self.id, self.peer, state)
+            if state in ("failed", "closed"):
+                await self.close(f"connection {state}")
+
+        try:
+            answer = await pc.createAnswer()
+        except (ValueError, RuntimeError) as exc:  # e.g. no codec in common
+            raise OfferError(400, "bad_request", f"no answer to this offer: {exc}") from None
+        await pc.setLocalDescription(answer)  # gathers the candidates (no trickle)
+        codec = self.video_codec()
+        if codec is None:
+            raise OfferError(400, "bad_request", "the offer's video accepts neither H.264 nor VP8")
+        self.video_track.encoder = VideoEncoder(codec, self.gateway.webrtc_video_kbps)
+        self._tasks = [asyncio.ensure_future(self.player.start()), asyncio.ensure_future(self._stats_loop()),
+                       asyncio.ensure_future(self._watchdog())]
+        return pc.localDescription
+
+    def video_codec(self) -> Optional[str]:
+        desc = self.pc.localDescription
+        if desc is None:
+            return None
+        in_video = False
+        for line in desc.sdp.splitlines():
+            if line.startswith("m="):
+                in_video = line.startswith("m=video")
+            elif in_video and line.startswith("a=rtpmap:"):
+                name = line.split(" ", 1)[1].split("/")[0].lower()
+                if name in ("h264", "vp8"):
+                    return name
+        return None
+
+    # --- data channel (StreamControl) -------------------------------------------------------------
+
+    def _on_message(self, data: Any) -> None:
+        self.messages_in += 1
+        if len(data) > MAX_CHANNEL_MESSAGE:
+            self._error("bad_request", f"data channel messages are at most {MAX_CHANNEL_MESSAGE} bytes; "
+                                       f"got {len(data)}")
+            return
+        if isinstance(data, bytes):
+            self._on_pcm(data)
+        else:
+            asyncio.ensure_future(self._on_control(data))
+
+    def put_control(self, message: dict) -> None:
+        ch = self.channel
+        if ch is None or ch.readyState != "open" or self.closed:
+            return
+        if ch.bufferedAmount > MAX_CHANNEL_BUFFER:
+            if message.get("type") == "stats":
+                return  # the next one will do
+            log.warning("webrtc %s (%s): the peer does not read its data channel; closing", self.id, self.peer)
+            asyncio.ensure_future(self.close("data channel not read"))
+            return
+        ch.send(json.dumps(message))
+
+    async def _start(self, msg: dict) -> None:
+        self._error("bad_request", "a WebRTC stream starts with its offer (POST /webrtc/offer names the model); "
+                                   "use switch to change it")
+
+    def _stop(self) -> None:
+        self._error("bad_request", "a WebRTC stream stops when the peer connection closes")
+
+    async def _stop_stream(self) -> None:
+        await self.close("audio backlog")
+
+    # --- running and ending ----------------------------------------------------------------------
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            self.put_control({"type": "stats", **self.status()})
+            try:
+                self.stream.check()
+            except LipsyncError as exc:  # the stream failed for good (its batch failed twice)
+                self._error(exc.code, exc.message)
+                await self.close(f"stream failed: {exc.code}")
+                return
+
+    async def _watchdog(self) -> None:
+        """A peer that vanished without a word: no RTCP receiver report for ``webrtc_peer_timeout_s``
+        (ICE consent alone takes about 30 s to notice)."""
+        last = time.monotonic()
+        seen: Any = None
+        while True:
+            await asyncio.sleep(1.0)
+            newest = None
+            for sender in self.pc.getSenders():
+                try:
+                    stats = await sender.getStats()
+                except Exception:  # noqa: BLE001 - a closing transport
+                    continue
+                for s in stats.values():
+                    if s.type == "remote-inbound-rtp":
+                        newest = max(newest or s.timestamp, s.timestamp)
+            if newest is not None and newest != seen:
+                seen, last = newest, time.monotonic()
+            if time.monotonic() - last > self.gateway.webrtc_peer_timeout_s:
+                await self.close(f"no report from the peer for {self.gateway.webrtc_peer_timeout_s:g} s")
+                return
+
+    async def close(self, reason: str = "closed") -> None:
+        """End at once: the stream (in-flight requests abandoned), the tracks, the connection."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        self.player.closed = True
+        self.player.started.set()  # tracks waiting for the first pair give up
+        me = asyncio.current_task()
+        for task in self._tasks:
+            if task is not me:
+                task.cancel()
+        await self.session.cancel()
+        try:
+            await self.pc.close()
+        except Exception as exc:  # noqa: BLE001 - closing anyway
+            log.debug("webrtc %s: close: %s", self.id, exc)
+        self.gateway.sessions.pop(self.id, None)
+        self.gateway.closed_sessions += 1
+        log.info("webrtc %s (%s) closed: %s (%d frames, %d fillers; %d open)", self.id, self.peer, reason,
+                 self.player.frames, self.player.fillers, len(self.gateway.sessions))
+        self.done.set()
+
+    def status(self) -> dict:
+        st = self.session.stats()
+        enc = self.video_track.encoder
+        return {"session": self.id, "peer": self.peer, "transport": "webrtc", "streaming": not self.closed,
+                "connection": self.pc.connectionState, "codec": self.video_codec(), "model_id": st["model_id"],
+                "sent": self.player.decided, "frames": self.player.frames, "fillers": self.player.fillers,
+                "video_skipped": self.video_track.skipped,
+                "encode_cpu_s": round(enc.cpu_s, 3) if enc else 0.0, "video_bytes": enc.bytes if enc else 0,
+                "last_index": self.player.last_index, "drops": 0, "queued": self.stream.waiting,
+                "latency": _short_latency(self.session.latency(recent=LIVE_WINDOW, breakdown=False)),
+                "audio_seconds": round(st["seconds"], 3), "in_flight": st["in_flight"], "retries": st["retries"],
+                "listening": st["listening"], "idle_frames": st["idle_frames"],
+                "interrupts": [i["cut"] for i in st["interrupts"]][-10:]}
+
+
+async def offer(gateway: "Gateway", request: web.Request) -> web.Response:
+    """``POST /webrtc/offer``: answer an SDP offer with the avatar's tracks (or a 4xx naming why)."""
+    if request.content_length is None or request.content_length > MAX_OFFER_BYTES:
+        raise OfferError(413 if request.content_length else 411, "bad_request",
+                         f"an offer is a JSON body of at most {MAX_OFFER_BYTES} bytes with a Content-Length")
+    body = await request.content.read(MAX_OFFER_BYTES + 1)
+    if len(body) > MAX_OFFER_BYTES:
+        raise OfferError(413, "bad_request", f"an offer is at most {MAX_OFFER_BYTES} bytes")
+    try:
+        msg = json.loads(body)
+    except ValueError as exc:
+        raise OfferError(400, "bad_request", f"the offer is not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise OfferError(400, "bad_request", "the offer is a JSON object {sdp, type, model, lookahead_frames?}")
+    if msg.get("type") != "offer":
+        raise OfferError(400, "bad_request", f"type must be 'offer'; got {msg.get('type')!r}")
+    sdp = msg.get("sdp")
+    if not isinstance(sdp, str) or not sdp.startswith("v=0"):
+        raise OfferError(400, "bad_request", "sdp must be the offer's SDP text (it starts with 'v=0')")
+    model = msg.get("model")
+    problem = await gateway.model_problem(model)
+    if problem is not None:
+        raise OfferError(404 if problem[0] == "unknown_model" else 400, *problem)
+    try:
+        lookahead = require_int(msg, "lookahead_frames", 0, 12, gateway.lookahead_frames)
+    except LipsyncError as exc:
+        raise OfferError(400, exc.code, exc.message) from None
+    if len(gateway.sessions) >= gateway.max_sessions:
+        raise OfferError(503, "capacity_full", f"this gateway serves at most {gateway.max_sessions} sessions")
+    sid = gateway.new_session_id("r")
+    try:
+        peer = PeerSession(gateway, sid, request.remote or "?", model, lookahead)
+    except LipsyncError as exc:
+        raise OfferError(400, exc.code, exc.message) from None
+    gateway.sessions[sid] = peer
+    try:
+        answer = await peer.answer(sdp)
+    except BaseException:
+        await peer.close("offer refused")
+        raise
+    log.info("webrtc %s opened from %s on %s (%s; %d open)", sid, peer.peer, model, peer.video_codec(),
+             len(gateway.sessions))
+    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": sid,
+                              "video_codec": peer.video_codec()})
+
+
+__all__ = ["offer", "OfferError", "PeerSession", "Player", "stamp_index", "read_stamp", "AUDIO_RATE"]
