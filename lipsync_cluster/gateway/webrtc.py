@@ -4,7 +4,7 @@ A peer offers (``{"sdp", "type": "offer", "model", "lookahead_frames"?}``) with 
 audio transceiver it receives on and, to talk, a data channel; the answer's tracks are
 
 * video: 25 fps, pts ``n x 3600`` at 90 kHz, H.264 when the offer has it, else VP8;
-* audio: the avatar's speech (the PCM pushed on the data channel, 48 kHz, Opus), pts in samples;
+* audio: the avatar's speech (the PCM pushed on the data channel; Opus, RTP clock 48 kHz), pts in samples;
 
 and frame ``n`` and its 40 ms of audio leave together: one :class:`Player` decides what tick ``n``
 shows (the next paired frame of the stream, or, while the cluster has none ready, the last
@@ -28,7 +28,6 @@ import fractions
 import json
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -42,9 +41,9 @@ try:
 except ImportError as exc:  # the webrtc extra is optional; server.py turns this into a 501
     raise ImportError(f"WebRTC needs the 'webrtc' extra: pip install 'lipsync-cluster[webrtc]' ({exc})") from exc
 
-from ._pairs_standin import AVPairs  # stand-in until client/av.py (branch agents) lands
+from ..client.av import AsyncAVSession
 from ..client.stream import AsyncStreamSession
-from ..common.audio import FPS
+from ..common.audio import FPS, SAMPLE_RATE
 from ..common.errors import LipsyncError
 from ..common.infer_request import require_int
 from .server import StreamControl, _short_latency, LIVE_WINDOW
@@ -55,7 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lipsync_cluster.gateway.webrtc")
 
 AUDIO_RATE = 48000  # Opus's clock
-AUDIO_PACKET = AUDIO_RATE // 50  # 20 ms: aiortc's Opus encoder stamps all packets of one call alike
 VIDEO_CLOCK = 90000
 MAX_OFFER_BYTES = 64 * 1024  # a real offer is a few kB
 MAX_CHANNEL_MESSAGE = 64 * 1024  # the SCTP max-message-size aiortc announces (2 s of PCM)
@@ -114,32 +112,45 @@ def read_stamp(image: np.ndarray) -> int:
 class Player:
     """Tick ``n`` of the session clock: one picture and its 40 ms of audio, for both tracks.
 
-    ``pairs`` is the pairing core (:class:`~lipsync_cluster.client.av.AVPairs`): ``poll()`` gives
-    the next ``(index, frame, audio)`` or None. A tick is decided once, by the first track that
-    reaches it; a tick with no pair ready repeats the last picture with silence (a filler), so a
-    late cluster shifts both tracks alike and never one against the other.
+    ``pairs`` is the pairing core (:class:`~lipsync_cluster.client.av.AsyncAVSession`):
+    ``await poll()`` gives the next :class:`~lipsync_cluster.client.av.AVFrame` or None. A tick is
+    decided once, by the first track that reaches it; a tick with no pair ready repeats the last
+    picture with silence (a filler), so a late cluster delays both tracks alike, never one
+    against the other. Taking one pair per tick leaves the rest to ``interrupt()``: barge-in cuts
+    right after the frame on screen.
     """
 
     def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False) -> None:
         self.pairs = pairs
         self.fps = fps
-        self.samples = AUDIO_RATE // fps  # audio per tick
+        self.samples = pairs.core.rate // fps  # audio per tick, at the pairing core's rate
         self.stamp = stamp
         self.t0: Optional[float] = None
         self.started = asyncio.Event()
         self.closed = False
-        self.ticks: dict[int, list] = {}  # tick -> [frame or None, audio, takers left]
+        self.error: Optional[BaseException] = None
+        self.ticks: dict[int, list] = {}  # tick -> [(index, frame), audio, takers left]
         self.decided = 0
         self.frames = self.fillers = self.dropped_ticks = 0
         self.last_index = -1
-        self._last: Any = None  # the last real frame shown (fillers repeat it)
-        self._last_image: Optional[np.ndarray] = None
-        self._last_image_index = -2
+        self._last: Any = None  # the last real (index, frame) shown: fillers repeat it
+        self._lock = asyncio.Lock()
+        self._image_index = -2
+        self._image: Optional[np.ndarray] = None
+
+    async def _poll(self) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return await self.pairs.poll()
+        except LipsyncError as exc:  # the stream failed for good: fillers from now on, the session ends it
+            self.error = exc
+            return None
 
     async def start(self) -> None:
         """Wait for the first pair, then start the clock (both tracks wait on this)."""
         while not self.closed and self.t0 is None:
-            first = self.pairs.poll()
+            first = await self._poll()
             if first is not None:
                 self._store(0, first)
                 self.decided = 1
@@ -148,37 +159,34 @@ class Player:
                 return
             await asyncio.sleep(0.01)
 
-    def _store(self, tick: int, pair: Any) -> None:
-        index, frame, audio = pair
-        self.ticks[tick] = [(index, frame), np.asarray(audio, np.int16).reshape(-1), 2]
-        self._last = (index, frame)
-        self.last_index = index
+    def _store(self, tick: int, item: Any) -> None:
+        audio = np.asarray(item.audio, np.int16).reshape(-1)
+        self.ticks[tick] = [(item.index, item.frame), audio, 2]
+        self._last = (item.index, item.frame)
+        self.last_index = item.index
         self.frames += 1
 
-    def tick(self, n: int) -> list:
-        """Decide ticks up to ``n`` (each a pair if one is ready, else a filler)."""
-        while self.decided <= n:
-            pair = self.pairs.poll()
-            if pair is not None:
-                self._store(self.decided, pair)
-            else:
-                self.ticks[self.decided] = [self._last, np.zeros(self.samples, np.int16), 2]
-                self.fillers += 1
-            self.decided += 1
-        while len(self.ticks) > MAX_TICKS_AHEAD:  # one track stopped taking: forget its old ticks
-            del self.ticks[min(self.ticks)]
-            self.dropped_ticks += 1
+    async def tick(self, n: int) -> list:
+        """Decide the ticks up to ``n`` (each a pair if one is ready, else a filler)."""
+        async with self._lock:
+            while self.decided <= n:
+                item = await self._poll()
+                if item is not None:
+                    self._store(self.decided, item)
+                else:
+                    self.ticks[self.decided] = [self._last, np.zeros(self.samples, np.int16), 2]
+                    self.fillers += 1
+                self.decided += 1
+            while len(self.ticks) > MAX_TICKS_AHEAD:  # one track stopped taking: forget its old ticks
+                del self.ticks[min(self.ticks)]
+                self.dropped_ticks += 1
         return self.ticks.get(n) or [self._last, np.zeros(self.samples, np.int16), 2]
 
     def now_tick(self) -> int:
         return int((time.monotonic() - self.t0) * self.fps) if self.t0 is not None else 0
 
-    def skip(self, n: int) -> None:
-        """The video track will not show tick ``n`` (its encoder is behind)."""
-        self.tick(n)
-        self._taken(n)
-
-    def _taken(self, n: int) -> None:
+    def taken(self, n: int) -> None:
+        """One track is done with tick ``n``."""
         entry = self.ticks.get(n)
         if entry is not None:
             entry[2] -= 1
@@ -194,25 +202,15 @@ class Player:
         if delay > 0:
             await asyncio.sleep(delay)
 
-    def image(self, n: int) -> tuple[int, np.ndarray]:
-        """Tick ``n``'s picture (BGR), decoded once per frame (a filler reuses the last)."""
-        entry = self.tick(n)
-        index, frame = entry[0]
-        if index != self._last_image_index:
-            image = frame.decode() if hasattr(frame, "decode") else np.asarray(frame)
+    def image(self, shown: tuple) -> np.ndarray:
+        """The picture of ``(index, frame)`` (BGR), decoded once (fillers reuse it). Thread: the encoder's."""
+        index, frame = shown
+        if index != self._image_index:
+            image = frame.decode()
             if self.stamp:
                 image = stamp_index(image, index)
-            self._last_image, self._last_image_index = image, index
-        self._taken(n)
-        return index, self._last_image
-
-    def audio(self, n: int, half: int) -> np.ndarray:
-        entry = self.tick(n)
-        half_len = self.samples // 2
-        out = entry[1][half * half_len:(half + 1) * half_len]
-        if half == 1:
-            self._taken(n)
-        return out
+            self._image, self._image_index = image, index
+        return self._image
 
 
 class VideoEncoder:
@@ -220,14 +218,15 @@ class VideoEncoder:
 
     The gateway encodes itself and hands aiortc finished packets: aiortc's own encoders run
     libx264 at its default preset (twice the CPU of ``veryfast`` for the same picture) with no way
-    to choose. Every ``KEYFRAME_S`` a key frame (aiortc does not pass a peer's key frame request
-    to a track that sends packets: this bounds a loss's damage). ``cpu_s`` counts encode CPU time.
+    to choose. A key frame every ``KEYFRAME_S`` and when the peer asks (``keyframe``). No bit rate
+    adaptation: a fixed target (``webrtc_video_kbps``). ``cpu_s`` counts encode CPU time.
     """
 
     def __init__(self, codec: str, kbps: int, fps: int = FPS) -> None:
         self.name = codec
         self.kbps, self.fps = kbps, fps
         self.ctx: Any = None
+        self.keyframe = False  # the peer asked for one (PLI/FIR: it lost a picture)
         self.cpu_s = 0.0
         self.frames = 0
         self.bytes = 0
@@ -256,6 +255,9 @@ class VideoEncoder:
         if self.ctx is None:
             self._open(image.shape[1], image.shape[0])
         frame = av.VideoFrame.from_ndarray(image, format="bgr24").reformat(format="yuv420p")
+        if self.keyframe:
+            self.keyframe = False
+            frame.pict_type = av.video.frame.PictureType.I
         frame.pts = n
         frame.time_base = self.ctx.time_base
         data = b"".join(bytes(p) for p in self.ctx.encode(frame))
@@ -284,45 +286,84 @@ class AvatarVideoTrack(MediaStreamTrack):
     async def recv(self) -> "av.Packet":
         if self.readyState != "live":
             raise MediaStreamError
-        await self.player.started.wait()
+        player = self.player
+        await player.started.wait()
         n = self.n
-        late = self.player.now_tick() - 1
+        late = player.now_tick() - 1
         if n > 0 and late > n:
             for m in range(n, late):
-                self.player.skip(m)
+                await player.tick(m)
+                player.taken(m)
             self.skipped += late - n
             n = late
         self.n = n + 1
-        await self.player.wait(n / self.player.fps)
+        await player.wait(n / player.fps)
+        shown = (await player.tick(n))[0]
+        player.taken(n)
         loop = asyncio.get_running_loop()
         # decoding a 720p JPEG and encoding take milliseconds: off the event loop (both release the GIL)
-        return await loop.run_in_executor(None, self._encode, n)
+        return await loop.run_in_executor(None, self._encode, shown, n)
 
-    def _encode(self, n: int) -> "av.Packet":
-        _, image = self.player.image(n)
-        return self.encoder.encode(image, n)
+    def _encode(self, shown: tuple, n: int) -> "av.Packet":
+        return self.encoder.encode(self.player.image(shown), n)
+
+
+class AudioEncoder:
+    """Opus straight from the pairing core's rate (16 kHz: what the peer pushes), one packet per 20 ms.
+
+    Encoded here, on the event loop (a tenth of a millisecond), not by aiortc in its thread pool:
+    there it would wait behind the video encoder, and audio that leaves late stays late. The RTP
+    clock of Opus is 48 kHz whatever the input rate: tick ``n``'s audio is RTP ``n x 1920``.
+    (libopus's look-ahead makes the decoded sound 6.5 ms later than its timestamp.)
+    """
+
+    def __init__(self, rate: int, kbps: int = 32) -> None:
+        ctx = av.CodecContext.create("libopus", "w")
+        ctx.sample_rate, ctx.format, ctx.layout = rate, "s16", "mono"
+        ctx.bit_rate = kbps * 1000
+        ctx.time_base = fractions.Fraction(1, rate)
+        ctx.options = {"application": "voip"}
+        self.ctx, self.rate = ctx, rate
+        self.bytes = 0
+
+    def encode(self, pcm: np.ndarray, h: int) -> "av.Packet":
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm, np.int16).reshape(1, -1), format="s16",
+                                           layout="mono")
+        frame.sample_rate = self.rate
+        frame.pts = h * pcm.size
+        frame.time_base = self.ctx.time_base
+        data = b"".join(bytes(p) for p in self.ctx.encode(frame))
+        self.bytes += len(data)
+        packet = av.Packet(data)
+        packet.pts = h * (AUDIO_RATE // 50)
+        packet.time_base = fractions.Fraction(1, AUDIO_RATE)
+        return packet
 
 
 class AvatarAudioTrack(MediaStreamTrack):
+    """Tick ``n``'s audio as two 20 ms Opus packets (see :class:`AudioEncoder`)."""
+
     kind = "audio"
 
     def __init__(self, player: Player) -> None:
         super().__init__()
         self.player = player
+        self.encoder = AudioEncoder(player.pairs.core.rate)
         self.h = 0  # 20 ms packets: two per tick
 
-    async def recv(self) -> "av.AudioFrame":
+    async def recv(self) -> "av.Packet":
         if self.readyState != "live":
             raise MediaStreamError
+        player = self.player
         h = self.h
         self.h += 1
-        await self.player.wait(h * AUDIO_PACKET / AUDIO_RATE)
-        pcm = self.player.audio(h // 2, h % 2)
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = AUDIO_RATE
-        frame.pts = h * AUDIO_PACKET
-        frame.time_base = fractions.Fraction(1, AUDIO_RATE)
-        return frame
+        await player.wait(h / (2 * player.fps))
+        n, half = divmod(h, 2)
+        audio = (await player.tick(n))[1]
+        if half:
+            player.taken(n)
+        size = player.samples // 2
+        return self.encoder.encode(audio[half * size:(half + 1) * size], h)
 
 
 # --- one peer --------------------------------------------------------------------------------------
@@ -339,8 +380,9 @@ class PeerSession(StreamControl):
         self.session = AsyncStreamSession(g.client, model, batch_size=g.batch_size, format=g.format,
                                           quality=g.quality, max_in_flight=g.max_in_flight,
                                           request_timeout=g.request_timeout, lookahead_frames=lookahead)
-        self.session.set_listening(True)  # idle frames while nobody speaks: the tracks never wait
-        self.stream = AVPairs(self.session, sample_rate=AUDIO_RATE)
+        # the pairing core makes the listening silence (idle frames while nobody speaks); the peer
+        # pushes 16 kHz, so that is the audio's rate until aiortc's Opus encoder resamples it
+        self.stream = AsyncAVSession(self.session, sample_rate=SAMPLE_RATE)
         self.player = Player(self.stream, stamp=g.webrtc_stamp)
         self.video_track = AvatarVideoTrack(self.player)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(g.ice_servers)))
@@ -357,8 +399,9 @@ class PeerSession(StreamControl):
         pc = self.pc
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-        except (ValueError, AttributeError, IndexError, KeyError, TypeError) as exc:
-            raise OfferError(400, "bad_request", f"the offer's SDP could not be read: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - aiortc's parser fails with anything (even AssertionError)
+            why = str(exc) or type(exc).__name__
+            raise OfferError(400, "bad_request", f"the offer's SDP could not be read: {why}") from None
         kinds = {t.kind: t for t in pc.getTransceivers()}
         missing = [k for k in ("video", "audio") if k not in kinds]
         if missing:
@@ -375,8 +418,19 @@ class PeerSession(StreamControl):
                  [c for c in caps if c.mimeType.lower() == "video/vp8"] + \
                  [c for c in caps if c.mimeType.lower() == "video/rtx"]
         video.setCodecPreferences(prefer)
-        pc.addTrack(self.video_track)
-        pc.addTrack(AvatarAudioTrack(self.player))
+        video_sender = pc.addTrack(self.video_track)
+        # a peer that lost a picture asks for a key frame (PLI/FIR); aiortc tells only its own
+        # encoder (private _send_keyframe): pass it on to ours
+        ask = video_sender._send_keyframe
+
+        def send_keyframe() -> None:
+            ask()
+            if self.video_track.encoder is not None:
+                self.video_track.encoder.keyframe = True
+
+        video_sender._send_keyframe = send_keyframe
+        self.audio_track = AvatarAudioTrack(self.player)
+        pc.addTrack(self.audio_track)
 
         @pc.on("datachannel")
         def on_datachannel(channel: Any) -> None:
@@ -432,9 +486,23 @@ class PeerSession(StreamControl):
                                        f"got {len(data)}")
             return
         if isinstance(data, bytes):
-            self._on_pcm(data)
+            self._guarded(self._on_pcm, data)
         else:
-            asyncio.ensure_future(self._on_control(data))
+            asyncio.ensure_future(self._control(data))
+
+    async def _control(self, text: str) -> None:
+        try:
+            await self._on_control(text)
+        except Exception as exc:  # noqa: BLE001 - a bug must not pass in silence: say it, keep serving
+            log.exception("webrtc %s: control message failed", self.id)
+            self._error("internal", f"{type(exc).__name__}: {exc}")
+
+    def _guarded(self, fn: Any, data: Any) -> None:
+        try:
+            fn(data)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("webrtc %s: PCM message failed", self.id)
+            self._error("internal", f"{type(exc).__name__}: {exc}")
 
     def put_control(self, message: dict) -> None:
         ch = self.channel
@@ -464,9 +532,8 @@ class PeerSession(StreamControl):
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
             self.put_control({"type": "stats", **self.status()})
-            try:
-                self.stream.check()
-            except LipsyncError as exc:  # the stream failed for good (its batch failed twice)
+            exc = self.player.error
+            if isinstance(exc, LipsyncError):  # the stream failed for good (a batch failed twice)
                 self._error(exc.code, exc.message)
                 await self.close(f"stream failed: {exc.code}")
                 return
@@ -505,7 +572,7 @@ class PeerSession(StreamControl):
         for task in self._tasks:
             if task is not me:
                 task.cancel()
-        await self.session.cancel()
+        await self.stream.cancel()
         try:
             await self.pc.close()
         except Exception as exc:  # noqa: BLE001 - closing anyway
@@ -524,7 +591,8 @@ class PeerSession(StreamControl):
                 "sent": self.player.decided, "frames": self.player.frames, "fillers": self.player.fillers,
                 "video_skipped": self.video_track.skipped,
                 "encode_cpu_s": round(enc.cpu_s, 3) if enc else 0.0, "video_bytes": enc.bytes if enc else 0,
-                "last_index": self.player.last_index, "drops": 0, "queued": self.stream.waiting,
+                "audio_bytes": self.audio_track.encoder.bytes if hasattr(self, "audio_track") else 0,
+                "last_index": self.player.last_index, "drops": 0, "queued": st["ready"],
                 "latency": _short_latency(self.session.latency(recent=LIVE_WINDOW, breakdown=False)),
                 "audio_seconds": round(st["seconds"], 3), "in_flight": st["in_flight"], "retries": st["retries"],
                 "listening": st["listening"], "idle_frames": st["idle_frames"],

@@ -37,13 +37,15 @@ class OfferRefused(Exception):
 class Viewer:
     def __init__(self, base_url: str, model: str, *, lookahead_frames: Optional[int] = None,
                  codecs: Sequence[str] = ("h264", "vp8"), read_index: bool = True, keep_audio: bool = False,
-                 data_channel: bool = True) -> None:
+                 data_channel: bool = True, keep_every: int = 0, keep_rows: int = 120) -> None:
         self.base_url, self.model = base_url.rstrip("/"), model
         self.lookahead_frames = lookahead_frames
         self.codecs = tuple(c.lower() for c in codecs)
         self.read_index = read_index
         self.keep_audio = keep_audio
         self.data_channel = data_channel
+        self.keep_every, self.keep_rows = keep_every, keep_rows
+        self.kept: dict[int, np.ndarray] = {}  # stamped index -> the picture's top rows (BGR), every keep_every-th
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.channel: Any = None
         self.video: list[tuple[float, int, Optional[int]]] = []  # (arrival, rtp pts, stamped index)
@@ -52,6 +54,7 @@ class Viewer:
         self.sr: dict[str, list[tuple[float, int]]] = {"video": [], "audio": []}  # (sender NTP s, rtp)
         self.messages: list[dict] = []
         self.rtp_origin: dict[str, int] = {}
+        self.misordered = {"video": 0, "audio": 0}
         self.answer: dict = {}
         self._tasks: list[asyncio.Task] = []
         self._open = asyncio.Event()
@@ -117,10 +120,15 @@ class Viewer:
             while True:
                 frame = await track.recv()
                 now = time.monotonic()
+                if frame.pts >= 1 << 31:  # aiortc took a late (retransmitted) packet for an RTP wrap
+                    self.misordered[track.kind] += 1
+                    continue
                 if track.kind == "video":
                     index = None
                     if self.read_index:
                         index = read_stamp(frame.to_ndarray(format="gray"))
+                        if self.keep_every and index % self.keep_every == 0 and index not in self.kept:
+                            self.kept[index] = frame.to_ndarray(format="bgr24")[:self.keep_rows].copy()
                     self.video.append((now, frame.pts, index))
                 else:
                     self.audio.append((now, frame.pts, frame.samples))
@@ -166,6 +174,24 @@ class Viewer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(self.video)} video frames within {timeout} s, wanted {n}")
             await asyncio.sleep(0.02)
+
+    async def wait_audio_covers_video(self, timeout: float = 60.0) -> None:
+        """Until the audio received reaches the last video tick received (a starved receiver
+        decodes the two tracks at different paces)."""
+        deadline = time.monotonic() + timeout
+        while self.video and len(self.audio) / 2 < (self.video[-1][1] - self.video[0][1]) / 3600 + 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(self.audio) / 2} ticks of audio for {len(self.video)} video frames "
+                                   f"after {timeout} s")
+            await asyncio.sleep(0.02)
+
+    async def packets_lost(self) -> dict[str, int]:
+        """RTP packets the network lost, per track, as the receiver counts them (RTCP statistics)."""
+        out = {}
+        for t in self.pc.getTransceivers():
+            stats = await t.receiver.getStats()
+            out[t.kind] = sum(getattr(s, "packetsLost", 0) for s in stats.values() if s.type == "inbound-rtp")
+        return out
 
     def indices(self) -> list[int]:
         """The stamped indices received, repeats (filler ticks) folded: continuous when nothing was lost."""
