@@ -12,6 +12,7 @@ packet, and say so when a starved loopback lost some.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from aiohttp.test_utils import TestServer  # noqa: E402
 from lipsync_cluster.gateway.server import GATEWAY_KEY, make_app  # noqa: E402
 from lipsync_cluster.gateway.webrtc import read_stamp, stamp_index  # noqa: E402
 from lipsync_cluster.gateway.webrtc_viewer import Viewer  # noqa: E402
+from test_browser import CHROMIUM, CHROMIUM_ARGS, GatewayThread, _browser_or_skip, write_speech_wav  # noqa: E402
 
 SR = 16000
 
@@ -353,3 +355,139 @@ def test_a_peer_that_closes_or_vanishes_frees_its_session(cluster):
     assert closed[0].startswith("connection") and closed[1] and closed[2] == 0, closed
     assert vanished[1] and ("no report" in vanished[0] or "connection" in vanished[0]), vanished
     assert status["sessions"] == 0 and status["closed_sessions"] == 2
+
+
+# Reads the gateway's frame-index stamp (gateway/webrtc.py stamp_index: 20 blocks of 16 px along the
+# bottom-left edge) off every frame the <video> presents, with its RTP timestamp.
+STAMPS_JS = """() => {
+  const v = document.getElementById('video');
+  const c = document.createElement('canvas');
+  const g = c.getContext('2d', {willReadFrequently: true});
+  window.stamps = [];
+  const onFrame = (now, meta) => {
+    c.width = meta.width; c.height = meta.height;
+    g.drawImage(v, 0, 0);
+    const y0 = (Math.floor(meta.height / 16) - 1) * 16;
+    const d = g.getImageData(0, y0, 320, 16).data;
+    let index = 0;
+    for (let b = 0; b < 20; b++) {
+      let sum = 0, n = 0;
+      for (let y = 4; y < 12; y++) for (let x = b * 16 + 4; x < b * 16 + 12; x++) {
+        const i = (y * 320 + x) * 4; sum += (d[i] + d[i + 1] + d[i + 2]) / 3; n++;
+      }
+      if (sum / n > 128) index |= (1 << b);
+    }
+    window.stamps.push([index, meta.rtpTimestamp]);
+    v.requestVideoFrameCallback(onFrame);
+  };
+  v.requestVideoFrameCallback(onFrame);
+}"""
+
+VIDEO_PNG_JS = """() => {
+  const v = document.getElementById('video');
+  const c = document.createElement('canvas');
+  c.width = v.videoWidth; c.height = v.videoHeight;
+  c.getContext('2d').drawImage(v, 0, 0);
+  return c.toDataURL('image/png');
+}"""
+
+RTC_STATS_JS = """async () => {
+  const out = {};
+  (await window.lsc.pc.getStats()).forEach((s) => {
+    if (s.type === 'inbound-rtp') out[s.kind] = s;
+  });
+  return out;
+}"""
+
+
+def _video_image(page) -> np.ndarray:
+    data = base64.b64decode(page.evaluate(VIDEO_PNG_JS).split(",", 1)[1])
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
+def _nearest_background(image: np.ndarray, small_demo, model_id: str) -> float:
+    return min(float(np.abs(image[:150].astype(np.int16) - cv2.imread(str(p))[:150]).mean())
+               for p in sorted((small_demo / model_id / "frames").glob("frame_*.jpg")))
+
+
+def _gateway_status(url: str) -> dict:  # the gateway runs in a thread: ask it over HTTP
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url + "api/status", timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.processes
+def test_page_plays_the_avatar_over_webrtc_in_chromium(cluster, small_demo, tmp_path):
+    """The page's default: WebRTC. Chromium receives H.264 and Opus through /webrtc/offer, its
+    microphone goes out on the data channel, the switch and the interrupt work mid-call, and
+    disconnecting ends the gateway's session."""
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    sup = cluster
+    wav = tmp_path / "speech.wav"
+    write_speech_wav(wav)
+    args = CHROMIUM_ARGS + [f"--use-file-for-fake-audio-capture={wav}"]
+    console: list[str] = []
+    with GatewayThread(sup.config.frontend, webrtc_stamp=True) as gw, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
+            page.goto(gw.url + "?lookahead=4")
+            page.wait_for_function("document.querySelectorAll('#model option').length === 3", timeout=15000)
+            page.select_option("#model", "demo_ada")
+            page.click("#connect")
+            page.wait_for_function("window.lsc.started === true", timeout=30000)
+            assert page.evaluate("window.lsc.transport") == "webrtc", page.evaluate("window.lsc.messages")
+            page.evaluate(STAMPS_JS)
+            page.click("#mic")
+            page.wait_for_function("window.lsc.micOn === true", timeout=15000)
+            page.wait_for_function("window.stamps.length >= 50", timeout=60000)
+            image = _video_image(page)
+            assert image.shape == (360, 640, 3)
+            own, other = _nearest_background(image, small_demo, "demo_ada"), _nearest_background(image, small_demo, "demo_ben")
+            assert own < other, f"the video shows demo_ada ({own:.1f} vs {other:.1f})"
+
+            page.select_option("#model", "demo_ben")
+            page.wait_for_function("window.lsc.switches.length === 1", timeout=15000)
+            at = page.evaluate("window.lsc.switches[0].at_frame")
+            page.wait_for_function(f"window.stamps.length && window.stamps[window.stamps.length - 1][0] > {at + 10}",
+                                   timeout=60000)
+            image = _video_image(page)
+            own, other = _nearest_background(image, small_demo, "demo_ben"), _nearest_background(image, small_demo, "demo_ada")
+            assert own < other, f"the video shows demo_ben after the switch ({own:.1f} vs {other:.1f})"
+
+            page.click("#interrupt")
+            page.wait_for_function("window.lsc.cuts.length === 1", timeout=15000)
+            cut = page.evaluate("window.lsc.cuts[0]")
+            page.wait_for_function(f"window.stamps[window.stamps.length - 1][0] > {cut + 25}", timeout=60000)
+            stamps = page.evaluate("window.stamps")
+            rtc = page.evaluate(RTC_STATS_JS)
+            status = _gateway_status(gw.url)["detail"][0]
+            errors = page.evaluate("window.lsc.errors")
+
+            page.click("#connect")  # disconnect: the gateway's session ends
+            deadline = time.monotonic() + 30
+            while _gateway_status(gw.url)["sessions"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            after = _gateway_status(gw.url)
+        finally:
+            browser.close()
+    assert errors == [], errors
+    assert not [c for c in console if c.startswith("pageerror")], console
+    indices = [i for i, _ in stamps]
+    assert all(b >= a for a, b in zip(indices, indices[1:])), "presented in order"
+    # H.264 when the browser offers it (Debian's Chromium does not: VP8, the fallback)
+    assert status["transport"] == "webrtc" and status["codec"] in ("h264", "vp8")
+    video, audio = rtc["video"], rtc["audio"]
+    # every picture sent arrived (the browser presents fewer when it is busy: those are not losses)
+    if video.get("packetsLost", 0) == 0:
+        assert video["framesReceived"] >= status["sent"] - status["video_skipped"] - 25, (video, status)
+    # the voice: 48 kHz, 1920 samples per picture tick (up to what is in flight)
+    ticks = audio["totalSamplesReceived"] / 1920
+    assert abs(ticks - status["sent"]) <= 25, (audio["totalSamplesReceived"], status["sent"])
+    assert after["sessions"] == 0 and after["closed_sessions"] == 1, after

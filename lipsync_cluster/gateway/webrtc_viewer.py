@@ -55,6 +55,8 @@ class Viewer:
         self.messages: list[dict] = []
         self.rtp_origin: dict[str, int] = {}
         self.misordered = {"video": 0, "audio": 0}
+        self.rtp_bytes = {"video": 0, "audio": 0}  # RTP payload received (retransmissions included)
+        self.rtp_packets = {"video": 0, "audio": 0}
         self.answer: dict = {}
         self._tasks: list[asyncio.Task] = []
         self._open = asyncio.Event()
@@ -111,6 +113,8 @@ class Viewer:
             async def wrapped_rtp(packet: Any, arrival_time_ms: int, _handle=handle_rtp, _kind=kind) -> None:
                 # aiortc's frames count pts from the first RTP timestamp received: keep it
                 self.rtp_origin.setdefault(_kind, packet.timestamp)
+                self.rtp_bytes[_kind] += len(packet.payload)
+                self.rtp_packets[_kind] += 1
                 await _handle(packet, arrival_time_ms)
 
             receiver._handle_rtp_packet = wrapped_rtp
@@ -205,16 +209,15 @@ class Viewer:
         """The A/V offset over the run, one value per video sender report, in ms (+: video late).
 
         Tick ``m`` is video RTP ``v0 + m x 3600`` and audio RTP ``a0 + m x 1920`` (``v0``, ``a0``: the
-        first frames received). A video report maps its RTP time (a tick) to the sender's wall clock;
+        first packets received, tick 0 of each track). A video report maps its RTP time (a tick) to the sender's wall clock;
         the audio report nearest in time maps the same tick's audio; the difference is how far apart
         the two leave the sender (what a browser's lip sync goes by).
         """
         sr_v = [s for s in self.sr["video"] if s[0] > 0]  # aiortc reports before its first packet: (0, 0)
         sr_a = [s for s in self.sr["audio"] if s[0] > 0]
-        if not sr_v or not sr_a or not self.video or not self.audio or len(self.rtp_origin) < 2:
+        if not sr_v or not sr_a or len(self.rtp_origin) < 2:
             return []
-        v0 = (self.rtp_origin["video"] + self.video[0][1]) % (1 << 32)
-        a0 = (self.rtp_origin["audio"] + self.audio[0][1]) % (1 << 32)
+        v0, a0 = self.rtp_origin["video"], self.rtp_origin["audio"]  # tick 0 of each track
         audio_sr = np.array(sr_a, dtype=np.float64)
         out = []
         for ntp_v, rtp_v in sr_v:
