@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -253,6 +254,7 @@ def main() -> None:
     av_seconds = args.av_seconds or (20.0 if args.quick else 120.0)
     max_n = args.max_sessions or (2 if args.quick else 16)
     workers = args.workers or os.cpu_count() or 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the cluster and the gateway
     null_video_decoding()
 
     tmp = None

@@ -22,6 +22,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "console": ("rich", "tqdm"),
     "plot": ("matplotlib",),
     "gateway": ("aiohttp",),
+    "webrtc": ("aiohttp", "aiortc", "av"),
 }
 _HINT = {"cpu": " (or 'gpu' on a GPU host: pip install 'lipsync-cluster[gpu]')"}
 
