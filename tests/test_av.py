@@ -171,6 +171,19 @@ def test_listening_appends_whole_frames_of_silence_in_real_time():
     assert core.fill_idle().size == 0 and core.idle_due_at() is None
 
 
+def test_listening_silence_stays_a_bounded_distance_ahead_of_a_slow_reader():
+    clock = Clock()
+    core = AVCore(24000, clock=clock, idle_ahead_frames=14)
+    clock.t += 60  # a minute without audio and without reading: only 14 frames of silence, not 1500
+    assert core.fill_idle().size == 14 * 640 and core.n == 14 * 960
+    assert core.idle_due_at() is None and core.fill_idle().size == 0
+    for k in range(3):
+        core.pair(frame(k))
+    assert core.idle_due_at() is not None and core.fill_idle().size == 3 * 640  # the reader read 3 frames
+    core.push(speechlike(24000, 0.1))  # speech goes on right after, whatever the cap
+    assert core.n == 17 * 960 + 2400
+
+
 def test_segment_marks_land_on_the_frame_that_plays_the_last_sample():
     core = AVCore(24000, listening=False)
     assert core.end_segment() is True  # nothing pushed: ended now

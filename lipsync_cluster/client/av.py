@@ -132,7 +132,7 @@ class AVCore:
     """
 
     def __init__(self, sample_rate: int, *, channels: int = 1, dtype: Any = np.int16,
-                 idle_grace_s: float = IDLE_GRACE_S, listening: bool = True,
+                 idle_grace_s: float = IDLE_GRACE_S, listening: bool = True, idle_ahead_frames: int = 40,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) \
                 or not MIN_RATE <= sample_rate <= MAX_RATE:
@@ -163,6 +163,9 @@ class AVCore:
         self.listening = bool(listening)
         self._idle_anchor = (clock(), 0)
         self.idle_samples = 0
+        # Listening silence never runs more than this many frames ahead of the reader: a reader slower
+        # than real time must not pile up silence that a new utterance would then queue behind.
+        self.idle_ahead_frames = int(idle_ahead_frames)
         self.cuts: list[dict] = []
 
     # --- input ----------------------------------------------------------------------------------
@@ -271,6 +274,8 @@ class AVCore:
         target = frame_boundary(k, self.rate)
         if target <= self.n:
             target = frame_boundary(k + 1, self.rate)  # ... and past it
+        if target > frame_boundary(self.next_index + self.idle_ahead_frames, self.rate):
+            return None  # far enough ahead of the reader: nothing is due until it reads on
         # half a sample late, so that fill_idle's int() sees the boundary reached
         return t0 + self.idle_grace_s + (target - n0 + 0.5) / self.rate
 
@@ -282,6 +287,7 @@ class AVCore:
         t0, n0 = self._idle_anchor
         due = n0 + int((now - t0 - self.idle_grace_s) * self.rate)
         target = frame_boundary((due * FPS) // self.rate, self.rate) if due > 0 else 0
+        target = min(target, frame_boundary(self.next_index + self.idle_ahead_frames, self.rate))
         if target <= self.n:
             return np.zeros(0, np.float32)
         self.idle_samples += target - self.n
@@ -333,6 +339,15 @@ class AVCore:
                 "cuts": list(self.cuts), "resampler_delay_ms": round(1000 * self.resampler.delay / self.rate, 3)}
 
 
+IDLE_MARGIN_FRAMES = 8  # listening silence ahead of the reader beyond what its next batch needs
+
+
+def _idle_ahead(session) -> int:
+    """Frames of silence the reader may have ahead: its next batch and lookahead, plus a margin."""
+    info = session.latency(breakdown=False)  # says batch_size and lookahead_frames (public)
+    return int(info["batch_size"]) + int(info["lookahead_frames"]) + IDLE_MARGIN_FRAMES
+
+
 _AV_DOC = """
     ``session``: the stream to drive (its own listening must stay off: this session makes the silence);
     ``sample_rate``/``channels``/``dtype`` (int16 or float32): the caller's audio, kept as it is for the
@@ -352,7 +367,7 @@ class AsyncAVSession:
                  listening: bool = True, idle_grace_s: float = IDLE_GRACE_S) -> None:
         self.session = session
         self.core = AVCore(sample_rate, channels=channels, dtype=dtype, listening=listening,
-                           idle_grace_s=idle_grace_s)
+                           idle_grace_s=idle_grace_s, idle_ahead_frames=_idle_ahead(session))
 
     def push(self, pcm: Any) -> None:
         """Append the caller's audio (any number of samples, at ``sample_rate``)."""
@@ -451,7 +466,7 @@ class AVSession:
                  listening: bool = True, idle_grace_s: float = IDLE_GRACE_S) -> None:
         self.session = session
         self.core = AVCore(sample_rate, channels=channels, dtype=dtype, listening=listening,
-                           idle_grace_s=idle_grace_s)
+                           idle_grace_s=idle_grace_s, idle_ahead_frames=_idle_ahead(session))
         # Taken before the session's own lock, never the other way round: the caller's timeline and
         # the stream's 16 kHz copy change together.
         self._lock = threading.Lock()
