@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from lipsync_cluster.client import AsyncClient, Client
-from lipsync_cluster.client.av import AsyncAVSession, AVCore, AVSession, frame_boundary
-from lipsync_cluster.client.stream import AsyncStreamSession, StreamFrame, StreamSession
+from lipsync_cluster.client.av import AsyncAVSession, AVCore, AVSession, _wait_for, frame_boundary
+from lipsync_cluster.client.stream import IDLE_TICK_S, AsyncStreamSession, StreamFrame, StreamSession
 from lipsync_cluster.common.errors import BadRequest
 
 
@@ -177,6 +177,8 @@ def test_listening_silence_stays_a_bounded_distance_ahead_of_a_slow_reader():
     clock.t += 60  # a minute without audio and without reading: only 14 frames of silence, not 1500
     assert core.fill_idle().size == 14 * 640 and core.n == 14 * 960
     assert core.idle_due_at() is None and core.fill_idle().size == 0
+    # a reader waiting now still looks again within a frame (an interrupt would make silence due)
+    assert _wait_for(core) == IDLE_TICK_S
     for k in range(3):
         core.pair(frame(k))
     assert core.idle_due_at() is not None and core.fill_idle().size == 3 * 640  # the reader read 3 frames

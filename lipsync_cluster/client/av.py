@@ -43,7 +43,7 @@ import numpy as np
 
 from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, to_float_pcm
 from ..common.errors import BadRequest, InternalError, RequestTimeout
-from .stream import IDLE_GRACE_S, StreamFrame
+from .stream import IDLE_GRACE_S, IDLE_TICK_S, StreamFrame
 
 MIN_RATE, MAX_RATE = 8000, 192000
 MAX_CHANNELS = 8
@@ -342,6 +342,20 @@ class AVCore:
 IDLE_MARGIN_FRAMES = 8  # listening silence ahead of the reader beyond what its next batch needs
 
 
+def _wait_for(core: AVCore) -> Optional[float]:
+    """How long a reader may wait for the next frame before the silence needs topping up.
+
+    Until the stream is closed it looks again at least every frame (``IDLE_TICK_S``): an interrupt,
+    ``set_listening(True)`` or the reader catching up can make silence due while it waits, and no
+    frame would come to wake it.
+    """
+    if core.closed:
+        return None
+    due = core.idle_due_at()
+    left = IDLE_TICK_S if due is None else due - core.clock()
+    return max(0.0, min(left, IDLE_TICK_S))
+
+
 def _idle_ahead(session) -> int:
     """Frames of silence the reader may have ahead: its next batch and lookahead, plus a margin."""
     info = session.latency(breakdown=False)  # says batch_size and lookahead_frames (public)
@@ -400,8 +414,7 @@ class AsyncAVSession:
         y = self.core.fill_idle()
         if y.size:
             self.session.push(y)
-        due = self.core.idle_due_at()
-        return None if due is None else max(0.0, due - self.core.clock())
+        return _wait_for(self.core)
 
     async def get(self) -> Optional[AVFrame]:
         """The next frame with its audio; None when the stream has ended."""
@@ -507,8 +520,7 @@ class AVSession:
                 y = self.core.fill_idle()
                 if y.size:
                     self.session.push(y)
-                due = self.core.idle_due_at()
-            wait = None if due is None else max(0.0, due - self.core.clock())
+                wait = _wait_for(self.core)
             if deadline is not None:
                 left = max(0.0, deadline - time.monotonic())
                 wait = left if wait is None else min(wait, left)
