@@ -8,16 +8,18 @@ audio transceiver it receives on and, to talk, a data channel; the answer's trac
 
 and frame ``n`` and its 40 ms of audio leave together: one :class:`Player` decides what tick ``n``
 shows (the next paired frame of the stream, or, while the cluster has none ready, the last
-picture again with 40 ms of silence) and both tracks are paced off its clock, started only once
-the first pair exists (aiortc stamps RTP with wall time at send, so a track that started late
-would stay late). Neither track ever stalls. The data channel carries what the WebSocket carries
-(binary 16 kHz s16le PCM, JSON ``switch``/``interrupt``/``listen``/``ping``), handled by the
-same code (:class:`~lipsync_cluster.gateway.server.StreamControl`).
+picture again with 40 ms of silence) and both tracks are paced off its clock, which starts once
+the first pair exists and the connection is up (aiortc stamps RTP with wall time at send, so a
+track that started late would stay late). Neither track ever stalls: a video encoder behind real
+time skips ticks, the audio is encoded on the event loop (never queued behind video), and idle
+frames are passed over while more than two batches wait (the avatar catches up in the silence). The data channel carries what the WebSocket carries (binary 16 kHz s16le PCM, JSON
+``switch``/``interrupt``/``listen``/``ping``), handled by the same code
+(:class:`~lipsync_cluster.gateway.server.StreamControl`).
 
 The session listens from the start (silence appended in real time when no audio comes, so the
 workers' idle frames flow). It ends when the peer's connection fails or closes, when no RTCP
-report came from the peer for the gateway's ``webrtc_peer_timeout_s``, or when the gateway stops; its StreamSession is
-cancelled at once.
+report came from the peer for the gateway's ``webrtc_peer_timeout_s``, or when the gateway stops;
+its StreamSession is cancelled at once. docs/INTEGRATIONS.md ("WebRTC") is the user's view.
 
 Imported only when a peer offers: the ``gateway`` extra does not need aiortc.
 """
@@ -61,7 +63,7 @@ MAX_OFFER_BYTES = 64 * 1024  # a real offer is a few kB
 MAX_CHANNEL_MESSAGE = 64 * 1024  # the SCTP max-message-size aiortc announces (2 s of PCM)
 MAX_CHANNEL_BUFFER = 1 << 20  # bytes waiting on the data channel before a peer that does not read is dropped
 STATS_INTERVAL_S = 0.5
-CATCHUP_FRAMES = 3  # ready frames beyond which idle ones are passed over (Player._next_pair)
+CATCHUP_BATCHES = 2  # idle frames are passed over while more than this many batches (+ 4) are ready
 MAX_TICKS_AHEAD = 25  # ticks decided but not yet taken by both tracks (one track's encoder lagging)
 KEYFRAME_S = 2
 X264_PRESET = "veryfast"  # half the CPU of libx264's default (medium) at the same bit rate
@@ -123,8 +125,9 @@ class Player:
     right after the frame on screen.
     """
 
-    def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False) -> None:
+    def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False, batch_size: int = 5) -> None:
         self.pairs = pairs
+        self.catchup_frames = CATCHUP_BATCHES * batch_size + 4
         self.fps = fps
         self.samples = pairs.core.rate // fps  # audio per tick, at the pairing core's rate
         self.stamp = stamp
@@ -171,11 +174,11 @@ class Player:
             self.t0 = time.monotonic()
 
     async def _next_pair(self) -> Any:
-        """The next pair to show. Idle frames (silence) that wait while more than ``CATCHUP_FRAMES``
-        frames are ready are passed over: after a stall, or the connection's set-up, the picture
+        """The next pair to show. Idle frames (silence) that wait while more than ``catchup_frames``
+        frames are ready (two batches and 4: a batch arrives whole) are passed over: after a stall, or the connection's set-up, the picture
         and its sound catch up with the conversation in the silence instead of staying late."""
         item = await self._poll()
-        while item is not None and not item.speech and self.pairs.session.stats()["ready"] > CATCHUP_FRAMES:
+        while item is not None and not item.speech and self.pairs.session.stats()["ready"] > self.catchup_frames:
             self.caught_up += 1
             item = await self._poll()
         return item
@@ -413,7 +416,7 @@ class PeerSession(StreamControl):
         # the pairing core makes the listening silence (idle frames while nobody speaks); the peer
         # pushes 16 kHz, so that is the audio's rate until aiortc's Opus encoder resamples it
         self.stream = AsyncAVSession(self.session, sample_rate=SAMPLE_RATE)
-        self.player = Player(self.stream, stamp=g.webrtc_stamp)
+        self.player = Player(self.stream, stamp=g.webrtc_stamp, batch_size=g.batch_size)
         self.video_track = AvatarVideoTrack(self.player)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(g.ice_servers)))
         self.channel: Any = None
