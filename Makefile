@@ -9,8 +9,8 @@ METRICS_PORT ?= 5558
 # The ONNX Runtime flavour: gpu where nvidia-smi answers, else cpu (override: make run RUNTIME=cpu).
 RUNTIME ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 # What each target installs (setup.cfg's extras; README "Install"): `run` what README's commands after
-# `make run` need (loadtest --plot: plot; gateway: gateway). `test` holds everything (CPU runtime).
-RUN_EXTRAS := $(RUNTIME),tools,console,plot,gateway
+# `make run` need (loadtest --plot: plot; gateway: gateway and webrtc). `test` holds everything (CPU runtime).
+RUN_EXTRAS := $(RUNTIME),tools,console,plot,gateway,webrtc
 TEST_EXTRAS := test
 STAMP_RUN := $(VENV)/.installed-run-$(RUNTIME)
 STAMP := $(VENV)/.installed-test-$(RUNTIME)

@@ -55,8 +55,9 @@ def write_speech_wav(path, seconds: float = 6.0, rate: int = 48000) -> None:
 class GatewayThread:
     """The gateway on its own event loop in a thread (Playwright's sync API owns the main thread)."""
 
-    def __init__(self, broker: str) -> None:
+    def __init__(self, broker: str, **settings) -> None:
         self.broker = broker
+        self.settings = settings
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -69,7 +70,7 @@ class GatewayThread:
         from lipsync_cluster.gateway.server import make_app
 
         asyncio.set_event_loop(self.loop)
-        runner = web.AppRunner(make_app(self.broker))
+        runner = web.AppRunner(make_app(self.broker, **self.settings))
         try:
             self.loop.run_until_complete(runner.setup())
             self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
@@ -118,6 +119,12 @@ def background_distance(image: np.ndarray, demo_dir, model_id: str, index: int) 
     return float(np.abs(image[:150].astype(np.int16) - bg[:150]).mean())
 
 
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--use-fake-ui-for-media-stream",
+                 "--use-fake-device-for-media-stream", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--autoplay-policy=no-user-gesture-required"]
+
+
 def test_page_streams_the_microphone_and_switches_models(make_cluster, demo_dir, tmp_path):
     _browser_or_skip()
     from playwright.sync_api import sync_playwright
@@ -136,7 +143,7 @@ def test_page_streams_the_microphone_and_switches_models(make_cluster, demo_dir,
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
-            page.goto(gw.url)
+            page.goto(gw.url + "?transport=ws")  # the JPEG WebSocket (WebRTC, the default: tests/test_webrtc.py)
             page.wait_for_function("document.querySelectorAll('#model option').length === 3", timeout=15000)
             assert page.eval_on_selector_all("#model option", "os => os.map(o => o.value)") == \
                 ["demo_ada", "demo_ben", "demo_cleo"]

@@ -428,6 +428,27 @@ class AsyncAVSession:
                 continue  # the next frame of silence is due
             return None if frame is None else self.core.pair(frame)
 
+    async def poll(self) -> Optional[AVFrame]:
+        """The next frame with its audio if one is ready now, else None: never waits.
+
+        For a player that takes one frame per tick of its own clock (WebRTC): a frame it has not
+        taken yet can still be cut by :meth:`interrupt`. Listening silence is made here too, so call
+        it at least once per frame time.
+        """
+        self._idle()
+        try:
+            frame = await self.session.get(timeout=0)
+        except RequestTimeout:
+            if self.session.stats()["error"] is not None:
+                raise
+            return None
+        return None if frame is None else self.core.pair(frame)
+
+    @property
+    def backlog_frames(self) -> int:
+        """Frames whose audio is here but not yet sent to the cluster (see the stream's)."""
+        return self.session.backlog_frames
+
     async def frames(self) -> AsyncIterator[AVFrame]:
         while True:
             item = await self.get()

@@ -24,6 +24,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "gateway": ("aiohttp",),
     "pipecat": ("pipecat",),
     "livekit": ("livekit",),
+    "webrtc": ("aiohttp", "aiortc", "av"),
 }
 _HINT = {"cpu": " (or 'gpu' on a GPU host: pip install 'lipsync-cluster[gpu]')"}
 

@@ -1,4 +1,4 @@
-"""``lipsync-cluster gateway``: serve the browser page and its WebSocket."""
+"""``lipsync-cluster gateway``: serve the browser page, its WebRTC offers and its WebSocket."""
 from __future__ import annotations
 
 import os
@@ -28,6 +28,8 @@ DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
 @click.option("--lookahead-frames", type=click.IntRange(0, 12), default=12, show_default=True,
               help="Frames of future audio a batch waits for (12 = exact; fewer = lower latency, see "
                    "docs/STREAMING.md).")
+@click.option("--webrtc-kbps", type=click.IntRange(100, 20000), default=1500, show_default=True,
+              help="WebRTC video bit rate per viewer (H.264 or VP8; POST /webrtc/offer needs the webrtc extra).")
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
@@ -37,7 +39,7 @@ DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
               help="Another origin whose pages may open streams, e.g. https://app.example.com (repeatable). "
                    "By default only the gateway's own page may.")
 def gateway(port: int, host: str, endpoint: str, batch_size: int, fmt: str, quality: int, max_queue: int,
-            max_sessions: int, lookahead_frames: int, cert: Optional[str], key: Optional[str],
+            max_sessions: int, lookahead_frames: int, webrtc_kbps: int, cert: Optional[str], key: Optional[str],
             allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = ()) -> None:
     """Serve a page where you talk into the microphone and an avatar speaks back, live.
 
@@ -62,7 +64,7 @@ def gateway(port: int, host: str, endpoint: str, batch_size: int, fmt: str, qual
         ssl_context.load_cert_chain(cert, key)
     app = make_app(endpoint, batch_size=batch_size, format=fmt, quality=quality if fmt == "jpeg" else None,
                    max_queue=max_queue, max_sessions=max_sessions, allowed_hosts=allow_hosts,
-                   allowed_origins=allow_origins, lookahead_frames=lookahead_frames)
+                   allowed_origins=allow_origins, lookahead_frames=lookahead_frames, webrtc_video_kbps=webrtc_kbps)
     scheme = "https" if ssl_context else "http"
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     click.echo(f"🎙️  lipsync-cluster gateway: open {scheme}://{shown}:{port}/  (broker {endpoint})")

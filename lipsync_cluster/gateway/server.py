@@ -149,7 +149,108 @@ class FrameQueue:
         return item
 
 
-class SocketSession:
+class StreamControl:
+    """A viewer's control messages and PCM, whatever carries them: the one place that handles
+    ``switch``, ``interrupt``, ``listen``, ``ping`` and pushed audio, for the WebSocket
+    (:class:`SocketSession`) and the WebRTC data channel (``gateway/webrtc.py``) alike.
+
+    A subclass sets ``gateway`` and ``stream`` (anything with the :class:`AsyncStreamSession`
+    calls used here) and says how a message goes out (:meth:`put_control`), what ``start`` and
+    ``stop`` do and how a stream that must go is stopped.
+    """
+
+    gateway: "Gateway"
+    stream: Any = None
+    id: str = "?"
+    peer: str = "?"
+
+    def put_control(self, message: dict) -> None:
+        raise NotImplementedError
+
+    async def _start(self, msg: dict) -> None:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        """``stop``: the end of the audio (the tail is flushed)."""
+        raise NotImplementedError
+
+    async def _stop_stream(self) -> None:
+        raise NotImplementedError
+
+    def _error(self, code: str, message: str) -> None:
+        self.put_control({"type": "error", "code": code, "message": message})
+
+    def _on_pcm(self, data: bytes) -> None:
+        if self.stream is None:
+            return  # audio before start / after stop: nothing to animate
+        if len(data) % 2:
+            self._error("bad_request", f"PCM messages are 16-bit little-endian samples; got {len(data)} bytes")
+            return
+        if not data:
+            return
+        try:
+            self.stream.push(np.frombuffer(data, "<i2"))
+        except LipsyncError as exc:
+            self._error(exc.code, exc.message)
+            return
+        if self.stream.backlog_frames > MAX_BACKLOG_S * FPS:
+            self._error("overloaded", f"audio arrives faster than the cluster renders it (more than "
+                                      f"{MAX_BACKLOG_S:.0f} s behind); the stream was stopped")
+            asyncio.ensure_future(self._stop_stream())
+
+    async def _on_control(self, text: str) -> None:
+        try:
+            msg = json.loads(text)
+            kind = msg["type"]
+        except (ValueError, KeyError, TypeError):
+            self._error("bad_request", "control messages are JSON objects with a 'type'")
+            return
+        if kind == "start":
+            await self._start(msg)
+        elif kind == "switch":
+            model = msg.get("model_id")
+            if self.stream is None:
+                self._error("bad_request", "switch before start")
+            elif await self._check_model(model):
+                self._call(lambda s: {"type": "switched", "model_id": model,
+                                      "at_frame": s.switch(model, msg.get("at_frame"))})
+        elif kind in ("interrupt", "listen"):
+            if self.stream is None:
+                self._error("bad_request", f"{kind} before start")
+            elif kind == "interrupt":
+                self._call(lambda s: {"type": "interrupted", "cut": s.interrupt(),
+                                      "samples": s.stats()["samples"]})
+            elif not isinstance(msg.get("on"), bool):
+                self._error("bad_request", "listen needs 'on': true or false")
+            else:
+                self._call(lambda s: (s.set_listening(msg["on"]),
+                                      {"type": "listening", "on": msg["on"], "samples": s.stats()["samples"]})[1])
+        elif kind == "stop":
+            if self.stream is not None:
+                self._stop()
+        elif kind == "ping":
+            t = msg.get("t")  # echoed only as a number: a pong is never bigger than its ping's header
+            t = t if isinstance(t, (int, float)) and not isinstance(t, bool) else None
+            self.put_control({"type": "pong", "t": t, "server_time": time.time()})
+        else:
+            self._error("bad_request", f"unknown control message type {kind!r}")
+
+    def _call(self, action) -> None:
+        """Run a stream control (switch, interrupt, listen) and queue its answer; a refusal is an error."""
+        try:
+            self.put_control(action(self.stream))
+        except LipsyncError as exc:
+            self._error(exc.code, exc.message)
+
+    async def _check_model(self, model: Any) -> bool:
+        problem = await self.gateway.model_problem(model)
+        if problem is not None:
+            self._error(*problem)
+            return False
+        return True
+
+
+class SocketSession(StreamControl):
     """One WebSocket: control messages, PCM in, frames out."""
 
     def __init__(self, gateway: "Gateway", ws: web.WebSocketResponse, sid: str, peer: str,
@@ -229,82 +330,13 @@ class SocketSession:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
 
-    # --- input ----------------------------------------------------------------------------------
+    # --- input (StreamControl) ---------------------------------------------------------------
 
-    def _error(self, code: str, message: str) -> None:
-        self.queue.put_control({"type": "error", "code": code, "message": message})
+    def put_control(self, message: dict) -> None:
+        self.queue.put_control(message)
 
-    def _on_pcm(self, data: bytes) -> None:
-        if self.stream is None:
-            return  # audio before start / after stop: nothing to animate
-        if len(data) % 2:
-            self._error("bad_request", f"PCM messages are 16-bit little-endian samples; got {len(data)} bytes")
-            return
-        if not data:
-            return
-        try:
-            self.stream.push(np.frombuffer(data, "<i2"))
-        except LipsyncError as exc:
-            self._error(exc.code, exc.message)
-            return
-        if self.stream.backlog_frames > MAX_BACKLOG_S * FPS:
-            self._error("overloaded", f"audio arrives faster than the cluster renders it (more than "
-                                      f"{MAX_BACKLOG_S:.0f} s behind); the stream was stopped")
-            asyncio.ensure_future(self._stop_stream())
-
-    async def _on_control(self, text: str) -> None:
-        try:
-            msg = json.loads(text)
-            kind = msg["type"]
-        except (ValueError, KeyError, TypeError):
-            self._error("bad_request", "control messages are JSON objects with a 'type'")
-            return
-        if kind == "start":
-            await self._start(msg)
-        elif kind == "switch":
-            model = msg.get("model_id")
-            if self.stream is None:
-                self._error("bad_request", "switch before start")
-            elif await self._check_model(model):
-                self._call(lambda s: {"type": "switched", "model_id": model,
-                                      "at_frame": s.switch(model, msg.get("at_frame"))})
-        elif kind in ("interrupt", "listen"):
-            if self.stream is None:
-                self._error("bad_request", f"{kind} before start")
-            elif kind == "interrupt":
-                self._call(lambda s: {"type": "interrupted", "cut": s.interrupt(),
-                                      "samples": s.stats()["samples"]})
-            elif not isinstance(msg.get("on"), bool):
-                self._error("bad_request", "listen needs 'on': true or false")
-            else:
-                self._call(lambda s: (s.set_listening(msg["on"]),
-                                      {"type": "listening", "on": msg["on"], "samples": s.stats()["samples"]})[1])
-        elif kind == "stop":
-            if self.stream is not None:
-                self.stream.close()  # the tail is flushed, then 'ended'
-        elif kind == "ping":
-            t = msg.get("t")  # echoed only as a number: a pong is never bigger than its ping's header
-            t = t if isinstance(t, (int, float)) and not isinstance(t, bool) else None
-            self.queue.put_control({"type": "pong", "t": t, "server_time": time.time()})
-        else:
-            self._error("bad_request", f"unknown control message type {kind!r}")
-
-    def _call(self, action) -> None:
-        """Run a stream control (switch, interrupt, listen) and queue its answer; a refusal is an error."""
-        try:
-            self.queue.put_control(action(self.stream))
-        except LipsyncError as exc:
-            self._error(exc.code, exc.message)
-
-    async def _check_model(self, model: Any) -> bool:
-        if not is_model_id(model):
-            self._error("bad_request", f"model_id must match {MODEL_ID_RE.pattern}; got {model!r}")
-            return False
-        models = await self.gateway.model_ids()
-        if model not in models:
-            self._error("unknown_model", f"no model '{model}'; available: {', '.join(models) or 'none'}")
-            return False
-        return True
+    def _stop(self) -> None:
+        self.stream.close()  # the tail is flushed, then 'ended'
 
     async def _start(self, msg: dict) -> None:
         model = msg.get("model_id")
@@ -391,7 +423,9 @@ class Gateway:
     def __init__(self, broker: str, *, batch_size: int = 5, format: str = "jpeg", quality: Optional[int] = 80,
                  max_queue: int = 10, max_in_flight: int = 3, max_sessions: int = 64,
                  request_timeout: float = 10.0, allowed_hosts: Iterable[str] = (),
-                 allowed_origins: Iterable[str] = (), lookahead_frames: int = SPAN_AFTER) -> None:
+                 allowed_origins: Iterable[str] = (), lookahead_frames: int = SPAN_AFTER,
+                 ice_servers: Iterable[Any] = (), webrtc_stamp: bool = False,
+                 webrtc_peer_timeout_s: float = 10.0, webrtc_video_kbps: int = 1500) -> None:
         self.broker = broker
         self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts}
         self.allowed_origins = {o.lower().rstrip("/") for o in allowed_origins}
@@ -399,8 +433,12 @@ class Gateway:
         self.max_queue, self.max_in_flight, self.max_sessions = max_queue, max_in_flight, max_sessions
         self.request_timeout = request_timeout
         self.lookahead_frames = lookahead_frames
+        self.ice_servers = tuple(ice_servers)  # aiortc RTCIceServer (none: host candidates, LAN/loopback)
+        self.webrtc_stamp = webrtc_stamp  # draw each frame's index into its WebRTC picture (tests, bench)
+        self.webrtc_peer_timeout_s = webrtc_peer_timeout_s  # no RTCP from a peer this long: it is gone
+        self.webrtc_video_kbps = webrtc_video_kbps
         self.client: Optional[AsyncClient] = None
-        self.sessions: dict[str, SocketSession] = {}
+        self.sessions: dict[str, Any] = {}  # WebSocket (SocketSession) and WebRTC (PeerSession) viewers
         self._ids = itertools.count(1)
         self._models: tuple[float, list[dict]] = (0.0, [])
         self.closed_sessions = 0
@@ -411,6 +449,18 @@ class Gateway:
             models = await self.client.list_models()
             self._models = (time.monotonic(), models)
         return models
+
+    def new_session_id(self, prefix: str = "s") -> str:
+        return f"{prefix}{next(self._ids)}"
+
+    async def model_problem(self, model: Any) -> Optional[tuple[str, str]]:
+        """None when ``model`` is a model the cluster serves, else ``(code, message)``."""
+        if not is_model_id(model):
+            return "bad_request", f"model_id must match {MODEL_ID_RE.pattern}; got {model!r}"
+        models = await self.model_ids()
+        if model not in models:
+            return "unknown_model", f"no model '{model}'; available: {', '.join(models) or 'none'}"
+        return None
 
     async def model_ids(self) -> list[str]:
         try:
@@ -470,7 +520,7 @@ class Gateway:
                                           "message": f"this gateway serves at most {self.max_sessions} sessions"}))
             await ws.close()
             return ws
-        sid = f"s{next(self._ids)}"
+        sid = self.new_session_id()
         session = SocketSession(self, ws, sid, request.remote or "?", request.transport)
         self.sessions[sid] = session
         log.info("session %s opened from %s (%d open)", sid, session.peer, len(self.sessions))
@@ -483,6 +533,22 @@ class Gateway:
                      len(self.sessions))
         return ws
 
+    async def webrtc_offer(self, request: web.Request) -> web.Response:
+        """``POST /webrtc/offer`` (gateway/webrtc.py; needs the ``webrtc`` extra, loaded on first use)."""
+        if not self.origin_allowed(request):
+            log.warning("refused a WebRTC offer from Origin %r (%s)", request.headers.get("Origin"), request.remote)
+            return _error_response(403, "unauthorized", "this page's origin may not open streams here "
+                                                        "(the gateway's own page, or --allow-origin)")
+        try:
+            from . import webrtc
+        except ImportError as exc:
+            return _error_response(501, "unavailable", str(exc))
+        try:
+            return await webrtc.offer(self, request)
+        except webrtc.OfferError as exc:
+            log.info("refused a WebRTC offer from %s: %s", request.remote, exc.message)
+            return _error_response(exc.status, exc.code, exc.message)
+
     # --- app -----------------------------------------------------------------------------------
 
     async def _startup(self, app: web.Application) -> None:
@@ -491,6 +557,8 @@ class Gateway:
     async def _shutdown(self, app: web.Application) -> None:
         for session in list(self.sessions.values()):
             await session.close()
+            if not isinstance(session, SocketSession):
+                continue
             try:  # a browser that does not read could hold the close handshake forever
                 await asyncio.wait_for(session.ws.close(), 1.0)
             except (asyncio.TimeoutError, ConnectionError, RuntimeError):
@@ -507,11 +575,16 @@ class Gateway:
         app.router.add_get("/api/models", self.api_models)
         app.router.add_get("/api/status", self.api_status)
         app.router.add_get("/ws", self.websocket)
+        app.router.add_post("/webrtc/offer", self.webrtc_offer)
         app.router.add_static("/static/", STATIC, show_index=False)
         app.on_startup.append(self._startup)
         app.on_shutdown.append(self._shutdown)
         app.on_cleanup.append(self._cleanup)
         return app
+
+
+def _error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
 def _is_loopback(address: Optional[str]) -> bool:

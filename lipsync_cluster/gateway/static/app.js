@@ -1,5 +1,8 @@
-// lipsync-cluster live page: microphone -> AudioWorklet (16 kHz PCM) -> WebSocket -> frames -> canvas.
-// The message layout is in docs/STREAMING.md. `window.lsc` exposes the page state (used by tests).
+// lipsync-cluster live page: microphone -> AudioWorklet (16 kHz PCM) -> the gateway -> the avatar.
+// Two transports: WebRTC (default: POST /webrtc/offer; a <video> plays the avatar's video and voice,
+// in sync; PCM and controls go on a data channel) and the WebSocket (JPEG frames drawn on a canvas),
+// used when WebRTC is not available or with ?transport=ws. Both carry the same control messages
+// (docs/STREAMING.md). `window.lsc` exposes the page state (used by tests).
 
 const FPS = 25;
 const FRAME_MS = 1000 / FPS;
@@ -12,14 +15,15 @@ const MAX_BUFFERED = 12; // frames waiting to be drawn before the oldest are ski
 
 const $ = (id) => document.getElementById(id);
 const ui = {
-  model: $("model"), connect: $("connect"), mic: $("mic"), stop: $("stop"), interrupt: $("interrupt"), listen: $("listen"), level: $("level"), status: $("status"),
+  model: $("model"), transport: $("transport"), video: $("video"), connect: $("connect"), mic: $("mic"), stop: $("stop"), interrupt: $("interrupt"), listen: $("listen"), level: $("level"), status: $("status"),
   canvas: $("view"), overlay: $("overlay"), fps: $("fps"), latency: $("latency"), glatency: $("glatency"),
   drops: $("drops"), frame: $("frame"), log: $("log"),
 };
 const ctx2d = ui.canvas.getContext("2d", { willReadFrequently: true });
 
 const state = {
-  ws: null, connected: false, started: false, micOn: false,
+  ws: null, pc: null, dc: null, transport: null, connected: false, started: false, micOn: false,
+  videoFrames: 0, // WebRTC: frames the <video> presented
   audioCtx: null, micStream: null, worklet: null,
   samplesSent: 0, sendTimes: new Map(), // frame index -> time its audio was fully sent
   received: 0, framesDrawn: 0, skipped: 0, serverDrops: 0, decodeErrors: 0,
@@ -70,17 +74,26 @@ async function loadModels() {
 }
 
 ui.model.addEventListener("change", () => {
-  if (state.ws && state.started) {
-    state.ws.send(JSON.stringify({ type: "switch", model_id: ui.model.value }));
-  }
+  if (state.started) send(JSON.stringify({ type: "switch", model_id: ui.model.value }));
 });
+
+// The open link to the gateway (the WebSocket or the data channel) and what goes on it.
+function linkOpen() {
+  if (state.transport === "webrtc") return !!state.dc && state.dc.readyState === "open";
+  return !!state.ws && state.ws.readyState === WebSocket.OPEN;
+}
+
+function send(data) {
+  if (!linkOpen()) return;
+  (state.transport === "webrtc" ? state.dc : state.ws).send(data);
+}
 
 // Interrupt and leaving listening move the stream's audio position: the microphone's chunks are
 // held until the gateway says where the next audio starts, so the page's latency clock stays right.
 function sendPositionControl(message) {
-  if (!state.ws || !state.started) return;
+  if (!state.started) return;
   state.held = [];
-  state.ws.send(JSON.stringify(message));
+  send(JSON.stringify(message));
 }
 
 function resumeAt(samples) {
@@ -91,34 +104,139 @@ function resumeAt(samples) {
   for (const pcm of held) sendPcm(pcm);
 }
 
-// --- socket ---------------------------------------------------------------------------------
+// --- connecting -----------------------------------------------------------------------------
+
+function wantWebRTC() {
+  const forced = new URLSearchParams(location.search).get("transport");
+  if (forced) ui.transport.value = forced === "ws" ? "ws" : "webrtc";
+  return ui.transport.value === "webrtc" && typeof RTCPeerConnection === "function";
+}
 
 function connect() {
-  if (state.ws) { state.ws.close(); return; }
+  if (state.ws || state.pc) { disconnect(); return; }
+  if (!wantWebRTC()) { connectWs(); return; }
+  connectWebRTC().catch((err) => {
+    log(`WebRTC: ${err.message}; falling back to JPEG frames over the WebSocket`);
+    closePeer();
+    connectWs();
+  });
+}
+
+function disconnect() {
+  if (state.ws) state.ws.close();
+  if (state.pc) { closePeer(); onClosed(); }
+}
+
+function closePeer() {
+  if (state.pc) state.pc.close();
+  state.pc = state.dc = null;
+  ui.video.srcObject = null;
+}
+
+function linkReady() {
+  state.connected = true;
+  ui.connect.textContent = "Disconnect";
+  ui.mic.disabled = false;
+  ui.stop.disabled = false;
+  ui.interrupt.disabled = false;
+  ui.listen.disabled = false;
+}
+
+function onClosed() {
+  state.connected = false;
+  state.started = false;
+  state.ws = null;
+  ui.connect.textContent = "Connect";
+  ui.stop.disabled = true;
+  ui.interrupt.disabled = true;
+  ui.listen.disabled = true;
+  setStatus("disconnected");
+}
+
+function waitFor(check, ms, what) {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const poll = () => {
+      if (check()) resolve();
+      else if (performance.now() - t0 > ms) reject(new Error(`no ${what} within ${ms / 1000} s`));
+      else setTimeout(poll, 20);
+    };
+    poll();
+  });
+}
+
+// WebRTC: one offer (the gateway does not trickle: the offer carries its candidates), one answer.
+async function connectWebRTC() {
+  state.transport = "webrtc";
+  setStatus("connecting (WebRTC)…");
+  const pc = new RTCPeerConnection();
+  state.pc = pc;
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  const dc = pc.createDataChannel("control");
+  dc.binaryType = "arraybuffer";
+  state.dc = dc;
+  const media = new MediaStream();
+  pc.ontrack = (ev) => { media.addTrack(ev.track); ui.video.srcObject = media; };
+  dc.onmessage = (ev) => { if (typeof ev.data === "string") onControl(JSON.parse(ev.data)); };
+  pc.onconnectionstatechange = () => {
+    if (state.pc === pc && (pc.connectionState === "failed" || pc.connectionState === "closed")) {
+      log(`WebRTC connection ${pc.connectionState}`);
+      closePeer();
+      onClosed();
+    }
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  await waitFor(() => pc.iceGatheringState === "complete", 3000, "ICE candidates").catch(() => {});
+  const body = { sdp: pc.localDescription.sdp, type: "offer", model: ui.model.value };
+  const lookahead = new URLSearchParams(location.search).get("lookahead");
+  if (lookahead !== null) body.lookahead_frames = Number(lookahead);
+  const r = await fetch("/webrtc/offer", { method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body) });
+  const answer = await r.json().catch(() => ({}));
+  if (!r.ok) {
+    const why = answer.error ? `${answer.error.code}: ${answer.error.message}` : `HTTP ${r.status}`;
+    if (r.status === 400 || r.status === 404) { log(`offer refused: ${why}`); closePeer(); onClosed(); return; }
+    throw new Error(why); // 501 (no webrtc extra), 503 (full) ...: try the WebSocket
+  }
+  await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
+  await waitFor(() => dc.readyState === "open", 10000, "data channel");
+  state.codec = answer.video_codec;
+  linkReady();
+  onControl({ type: "started", model_id: body.model, transport: "webrtc" });
+  ui.canvas.hidden = true;
+  ui.video.hidden = false;
+  log(`WebRTC: ${answer.video_codec} video and Opus audio, one clock`);
+  countVideoFrames(ui.video, pc);
+}
+
+function countVideoFrames(video, pc) {
+  if (!video.requestVideoFrameCallback) return;
+  const onFrame = (now, meta) => {
+    if (state.pc !== pc) return;
+    state.videoFrames += 1;
+    state.drawTimes.push(now);
+    state.lastVideo = { width: meta.width, height: meta.height, rtpTimestamp: meta.rtpTimestamp };
+    ui.overlay.textContent = "";
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+}
+
+function connectWs() {
+  state.transport = "ws";
+  ui.canvas.hidden = false;
+  ui.video.hidden = true;
   const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
   ws.binaryType = "arraybuffer";
   state.ws = ws;
   setStatus("connecting…");
   ws.onopen = () => {
-    state.connected = true;
-    ui.connect.textContent = "Disconnect";
-    ui.mic.disabled = false;
-    ui.stop.disabled = false;
-    ui.interrupt.disabled = false;
-    ui.listen.disabled = false;
+    linkReady();
     startStream();
   };
   ws.onmessage = (ev) => (typeof ev.data === "string" ? onControl(JSON.parse(ev.data)) : onFrame(ev.data));
-  ws.onclose = () => {
-    state.connected = false;
-    state.started = false;
-    state.ws = null;
-    ui.connect.textContent = "Connect";
-    ui.stop.disabled = true;
-    ui.interrupt.disabled = true;
-    ui.listen.disabled = true;
-    setStatus("disconnected");
-  };
+  ws.onclose = onClosed;
   ws.onerror = () => log("socket error");
 }
 
@@ -144,8 +262,8 @@ function onControl(msg) {
       state.started = true;
       state.samplesSent = 0;
       state.sendTimes.clear();
-      if (state.listening) state.ws.send(JSON.stringify({ type: "listen", on: true }));
-      setStatus(`streaming ${msg.model_id}`);
+      if (state.listening) send(JSON.stringify({ type: "listen", on: true }));
+      setStatus(`streaming ${msg.model_id}` + (state.transport === "webrtc" ? ` (WebRTC, ${state.codec})` : ""));
       ui.overlay.textContent = state.micOn ? "" : "Start the microphone and speak.";
       break;
     case "switched":
@@ -303,14 +421,14 @@ function stopMic() {
 function onPcm({ pcm, level }) {
   state.level = level;
   state.maxLevel = Math.max(state.maxLevel, level);
-  if (!state.ws || !state.started || state.ws.readyState !== WebSocket.OPEN) return;
+  if (!state.started || !linkOpen()) return;
   if (state.listening) return; // the avatar listens: the gateway plays idle frames
   if (state.held) { state.held.push(pcm); return; }
   sendPcm(pcm);
 }
 
 function sendPcm(pcm) {
-  state.ws.send(pcm.buffer);
+  send(pcm.buffer);
   const before = Math.floor(state.samplesSent / SAMPLES_PER_FRAME);
   state.samplesSent += pcm.length;
   const after = Math.floor(state.samplesSent / SAMPLES_PER_FRAME);
@@ -327,6 +445,7 @@ function sendPcm(pcm) {
 ui.connect.addEventListener("click", connect);
 ui.mic.addEventListener("click", startMic);
 ui.stop.addEventListener("click", () => {
+  if (state.transport === "webrtc") { disconnect(); return; } // a WebRTC stream ends with its connection
   if (state.ws && state.started) state.ws.send(JSON.stringify({ type: "stop" }));
   else if (state.ws) startStream();
   ui.stop.textContent = state.started ? "Restart" : "Stop";
@@ -336,8 +455,8 @@ ui.interrupt.addEventListener("click", () => sendPositionControl({ type: "interr
 ui.listen.addEventListener("click", () => {
   state.listening = !state.listening;
   ui.listen.textContent = state.listening ? "Talk" : "Listen";
-  if (!state.ws || !state.started) return;
-  if (state.listening) state.ws.send(JSON.stringify({ type: "listen", on: true }));
+  if (!state.started) return;
+  if (state.listening) send(JSON.stringify({ type: "listen", on: true }));
   else sendPositionControl({ type: "listen", on: false });
 });
 
