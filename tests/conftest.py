@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+import process_guard
+
+process_guard.install()
+_window = pytest.StashKey[process_guard.Window]()
+_started = pytest.StashKey[list]()
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -74,3 +80,46 @@ def make_cluster(demo_dir, tmp_path):
 def _no_gpu_env(monkeypatch):
     # Tests run on CPU machines; never let a stray CUDA setting change what they measure.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))
+
+
+# The tier check (tests/process_guard.py): a test without the `processes` marker that starts a
+# process fails, naming what it started. Marked tests are not watched.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker(process_guard.MARKER) is None:
+        item.stash[_window] = process_guard.open_window()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    finally:
+        window = item.stash.get(_window, None)
+        if window is not None:
+            del item.stash[_window]
+            item.stash[_started] = process_guard.close_window(window)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    window = item.stash.get(_window, None)
+    if window is not None:  # setup failed or skipped: the call never ran; stop recording
+        del item.stash[_window]
+        process_guard.close_window(window)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    started = item.stash.get(_started, None) if call.when == "call" else None
+    if started:
+        message = process_guard.verdict(item.nodeid, started)
+        if report.passed:
+            report.outcome = "failed"
+            report.longrepr = message
+        else:
+            report.sections.append(("process tier check", message))
+    return report

@@ -11,6 +11,7 @@ import zmq
 
 from lipsync_cluster.broker import BindError
 from lipsync_cluster.common import protocol
+from waiting import wait_until
 
 try:
     from test_broker_support import (BrokerThread, Client, WorkerThread, call_infer, catalog_of,
@@ -51,6 +52,7 @@ class FakeWorker:
         self.sock.close(linger=0)
 
 
+@pytest.mark.processes
 def test_sigkilled_worker_request_is_redispatched_and_answered_once():
     with BrokerThread(catalog_of("a")) as b:
         client = Client(b.frontend)
@@ -124,15 +126,8 @@ def test_worker_reregisters_by_itself_after_a_broker_restart():
         wait_workers(client, 1)
         assert call_infer(client, "a", 1)["ok"]
         first.stop()
-        second = None
-        deadline = time.monotonic() + 5
-        while second is None:
-            try:
-                second = BrokerThread(catalog_of("a"), ports=ports)
-            except BindError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        second = wait_until(lambda: BrokerThread(catalog_of("a"), ports=ports), 5,
+                            "the first broker's ports to be free again", retry=(BindError,))
         try:
             wait_workers(client, 1, timeout=8)
             assert call_infer(client, "a", 2)["ok"]
@@ -196,6 +191,7 @@ def _broker_process(ports):
                              *(f"tcp://127.0.0.1:{p}" for p in ports)], env=env)
 
 
+@pytest.mark.processes
 def test_broker_process_killed_and_restarted_worker_comes_back():
     ports = (free_port(), free_port(), free_port())
     client = Client(f"tcp://127.0.0.1:{ports[0]}")

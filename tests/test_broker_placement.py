@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import time
 
+from waiting import wait_until
+
 try:
     from test_broker_support import (BrokerThread, Client, WorkerThread, call_infer, catalog_of,
                                      features, infer, loaded_on, wait_workers)
@@ -96,7 +98,8 @@ def test_eviction_never_takes_a_model_with_work_in_flight():
         try:
             # a's first request (the load) took 1 s; now a second a request keeps a busy...
             client.send(infer("a", "busy"), features())
-            time.sleep(0.1)
+            wait_until(lambda: any(w.name == where["a"] and w.in_flight for w in list(b.broker.table.values())), 5,
+                       "the busy request in flight on a's worker")
             client.call(infer("b", "warm"), features())  # ...and b is the most recent.
             # a is the coldest by last use but has work in flight: b must go instead.
             r = call_infer(client, "c", "c")

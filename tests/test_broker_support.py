@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -22,6 +21,8 @@ from lipsync_cluster.common import protocol
 from lipsync_cluster.config.schema import load_config
 from lipsync_cluster.worker.loop import WorkerLoop
 from lipsync_cluster.worker.noop import NoopHandler
+
+from waiting import wait_until
 
 HB = 0.1        # heartbeat interval used by every test
 LIVENESS = 3    # -> a silent worker is dead after 0.3 s
@@ -48,13 +49,8 @@ def catalog_of(*models: str, preload: tuple[str, ...] = ()) -> dict[str, dict]:
 
 
 def wait_for(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    """The broker tests' name for tests/waiting.py's wait_until (kept: many tests import it)."""
+    return wait_until(cond, timeout, what)
 
 
 class BrokerThread:

@@ -25,6 +25,8 @@ import pytest
 
 from conftest import free_port
 
+pytestmark = pytest.mark.processes  # chromium, and a cluster
+
 CHROMIUM = os.environ.get("LSC_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 

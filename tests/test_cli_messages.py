@@ -50,6 +50,7 @@ def test_every_commands_help_has_an_example():
     assert not missing, f"--help without an example: {missing}"
 
 
+@pytest.mark.processes
 def test_demo_models_next_command_works_as_pasted_outside_the_venv(tmp_path):
     cli = Path(sys.executable).parent / "lipsync-cluster"
     out = subprocess.run([str(cli), "demo-models", str(tmp_path / "dm"), "--count", "1", "--frames", "2",
@@ -65,6 +66,7 @@ def test_demo_models_next_command_works_as_pasted_outside_the_venv(tmp_path):
     assert check.returncode == 0 and "Example" in check.stdout, check.stderr
 
 
+@pytest.mark.processes
 def test_printed_python_command_imports_the_client_outside_the_venv(tmp_path):
     from lipsync_cluster.common.invocation import python_command
 
@@ -177,6 +179,7 @@ def test_make_run_installs_what_the_readmes_commands_after_it_need():
     assert needed and needed <= set(run_extras) | {"cpu"}, f"make run lacks {needed - set(run_extras)}"
 
 
+@pytest.mark.processes
 def test_messages_against_a_running_cluster(make_cluster, demo_dir):
     sup = make_cluster()
     cfg = sup.config
@@ -208,6 +211,7 @@ def test_messages_against_a_running_cluster(make_cluster, demo_dir):
     assert "no request succeeded (unknown_model: model 'demo_zed' is not configured" in failing.stderr, failing.output
 
 
+@pytest.mark.processes
 def test_start_banner_commands_work_as_pasted_outside_the_venv(demo_dir, tmp_path):
     import signal
 

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -18,6 +17,9 @@ from lipsync_cluster.client import Client, LipsyncError, UnknownModel
 from lipsync_cluster.common.model_package import load_package
 
 from conftest import cluster_config
+from waiting import wait_until
+
+pytestmark = pytest.mark.processes  # a cluster (supervisor, broker and worker processes) each
 
 SILENCE = np.zeros((32, 16, 16), np.float32)
 
@@ -111,9 +113,8 @@ def test_placement_and_eviction_with_one_slot_per_worker(make_cluster):
         a = client.infer("demo_ada", audio_features=SILENCE)
         b = client.infer("demo_ben", audio_features=SILENCE)
         assert a.worker != b.worker, "the second model goes to the worker with a free slot"
-        time.sleep(0.3)
+        # LRU orders by the broker's arrival time of each request; these calls follow one another.
         client.infer("demo_ada", audio_features=SILENCE)  # ada is now the hotter one
-        time.sleep(0.3)
         c = client.infer("demo_cleo", audio_features=SILENCE)
         assert c.worker == b.worker, "the coldest model (ben) is evicted"
         where = {m["model_id"]: m["loaded_on"] for m in client.list_models()}
@@ -211,18 +212,17 @@ def test_killed_worker_is_restarted_and_its_request_answered(make_cluster):
         header, payloads = infer_request("demo_ada", audio_features=np.full((25, 32, 16, 16), 0.8, np.float32),
                                          batch_size=25, format="png", quality=9)
         future = client.submit(header, payloads)
-        time.sleep(0.15)
+        wait_until(lambda: future.done() or any(w["worker"] == first.worker and w["in_flight"]
+                                                for w in client.model_stats()["workers"]),
+                   30, "the long request in flight on the worker that holds the model")
+        assert not future.done(), "the request finished before the worker could be killed under it"
         os.kill(old_pid, signal.SIGKILL)
         reply, frames = client.wait(future, timeout=60)
         assert reply["ok"] and len(frames) == 25
-        deadline = time.time() + 30
-        while time.time() < deadline and not (victim.alive and victim.proc.pid != old_pid):
-            time.sleep(0.1)
+        wait_until(lambda: victim.alive and victim.proc.pid != old_pid, 30, "the supervisor to restart the worker")
         assert victim.restarts == 1 and victim.proc.pid != old_pid, "the supervisor restarted the worker"
         # and the cluster keeps serving with both workers
-        deadline = time.time() + 30
-        while time.time() < deadline and client.health()["workers"] < 2:
-            time.sleep(0.2)
+        wait_until(lambda: client.health()["workers"] >= 2, 30, "both workers registered again")
         assert client.health()["workers"] == 2
 
 

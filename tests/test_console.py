@@ -9,13 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import free_port
+from waiting import wait_until
 from lipsync_cluster.cli import main
 from lipsync_cluster.client import Client
 from lipsync_cluster.tools.loadtest import LoadSpec, run_loadtest
 
 
 @pytest.fixture
-def busy_cluster(make_cluster):
+def busy_cluster(make_cluster):  # tests using it carry the `processes` marker
     sup = make_cluster()
     cfg = sup.config
     with Client(cfg.frontend, timeout=30) as client:
@@ -26,18 +27,18 @@ def busy_cluster(make_cluster):
 
 
 def _snapshot(cfg, *extra) -> dict:
-    # Poll: a snapshot published just before the requests finished may not count them yet.
-    deadline = time.monotonic() + 10
-    while True:
+    # A snapshot published just before the requests finished may not count them yet: wait for one that does.
+    def counted() -> dict | None:
         result = CliRunner().invoke(main, ["stats", "--once", "--json", "--broker-stats", cfg.stats_endpoint,
                                            "--timeout", "5", *extra])
         assert result.exit_code == 0, result.output
         snap = json.loads(result.stdout)
-        if snap.get("totals", {}).get("ok", 0) >= 8 or time.monotonic() > deadline:
-            return snap
-        time.sleep(0.3)
+        return snap if snap.get("totals", {}).get("ok", 0) >= 8 else None
+
+    return wait_until(counted, 10, "a stats snapshot that counts the 8 requests")
 
 
+@pytest.mark.processes
 def test_once_json_shows_workers_and_models(busy_cluster):
     cfg, models = busy_cluster
     snap = _snapshot(cfg)
@@ -64,6 +65,7 @@ def test_once_json_shows_workers_and_models(busy_cluster):
     assert any(e.get("event") == "loaded" for e in snap["events"])
 
 
+@pytest.mark.processes
 def test_once_rendered_names_workers_and_models(busy_cluster):
     cfg, models = busy_cluster
     _snapshot(cfg)
@@ -74,6 +76,7 @@ def test_once_rendered_names_workers_and_models(busy_cluster):
         assert name in out, (name, out)
 
 
+@pytest.mark.processes
 def test_falls_back_to_the_client_endpoint_and_filters_one_model(busy_cluster):
     cfg, models = busy_cluster
     silent = f"tcp://127.0.0.1:{free_port()}"  # nothing publishes here

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import kubernetes_validate
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import free_port
+from waiting import wait_until
 from lipsync_cluster.broker.metrics import HEALTH_PATHS, metrics_bind
 from lipsync_cluster.common.security import (SecurityError, check_bind_allowed, check_secret_file_mode,
                                              setting_path)
@@ -78,6 +78,7 @@ def make_secrets(*args: str) -> list[dict]:
     return list(yaml.safe_load_all(out.stdout))
 
 
+@pytest.mark.processes
 def test_every_manifest_validates_against_the_kubernetes_schemas():
     docs = [(name, d) for name, ds in manifests().items() for d in ds] + [("make-secrets.py", d) for d in make_secrets()]
     assert {d["kind"] for _, d in docs} >= {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment",
@@ -203,6 +204,7 @@ def run_init_container(workload: dict, secret_dir: Path, keys_dir: Path) -> None
     subprocess.run(["sh", "-c", script], check=True, timeout=30)
 
 
+@pytest.mark.processes
 def test_the_secrets_give_each_pod_the_key_files_the_config_names_and_they_work(tmp_path, demo_dir):
     """make-secrets.py's Secrets, mounted through the pods' volume items, are the files the
     config's security section names; a broker and a worker holding just those files (and a client
@@ -260,10 +262,8 @@ def test_the_secrets_give_each_pod_the_key_files_the_config_names_and_they_work(
 
         keys = CurveKeys.from_dir(str(tmp_path / "client" / "keys"))
         with Client(f"tcp://127.0.0.1:{data['server']['frontend_port']}", timeout=10, curve=keys) as client:
-            deadline = time.monotonic() + 60
-            while client.health().get("workers", 0) < 1:
-                assert time.monotonic() < deadline, "the worker never registered with the k8s key layout"
-                time.sleep(0.2)
+            wait_until(lambda: client.health().get("workers", 0) >= 1, 60,
+                       "the worker to register with the k8s key layout")
             assert [w["worker"] for w in client.model_stats()["workers"]] == ["lipsync-worker-0"]
     finally:
         for p in reversed(procs):

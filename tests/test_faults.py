@@ -34,6 +34,7 @@ from lipsync_cluster.worker.noop import NoopHandler
 from test_broker_support import (HB, LIVENESS, REPO, BrokerThread, WorkerThread, catalog_of, features,
                                  free_port, infer, spawn_noop_process, wait_for, wait_workers)
 from test_broker_support import Client as RawClient
+from waiting import holds_for, wait_until
 
 SILENCE = np.zeros((32, 16, 16), np.float32)
 
@@ -45,6 +46,7 @@ def _workers_named(client: RawClient) -> set[str]:
 # --- frozen workers ---------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_sigstopped_worker_is_declared_dead_and_its_late_reply_is_never_delivered():
     with BrokerThread(catalog_of("a")) as b:
         client = RawClient(b.frontend)
@@ -197,8 +199,7 @@ def test_requests_made_before_the_broker_is_up_are_sent_when_it_comes(monkeypatc
     with Client(f"tcp://127.0.0.1:{ports[0]}", timeout=20) as client:
         header, payloads = infer_request("a", audio_features=SILENCE)
         futures = [client.submit(header, payloads) for _ in range(10)]
-        time.sleep(0.5)
-        assert not any(f.done() for f in futures)
+        holds_for(lambda: not any(f.done() for f in futures), 0.5, "no request answered while no broker runs")
         with BrokerThread(catalog_of("a"), ports=ports) as b, WorkerThread(b.backend, "w0"):
             replies = [client.wait(f)[0] for f in futures]
     assert all(r["ok"] for r in replies) and len({r["id"] for r in replies}) == 10
@@ -208,6 +209,7 @@ def test_requests_made_before_the_broker_is_up_are_sent_when_it_comes(monkeypatc
 # --- the broker killed and restarted, real workers and clients untouched ----------------------
 
 
+@pytest.mark.processes
 def test_killed_broker_is_restarted_and_in_flight_requests_are_answered_once(make_cluster):
     sup = make_cluster(cluster={"restart_backoff_s": 0.2})
     broker = sup.children[0]
@@ -219,7 +221,9 @@ def test_killed_broker_is_restarted_and_in_flight_requests_are_answered_once(mak
         for i in range(8):
             header, payloads = infer_request("demo_ada", audio_features=feats, start_frame_idx=i, format="jpeg")
             futures.append(client.submit(header, payloads))
-        time.sleep(0.1)
+        wait_until(lambda: any(w["in_flight"] for w in client.model_stats()["workers"]), 20,
+                   "requests in flight on the workers")
+        assert not all(f.done() for f in futures), "every request was answered before the broker could be killed"
         old = broker.proc.pid
         os.kill(old, signal.SIGKILL)
         replies = [client.wait(f, timeout=40)[0] for f in futures]
@@ -270,14 +274,17 @@ def _load_failed_events(sub) -> list[dict]:
     return out
 
 
+@pytest.mark.processes
 def test_a_model_that_fails_to_load_backs_off_and_never_takes_a_worker_down(make_cluster, demo_dir, tmp_path):
     models = _broken_models(demo_dir, tmp_path)
     sup = make_cluster(models_dir=str(models), cluster={"per_gpu": 1, "load_failure_backoff_s": 1.5})
     pid = sup.children[1].proc.pid
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"event")
+    sub.setsockopt(zmq.SUBSCRIBE, b"stats")  # the ~1 s snapshots: the first one says the subscription is live
     sub.connect(sup.config.stats_endpoint)
-    time.sleep(0.3)
+    wait_until(lambda: sub.poll(100) and sub.recv_multipart()[0] == b"stats", 10, "the first stats snapshot")
+    sub.setsockopt(zmq.UNSUBSCRIBE, b"stats")
     with Client(sup.config.frontend, timeout=30) as client:
         # Broken on disk: the catalog already knows why; answered at once, no worker bothered.
         with pytest.raises(ModelLoadFailed, match="bad_onnx.*ONNX"):
@@ -299,7 +306,9 @@ def test_a_model_that_fails_to_load_backs_off_and_never_takes_a_worker_down(make
         # The worker is the same process and serves a good model.
         assert client.infer("demo_ada", audio_features=SILENCE).worker
         assert sup.children[1].proc.pid == pid and sup.children[1].restarts == 0
-        time.sleep(1.6)  # the window closes: the next request tries again (and fails again)
+        # The window closes when the last refusal said it would (its retry_after_ms, not a guessed pause:
+        # no event marks the end); the next request then tries again, and fails again.
+        time.sleep(again.value.details["retry_after_ms"] / 1000.0 + 0.05)
         with pytest.raises(ModelLoadFailed):
             client.infer("bad_frame", audio_features=SILENCE)
         with pytest.raises(ModelLoadFailed) as backoff:
@@ -312,6 +321,7 @@ def test_a_model_that_fails_to_load_backs_off_and_never_takes_a_worker_down(make
     assert len(failed) == 2, f"two load attempts in all, not one per request: {failed}"
 
 
+@pytest.mark.processes
 def test_fixing_a_broken_model_clears_its_backoff(make_cluster, demo_dir, tmp_path):
     models = _broken_models(demo_dir, tmp_path)
     sup = make_cluster(models_dir=str(models), cluster={"per_gpu": 1, "load_failure_backoff_s": 60.0})
@@ -323,19 +333,16 @@ def test_fixing_a_broken_model_clears_its_backoff(make_cluster, demo_dir, tmp_pa
         good = sorted((demo_dir / "demo_ben" / "frames").iterdir())[5]
         shutil.copyfile(good, models / "bad_frame" / "frames" / good.name)
         os.utime(models / "bad_frame" / "model.yaml")  # the catalog re-reads a changed package
-        deadline = time.monotonic() + 15
-        while True:  # a new version: the 60 s backoff of the old one no longer applies
-            try:
-                assert client.infer("bad_frame", audio_features=SILENCE).model_loaded
-                break
-            except ModelLoadFailed:
-                assert time.monotonic() < deadline, "the fixed package was never tried"
-                time.sleep(0.3)
+        # a new version (once the catalog re-reads it): the 60 s backoff of the old one no longer applies
+        result = wait_until(lambda: client.infer("bad_frame", audio_features=SILENCE), 15,
+                            "the fixed package to be tried", retry=(ModelLoadFailed,))
+        assert result.model_loaded
 
 
 # --- memory budget ---------------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_a_model_that_cannot_fit_answers_capacity_full_with_the_numbers(make_cluster):
     sup = make_cluster(capacity={"max_memory_gb": 0.01}, cluster={"per_gpu": 1})
     pid = sup.children[1].proc.pid
@@ -401,6 +408,7 @@ run_broker(cfg, lambda: {m: {"version": "1", "preload": False, "num_frames": 1, 
 """
 
 
+@pytest.mark.processes
 def test_far_above_capacity_the_broker_sheds_at_once_and_keeps_memory_and_latency_flat():
     ports = [free_port() for _ in range(3)]
     # The broker's allocator set so that RSS follows live memory: each 16 KB message buffer is
@@ -469,6 +477,7 @@ def test_far_above_capacity_the_broker_sheds_at_once_and_keeps_memory_and_latenc
 # --- chaos: everything at once, under load ---------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_chaos_quick_nothing_lost_nothing_duplicated(demo_dir):
     """bench/chaos.py --quick in short: kill, freeze and restart workers and the broker under load."""
     import importlib.util

@@ -127,6 +127,7 @@ def test_attach_decodes_once_and_maps_read_only(store, tmp_path):
     again.close()
 
 
+@pytest.mark.processes
 def test_eight_workers_hold_one_copy_not_eight(store, tmp_path):
     n_procs, n_frames = 8, 24
     paths = [str(p) for p in write_frames(tmp_path / "frames", n_frames)]
@@ -161,6 +162,7 @@ def test_eight_workers_hold_one_copy_not_eight(store, tmp_path):
     assert abs(sum(pss) - nbytes) <= 0.02 * nbytes
 
 
+@pytest.mark.processes
 def test_a_killed_worker_leaves_the_copy_usable(store, tmp_path):
     paths = [str(p) for p in write_frames(tmp_path / "frames", 5)]
     ctx = mp.get_context("spawn")
@@ -287,6 +289,7 @@ def red_copy(n: int, model_id: str, version: str, namespace: str) -> bytes:
     return (MAGIC + json.dumps(header).encode()).ljust(HEADER_SIZE, b"\0") + pixels.tobytes()
 
 
+@pytest.mark.processes
 def test_another_user_cannot_plant_frames_for_the_cluster(store, tmp_path):
     """A local user pre-creates the copy the workers will look for (red pixels, open to all, so
     that it can also truncate it later for a SIGBUS): in the namespace's folder, made first and
@@ -322,6 +325,7 @@ for p in ({str(flat)!r}, {str(inner)!r}):
         flat.unlink(missing_ok=True)
 
 
+@pytest.mark.processes
 def test_planted_symlinks_make_the_worker_create_nothing(store, tmp_path):
     """Symlinks planted by another user where the lock and temporary files used to be created
     (and a copy) are never followed: the worker creates no file of the attacker's choosing."""
@@ -360,6 +364,7 @@ for link in {[str(p) for p in links]!r}:
     assert (os.stat(frames.path).st_mode & 0o077) == 0
 
 
+@pytest.mark.processes
 def test_the_store_folder_is_private(store, tmp_path):
     """0700 and ours: another user can neither list it nor create, write or truncate a file in it."""
     frames = store.attach("rita", "v1", write_frames(tmp_path / "frames", 3))

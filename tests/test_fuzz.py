@@ -20,11 +20,15 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zmq.utils.monitor import recv_monitor_message
 
 from lipsync_cluster.common import protocol
 from lipsync_cluster.common.security import CurveKeys, write_key_pair
 
 from test_broker_support import Client as RawClient
+from waiting import wait_until
+
+pytestmark = pytest.mark.processes  # one cluster for the module
 
 MAX_MB = 4
 SILENCE = np.zeros((32, 16, 16), np.float32)
@@ -317,7 +321,22 @@ def test_fuzz_thousands_of_hostile_messages(cluster):
     write_key_pair(fuzz_keys, "fuzzer")
     shutil.copyfile(fuzz_keys / "fuzzer.key", sup.worker_keys_dir / "allowed_workers" / "fuzzer.key")
     fuzz_curve = CurveKeys.load(fuzz_keys / "fuzzer.key_secret", sup.worker_keys_dir / "broker.key")
-    time.sleep(1.1)  # the broker re-reads its allow-list at most once a second
+
+    def admitted() -> bool:  # a peer with the new key completes its handshake (it then vanishes, saying nothing)
+        probe = ctx.socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        fuzz_curve.apply(probe)
+        monitor = probe.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        probe.connect(sup.config.backend)
+        try:
+            return bool(monitor.poll(2000)) and recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        finally:
+            probe.disable_monitor()
+            monitor.close(0)
+            probe.close(0)
+
+    # the broker re-reads its allow-list at most once a second
+    wait_until(admitted, 10, "the broker to admit the fuzzer's key")
 
     @settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(worker_message(), min_size=1, max_size=8))

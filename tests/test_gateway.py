@@ -16,6 +16,8 @@ import pytest
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp.test_utils import TestServer  # noqa: E402
 
+from waiting import wait_until_async  # noqa: E402
+
 from lipsync_cluster.client.stream import StreamFrame  # noqa: E402
 from lipsync_cluster.gateway.server import FrameQueue, make_app, pack_frame, unpack_frame  # noqa: E402
 
@@ -82,6 +84,7 @@ async def _collect(ws, frames, controls, until_ended=True):
             return
 
 
+@pytest.mark.processes
 def test_two_sockets_on_two_models_never_see_each_others_frames(make_cluster, demo_dir):
     sup = make_cluster()
     seconds = {"demo_ada": 3.0, "demo_ben": 2.6}
@@ -166,6 +169,7 @@ def ws_frame(payload: bytes, opcode: int) -> bytes:
     return head + mask + body
 
 
+@pytest.mark.processes
 def test_slow_browser_gets_oldest_frames_dropped_and_a_closed_socket_frees_its_session(make_cluster):
     sup = make_cluster()
 
@@ -184,12 +188,11 @@ def test_slow_browser_gets_oldest_frames_dropped_and_a_closed_socket_frees_its_s
                 pcm = speech(8.0, 3)
                 ws_send(s, pcm.tobytes(), 0x2)
                 ws_send(s, json.dumps({"type": "stop"}).encode(), 0x1)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
+                async def dropped() -> bool:
                     st = (await status(http, server))["detail"]
-                    if st and st[0]["frames"] == 200 and st[0]["drops"] > 0:
-                        break
-                    await asyncio.sleep(0.2)
+                    return bool(st) and st[0]["frames"] == 200 and st[0]["drops"] > 0
+
+                await wait_until_async(dropped, 60, "the slow socket's 200 frames, some dropped")
                 (slow,) = (await status(http, server))["detail"]
                 assert slow["frames"] == 200 and slow["drops"] > 0, slow
                 assert slow["queued"] <= 4, "the per-socket queue stays bounded"
@@ -200,16 +203,19 @@ def test_slow_browser_gets_oldest_frames_dropped_and_a_closed_socket_frees_its_s
                 ws = await http.ws_connect(server.make_url("/ws"))
                 await ws.send_str(json.dumps({"type": "start", "model_id": "demo_ada"}))
                 await ws.send_bytes(speech(6.0, 4).tobytes())
-                for _ in range(50):
+                async def in_flight() -> list:
                     detail = (await status(http, server))["detail"]
-                    if any(d["in_flight"] for d in detail):
-                        break
-                    await asyncio.sleep(0.05)
+                    return detail if any(d["in_flight"] for d in detail) else []
+
+                detail = await wait_until_async(in_flight, 5, "work in flight before the socket closes")
                 assert any(d["in_flight"] for d in detail), "work in flight when the socket closes"
                 t0 = time.monotonic()
                 await ws.close()
-                while (await status(http, server))["sessions"] and time.monotonic() - t0 < 5:
-                    await asyncio.sleep(0.01)
+
+                async def freed() -> bool:
+                    return not (await status(http, server))["sessions"]
+
+                await wait_until_async(freed, 5, "the closed socket's session freed", interval=0.01)
                 freed_after = time.monotonic() - t0
                 final = await status(http, server)
                 return freed_after, final
@@ -221,6 +227,7 @@ def test_slow_browser_gets_oldest_frames_dropped_and_a_closed_socket_frees_its_s
     assert freed_after < 1.0, f"the session was freed {freed_after:.2f}s after the socket closed"
 
 
+@pytest.mark.processes
 def test_bad_control_messages_get_clear_errors(make_cluster):
     sup = make_cluster(cluster={"per_gpu": 1})
 
@@ -325,12 +332,11 @@ def test_a_socket_that_never_reads_is_closed_not_buffered():
                     if status["closed_sessions"] == 1:
                         break
                 # Still holding our end open: the gateway must have closed the session by itself.
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
+                async def closed_by_itself() -> dict | None:
                     status = await (await http.get(server.make_url("/api/status"))).json()
-                    if status["closed_sessions"] == 1 and status["sessions"] == 0:
-                        break
-                    await asyncio.sleep(0.1)
+                    return status if status["closed_sessions"] == 1 and status["sessions"] == 0 else None
+
+                status = await wait_until_async(closed_by_itself, 10, "the gateway to close the socket that never reads")
                 closed = status["closed_sessions"] == 1
                 s.close()
                 return closed, status, time.monotonic() - t0

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-
 import pytest
 
 from lipsync_cluster import gpu_select
@@ -15,6 +13,8 @@ from lipsync_cluster.config import load_config
 from lipsync_cluster.gpu_select import Device, GpuSelectionError, parse_nvidia_smi, parse_request, plan_workers, select
 from lipsync_cluster.supervisor import Supervisor
 from lipsync_cluster.worker.sessions import SessionOptions, make_session, probe_provider, providers_for
+
+from waiting import wait_until
 
 FOUR = "\n".join(f"GPU {i}: NVIDIA H200 (UUID: GPU-{i}aaaaaaa-0000-1111-2222-33333333333{i})" for i in range(4))
 UUIDS = [f"GPU-{i}aaaaaaa-0000-1111-2222-33333333333{i}" for i in range(4)]
@@ -113,6 +113,7 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(bool(gpu_select.probe_physical()), reason="this machine has a GPU: the refusal needs one without")
+@pytest.mark.processes
 def test_start_and_worker_refuse_a_gpu_that_is_not_there(demo_dir):
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
     out = _cli("start", "--models-dir", str(demo_dir), "--gpus", "2", env=env)
@@ -135,6 +136,7 @@ def test_providers_cuda_arena_bounded_by_budget_cpu_alone():
     assert providers_for(SessionOptions()) == ["CPUExecutionProvider"]
 
 
+@pytest.mark.processes
 def test_cpu_session_uses_only_the_cpu_provider_and_prints_nothing(demo_dir):
     session = make_session(demo_dir / "demo_ada" / "model.onnx", SessionOptions(intra_op_threads=1))
     assert session.get_providers() == ["CPUExecutionProvider"]
@@ -147,6 +149,7 @@ def test_cpu_session_uses_only_the_cpu_provider_and_prints_nothing(demo_dir):
     assert "CUDA" not in out.stderr and "cuda" not in out.stderr.lower(), out.stderr
 
 
+@pytest.mark.processes
 def test_a_worker_reports_the_provider_it_really_got(make_cluster):
     """Asked for CUDA where ONNX Runtime cannot open it, the probe says `cpu`; a running cluster's
     health, model_stats and list_models say what each worker's sessions really run on."""
@@ -157,25 +160,22 @@ def test_a_worker_reports_the_provider_it_really_got(make_cluster):
     assert probe_provider(SessionOptions()) == "cpu"
     sup = make_cluster()
     with Client(sup.config.frontend, timeout=30) as client:
-        deadline = time.monotonic() + 10
-        while client.health()["providers"] != {"cpu": 2}:  # each worker's first stats follow its `ready`
-            assert time.monotonic() < deadline, client.health()
-            time.sleep(0.1)
+        # each worker's first stats follow its `ready`
+        wait_until(lambda: client.health()["providers"] == {"cpu": 2}, 10, "both workers' providers in health")
         assert {w["worker"]: w["provider"] for w in client.model_stats()["workers"]} == {"w0-cpu": "cpu", "w1-cpu": "cpu"}
         # the UNets' engine and precision, as each worker uses them (worker/engine.py)
         assert client.health()["engines"] == {"cpu": 2}
         assert {(w["engine"], w["engine_note"], w["precision"]) for w in client.model_stats()["workers"]} == {("cpu", "", "fp32")}
         client.load_model("demo_ada")
-        deadline = time.monotonic() + 10
-        while True:  # the per-model entries come with the worker's next periodic stats
-            entry = next(m for m in client.list_models() if m["model_id"] == "demo_ada")
-            if entry["stats"]["workers"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        # the per-model entries come with the worker's next periodic stats
+        entry = wait_until(lambda: next((m for m in client.list_models()
+                                         if m["model_id"] == "demo_ada" and m["stats"]["workers"]), None), 10,
+                           "demo_ada's per-worker stats")
         assert [w["provider"] for w in entry["stats"]["workers"]] == ["cpu"]
 
 
 @pytest.mark.skipif(not gpu_select.probe_physical(), reason="needs a GPU (bench/gpu_check.sh runs it on one)")
+@pytest.mark.processes
 def test_on_a_gpu_the_worker_gets_cuda_and_reads_its_gpu():
     from lipsync_cluster.worker.gpu_monitor import GpuMonitor
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.processes  # a fresh virtualenv and pip, then its Python as a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT_MB = 100
 NOT_IN_A_PLAIN_INSTALL = ("onnxruntime", "onnx", "cv2", "scipy", "yaml", "psutil", "matplotlib", "aiohttp",

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import lipsync_cluster
 from lipsync_cluster.common.extras import EXTRA_MODULES
 
@@ -117,11 +119,13 @@ def _loaded_after(statement: str) -> list[str]:
     return out.stdout.split()
 
 
+@pytest.mark.processes
 def test_the_client_library_loads_no_server_or_tool_dependency():
     assert _loaded_after("import lipsync_cluster.client") == []
     assert _loaded_after("from lipsync_cluster.client import Client, AsyncClient, StreamSession") == []
 
 
+@pytest.mark.processes
 def test_the_command_line_loads_no_server_or_tool_dependency():
     """`lipsync-cluster --help` and the management commands work on a client-only install."""
     assert _loaded_after("import lipsync_cluster.cli") == []

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 
 import cv2
 import numpy as np
@@ -17,6 +16,10 @@ from lipsync_cluster.client import Client, UnknownModel
 from lipsync_cluster.common.frame_store import FrameStore
 from lipsync_cluster.common.model_package import load_package
 from lipsync_cluster.supervisor import shm_namespace
+
+from waiting import wait_until
+
+pytestmark = pytest.mark.processes  # a cluster each
 
 SILENCE = np.zeros((32, 16, 16), np.float32)
 
@@ -58,7 +61,7 @@ def test_reprepare_under_load_switches_version_without_failures(make_cluster, de
 
     threads = [threading.Thread(target=hammer) for _ in range(2)]
     [t.start() for t in threads]
-    time.sleep(1.0)
+    wait_until(lambda: len(replies) >= 6 or errors, 60, "six replies on the old version before the update")
     out = subprocess.run([sys.executable, "-m", "lipsync_cluster.cli", "prepare", str(videos), "demo_ada",
                           "--models-dir", str(models), "--onnx", str(demo_dir / "demo_ada" / "model.onnx"),
                           "--crop-rects", str(tmp_path / "rects.json"), "--force", "--workers", "1",
@@ -66,30 +69,33 @@ def test_reprepare_under_load_switches_version_without_failures(make_cluster, de
     assert out.returncode == 0, out.stdout + out.stderr
     new_version = load_package(models / "demo_ada").version
     assert new_version != old_version
-    deadline = time.time() + 30
-    while time.time() < deadline and replies[-6:].count(new_version) < 6:
-        time.sleep(0.2)
-    stop.set()
+    try:
+        wait_until(lambda: replies[-6:].count(new_version) == 6 or errors, 30, "six replies in a row on the new version")
+    finally:
+        stop.set()
     [t.join() for t in threads]
     assert errors == [], f"requests failed during the update: {errors[:3]}"
     assert replies[0] == old_version and replies[-1] == new_version
     assert set(replies) == {old_version, new_version}
     # the broker's catalog follows within its refresh period (a stat of each package, every 2 s)
-    deadline = time.time() + 10
     with Client(sup.config.frontend) as client:
-        while time.time() < deadline:
+        def listed_new() -> dict | None:
             listed = {m["model_id"]: m for m in client.list_models()}
-            if listed["demo_ada"]["version"] == new_version:
-                break
-            time.sleep(0.2)
+            return listed if listed["demo_ada"]["version"] == new_version else None
+
+        listed = wait_until(listed_new, 10, "the broker's catalog to list demo_ada's new version")
     assert listed["demo_ada"]["version"] == new_version
     # the old version's shared frames are released once no worker needs them
     store = FrameStore(shm_namespace(sup.config))
-    deadline = time.time() + 10
-    while time.time() < deadline and any(e["version"] == old_version for e in store.list()):
+
+    def old_released() -> bool:
+        if not any(e["version"] == old_version for e in store.list()):
+            return True
         with Client(sup.config.frontend) as client:  # the other worker drops its copy on its next request
             client.infer("demo_ada", audio_features=SILENCE)
-        time.sleep(0.3)
+        return False
+
+    wait_until(old_released, 10, "the old version's shared frames to be released")
     assert [e["version"] for e in store.list() if e["model_id"] == "demo_ada"] == [new_version]
 
 
@@ -102,9 +108,8 @@ def test_deleted_package_disappears_and_new_one_is_servable(make_cluster, demo_d
     with Client(sup.config.frontend, timeout=30) as client:
         assert client.infer("demo_ben", audio_features=SILENCE).frames
         shutil.rmtree(models / "demo_ben")
-        deadline = time.time() + 10
-        while time.time() < deadline and "demo_ben" in {m["model_id"] for m in client.list_models()}:
-            time.sleep(0.2)
+        wait_until(lambda: "demo_ben" not in {m["model_id"] for m in client.list_models()}, 10,
+                   "the deleted package to leave the catalog")
         assert "demo_ben" not in {m["model_id"] for m in client.list_models()}
         with pytest.raises(UnknownModel):
             client.infer("demo_ben", audio_features=SILENCE)

@@ -42,6 +42,7 @@ def test_zipf_weights():
     assert list(zipf_weights(3, None)) == pytest.approx([1 / 3] * 3)
 
 
+@pytest.mark.processes
 def test_closed_loop_report_and_plot(cluster, tmp_path):
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     result = CliRunner().invoke(main, ["loadtest", "-q", "--broker", cluster.frontend, "--model-count", "3",
@@ -63,6 +64,7 @@ def test_closed_loop_report_and_plot(cluster, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.processes
 def test_open_loop_counts_errors_by_code(cluster):
     code, output, rep = run("--broker", cluster.frontend, "--models", "demo_ada,no_such_model", "--rate", "20",
                             "--duration", "1.5", "--batch", "1", "--format", "raw")
@@ -76,6 +78,7 @@ def test_open_loop_counts_errors_by_code(cluster):
     assert 10 <= rep["requests"] <= 60  # ~30 Poisson arrivals
 
 
+@pytest.mark.processes
 def test_seed_aliases_and_errors(cluster):
     port = urlparse(cluster.frontend).port
     code, output, rep = run("--ports", str(port), "--model-names", "demo_ada", "--num-requests", "3")

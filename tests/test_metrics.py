@@ -19,6 +19,7 @@ from lipsync_cluster.broker.metrics import MetricsServer, metrics_bind
 from lipsync_cluster.config import load_config
 from lipsync_cluster.client import Client
 from lipsync_cluster.tools.loadtest import LoadSpec, run_loadtest
+from waiting import wait_until
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "METRICS.md"
 
@@ -94,12 +95,11 @@ def metrics_cluster(make_cluster):
     return sup.config, port
 
 
+@pytest.mark.processes
 def test_metrics_expose_the_documented_names_with_sane_values(metrics_cluster):
     cfg, port = metrics_cluster
-    deadline = time.monotonic() + 10
-    while get(f"http://127.0.0.1:{port}/health/ready")[0] != 200:  # the next snapshot says ready
-        assert time.monotonic() < deadline, "never ready"
-        time.sleep(0.2)
+    # the next snapshot says ready
+    wait_until(lambda: get(f"http://127.0.0.1:{port}/health/ready")[0] == 200, 10, "/health/ready to answer 200")
     assert get(f"http://127.0.0.1:{port}/health/live")[0] == 200
     with Client(cfg.frontend, timeout=30) as client:
         models = sorted(m["model_id"] for m in client.list_models())[:2]
@@ -108,14 +108,13 @@ def test_metrics_expose_the_documented_names_with_sane_values(metrics_cluster):
     unknown = rep["errors"].get("unknown_model", 0)
     assert unknown >= 1 and sum(ok_by_model.values()) == rep["ok"] == 15 - unknown
 
-    deadline = time.monotonic() + 10
-    while True:  # at most one snapshot period behind
+    def caught_up() -> dict | None:  # at most one snapshot period behind
         m = scrape(port)
-        if (value(m, "lipsync_request_success", "_total") == rep["ok"]
-                and value(m, "lipsync_request_failure", "_total", model="", code="unknown_model") == unknown) \
-                or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+        return m if (value(m, "lipsync_request_success", "_total") == rep["ok"]
+                     and value(m, "lipsync_request_failure", "_total", model="", code="unknown_model") == unknown) \
+            else None
+
+    m = wait_until(caught_up, 10, f"the scraped counters to reach {rep['ok']} ok and {unknown} unknown_model")
 
     names = set(m)
     missing = documented() - names - GPU_ONLY  # (GPU series: test_gpu_series_come_from_the_workers_stats)
@@ -218,9 +217,7 @@ def test_half_open_connections_hold_a_bounded_number_of_threads(monkeypatch):
         assert len(refused) == 100 - metrics_module.MAX_CONNECTIONS
         assert server._httpd.open_connections() == metrics_module.MAX_CONNECTIONS
         assert threading.active_count() <= before + metrics_module.MAX_CONNECTIONS
-        deadline = time.monotonic() + 5
-        while server._httpd.open_connections() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: server._httpd.open_connections() == 0, 5, "the half-open connections cut")
         assert server._httpd.open_connections() == 0  # every half-open one cut at its deadline
         for c in conns[:metrics_module.MAX_CONNECTIONS]:  # closed by the server (perhaps after a 400)
             while c.recv(4096):

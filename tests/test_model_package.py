@@ -462,6 +462,7 @@ def png_bomb(path: Path, w: int, h: int) -> Path:
     return path
 
 
+@pytest.mark.processes
 def test_an_image_bomb_is_refused_from_its_header(tmp_path):
     """A package whose frames are 8000x8000 PNGs of a few dozen KB: the scan reads the sizes from
     the headers and refuses the frames without decoding them (memory of the scanning process flat)."""

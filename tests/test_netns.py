@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,9 @@ from lipsync_cluster.common.frame_store import FrameStore
 from lipsync_cluster.common.security import CurveKeys, generate_keys
 
 from conftest import free_port
+from waiting import holds_for, wait_until
+
+pytestmark = pytest.mark.processes  # a broker and remote workers as processes
 
 TAG = f"{os.getpid() % 100000}"
 NS = f"lsc-ns{TAG}"
@@ -123,12 +125,12 @@ def test_worker_in_another_namespace_joins_over_curve_and_strangers_are_refused(
 
         good = remote_worker("remote-w", "--keys", str(keys))
         with Client(f"tcp://127.0.0.1:{fe}", timeout=60, curve=CurveKeys.from_dir(keys, "client")) as client:
-            deadline = time.monotonic() + 60
-            while client.health().get("workers", 0) < 1:
+            def registered() -> bool:
                 assert broker.poll() is None, (tmp_path / "broker.log").read_text()[-3000:]
                 assert good.poll() is None, (tmp_path / "remote-w.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the remote worker never registered"
-                time.sleep(0.2)
+                return client.health().get("workers", 0) >= 1
+
+            wait_until(registered, 60, "the remote worker to register")
             stats = client.model_stats()
             (entry,) = stats["workers"]
             assert entry["worker"] == "remote-w"
@@ -142,8 +144,12 @@ def test_worker_in_another_namespace_joins_over_curve_and_strangers_are_refused(
             stranger = remote_worker("stranger", "--worker-key", str(strangers / "worker.key_secret"),
                                      "--broker-key", str(keys / "broker.key"))
             keyless = remote_worker("keyless")
-            time.sleep(6.0)  # long enough to start, connect, and be refused a few times
-            assert stranger.poll() is None and keyless.poll() is None, "refused, not crashed"
+            # started, connected and refused: both sides say so in their logs
+            wait_until(lambda: "refused a CurveZMQ peer on lipsync-workers" in (tmp_path / "broker.log").read_text()
+                       and "the broker refused this key" in (tmp_path / "stranger.log").read_text(), 60,
+                       "the broker to refuse the stranger, and the stranger to say so")
+            holds_for(lambda: stranger.poll() is None and keyless.poll() is None, 2.0,
+                      "the refused workers running (refused, not crashed)")
             names = {w["worker"] for w in client.model_stats()["workers"]}
             assert names == {"remote-w"}, names
             assert client.infer("demo_ben", audio_features=np.zeros((32, 16, 16), np.float32)).worker == "remote-w"

@@ -413,6 +413,7 @@ def test_swap_in_replaces_a_package_in_one_step(tmp_path):
 # --- parallel -----------------------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_two_workers_prepare_two_videos(tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()

@@ -18,6 +18,8 @@ from lipsync_cluster.common import imageops
 from lipsync_cluster.common.errors import BadRequest
 from lipsync_cluster.demo.light import mouth_open_pixels
 
+pytestmark = pytest.mark.processes  # audio is decoded by ffmpeg (a subprocess); render needs a cluster
+
 
 def write_wav(path, data: np.ndarray, rate: int, width: int) -> None:
     """Integer PCM WAV with the stdlib; ``data`` float in [-1, 1], [N] or [N, C]."""

@@ -25,6 +25,7 @@ from lipsync_cluster.worker.loop import WorkerLoop
 from lipsync_cluster.worker.noop import NoopHandler
 
 from test_broker_support import catalog_of, wait_for
+from waiting import holds_for, wait_until
 
 HB = 0.1
 
@@ -116,6 +117,7 @@ def test_keys_generate_writes_pairs_and_allow_lists(tmp_path):
     assert runner.invoke(cli, ["keys", "generate", str(k), "--force"]).exit_code == 0
 
 
+@pytest.mark.processes
 def test_secret_key_files_are_created_private_and_checked_when_loaded(tmp_path):
     """Secret files are created 0600 (never chmodded afterwards: no moment at 0644), a new keys
     folder is 0700, and a secret file others can read is refused when loaded, by a real worker too."""
@@ -201,8 +203,7 @@ def test_listed_keys_are_served_and_unlisted_or_missing_keys_are_refused(keys, o
         # Workers: an unlisted key or none at all never registers; nothing reaches them.
         intruder = c.worker("w-intruder", CurveKeys.load(other_keys / "worker.key_secret", keys / "broker.key"))
         plain = c.worker("w-plain", None)
-        time.sleep(1.0)
-        assert client.health()["workers"] == 1
+        holds_for(lambda: client.health()["workers"] == 1, 1.0, "one worker registered (the listed one)")
         assert {w["worker"] for w in client.model_stats()["workers"]} == {"w-good"}
         assert intruder.served == 0 and plain.served == 0
         assert client.request(dict(header, model_id="b"), payloads)[0]["worker"] == "w-good"
@@ -214,9 +215,16 @@ def test_revoking_a_key_takes_effect_without_a_restart(keys, tmp_path):
     with SecureCluster(folder) as c:
         assert c.client(CurveKeys.from_dir(folder, "client")).health()["live"]
         (folder / "allowed_clients" / "client.key").unlink()
-        time.sleep(1.2)  # the allow-list folder is re-read at most once a second
-        with pytest.raises(Unauthorized):
-            c.client(CurveKeys.from_dir(folder, "client")).health()
+
+        def refused() -> bool:
+            try:
+                c.client(CurveKeys.from_dir(folder, "client")).health()
+            except Unauthorized:
+                return True
+            return False
+
+        # the allow-list folder is re-read at most once a second
+        wait_until(refused, 5, "the revoked client key to be refused")
         assert c.client(CurveKeys.from_dir(folder, "admin")).health()["live"]
 
 
@@ -334,6 +342,7 @@ def test_gateway_static_files_do_not_escape_their_folder():
     asyncio.run(go())
 
 
+@pytest.mark.processes
 def test_a_whole_cluster_starts_and_serves_under_curve(make_cluster, keys):
     """`start` with security on: the supervisor, its workers and clients all use their keys."""
     import numpy as np
@@ -348,11 +357,12 @@ def test_a_whole_cluster_starts_and_serves_under_curve(make_cluster, keys):
     # The broker's refusal came before the request was made (the handshake follows the connect):
     # it still answers the request, rather than a silent wait for the timeout.
     with Client(sup.config.frontend, timeout=5) as stranger:
-        time.sleep(1.0)
+        wait_until(lambda: stranger._transport._handshake.refused, 10, "the broker's refusal, before any request")
         with pytest.raises(Unauthorized):
             stranger.health()
 
 
+@pytest.mark.processes
 def test_a_package_symlinked_out_gets_a_short_reason_and_reads_nothing(make_cluster, demo_dir, tmp_path):
     """A package's crop_rects.json (or a frame) symlinked to a file of the host: a running cluster
     refuses the package, and the client hears a short reason, without the file's content or the
@@ -404,13 +414,11 @@ def test_a_worker_name_is_bound_to_its_key(tmp_path):
         c.worker("w-named", generic)   # an admitted key, but not the one bound to this name
         c.worker("w-first", generic)
         wait_for(lambda: names() == {"w-first"}, 5, "the generic key registered its own name only")
-        time.sleep(3 * HB * 3)
-        assert names() == {"w-first"}, "another key could not take the name w-named"
+        holds_for(lambda: names() == {"w-first"}, 3 * HB * 3, "only w-first registered (another key cannot take w-named)")
         c.worker("w-named", named)
         c.worker("w-first", named)     # the name's first key was the generic one
         wait_for(lambda: names() == {"w-first", "w-named"}, 5, "the named key registered its name")
-        time.sleep(3 * HB * 3)
-        assert names() == {"w-first", "w-named"}
+        holds_for(lambda: names() == {"w-first", "w-named"}, 3 * HB * 3, "w-first and w-named registered, no more")
 
 
 IMPOSTOR = """
@@ -445,6 +453,7 @@ print("done")
 """
 
 
+@pytest.mark.processes
 def test_another_local_user_cannot_register_as_a_worker(make_cluster):
     """On loopback, an unprivileged local user connects to the workers' socket and registers under
     the real worker's name (then would answer clients' requests with forged frames). `start` makes
@@ -465,12 +474,13 @@ def test_another_local_user_cannot_register_as_a_worker(make_cluster):
                                 text=True, cwd="/")
     try:
         with Client(sup.config.frontend, timeout=30) as client:
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline and impostor.poll() is None:
+            def only_the_real_worker() -> bool:
                 workers = client.model_stats()["workers"]
                 assert [(w["worker"], w.get("pid")) for w in workers] == [("w0-cpu", sup.children[1].proc.pid)], \
                     f"an impostor registered: {workers}"
-                time.sleep(0.1)
+                return True
+
+            holds_for(only_the_real_worker, 3, "only the real worker registered while the impostor tries")
             result = client.infer("demo_ada", audio_features=np.zeros((32, 16, 16), np.float32))
             assert result.worker == "w0-cpu"
         out, err = impostor.communicate(timeout=30)

@@ -197,6 +197,7 @@ def test_a_second_failure_or_a_fatal_error_ends_the_session_with_that_error():
 # --- against a real cluster -------------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_stream_frames_exact_in_order_and_mouth_follows_the_bursts(make_cluster, demo_dir):
     sup = make_cluster()
     seconds = 6.37  # 159.25 frames -> 159
@@ -232,6 +233,7 @@ def test_stream_frames_exact_in_order_and_mouth_follows_the_bursts(make_cluster,
         assert outside_rect_diff(f.decode(), bgs[f.background_index], f.rect) < 3
 
 
+@pytest.mark.processes
 def test_stream_equals_the_whole_clip_computation(make_cluster, demo_dir):
     """Each batch's PCM span gives the windows a whole-clip computation gives (format patch)."""
     import onnxruntime as ort
@@ -267,6 +269,7 @@ def test_stream_equals_the_whole_clip_computation(make_cluster, demo_dir):
     assert max(shifted) > 50
 
 
+@pytest.mark.processes
 def test_switch_mid_stream_lands_on_a_batch_boundary(make_cluster, demo_dir):
     sup = make_cluster()
     pcm, _ = bursts(5.0, seed=2)
@@ -295,6 +298,7 @@ def test_switch_mid_stream_lands_on_a_batch_boundary(make_cluster, demo_dir):
         assert outside_rect_diff(image, other[f.background_index], f.rect) > 10
 
 
+@pytest.mark.processes
 def test_a_worker_killed_mid_stream_costs_no_frame(make_cluster):
     sup = make_cluster()
     seconds = 8.0
@@ -318,6 +322,7 @@ def test_a_worker_killed_mid_stream_costs_no_frame(make_cluster):
     assert retried + lat["retries"] >= 1, "some batch was in flight on the dead worker and was sent again"
 
 
+@pytest.mark.processes
 def test_async_session_streams_the_same_frames(make_cluster):
     sup = make_cluster()
     pcm, _ = bursts(3.0, seed=6)
@@ -367,6 +372,7 @@ def test_switch_and_interrupt_positions_in_the_core_do_not_depend_on_the_sender(
     assert (b.first, b.end) == (0, 9)
 
 
+@pytest.mark.processes
 def test_switch_after_two_seconds_lands_at_frame_50_whatever_the_sender_did(make_cluster):
     sup = make_cluster()
     pcm, _ = bursts(4.0, seed=7)
@@ -394,6 +400,7 @@ def test_switch_after_two_seconds_lands_at_frame_50_whatever_the_sender_did(make
     assert landed == [50, 50], f"the switch lands where the audio was, on every run: {landed}"
 
 
+@pytest.mark.processes
 def test_interrupt_mid_utterance_keeps_indices_and_drops_the_unsaid_audio(make_cluster):
     sup = make_cluster()
     speech, _ = bursts(4.0, period=10.0, on=10.0, seed=9)  # one utterance from 0.4 s to the end
@@ -424,6 +431,7 @@ def test_interrupt_mid_utterance_keeps_indices_and_drops_the_unsaid_audio(make_c
     assert max(after) < 50, f"frames after the cut show no dropped audio: {after}"
 
 
+@pytest.mark.processes
 def test_idle_frames_equal_the_full_path_on_a_real_worker(make_cluster, demo_dir):
     import onnxruntime as ort
 
@@ -471,6 +479,7 @@ def test_silence_is_defined_so_that_the_mel_sits_at_its_floor():
     assert not is_silent(worst * 2) and not is_silent(None)
 
 
+@pytest.mark.processes
 def test_listening_keeps_frames_flowing_from_the_idle_cache(make_cluster):
     sup = make_cluster()
     pcm, _ = bursts(1.0, period=10.0, on=10.0, seed=12)

@@ -13,6 +13,7 @@ from lipsync_cluster.common import protocol
 from lipsync_cluster.common.errors import CapacityFull
 from lipsync_cluster.worker.loop import RequestHandler, WorkerLoop
 from lipsync_cluster.worker.noop import NoopHandler
+from waiting import wait_until
 
 HB = 0.1
 
@@ -230,7 +231,7 @@ def test_stop_finishes_in_flight_work_then_says_disconnect(broker):
     w = Running(broker.endpoint, NoopHandler(sleep_s=0.3, preload=("a",)))
     broker.next("ready")
     broker.request(1)
-    time.sleep(0.05)
+    wait_until(lambda: w.loop.in_flight >= 1, 3, "request 1 in the worker's hands")
     w.stop_event.set()
     hb, _ = broker.next("heartbeat")
     assert hb["draining"] is True

@@ -18,7 +18,6 @@ detection statistics, sizes). A later run with the same inputs skips the model; 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import json
@@ -199,7 +198,9 @@ _AT_FDCWD = -100
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two folders (Linux renameat2 RENAME_EXCHANGE). False when not possible here."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The symbols already loaded into this process (libc among them): ctypes.util.find_library
+        # would start `ldconfig -p` (a process) on every swap.
+        libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2
     except (OSError, AttributeError):
         return False
