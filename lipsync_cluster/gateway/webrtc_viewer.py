@@ -180,13 +180,19 @@ class Viewer:
             await asyncio.sleep(0.02)
 
     async def wait_audio_covers_video(self, timeout: float = 60.0) -> None:
-        """Until the audio received reaches the last video tick received (a starved receiver
-        decodes the two tracks at different paces)."""
+        """Until the audio received reaches the video tick received last when this was called (a
+        starved receiver decodes the two tracks at different paces).
+
+        The target is fixed at the call: while the call goes on, video keeps arriving, and the audio,
+        which trails it by the receiver's jitter buffer, would chase a moving last tick for ever."""
+        if not self.video:
+            return
+        target = (self.video[-1][1] - self.video[0][1]) / 3600 + 1
         deadline = time.monotonic() + timeout
-        while self.video and len(self.audio) / 2 < (self.video[-1][1] - self.video[0][1]) / 3600 + 1:
+        while len(self.audio) / 2 < target:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(self.audio) / 2} ticks of audio for {len(self.video)} video frames "
-                                   f"after {timeout} s")
+                raise TimeoutError(f"{len(self.audio) / 2} ticks of audio for the {target:.0f} video ticks "
+                                   f"received when the wait began, after {timeout} s")
             await asyncio.sleep(0.02)
 
     async def packets_lost(self) -> dict[str, int]:
