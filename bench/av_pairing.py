@@ -6,7 +6,7 @@ audio is there. Measured: process CPU time per second of audio (resampling to 16
 as the median of 5 runs, and that as a share of one core at real time. No cluster: this is the
 client-side cost an integration (Pipecat, LiveKit, WebRTC) adds per session.
 
-    python bench/av.py            # prints the table and writes docs/BENCHMARKS.md "A/V pairing"
+    python bench/av_pairing.py            # prints the table and writes docs/BENCHMARKS.md "A/V pairing"
 """
 from __future__ import annotations
 
@@ -61,10 +61,10 @@ def main() -> None:
         print(f"{rate} Hz: {ms:.2f} ms CPU per second of audio ({ms / 10:.2f} % of a core)", flush=True)
     load = os.getloadavg()[0]
     body = [
-        "## A/V pairing (`bench/av.py`)",
+        "## A/V pairing (`bench/av_pairing.py`)",
         "",
         f"{machine()}; {today()}; load average {load:.1f} when it ran (2 shared cores: the absolute",
-        "numbers are upper bounds). `python bench/av.py`: 60 s of int16 audio pushed into `AVCore` in 20 ms",
+        "numbers are upper bounds). `python bench/av_pairing.py`: 60 s of int16 audio pushed into `AVCore` in 20 ms",
         "chunks, every frame paired; process CPU per second of audio, median of 5 runs. This is what an",
         "integration (Pipecat, LiveKit, WebRTC) adds on the client per session, on top of the stream.",
         "",
