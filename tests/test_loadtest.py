@@ -91,5 +91,5 @@ def test_seed_aliases_and_errors(cluster):
 def test_no_broker_is_a_clear_error():
     from conftest import free_port
 
-    result = CliRunner().invoke(main, ["loadtest", "-q", "--broker", f"tcp://127.0.0.1:{free_port()}", "-n", "1"])
+    result = CliRunner().invoke(main, ["loadtest", "-q", "--broker", f"tcp://127.0.0.1:{free_port()}", "-n", "1", "--timeout", "1"])
     assert result.exit_code == 1 and "no broker answered" in result.output

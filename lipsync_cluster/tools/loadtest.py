@@ -577,7 +577,7 @@ def loadtest_command(local_cluster: LocalCluster) -> click.Command:
             endpoint = broker or DEFAULT_ENDPOINT
             client = stack.enter_context(Client(endpoint, timeout=timeout))
             try:
-                catalog = [m["model_id"] for m in client.request({"op": "list_models"}, timeout=5.0)[0]["models"]]
+                catalog = [m["model_id"] for m in client.request({"op": "list_models"}, timeout=min(5.0, timeout))[0]["models"]]
             except Exception as exc:
                 raise click.ClickException(f"no broker answered at {endpoint}: {getattr(exc, 'message', exc)}") from None
             if not models:
