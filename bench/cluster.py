@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, today, write_section  # noqa: E402
+from common import git_head, machine, today, write_section  # noqa: E402
 from pipeline import pipeline_fps, raw_fps  # noqa: E402
 
 from lipsync_cluster.client import Client  # noqa: E402
@@ -173,7 +173,7 @@ def hot_model(folder: Path, model_id: str, seconds: float, rounds: int, baseline
         f"each) with no warm-up, so the broker places the second copy itself. Raw = ONNX Runtime alone on the same "
         f"model with 2 intra-op threads, inputs prepared in advance. {rounds} interleaved rounds of {seconds:g} s, "
         "medians (ratios: the median of each round's ratio)."
-        + (f" Baseline: the cluster of `{baseline}` ({_git_head(baseline)}), this checkout {_git_head(here)}, "
+        + (f" Baseline: the cluster of `{baseline}` ({git_head(baseline)}), this checkout {git_head(here)}, "
            "each in a child process." if bases else ""),
         "",
         head,
@@ -187,14 +187,6 @@ def hot_model(folder: Path, model_id: str, seconds: float, rounds: int, baseline
     ]
     write_section("cluster-hot", "\n".join(lines))
     print("wrote docs/BENCHMARKS.md (cluster-hot)")
-
-
-def _git_head(checkout: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
-"""Shared bits of the benchmarks: the machine's description and the BENCHMARKS.md writer."""
+"""Shared bits of the benchmarks: the machine's description, the checkout measured and the BENCHMARKS.md writer."""
 from __future__ import annotations
 
 import datetime
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
@@ -24,6 +25,15 @@ def machine() -> str:
 
     return (f"{cpu}, {os.cpu_count()} cores, {mem_gb:.0f} GiB, Python {platform.python_version()}, "
             f"onnxruntime {onnxruntime.__version__} (CPU provider)")
+
+
+def git_head(checkout: Path) -> str:
+    """The short commit of ``checkout`` (a baseline beside this one), for the report."""
+    try:
+        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
 
 
 def today() -> str:

@@ -241,19 +241,6 @@ def start_cluster(models_dir: Path, workers: int, cpu: bool, budget_gb: float, o
     return sup
 
 
-def _cpu_s(pids: list[int]) -> float:
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
-
-
 def end_to_end(endpoint: str, models: list[str], batch: int, seconds: float, in_flight: int, nvml: Nvml,
                worker_pids: list[int]) -> dict:
     """frames/s through the cluster with ``in_flight`` requests outstanding (PCM in, JPEG out)."""
@@ -290,7 +277,7 @@ def end_to_end(endpoint: str, models: list[str], batch: int, seconds: float, in_
                         stages[key] += float(r.timings.get(key, 0.0))
                 i += in_flight
 
-    cpu0 = _cpu_s(worker_pids)
+    cpu0 = stream_bench.cluster_cpu_s(worker_pids)
     started = time.monotonic()
     with Sampler(nvml) as sampler:
         threads = [threading.Thread(target=loop, args=(k,)) for k in range(in_flight)]
@@ -298,7 +285,7 @@ def end_to_end(endpoint: str, models: list[str], batch: int, seconds: float, in_
         [t.join() for t in threads]
     wall = time.monotonic() - started
     frames = max(1, done["frames"])
-    cpu_ms = (_cpu_s(worker_pids) - cpu0) * 1000 / frames
+    cpu_ms = (stream_bench.cluster_cpu_s(worker_pids) - cpu0) * 1000 / frames
     return {"batch": batch, "fps": round(done["frames"] / wall, 1), "requests": done["requests"],
             "errors": done["errors"],
             "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,

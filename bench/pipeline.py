@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, today, write_section  # noqa: E402
+from common import git_head, machine, today, write_section  # noqa: E402
 
 from lipsync_cluster.common.protocol import attach_arrays  # noqa: E402
 from lipsync_cluster.config import load_config  # noqa: E402
@@ -169,11 +169,11 @@ def stages_main(args, folder: Path) -> None:
         "the model's 60 backgrounds, as a stream's first 2N-2 frames make (jpeg: each background's rows outside the "
         "face are cached from then on). "
         f"{rounds} interleaved rounds of {frames} frames per cell, each side a child process, medians."
-        + (f" Baseline: `{sides[0][1]}` ({_git_head(sides[0][1])}); this checkout {_git_head(here)}." if args.baseline else ""),
+        + (f" Baseline: `{sides[0][1]}` ({git_head(sides[0][1])}); this checkout {git_head(here)}." if args.baseline else ""),
         "",
         *table,
         "",
-        f"UNet alone, for scale (1 thread, ms of CPU per frame): " + "; ".join(
+        "UNet alone, for scale (1 thread, ms of CPU per frame): " + "; ".join(
             f"{name} " + ", ".join(f"batch {b}: {v:.0f}" for b, v in u.items()) for name, u in unet.items()) + ".",
         "",
         f"JPEG encoders on a real {jpeg['shape'][1]}x{jpeg['shape'][0]} composited frame, quality {jpeg['quality']}, "
@@ -184,14 +184,6 @@ def stages_main(args, folder: Path) -> None:
     ]
     write_section("pipeline-stages", "\n".join(lines))
     print("wrote docs/BENCHMARKS.md (pipeline-stages)")
-
-
-def _git_head(checkout: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
 
 
 def main() -> None:

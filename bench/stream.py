@@ -140,12 +140,12 @@ async def one_session(client: AsyncClient, model: str, pcm: np.ndarray, delay: f
 CLUSTER_PIDS: list[int] = []  # broker + workers when this script started the cluster (for CPU time)
 
 
-def cluster_cpu_s() -> float:
-    """CPU seconds (user + system) the cluster's processes have used so far."""
+def cluster_cpu_s(pids: Optional[list[int]] = None) -> float:
+    """CPU seconds (user + system) the given processes (default: the cluster's) have used so far."""
     import psutil
 
     total = 0.0
-    for pid in CLUSTER_PIDS:
+    for pid in CLUSTER_PIDS if pids is None else pids:
         try:
             t = psutil.Process(pid).cpu_times()
             total += t.user + t.system
