@@ -453,6 +453,11 @@ class Gateway:
     def new_session_id(self, prefix: str = "s") -> str:
         return f"{prefix}{next(self._ids)}"
 
+    def session_ended(self, sid: str) -> None:
+        """A WebSocket or WebRTC session is over: it leaves the table and counts as closed."""
+        self.sessions.pop(sid, None)
+        self.closed_sessions += 1
+
     async def model_problem(self, model: Any) -> Optional[tuple[str, str]]:
         """None when ``model`` is a model the cluster serves, else ``(code, message)``."""
         if not is_model_id(model):
@@ -527,8 +532,7 @@ class Gateway:
         try:
             await session.run()
         finally:
-            self.sessions.pop(sid, None)
-            self.closed_sessions += 1
+            self.session_ended(sid)
             log.info("session %s closed (%d sent, %d dropped; %d open)", sid, session.sent, session.queue.drops,
                      len(self.sessions))
         return ws

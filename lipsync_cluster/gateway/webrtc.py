@@ -610,8 +610,7 @@ class PeerSession(StreamControl):
             await self.pc.close()
         except Exception as exc:  # noqa: BLE001 - closing anyway
             log.debug("webrtc %s: close: %s", self.id, exc)
-        self.gateway.sessions.pop(self.id, None)
-        self.gateway.closed_sessions += 1
+        self.gateway.session_ended(self.id)
         log.info("webrtc %s (%s) closed: %s (%d frames, %d fillers; %d open)", self.id, self.peer, reason,
                  self.player.frames, self.player.fillers, len(self.gateway.sessions))
         self.done.set()
