@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import cv2
@@ -286,17 +285,17 @@ def test_light_mouth_survives_paste_back_and_jpeg(built):
     assert counts[0] < 20 and counts[1] > 2000, counts
 
 
-def test_light_is_cheap(built, demo_crops):
-    sess = session(built["light"])
-    visual = visual_input([demo_crops[0]] * 5)
-    audio = light.loudness_window(np.linspace(0, 1, 5, dtype=np.float32))
-    sess.run(None, {"input": visual, "audio": audio})
-    runs, started = 0, time.perf_counter()
-    while runs < 10 or time.perf_counter() - started < 0.5:
-        sess.run(None, {"input": visual, "audio": audio})
-        runs += 1
-    fps = 5 * runs / (time.perf_counter() - started)
-    assert fps > 100, f"light demo UNet: {fps:.0f} frames/s at batch 5 (real time is 25)"
+def test_light_is_cheap_by_construction(built):
+    """Cheap by its graph, not by a stopwatch (its frames/s are bench/stream.py's): only
+    elementwise ops and reductions, a few dozen of them, so its cost is a handful of passes over
+    the crop whatever the machine. A convolution or matrix product here would make the demo
+    model that stands in for a fast UNet no longer fast."""
+    model = onnx.load(str(built["light"]))
+    ops = {n.op_type for n in model.graph.node}
+    assert ops <= {"Slice", "ReduceMean", "Sub", "Mul", "Add", "Clip", "Sigmoid"}, ops
+    assert len(model.graph.node) <= 30, len(model.graph.node)
+    params = count_parameters(model)
+    assert params < 1_000_000, params  # the per-pixel maps, no weights to speak of
 
 
 # --- the SyncTalk_2D-topology UNet ------------------------------------------------------------
