@@ -30,6 +30,7 @@ from aiohttp.test_utils import TestServer  # noqa: E402
 
 from lipsync_cluster.gateway.server import GATEWAY_KEY, make_app  # noqa: E402
 from lipsync_cluster.gateway.webrtc import read_stamp, stamp_index  # noqa: E402
+from lipsync_cluster.client import Client  # noqa: E402
 from lipsync_cluster.gateway.webrtc_viewer import Viewer  # noqa: E402
 from test_browser import CHROMIUM, CHROMIUM_ARGS, GatewayThread, _browser_or_skip, write_speech_wav  # noqa: E402
 
@@ -315,7 +316,9 @@ VANISHING_PEER = textwrap.dedent("""
 @pytest.mark.processes
 def test_a_peer_that_closes_or_vanishes_frees_its_session(cluster):
     """A peer that closes (DTLS/SCTP goodbye) and one killed mid-call (no goodbye: no more RTCP
-    reports) both end their StreamSession: the gateway's session count goes back to 0."""
+    reports) both end their StreamSession: the gateway's session count goes back to 0, and the
+    broker, which knows requests rather than sessions, sees none left behind: nothing queued or
+    in flight and no new request once the sessions have ended."""
     sup = cluster
 
     async def run():
@@ -355,6 +358,24 @@ def test_a_peer_that_closes_or_vanishes_frees_its_session(cluster):
     assert closed[0].startswith("connection") and closed[1] and closed[2] == 0, closed
     assert vanished[1] and ("no report" in vanished[0] or "connection" in vanished[0]), vanished
     assert status["sessions"] == 0 and status["closed_sessions"] == 2
+    _assert_broker_sees_no_session_left(sup.config.frontend)
+
+
+def _assert_broker_sees_no_session_left(frontend: str) -> None:
+    """What a leaked StreamSession would leave at the broker: requests queued or in flight, or
+    requests still arriving after its peer has gone (one every 40-200 ms while it streams)."""
+    with Client(frontend, timeout=10) as client:
+        def snapshot():
+            s = client.model_stats()
+            return s["queued"], sum(w["in_flight"] for w in s["workers"]), s["totals"]["requests"]
+        first = snapshot()
+        deadline = time.monotonic() + 10  # a request already sent when the session ended drains
+        while first[:2] != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            first = snapshot()
+        time.sleep(1.0)  # five idle-frame requests' worth: a live session would have sent some
+        second = snapshot()
+    assert first[:2] == (0, 0) and second == first, (first, second)
 
 
 # Reads the gateway's frame-index stamp (gateway/webrtc.py stamp_index: 20 blocks of 16 px along the
