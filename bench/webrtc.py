@@ -151,7 +151,12 @@ async def webrtc_level(url: str, n: int, seconds: float, codec: str, models: lis
     enc = sum(a["encode_cpu_s"] - b["encode_cpu_s"] for a, b in d)
     encoded = ticks - skipped
     rx = [(b1["video"] - b0["video"], b1["audio"] - b0["audio"]) for b0, b1 in zip(bytes0, bytes1)]
+    lat = [a.get("speech_to_tick_ms", {}) for a, _ in d]
+    p50 = [x["p50_ms"] for x in lat if x.get("p50_ms") is not None]
+    p99 = [x["p99_ms"] for x in lat if x.get("p99_ms") is not None]
     return {"path": f"webrtc-{codec}", "n": n, "seconds": dt, "ticks_per_s": ticks / dt / n,
+            "speech_p50_ms": float(np.median(p50)) if p50 else None, "speech_p99_ms": max(p99) if p99 else None,
+            "filler_log": [f for a, _ in d for f in a.get("filler_log", [])],
             "fillers": fillers / max(1, ticks), "skipped": skipped / max(1, ticks),
             "gateway_cpu_per_session_s": (cpu1 - cpu0) / dt / n, "encode_cpu_per_session_s": enc / dt / n,
             "gateway_ms_per_picture": 1000 * (cpu1 - cpu0) / max(1, encoded),
@@ -231,7 +236,8 @@ async def av_offset_run(url: str, seconds: float, model: str) -> dict:
 
 def fmt_row(r: dict) -> str:
     fill = "–" if r["fillers"] is None else f"{100 * r['fillers']:.1f} %"
-    return (f"| {r['path']} | {r['n']} | {fill} | {100 * r['skipped']:.1f} % | "
+    lat = "–" if r.get("speech_p50_ms") is None else f"{r['speech_p50_ms']:.0f} / {r['speech_p99_ms']:.0f}"
+    return (f"| {r['path']} | {r['n']} | {fill} | {100 * r['skipped']:.1f} % | {lat} | "
             f"{r['gateway_ms_per_picture']:.1f} | {r['encode_ms_per_picture']:.1f} | "
             f"{25 * r['gateway_ms_per_picture'] / 1000:.2f} | {25 * r['encode_ms_per_picture'] / 1000:.2f} | "
             f"{r['gateway_cpu_per_session_s']:.2f} | {r['video_kbps']:.0f} | {r['audio_kbps']:.0f} |")
@@ -249,6 +255,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="CPU workers (default: one per core)")
     ap.add_argument("--models", default=None, help="a folder of light demo models (built if absent)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
+    ap.add_argument("--sweep-only", action="store_true", help="only the sessions-at-25-fps sweep (prints only)")
+    ap.add_argument("--why", action="store_true", help="print each filler tick of the sweep: where its frame was "
+                                                       "(the gateway's filler_log)")
     args = ap.parse_args()
     seconds = args.seconds or (8.0 if args.quick else 30.0)
     av_seconds = args.av_seconds or (20.0 if args.quick else 120.0)
@@ -280,7 +289,7 @@ def main() -> None:
             for m in models:
                 for w in names:
                     client.load_model(m, worker=w)
-        for path in ("h264", "vp8", "ws"):
+        for path in () if args.sweep_only else ("h264", "vp8", "ws"):
             r = asyncio.run(ws_level(url, args.sessions, seconds, models, gw.pid) if path == "ws"
                             else webrtc_level(url, args.sessions, seconds, path, models, gw.pid))
             cost.append(r)
@@ -290,11 +299,14 @@ def main() -> None:
             r = asyncio.run(webrtc_level(url, n, seconds, "h264", models, gw.pid))
             sweep.append(r)
             print("sweep", fmt_row(r), f"load {os.getloadavg()[0]:.1f}", flush=True)
+            if args.why:
+                for f in r["filler_log"]:
+                    print("  filler", json.dumps(f), flush=True)
             if r["fillers"] + r["skipped"] > 0.02:
                 break
             best = n
             n += 1 if n < 4 else 2
-        av = asyncio.run(av_offset_run(url, av_seconds, models[0]))
+        av = None if args.sweep_only else asyncio.run(av_offset_run(url, av_seconds, models[0]))
         print("A/V offset", av, flush=True)
     finally:
         gw.terminate()
@@ -307,9 +319,10 @@ def main() -> None:
             tmp.cleanup()
     load_after = os.getloadavg()
     head = ("| path | viewers | fillers (cluster late) | skipped (encoder late) / dropped (WS) | "
+            "speech -> its tick leaves, ms p50 / p99 | "
             "gateway CPU ms per picture sent | of it the video encoder | gateway CPU s per session-s at 25 fps | "
             "encoder CPU s per session-s at 25 fps | gateway CPU s per session-s measured | "
-            "video kbit/s per viewer | audio kbit/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            "video kbit/s per viewer | audio kbit/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     body = [f"Machine: {machine()}. Date: {today()}. Load average before / after: "
             f"{load_before[0]:.1f} / {load_after[0]:.1f} (the machine is shared: numbers are noisy). "
             f"Command: `python bench/webrtc.py{' --quick' if args.quick else ''} --seconds {seconds:g} "
@@ -329,7 +342,7 @@ def main() -> None:
                  f"lost {av['lost']}."]
     text = "\n".join(body)
     print(text)
-    if not args.no_write and not args.quick:
+    if not args.no_write and not args.quick and not args.sweep_only:
         write_section("webrtc", "## WebRTC out of the gateway (bench/webrtc.py)\n\n" + text)
 
 

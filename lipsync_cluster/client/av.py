@@ -24,8 +24,9 @@ The rules (what makes it exact):
   pushed is turned into 16 kHz at once (no sample is held back for later) and after ``k*R/25`` caller
   samples the stream has exactly ``640*k`` (the frame grid of both timelines is the same).
 * Listening (on by default): when no audio comes, silence is appended to the caller's timeline in
-  real time, whole frames, ``idle_grace_s`` after the audio ends (the stream's own rule,
-  :meth:`~lipsync_cluster.client.stream.StreamCore.fill_idle`); it is resampled like speech, so the
+  whole frames once its end is ``idle_grace_s`` behind the wall clock, keeping the end at the wall
+  clock (and the push that ends a pause first gets the rest of it): a real-time caller's pauses keep
+  their length, so a player at 25 fps never runs out of frames; it is resampled like speech, so the
   workers serve it from their idle cache and both timelines hold it at the same place. The stream's own
   ``set_listening`` must stay off: silence made there would exist on the 16 kHz timeline only.
 * ``interrupt()`` cuts at the first frame not yet read (frames made but unread are dropped too, as

@@ -87,6 +87,7 @@ class StreamFrame:
     rect: list  # the face box [x1, y1, x2, y2] on the background
     worker: str
     latency_ms: float  # audio pushed -> frame ready
+    ready_t: float = 0.0  # when it was ready (the session's clock, time.monotonic by default)
 
     def decode(self) -> np.ndarray:
         """The image as a BGR uint8 array (decodes jpeg/png/patch; raw is returned as it is)."""
@@ -558,10 +559,35 @@ class StreamCore:
                 self.ready.append(StreamFrame(
                     index=k, pts=k / self.fps, background_index=r.background_indices[i], model_id=r.model_id,
                     model_version=r.model_version, format=r.format, image=r.frames[i], rect=r.rects[i],
-                    worker=r.worker, latency_ms=latency))
+                    worker=r.worker, latency_ms=latency, ready_t=now))
             self.delivered = b.start + b.size
 
     # --- reporting ----------------------------------------------------------------------------
+
+    def whereabouts(self, frame: int, now: Optional[float] = None) -> dict:
+        """Where frame ``frame`` is now (for a player that found it missing when it was due).
+
+        ``state``: ``ready`` (made, unread), ``reorder`` (made, waiting for an earlier batch),
+        ``in_flight`` (``sent_ago_ms``: since its batch was first sent; ``attempts``), ``waiting``
+        (not planned: its batch needs audio up to frame ``needs_audio_to``; ``audio_frames`` are
+        here), or ``gone`` (handed out already). ``audio_ago_ms``: since the push that completed its
+        batch's audio (in flight or made).
+        """
+        now = self.clock() if now is None else now
+        out: dict = {"frame": frame, "audio_frames": self.samples // SAMPLES_PER_FRAME,
+                     "ready": len(self.ready), "in_flight": len(self.inflight), "planned": self.next_frame}
+        if frame < self.delivered:
+            out["state"] = "ready" if frame >= self.delivered - len(self.ready) else "gone"
+            return out
+        for b in list(self.inflight.values()) + list(self._results.values()):
+            if b.start <= frame < b.start + b.size:
+                out.update(state="in_flight" if b.result is None else "reorder", batch=[b.start, b.size],
+                           attempts=b.attempts, audio_ago_ms=round((now - b.ready_t) * 1000, 1),
+                           sent_ago_ms=round((now - b.first_sent_t) * 1000, 1) if b.attempts else None)
+                return out
+        start = self.next_frame + max(0, frame - self.next_frame) // self.batch_size * self.batch_size
+        out.update(state="waiting", needs_audio_to=start + self.batch_size + self.lookahead_frames)
+        return out
 
     def latency(self, recent: Optional[int] = None, breakdown: bool = True) -> dict:
         """p50/p99 of audio pushed -> frame ready, and of its parts (ms).

@@ -30,6 +30,7 @@ import fractions
 import json
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -68,6 +69,8 @@ MAX_TICKS_AHEAD = 25  # ticks decided but not yet taken by both tracks (one trac
 KEYFRAME_S = 2
 X264_PRESET = "veryfast"  # half the CPU of libx264's default (medium) at the same bit rate
 VP8_CPU_USED = 8  # libvpx realtime speed (aiortc uses -6: slower, a little sharper)
+LATENCY_WINDOW = 3000  # speech ticks whose latency is kept (2 minutes of speech)
+FILLER_LOG = 50  # filler ticks remembered with why (status: "filler_log")
 STAMP_BLOCK = 16  # px per bit of the frame-index stamp (tests, benchmarks)
 STAMP_BITS = 20
 
@@ -140,6 +143,9 @@ class Player:
         self.frames = self.fillers = self.dropped_ticks = self.caught_up = 0
         self.last_index = -1
         self._last: Any = None  # the last real (index, frame) shown: fillers repeat it
+        self._last_speech = False
+        self.filler_log: deque = deque(maxlen=FILLER_LOG)
+        self.speech_latency: deque = deque(maxlen=LATENCY_WINDOW)  # ms, speech ticks
         self._lock = asyncio.Lock()
         self._image_index = -2
         self._image: Any = None
@@ -187,6 +193,11 @@ class Player:
         audio = np.asarray(item.audio, np.int16).reshape(-1)
         self.ticks[tick] = [(item.index, item.frame), audio, 2]
         self._last = (item.index, item.frame)
+        self._last_speech = bool(item.speech)
+        if item.speech and self.t0 is not None:
+            # audio pushed -> the tick that shows it is due to leave (the latency a viewer sees, less the network)
+            leaves = max(time.monotonic(), self.t0 + tick / self.fps)
+            self.speech_latency.append(item.frame.latency_ms + 1000 * (leaves - item.frame.ready_t))
         self.last_index = item.index
         self.frames += 1
 
@@ -200,11 +211,22 @@ class Player:
                 else:
                     self.ticks[self.decided] = [self._last, np.zeros(self.samples, np.int16), 2]
                     self.fillers += 1
+                    self._log_filler(self.decided)
                 self.decided += 1
             while len(self.ticks) > MAX_TICKS_AHEAD:  # one track stopped taking: forget its old ticks
                 del self.ticks[min(self.ticks)]
                 self.dropped_ticks += 1
         return self.ticks.get(n) or [self._last, np.zeros(self.samples, np.int16), 2]
+
+    def _log_filler(self, tick: int) -> None:
+        """Why tick ``tick`` had no pair: where its frame was (the last ``FILLER_LOG`` fillers)."""
+        now = time.monotonic()
+        core = self.pairs.session._core
+        where = core.whereabouts(self.last_index + 1, now)
+        where.update(tick=tick, at_ms=round((now - self.t0) * 1000, 1) if self.t0 is not None else None,
+                     since_push_ms=round((now - self.pairs.core.last_push_t) * 1000, 1),
+                     last_speech=self._last_speech)
+        self.filler_log.append(where)
 
     def now_tick(self) -> int:
         return int((time.monotonic() - self.t0) * self.fps) if self.t0 is not None else 0
@@ -628,7 +650,17 @@ class PeerSession(StreamControl):
                 "latency": _short_latency(self.session.latency(recent=LIVE_WINDOW, breakdown=False)),
                 "audio_seconds": round(st["seconds"], 3), "in_flight": st["in_flight"], "retries": st["retries"],
                 "listening": st["listening"], "idle_frames": st["idle_frames"],
-                "interrupts": [i["cut"] for i in st["interrupts"]][-10:]}
+                "interrupts": [i["cut"] for i in st["interrupts"]][-10:], "filler_log": list(self.player.filler_log),
+                "speech_to_tick_ms": _tick_latency(self.player.speech_latency)}
+
+
+def _tick_latency(values: deque) -> dict:
+    """p50/p99 of audio pushed -> its tick due to leave (ms), over the last ``LATENCY_WINDOW`` speech ticks."""
+    if not values:
+        return {"p50_ms": None, "p99_ms": None, "frames": 0}
+    a = np.asarray(values, np.float64)
+    return {"p50_ms": round(float(np.percentile(a, 50)), 1), "p99_ms": round(float(np.percentile(a, 99)), 1),
+            "frames": len(a)}
 
 
 async def offer(gateway: "Gateway", request: web.Request) -> web.Response:
