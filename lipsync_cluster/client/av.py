@@ -44,7 +44,7 @@ import numpy as np
 
 from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, to_float_pcm
 from ..common.errors import BadRequest, InternalError, RequestTimeout
-from .stream import IDLE_GRACE_S, IDLE_TICK_S, StreamFrame
+from .stream import IDLE_GRACE_S, IDLE_TICK_S, ListeningClock, StreamFrame
 
 MIN_RATE, MAX_RATE = 8000, 192000
 MAX_CHANNELS = 8
@@ -162,16 +162,9 @@ class AVCore:
         self._idle: list[list[int]] = []  # [a, z) caller ranges of silence this core made (merged)
         self.marks: list[int] = []  # end_segment() positions not yet paired
         self.listening = bool(listening)
-        # The wall clock on the timeline: sample ``_ref[1] + (t - _ref[0]) * rate`` is due at
-        # clock time t. A pause starts when the timeline's end is ``idle_grace_s`` behind it; from
-        # then on silence keeps the end at the wall clock, and the next push first gets the rest
-        # of the pause: a real-time caller's pauses keep their length (a chunk a little late adds
-        # none, the next pause makes it up), so the timeline never falls behind the wall clock
-        # and a player at 25 fps never runs out of frames. Audio pushed ahead of real time stays
-        # ahead (the silence waits until the wall clock has reached it).
-        self._ref = (clock(), 0)
-        self._pausing = False
-        self.last_push_t = self._ref[0]  # diagnostics: when audio was last pushed
+        # where the listening silence goes: the wall clock, held on the caller's timeline
+        self._wall = ListeningClock(self.rate, self.idle_grace_s, clock())
+        self.last_push_t = self._wall.ref[0]  # diagnostics: when audio was last pushed
         self.idle_samples = 0
         # Listening silence never runs more than this many frames ahead of the reader: a reader slower
         # than real time must not pile up silence that a new utterance would then queue behind.
@@ -253,43 +246,15 @@ class AVCore:
         self.last_push_t = now
         return np.concatenate([pre, self._to_16k()]) if pre.size else self._to_16k()
 
-    def _behind(self, now: float) -> float:
-        """Samples the timeline's end is behind the wall clock (negative: audio pushed ahead)."""
-        t_ref, n_ref = self._ref
-        return n_ref + (now - t_ref) * self.rate - self.n
-
-    def _in_pause(self, now: float) -> bool:
-        """Listening, and the timeline ``idle_grace_s`` behind the wall clock (or a pause already begun)."""
-        if not self.listening or self.closed:
-            return False
-        if not self._pausing and self._behind(now) >= self.idle_grace_s * self.rate:
-            self._pausing = True
-        return self._pausing
-
-    def _silence_to(self, now: float, target: int, forget: bool) -> int:
-        """Samples of silence that take the timeline to ``target``, at most ``idle_ahead_frames``
-        past the reader; ``forget``: what the cap held back is not owed any more (speech follows)."""
-        cap = self._idle_cap()
-        if target > cap:
-            target = cap
-            if forget:
-                self._ref = (now, cap)
-        return max(0, target - self.n)
-
     def _pause_before_push(self, now: float) -> int:
-        """Samples of silence that go before audio pushed at ``now``; moves the talker's clock to the push.
-
-        After a pause the silence is the pause's exact length on the talker's clock, less what
-        listening appended already: the speech lands where a caller that had sent its silence too
-        would have put it. A push less than ``idle_grace_s`` behind the clock is the same
-        utterance (a late chunk): no silence, the clock keeps its schedule.
-        """
-        gap = 0
-        if self._in_pause(now):
-            gap = self._silence_to(now, self.n + int(round(self._behind(now))), forget=True)
-        elif not self.listening and self._behind(now) > 0:
-            self._ref = (now, self.n)  # not listening: nothing is owed for the time nothing came
-        self._pausing = False
+        """Samples of silence that go before audio pushed at ``now``: the rest of a pause
+        (:class:`~lipsync_cluster.client.stream.ListeningClock`), up to ``idle_ahead_frames`` past
+        the reader (what that cap holds back is not owed: the speech follows at once)."""
+        gap = self._wall.gap_before_push(self.n, now, self.listening and not self.closed)
+        cap = self._idle_cap()
+        if self.n + gap > cap:
+            gap = max(0, cap - self.n)
+            self._wall.forget(self.n + gap, now)
         return gap
 
     def _idle_cap(self) -> int:
@@ -309,10 +274,7 @@ class AVCore:
 
     def set_listening(self, on: bool) -> None:
         if on and not self.listening:
-            now = self.clock()
-            if self._behind(now) > 0:
-                self._ref = (now, self.n)  # silence from now, not for the time it was off
-            self._pausing = False
+            self._wall.restart(self.n, self.clock())
         self.listening = bool(on)
 
     def _silence(self, n: int) -> np.ndarray:
@@ -336,20 +298,16 @@ class AVCore:
         if target > self._idle_cap():
             return None  # far enough ahead of the reader: nothing is due until it reads on
         # half a sample late, so that fill_idle's int() sees the boundary reached
-        t_ref, n_ref = self._ref
-        t = t_ref + (target - n_ref + 0.5) / self.rate
-        return t if self._pausing else max(t, t_ref + (self.n - n_ref) / self.rate + self.idle_grace_s)
+        return self._wall.due_at(self.n, target)
 
     def fill_idle(self, now: Optional[float] = None) -> np.ndarray:
         """Listening silence due by ``now``, up to a frame boundary; returns its 16 kHz copy (maybe empty)."""
         if not self.listening or self.closed:
             return np.zeros(0, np.float32)
         now = self.clock() if now is None else now
-        if not self._in_pause(now):
-            return np.zeros(0, np.float32)  # the talker may go on (a late chunk), or its audio still plays
-        due = self.n + int(self._behind(now))
-        n = self._silence_to(now, frame_boundary((due * FPS) // self.rate, self.rate), forget=False)
-        return self._silence(n) if n else np.zeros(0, np.float32)
+        due = self._wall.due(self.n, now)  # the wall clock in a pause; n (nothing) while the talk may go on
+        target = min(frame_boundary((due * FPS) // self.rate, self.rate), self._idle_cap())
+        return self._silence(target - self.n) if target > self.n else np.zeros(0, np.float32)
 
     def close(self) -> None:
         self.closed = True
@@ -370,8 +328,7 @@ class AVCore:
         self.n16 = c * SAMPLES_PER_FRAME
         self._seg = (b, self.n16)
         self.next_index = min(self.next_index, c)
-        self._ref = (self.clock(), self.n)
-        self._pausing = False
+        self._wall.forget(self.n, self.clock())
         self.cuts.append({"cut": c, "dropped_samples": dropped, "dropped_marks": dropped_marks})
 
     def pair(self, frame: StreamFrame) -> AVFrame:

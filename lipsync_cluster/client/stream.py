@@ -125,6 +125,69 @@ def _check_frame(at_frame: Any) -> None:
         raise BadRequest(f"at_frame must be an integer in 0..{MAX_FRAME_INDEX}; got {at_frame!r}", field="at_frame")
 
 
+class ListeningClock:
+    """Where a listening session's silence goes: the wall clock, held on a timeline of ``rate`` Hz.
+
+    Sample ``ref[1] + (t - ref[0]) * rate`` of the timeline is due at clock time ``t``. A pause
+    begins when the timeline's end ``n`` is ``grace_s`` behind that (its audio has played out and
+    nothing new came; a chunk less late than that is the same utterance: no silence inside speech,
+    the next pause makes the lateness up). From then on the silence keeps the end at the wall clock
+    (:meth:`due`), and the push that ends the pause first gets the rest of it, to the sample
+    (:meth:`gap_before_push`). So a caller that talks in real time and sends nothing while silent
+    keeps its pauses' length and the timeline never falls behind the wall clock: a player that
+    takes one frame per 40 ms (the WebRTC gateway) never runs out. Audio pushed ahead of real time
+    (TTS) stays ahead: the silence waits until the wall clock has reached its end. (The silence used
+    to start ``grace_s`` after the last push and count from there: each pause cost the timeline the
+    grace less a chunk, plus the part of a frame not yet filled, for good; issue 19.)
+    """
+
+    def __init__(self, rate: int, grace_s: float, now: float) -> None:
+        self.rate, self.grace_s = rate, float(grace_s)
+        self.ref = (now, 0)
+        self.pausing = False
+
+    def behind(self, n: int, now: float) -> float:
+        """Samples the timeline's end ``n`` is behind the wall clock (negative: audio pushed ahead)."""
+        t, m = self.ref
+        return m + (now - t) * self.rate - n
+
+    def in_pause(self, n: int, now: float) -> bool:
+        if not self.pausing and self.behind(n, now) >= self.grace_s * self.rate:
+            self.pausing = True
+        return self.pausing
+
+    def due(self, n: int, now: float) -> int:
+        """Where the silence ends now: the wall clock in a pause, else ``n`` (none due)."""
+        return n + max(0, int(self.behind(n, now))) if self.in_pause(n, now) else n
+
+    def gap_before_push(self, n: int, now: float, listening: bool) -> int:
+        """Samples of silence that go before audio pushed at ``now``: the rest of a pause, exact. Ends the pause."""
+        gap = 0
+        if listening and self.in_pause(n, now):
+            gap = max(0, int(round(self.behind(n, now))))
+        elif not listening and self.behind(n, now) > 0:
+            self.ref = (now, n)  # not listening: nothing is owed for the time nothing came
+        self.pausing = False
+        return gap
+
+    def restart(self, n: int, now: float) -> None:
+        """Listening turned on: silence from now, not for the time it was off (audio ahead stays ahead)."""
+        if self.behind(n, now) > 0:
+            self.ref = (now, n)
+        self.pausing = False
+
+    def forget(self, n: int, now: float) -> None:
+        """The wall clock is at ``n`` now: after a cut, or what a cap held back is not owed."""
+        self.ref = (now, n)
+        self.pausing = False
+
+    def due_at(self, n: int, target: int) -> float:
+        """Clock time when the silence may reach sample ``target`` (half a sample late: ``int()`` sees it)."""
+        t, m = self.ref
+        at = t + (target - m + 0.5) / self.rate
+        return at if self.pausing else max(at, t + (n - m) / self.rate + self.grace_s)
+
+
 def total_frames_for(num_samples: int) -> int:
     """Frames a stream of ``num_samples`` 16 kHz samples has: ``round(num_samples / 640)``.
 
@@ -198,7 +261,7 @@ class StreamCore:
         # listening: silence is appended when no audio comes, so idle frames keep flowing
         self.listening = False
         self.idle_grace_s = IDLE_GRACE_S
-        self._idle_anchor: tuple[float, int] = (0.0, 0)  # (time, samples) of the last push or listen()
+        self._wall = ListeningClock(SAMPLE_RATE, self.idle_grace_s, clock())  # where listening silence goes
         self.idle_samples = 0  # silence appended by listening
         self.idle_frames = 0  # frames the workers served from their idle cache (no UNet)
         self.batches_sent = 0
@@ -222,9 +285,12 @@ class StreamCore:
         if x.size == 0:
             return
         x = to_float_pcm(x, "audio_pcm")
-        self._append(x)
         now = self.clock()
-        self._idle_anchor = (now, self.samples)
+        gap = self._wall.gap_before_push(self.samples, now, self.listening)
+        if gap:  # the rest of a pause goes before the speech
+            self._append(np.zeros(gap, np.float32))
+            self.idle_samples += gap
+        self._append(x)
         self._mark_complete(now)
 
     def _mark_complete(self, now: float) -> None:
@@ -368,7 +434,7 @@ class StreamCore:
             if self.samples > keep:
                 dropped_samples = self.samples - keep
                 self.samples = keep
-            self._idle_anchor = (self.clock(), self.samples)
+            self._wall.forget(self.samples, self.clock())
         if cut >= self._audio_t_base:
             while self._audio_t_base + len(self._audio_t) > cut:
                 self._audio_t.pop()
@@ -388,10 +454,11 @@ class StreamCore:
 
         The audio then never ends more than ``idle_grace_s`` behind the clock: a caller that
         pushes in real time is never interleaved with silence, and one that stops gets digital
-        silence (the workers serve it from their idle cache) ``idle_grace_s`` later.
+        silence (the workers serve it from their idle cache) once its audio is ``idle_grace_s``
+        behind the clock, as long as the pause (:class:`ListeningClock`).
         """
         if on and not self.listening:
-            self._idle_anchor = (self.clock(), self.samples)
+            self._wall.restart(self.samples, self.clock())
         self.listening = bool(on)
 
     def fill_idle(self, now: Optional[float] = None) -> int:
@@ -399,9 +466,7 @@ class StreamCore:
         if not self.listening or self.closed:
             return 0
         now = self.clock() if now is None else now
-        t0, s0 = self._idle_anchor
-        due = s0 + int((now - t0 - self.idle_grace_s) * SAMPLE_RATE)
-        target = (due // SAMPLES_PER_FRAME) * SAMPLES_PER_FRAME
+        target = self._wall.due(self.samples, now) // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME
         if target <= self.samples:
             return 0
         n = target - self.samples
