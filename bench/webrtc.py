@@ -8,7 +8,8 @@ Starts a CPU cluster on 3 light demo models at 1280x720 and the gateway as its o
 (`lipsync-cluster gateway`, so its CPU time is its own), then:
 
 1. **Cost per viewer**, side by side: N viewers over WebRTC with H.264, with VP8, and over the
-   JPEG WebSocket, each talking in real time (100 ms PCM messages, half the time listening).
+   JPEG WebSocket, each talking in real time (100 ms PCM messages, half the time listening; nothing
+   is sent while silent, as from a gated microphone: the gateway's listening silence fills the pauses).
    Gateway CPU per picture sent (the gateway process, user + system) and, of it, the video
    encoder's (its threads' CPU time, reported by the gateway); x 25 = CPU per session-second at
    25 fps (a starved gateway skips pictures, so per picture is what stays comparable on a busy
@@ -16,7 +17,10 @@ Starts a CPU cluster on 3 light demo models at 1280x720 and the gateway as its o
    bytes (WebSocket) each viewer received per second.
 2. **Sessions at 25 fps**, WebRTC H.264: 1, 2, 3 ... viewers until a level shows more than 2 % of its
    picture ticks as fillers (the cluster late) or skipped (the encoder late). Everything runs on
-   this machine: cluster, gateway and the viewers.
+   this machine: cluster, gateway and the viewers. Per level also speech -> its tick leaves: p50
+   (median over the viewers) / p99 (the worst viewer's) of audio pushed -> the tick that carries it
+   is due to leave the gateway (its share of speech -> mouth; network and receiver come on top).
+   ``--why`` prints each filler with where its frame was (the gateway's ``filler_log``).
 3. **A/V offset at the receiver**: one H.264 viewer for ``--av-seconds``; every video sender
    report maps a tick (RTP ``n x 3600``) to the sender's clock, the nearest audio report maps the
    same tick's audio (RTP ``n x 1920``); the difference is the offset a browser's lip sync sees.
@@ -74,11 +78,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(endpoint: str, kbps: int, lookahead: int) -> tuple[subprocess.Popen, str]:
+def start_gateway(endpoint: str, kbps: int, lookahead: int, batch: int = 5) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lipsync_cluster.cli", "gateway", "--port", str(port),
                              "--broker", endpoint, "--max-queue", "50", "--webrtc-kbps", str(kbps),
-                             "--lookahead-frames", str(lookahead)],
+                             "--lookahead-frames", str(lookahead), "--batch-size", str(batch)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
@@ -252,6 +256,7 @@ def main() -> None:
     ap.add_argument("--av-seconds", type=float, default=None, help="A/V offset run length (default 120, quick 20)")
     ap.add_argument("--kbps", type=int, default=1500, help="WebRTC video bit rate")
     ap.add_argument("--lookahead", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=5, help="frames per request (the gateway's --batch-size)")
     ap.add_argument("--workers", type=int, default=None, help="CPU workers (default: one per core)")
     ap.add_argument("--models", default=None, help="a folder of light demo models (built if absent)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
@@ -277,7 +282,7 @@ def main() -> None:
         build_demo_models(models_dir, count=3, kind="light", frames=12, size=(1280, 720), seed=0, progress=False)
     print(f"starting a cluster: broker + {workers} CPU worker(s), and the gateway ...", flush=True)
     sup = start_cluster(models_dir, workers)
-    gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead)
+    gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead, args.batch_size)
     load_before = os.getloadavg()
     cost: list[dict] = []
     sweep: list[dict] = []
@@ -326,9 +331,11 @@ def main() -> None:
     body = [f"Machine: {machine()}. Date: {today()}. Load average before / after: "
             f"{load_before[0]:.1f} / {load_after[0]:.1f} (the machine is shared: numbers are noisy). "
             f"Command: `python bench/webrtc.py{' --quick' if args.quick else ''} --seconds {seconds:g} "
+            f"{f'--max-sessions {max_n} ' if args.max_sessions else ''}"
             f"--av-seconds {av_seconds:g}`. 1280x720 light demo models, {workers} CPU workers, gateway in its "
             f"own process, video {args.kbps} kbit/s (libx264 veryfast/zerolatency baseline, libvpx realtime "
-            f"cpu-used 8), Opus 32 kbit/s, lookahead {args.lookahead}; viewers talk in real time half the time.",
+            f"cpu-used 8), Opus 32 kbit/s, batch {args.batch_size}, lookahead {args.lookahead}; viewers talk in real "
+            f"time half the time (100 ms messages, nothing sent while silent).",
             "", "Cost per viewer, side by side:", "", head, *[fmt_row(r) for r in cost], "",
             f"Sessions at 25 fps over WebRTC (H.264), everything on this machine: "
             f"**{best if best is not None else 0}** (the last level with at most 2 % fillers + skipped ticks):",
