@@ -432,6 +432,12 @@ class AsyncAVSession:
             self.session.push(y)
         return _wait_for(self.core)
 
+    def fill_idle(self) -> None:
+        """Make the listening silence due now. ``get``/``poll`` do it; a caller that does not read for
+        a while (a player waiting for its clock to start) calls this about once per frame time, or
+        the silence, and so the idle frames, come late."""
+        self._idle()
+
     async def get(self) -> Optional[AVFrame]:
         """The next frame with its audio; None when the stream has ended."""
         while True:

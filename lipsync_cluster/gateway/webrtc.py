@@ -70,6 +70,7 @@ KEYFRAME_S = 2
 X264_PRESET = "veryfast"  # half the CPU of libx264's default (medium) at the same bit rate
 VP8_CPU_USED = 8  # libvpx realtime speed (aiortc uses -6: slower, a little sharper)
 LATENCY_WINDOW = 3000  # speech ticks whose latency is kept (2 minutes of speech)
+START_WAIT_S = 2.0  # the clock waits at most this long after the first pair for the second batch to go out
 FILLER_LOG = 50  # filler ticks remembered with why (status: "filler_log")
 STAMP_BLOCK = 16  # px per bit of the frame-index stamp (tests, benchmarks)
 STAMP_BITS = 20
@@ -131,6 +132,7 @@ class Player:
     def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False, batch_size: int = 5) -> None:
         self.pairs = pairs
         self.catchup_frames = CATCHUP_BATCHES * batch_size + 4
+        self.batch_size = batch_size
         self.fps = fps
         self.samples = pairs.core.rate // fps  # audio per tick, at the pairing core's rate
         self.stamp = stamp
@@ -161,13 +163,27 @@ class Player:
             return None
 
     async def start(self) -> None:
-        """Wait for the first pair (both tracks wait on this); the clock starts when a track first
-        asks for it after that (:meth:`begin`): aiortc pulls only once the connection is up."""
+        """Wait for the first pair and the second batch on its way (both tracks wait on this); the
+        clock starts when a track first asks for it after that (:meth:`begin`): aiortc pulls only
+        once the connection is up.
+
+        Started at the first pair, frame ``batch_size`` was due a batch's duration later, but its
+        batch was only sent once its audio and lookahead were there: it came back late (a filler
+        at tick 5 in every session). Once the second batch is sent, each frame has a batch's
+        duration for its round trip.
+        """
         while not self.closed and not self.started.is_set():
             first = await self._poll()
             if first is not None:
                 self._store(0, first)
                 self.decided = 1
+                deadline = time.monotonic() + START_WAIT_S  # a stream that stops short starts anyway
+                while not self.closed and time.monotonic() < deadline:
+                    st = self.pairs.session.stats()
+                    if st["planned"] >= 2 * self.batch_size or st["closed"] or st["error"] is not None:
+                        break
+                    self.pairs.fill_idle()  # nobody reads yet: the listening silence is made here
+                    await asyncio.sleep(0.01)
                 self.started.set()
                 return
             await asyncio.sleep(0.01)
