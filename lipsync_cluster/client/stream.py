@@ -812,6 +812,11 @@ class StreamSession:
         with self._cond:
             return self._core.stats()
 
+    def whereabouts(self, frame: int) -> dict:
+        """Where frame ``frame`` is now (ready, in flight since when, waiting for audio; :meth:`StreamCore.whereabouts`)."""
+        with self._cond:
+            return self._core.whereabouts(frame)
+
     @property
     def model_id(self) -> str:
         return self._core.model_id
@@ -1004,6 +1009,10 @@ class AsyncStreamSession:
 
     def stats(self) -> dict:
         return self._core.stats()
+
+    def whereabouts(self, frame: int) -> dict:
+        """Where frame ``frame`` is now (ready, in flight since when, waiting for audio; :meth:`StreamCore.whereabouts`)."""
+        return self._core.whereabouts(frame)
 
     @property
     def model_id(self) -> str:

@@ -237,8 +237,7 @@ class Player:
     def _log_filler(self, tick: int) -> None:
         """Why tick ``tick`` had no pair: where its frame was (the last ``FILLER_LOG`` fillers)."""
         now = time.monotonic()
-        core = self.pairs.session._core
-        where = core.whereabouts(self.last_index + 1, now)
+        where = self.pairs.session.whereabouts(self.last_index + 1)
         where.update(tick=tick, at_ms=round((now - self.t0) * 1000, 1) if self.t0 is not None else None,
                      since_push_ms=round((now - self.pairs.core.last_push_t) * 1000, 1),
                      last_speech=self._last_speech)
@@ -602,7 +601,9 @@ class PeerSession(StreamControl):
     async def _stats_loop(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
-            self.put_control({"type": "stats", **self.status()})
+            stats = self.status()
+            del stats["filler_log"]  # /api/status only: the peer gets the counts twice a second
+            self.put_control({"type": "stats", **stats})
             exc = self.player.error
             if isinstance(exc, LipsyncError):  # the stream failed for good (a batch failed twice)
                 self._error(exc.code, exc.message)
