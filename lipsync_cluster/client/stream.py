@@ -813,7 +813,7 @@ class StreamSession:
             return self._core.stats()
 
     def whereabouts(self, frame: int) -> dict:
-        """Where frame ``frame`` is now (ready, in flight since when, waiting for audio; :meth:`StreamCore.whereabouts`)."""
+        """Where frame ``frame`` is now: ready, in flight since when, or waiting for audio (see StreamCore)."""
         with self._cond:
             return self._core.whereabouts(frame)
 
@@ -1011,7 +1011,7 @@ class AsyncStreamSession:
         return self._core.stats()
 
     def whereabouts(self, frame: int) -> dict:
-        """Where frame ``frame`` is now (ready, in flight since when, waiting for audio; :meth:`StreamCore.whereabouts`)."""
+        """Where frame ``frame`` is now: ready, in flight since when, or waiting for audio (see StreamCore)."""
         return self._core.whereabouts(frame)
 
     @property
