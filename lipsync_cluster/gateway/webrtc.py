@@ -9,8 +9,8 @@ audio transceiver it receives on and, to talk, a data channel; the answer's trac
 and frame ``n`` and its 40 ms of audio leave together: one :class:`Player` decides what tick ``n``
 shows (the next paired frame of the stream, or, while the cluster has none ready, the last
 picture again with 40 ms of silence) and both tracks are paced off its clock, which starts once
-the first pair exists and the connection is up (aiortc stamps RTP with wall time at send, so a
-track that started late would stay late). Neither track ever stalls: a video encoder behind real
+the first pair exists, the second batch is on its way and the connection is up (aiortc stamps
+RTP with wall time at send, so a track that started late would stay late). Neither track ever stalls: a video encoder behind real
 time skips ticks, the audio is encoded on the event loop (never queued behind video), and idle
 frames are passed over while more than two batches wait (the avatar catches up in the silence). The data channel carries what the WebSocket carries (binary 16 kHz s16le PCM, JSON
 ``switch``/``interrupt``/``listen``/``ping``), handled by the same code
