@@ -148,7 +148,6 @@ class AVCore:
         self.rate = int(sample_rate)
         self.channels = int(channels)
         self.clock = clock
-        self.idle_grace_s = float(idle_grace_s)
         self.resampler = Resampler(self.rate)
         # the caller's timeline: samples [base, n) in orig[:n-base] (the caller's dtype) and mono (float32)
         self._orig = np.zeros((self.rate * 2, self.channels), self.dtype)
@@ -163,13 +162,22 @@ class AVCore:
         self.marks: list[int] = []  # end_segment() positions not yet paired
         self.listening = bool(listening)
         # where the listening silence goes: the wall clock, held on the caller's timeline
-        self._wall = ListeningClock(self.rate, self.idle_grace_s, clock())
+        self._wall = ListeningClock(self.rate, float(idle_grace_s), clock())
         self.last_push_t = self._wall.ref[0]  # diagnostics: when audio was last pushed
         self.idle_samples = 0
         # Listening silence never runs more than this many frames ahead of the reader: a reader slower
         # than real time must not pile up silence that a new utterance would then queue behind.
         self.idle_ahead_frames = int(idle_ahead_frames)
         self.cuts: list[dict] = []
+
+    @property
+    def idle_grace_s(self) -> float:
+        """Listening: how far the timeline's end may fall behind the wall clock before silence starts."""
+        return self._wall.grace_s
+
+    @idle_grace_s.setter
+    def idle_grace_s(self, value: float) -> None:
+        self._wall.grace_s = float(value)
 
     # --- input ----------------------------------------------------------------------------------
 
@@ -382,7 +390,8 @@ _AV_DOC = """
     ``session``: the stream to drive (its own listening must stay off: this session makes the silence);
     ``sample_rate``/``channels``/``dtype`` (int16 or float32): the caller's audio, kept as it is for the
     output (other dtypes pushed are converted); ``listening``: idle frames with silence when no audio
-    comes (default on); ``idle_grace_s``: how long after the audio ends the silence starts.
+    comes (default on); ``idle_grace_s``: how far the audio may fall behind the wall clock (a late
+    chunk) before a pause's silence starts.
 """
 
 

@@ -260,8 +260,7 @@ class StreamCore:
         self.interrupts: list[dict] = []  # {"cut", "dropped_frames", "dropped_samples"} per interrupt()
         # listening: silence is appended when no audio comes, so idle frames keep flowing
         self.listening = False
-        self.idle_grace_s = IDLE_GRACE_S
-        self._wall = ListeningClock(SAMPLE_RATE, self.idle_grace_s, clock())  # where listening silence goes
+        self._wall = ListeningClock(SAMPLE_RATE, IDLE_GRACE_S, clock())  # where listening silence goes
         self.idle_samples = 0  # silence appended by listening
         self.idle_frames = 0  # frames the workers served from their idle cache (no UNet)
         self.batches_sent = 0
@@ -270,6 +269,15 @@ class StreamCore:
         self._lat: dict[str, deque] = {k: deque(maxlen=LATENCY_WINDOW) for k in
                                        ("latency", "lookahead", "slot_wait", "round_trip", "reorder")}
         self._server: dict[str, deque] = {}
+
+    @property
+    def idle_grace_s(self) -> float:
+        """Listening: how far the audio's end may fall behind the wall clock before silence starts."""
+        return self._wall.grace_s
+
+    @idle_grace_s.setter
+    def idle_grace_s(self, value: float) -> None:
+        self._wall.grace_s = float(value)
 
     # --- input ------------------------------------------------------------------------------
 
