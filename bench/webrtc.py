@@ -8,7 +8,8 @@ Starts a CPU cluster on 3 light demo models at 1280x720 and the gateway as its o
 (`lipsync-cluster gateway`, so its CPU time is its own), then:
 
 1. **Cost per viewer**, side by side: N viewers over WebRTC with H.264, with VP8, and over the
-   JPEG WebSocket, each talking in real time (100 ms PCM messages, half the time listening).
+   JPEG WebSocket, each talking in real time (100 ms PCM messages, half the time listening; nothing
+   is sent while silent, as from a gated microphone: the gateway's listening silence fills the pauses).
    Gateway CPU per picture sent (the gateway process, user + system) and, of it, the video
    encoder's (its threads' CPU time, reported by the gateway); x 25 = CPU per session-second at
    25 fps (a starved gateway skips pictures, so per picture is what stays comparable on a busy
@@ -16,7 +17,10 @@ Starts a CPU cluster on 3 light demo models at 1280x720 and the gateway as its o
    bytes (WebSocket) each viewer received per second.
 2. **Sessions at 25 fps**, WebRTC H.264: 1, 2, 3 ... viewers until a level shows more than 2 % of its
    picture ticks as fillers (the cluster late) or skipped (the encoder late). Everything runs on
-   this machine: cluster, gateway and the viewers.
+   this machine: cluster, gateway and the viewers. Per level also speech -> its tick leaves: p50
+   (median over the viewers) / p99 (the worst viewer's) of audio pushed -> the tick that carries it
+   is due to leave the gateway (its share of speech -> mouth; network and receiver come on top).
+   ``--why`` prints each filler with where its frame was (the gateway's ``filler_log``).
 3. **A/V offset at the receiver**: one H.264 viewer for ``--av-seconds``; every video sender
    report maps a tick (RTP ``n x 3600``) to the sender's clock, the nearest audio report maps the
    same tick's audio (RTP ``n x 1920``); the difference is the offset a browser's lip sync sees.
@@ -74,11 +78,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(endpoint: str, kbps: int, lookahead: int) -> tuple[subprocess.Popen, str]:
+def start_gateway(endpoint: str, kbps: int, lookahead: int, batch: int = 5) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lipsync_cluster.cli", "gateway", "--port", str(port),
                              "--broker", endpoint, "--max-queue", "50", "--webrtc-kbps", str(kbps),
-                             "--lookahead-frames", str(lookahead)],
+                             "--lookahead-frames", str(lookahead), "--batch-size", str(batch)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
@@ -151,7 +155,12 @@ async def webrtc_level(url: str, n: int, seconds: float, codec: str, models: lis
     enc = sum(a["encode_cpu_s"] - b["encode_cpu_s"] for a, b in d)
     encoded = ticks - skipped
     rx = [(b1["video"] - b0["video"], b1["audio"] - b0["audio"]) for b0, b1 in zip(bytes0, bytes1)]
+    lat = [a.get("speech_to_tick_ms", {}) for a, _ in d]
+    p50 = [x["p50_ms"] for x in lat if x.get("p50_ms") is not None]
+    p99 = [x["p99_ms"] for x in lat if x.get("p99_ms") is not None]
     return {"path": f"webrtc-{codec}", "n": n, "seconds": dt, "ticks_per_s": ticks / dt / n,
+            "speech_p50_ms": float(np.median(p50)) if p50 else None, "speech_p99_ms": max(p99) if p99 else None,
+            "filler_log": [f for a, _ in d for f in a.get("filler_log", [])],
             "fillers": fillers / max(1, ticks), "skipped": skipped / max(1, ticks),
             "gateway_cpu_per_session_s": (cpu1 - cpu0) / dt / n, "encode_cpu_per_session_s": enc / dt / n,
             "gateway_ms_per_picture": 1000 * (cpu1 - cpu0) / max(1, encoded),
@@ -231,7 +240,8 @@ async def av_offset_run(url: str, seconds: float, model: str) -> dict:
 
 def fmt_row(r: dict) -> str:
     fill = "–" if r["fillers"] is None else f"{100 * r['fillers']:.1f} %"
-    return (f"| {r['path']} | {r['n']} | {fill} | {100 * r['skipped']:.1f} % | "
+    lat = "–" if r.get("speech_p50_ms") is None else f"{r['speech_p50_ms']:.0f} / {r['speech_p99_ms']:.0f}"
+    return (f"| {r['path']} | {r['n']} | {fill} | {100 * r['skipped']:.1f} % | {lat} | "
             f"{r['gateway_ms_per_picture']:.1f} | {r['encode_ms_per_picture']:.1f} | "
             f"{25 * r['gateway_ms_per_picture'] / 1000:.2f} | {25 * r['encode_ms_per_picture'] / 1000:.2f} | "
             f"{r['gateway_cpu_per_session_s']:.2f} | {r['video_kbps']:.0f} | {r['audio_kbps']:.0f} |")
@@ -246,9 +256,13 @@ def main() -> None:
     ap.add_argument("--av-seconds", type=float, default=None, help="A/V offset run length (default 120, quick 20)")
     ap.add_argument("--kbps", type=int, default=1500, help="WebRTC video bit rate")
     ap.add_argument("--lookahead", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=5, help="frames per request (the gateway's --batch-size)")
     ap.add_argument("--workers", type=int, default=None, help="CPU workers (default: one per core)")
     ap.add_argument("--models", default=None, help="a folder of light demo models (built if absent)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
+    ap.add_argument("--sweep-only", action="store_true", help="only the sessions-at-25-fps sweep (prints only)")
+    ap.add_argument("--why", action="store_true", help="print each filler tick of the sweep: where its frame was "
+                                                       "(the gateway's filler_log)")
     args = ap.parse_args()
     seconds = args.seconds or (8.0 if args.quick else 30.0)
     av_seconds = args.av_seconds or (20.0 if args.quick else 120.0)
@@ -268,7 +282,7 @@ def main() -> None:
         build_demo_models(models_dir, count=3, kind="light", frames=12, size=(1280, 720), seed=0, progress=False)
     print(f"starting a cluster: broker + {workers} CPU worker(s), and the gateway ...", flush=True)
     sup = start_cluster(models_dir, workers)
-    gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead)
+    gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead, args.batch_size)
     load_before = os.getloadavg()
     cost: list[dict] = []
     sweep: list[dict] = []
@@ -280,7 +294,7 @@ def main() -> None:
             for m in models:
                 for w in names:
                     client.load_model(m, worker=w)
-        for path in ("h264", "vp8", "ws"):
+        for path in () if args.sweep_only else ("h264", "vp8", "ws"):
             r = asyncio.run(ws_level(url, args.sessions, seconds, models, gw.pid) if path == "ws"
                             else webrtc_level(url, args.sessions, seconds, path, models, gw.pid))
             cost.append(r)
@@ -290,11 +304,14 @@ def main() -> None:
             r = asyncio.run(webrtc_level(url, n, seconds, "h264", models, gw.pid))
             sweep.append(r)
             print("sweep", fmt_row(r), f"load {os.getloadavg()[0]:.1f}", flush=True)
+            if args.why:
+                for f in r["filler_log"]:
+                    print("  filler", json.dumps(f), flush=True)
             if r["fillers"] + r["skipped"] > 0.02:
                 break
             best = n
             n += 1 if n < 4 else 2
-        av = asyncio.run(av_offset_run(url, av_seconds, models[0]))
+        av = None if args.sweep_only else asyncio.run(av_offset_run(url, av_seconds, models[0]))
         print("A/V offset", av, flush=True)
     finally:
         gw.terminate()
@@ -307,15 +324,18 @@ def main() -> None:
             tmp.cleanup()
     load_after = os.getloadavg()
     head = ("| path | viewers | fillers (cluster late) | skipped (encoder late) / dropped (WS) | "
+            "speech -> its tick leaves, ms p50 / p99 | "
             "gateway CPU ms per picture sent | of it the video encoder | gateway CPU s per session-s at 25 fps | "
             "encoder CPU s per session-s at 25 fps | gateway CPU s per session-s measured | "
-            "video kbit/s per viewer | audio kbit/s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+            "video kbit/s per viewer | audio kbit/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     body = [f"Machine: {machine()}. Date: {today()}. Load average before / after: "
             f"{load_before[0]:.1f} / {load_after[0]:.1f} (the machine is shared: numbers are noisy). "
             f"Command: `python bench/webrtc.py{' --quick' if args.quick else ''} --seconds {seconds:g} "
+            f"{f'--max-sessions {max_n} ' if args.max_sessions else ''}"
             f"--av-seconds {av_seconds:g}`. 1280x720 light demo models, {workers} CPU workers, gateway in its "
             f"own process, video {args.kbps} kbit/s (libx264 veryfast/zerolatency baseline, libvpx realtime "
-            f"cpu-used 8), Opus 32 kbit/s, lookahead {args.lookahead}; viewers talk in real time half the time.",
+            f"cpu-used 8), Opus 32 kbit/s, batch {args.batch_size}, lookahead {args.lookahead}; viewers talk in real "
+            f"time half the time (100 ms messages, nothing sent while silent).",
             "", "Cost per viewer, side by side:", "", head, *[fmt_row(r) for r in cost], "",
             f"Sessions at 25 fps over WebRTC (H.264), everything on this machine: "
             f"**{best if best is not None else 0}** (the last level with at most 2 % fillers + skipped ticks):",
@@ -329,7 +349,7 @@ def main() -> None:
                  f"lost {av['lost']}."]
     text = "\n".join(body)
     print(text)
-    if not args.no_write and not args.quick:
+    if not args.no_write and not args.quick and not args.sweep_only:
         write_section("webrtc", "## WebRTC out of the gateway (bench/webrtc.py)\n\n" + text)
 
 

@@ -156,9 +156,11 @@ def test_listening_appends_whole_frames_of_silence_in_real_time():
     core = AVCore(24000, clock=clock, idle_grace_s=0.12)
     x = speechlike(24000, 0.5)[:11000]  # 11.46 frames: speech ends mid-frame 11
     core.push(x)
+    played = 100.0 + 11000 / 24000  # when the 0.458 s pushed at once have played in real time
+    clock.t = played + 0.1  # 0.1 s later: within the grace (a late chunk may still come), no silence yet
     assert core.fill_idle().size == 0
-    assert core.idle_due_at() == pytest.approx(100.0 + 0.12 + (12 * 960 - 11000 + 0.5) / 24000)
-    clock.t = 100.0 + 0.12 + 0.11  # 0.11 s past the grace: 2640 samples due, whole frames up to frame 14's start
+    assert core.idle_due_at() == pytest.approx(played + 0.12)
+    clock.t = played + 0.13  # a pause: silence from where the speech ended, whole frames up to frame 14's start
     y = core.fill_idle()
     assert core.n == 14 * 960 and core.n16 == 14 * 640
     assert y.size == 14 * 640 - core.resampler.outputs_for(11000)
@@ -169,6 +171,51 @@ def test_listening_appends_whole_frames_of_silence_in_real_time():
     core.set_listening(False)
     clock.t += 10
     assert core.fill_idle().size == 0 and core.idle_due_at() is None
+
+
+def test_a_real_time_talker_with_pauses_keeps_the_timeline_on_the_wall_clock():
+    """A caller that sends 100 ms chunks in real time and sends nothing while it is silent (the
+    WebRTC bench's talker, a browser that gates its mic): listening fills the pauses so that every
+    chunk lands where the caller's own clock puts it. The silence used to start ``idle_grace_s``
+    after the last push and count from there, so each pause lost the grace less a chunk, plus the
+    part of a frame not yet filled when the talk resumed: the timeline fell behind the wall clock
+    and a player at 25 fps ran out of frames (fillers at speech onsets, issue 19)."""
+    rate, chunk = 24000, 2400
+    clock = Clock()
+    core = AVCore(rate, clock=clock, idle_grace_s=0.12, idle_ahead_frames=10 ** 6)
+    t0 = clock.t
+    talk = [True] * 7 + [False] * 3 + [True] * 5 + [False] * 20 + [True] * 4 + [False] * 1 + [True] * 6 \
+        + [False] * 2 + [True] * 3
+    for i, on in enumerate(talk):
+        for step in range(4):  # a reader polls every 25 ms between the chunks
+            clock.t = t0 + i * 0.1 + step * 0.025 + 0.0013  # sent a little late, as a sleeping loop does
+            if step == 0 and on:
+                core.push(speechlike(rate, 0.1, seed=i))
+                off = core.n - chunk - i * chunk  # where the chunk landed against the talker's own clock
+                if i > 0 and not talk[i - 2] and not talk[i - 1]:
+                    # after a pause: exactly there (within the sender's lateness, 1.3 ms = 31 samples)
+                    assert 0 <= off <= 32, (i, off)
+                else:  # a pause shorter than the grace is a late chunk: no silence in the speech, the
+                    assert -0.12 * rate <= off <= 32, (i, off)  # next pause makes it up
+            else:
+                core.fill_idle()
+    # after the last chunk the silence keeps the wall clock too, in whole frames (at most one behind)
+    clock.t = t0 + 10.0
+    core.fill_idle()
+    assert 10 * rate - 960 <= core.n <= 10 * rate and core.n % 960 == 0
+
+
+def test_a_late_chunk_within_the_grace_gets_no_silence_before_it():
+    clock = Clock()
+    core = AVCore(16000, clock=clock, idle_grace_s=0.12)
+    core.push(speechlike(16000, 0.1))
+    clock.t += 0.1 + 0.1  # the next chunk 100 ms late: still the same utterance
+    assert core.fill_idle().size == 0
+    core.push(speechlike(16000, 0.1))
+    assert core.n == 3200 and core.idle_samples == 0  # no silence inside the utterance, the schedule kept
+    clock.t += 0.6  # a pause: its silence goes before the next chunk, which starts at 0.8 s as it was sent
+    core.push(speechlike(16000, 0.1))
+    assert core.idle_samples == 9600 and core.n == 12800 + 1600
 
 
 def test_listening_silence_stays_a_bounded_distance_ahead_of_a_slow_reader():

@@ -479,6 +479,31 @@ def test_silence_is_defined_so_that_the_mel_sits_at_its_floor():
     assert not is_silent(worst * 2) and not is_silent(None)
 
 
+def test_listening_silence_keeps_a_real_time_talkers_pauses_at_their_length():
+    """The stream's own listening (the WebSocket gateway's) follows the same rule as the AV core's
+    (ListeningClock): a caller that sends 100 ms chunks in real time and nothing while silent finds
+    each chunk where its own clock puts it, after any number of pauses; silence never goes inside
+    speech for a chunk less than the grace late."""
+    t = [50.0]
+    core = StreamCore(MODEL_A, batch_size=5, clock=lambda: t[0])
+    core.set_listening(True)
+    talk = [1] * 5 + [0] * 3 + [1] * 4 + [0] * 12 + [1] * 3 + [0] * 2 + [1] * 6
+    rng = np.random.default_rng(1)
+    for i, on in enumerate(talk):
+        for step in range(4):  # the session's idle timer ticks between the chunks
+            t[0] = 50.0 + i * 0.1 + step * 0.025 + 0.002
+            if step == 0 and on:
+                core.push(0.1 * rng.standard_normal(1600).astype(np.float32))
+                off = core.samples - 1600 - i * 1600
+                assert 0 <= off <= 0.002 * 16000 + 1, (i, off)  # never early, never later than the sender
+            else:
+                core.fill_idle()
+    assert core.idle_samples == sum(1 - x for x in talk) * 1600 + 32  # the pauses, at their length
+    t[0] = 50.0 + len(talk) * 0.1 + 1.31  # the last pause: whole frames up to the wall clock (4.81 s)
+    core.fill_idle()
+    assert core.samples == 120 * 640
+
+
 @pytest.mark.processes
 def test_listening_keeps_frames_flowing_from_the_idle_cache(make_cluster):
     sup = make_cluster()

@@ -209,6 +209,52 @@ def test_call_with_speech_switch_and_interrupt(cluster, small_demo):
     assert checked >= 10
 
 
+@pytest.mark.processes
+def test_a_talker_that_pauses_keeps_the_timeline_on_the_wall_clock(cluster):
+    """Issue 19: a viewer that talks in real time and sends nothing while silent (100 ms messages,
+    pauses of 200 ms) must leave the session's timeline where the wall clock is, or the player (one
+    frame per 40 ms) runs out of frames: fillers at the speech onsets. Each pause used to cost the
+    timeline the grace less a message plus up to a frame, for good. Checked on the gateway's own
+    session (real sockets, encoders, cluster): during the last pause, once the listening silence has
+    been topped up, the timeline's end is less than a frame behind the wall clock (counted from
+    before the session was made, so the check can only err toward "behind")."""
+    sup = cluster
+
+    async def run():
+        server = TestServer(make_app(sup.config.frontend, lookahead_frames=4))
+        await server.start_server()
+        gateway = server.app[GATEWAY_KEY]
+        viewer = Viewer(str(server.make_url("")), "demo_ada", lookahead_frames=4, read_index=False)
+        try:
+            await viewer.connect()
+            peer = next(iter(gateway.sessions.values()))
+            core = peer.stream.core
+            await until(lambda: len(viewer.video) >= 10, 60, "idle frames")
+            pcm = speech(4.0, 3)
+            t0 = time.monotonic()
+            for k in range(12):  # 300 ms of speech, 200 ms of nothing, in real time
+                for j in range(3):
+                    delay = t0 + (5 * k + j) * 0.1 - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    viewer.push(pcm[(3 * k + j) * 1600:(3 * k + j + 1) * 1600])
+            await asyncio.sleep(max(0.0, t0 + 60 * 0.1 - time.monotonic()) + 0.3)  # the last pause, past the grace
+            behind = []
+            for _ in range(50):  # the silence is topped up once per tick: the smallest lag is just after one
+                behind.append(time.time() - peer.started_at - core.n / core.rate)
+                await asyncio.sleep(0.02)
+            status = (await _status(server))["detail"][0]
+            return min(behind), core, status
+        finally:
+            await viewer.close()
+            await server.close()
+
+    behind, core, status = asyncio.run(run())
+    assert core.n > 3 * 16000, "the speech and the pauses made a timeline"
+    assert behind < 0.1, (f"the timeline is {behind * 1000:.0f} ms behind the wall clock after 12 pauses: the player "
+                          f"fills that with repeated pictures", status["fillers"], status["filler_log"][-5:])
+
+
 async def _status(server) -> dict:
     async with ClientSession() as http:
         return await (await http.get(server.make_url("/api/status"))).json()

@@ -24,8 +24,9 @@ The rules (what makes it exact):
   pushed is turned into 16 kHz at once (no sample is held back for later) and after ``k*R/25`` caller
   samples the stream has exactly ``640*k`` (the frame grid of both timelines is the same).
 * Listening (on by default): when no audio comes, silence is appended to the caller's timeline in
-  real time, whole frames, ``idle_grace_s`` after the audio ends (the stream's own rule,
-  :meth:`~lipsync_cluster.client.stream.StreamCore.fill_idle`); it is resampled like speech, so the
+  whole frames once its end is ``idle_grace_s`` behind the wall clock, keeping the end at the wall
+  clock (and the push that ends a pause first gets the rest of it): a real-time caller's pauses keep
+  their length, so a player at 25 fps never runs out of frames; it is resampled like speech, so the
   workers serve it from their idle cache and both timelines hold it at the same place. The stream's own
   ``set_listening`` must stay off: silence made there would exist on the 16 kHz timeline only.
 * ``interrupt()`` cuts at the first frame not yet read (frames made but unread are dropped too, as
@@ -43,7 +44,7 @@ import numpy as np
 
 from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, to_float_pcm
 from ..common.errors import BadRequest, InternalError, RequestTimeout
-from .stream import IDLE_GRACE_S, IDLE_TICK_S, StreamFrame
+from .stream import IDLE_GRACE_S, IDLE_TICK_S, ListeningClock, StreamFrame
 
 MIN_RATE, MAX_RATE = 8000, 192000
 MAX_CHANNELS = 8
@@ -147,7 +148,6 @@ class AVCore:
         self.rate = int(sample_rate)
         self.channels = int(channels)
         self.clock = clock
-        self.idle_grace_s = float(idle_grace_s)
         self.resampler = Resampler(self.rate)
         # the caller's timeline: samples [base, n) in orig[:n-base] (the caller's dtype) and mono (float32)
         self._orig = np.zeros((self.rate * 2, self.channels), self.dtype)
@@ -161,12 +161,23 @@ class AVCore:
         self._idle: list[list[int]] = []  # [a, z) caller ranges of silence this core made (merged)
         self.marks: list[int] = []  # end_segment() positions not yet paired
         self.listening = bool(listening)
-        self._idle_anchor = (clock(), 0)
+        # where the listening silence goes: the wall clock, held on the caller's timeline
+        self._wall = ListeningClock(self.rate, float(idle_grace_s), clock())
+        self.last_push_t = self._wall.ref[0]  # diagnostics: when audio was last pushed
         self.idle_samples = 0
         # Listening silence never runs more than this many frames ahead of the reader: a reader slower
         # than real time must not pile up silence that a new utterance would then queue behind.
         self.idle_ahead_frames = int(idle_ahead_frames)
         self.cuts: list[dict] = []
+
+    @property
+    def idle_grace_s(self) -> float:
+        """Listening: how far the timeline's end may fall behind the wall clock before silence starts."""
+        return self._wall.grace_s
+
+    @idle_grace_s.setter
+    def idle_grace_s(self, value: float) -> None:
+        self._wall.grace_s = float(value)
 
     # --- input ----------------------------------------------------------------------------------
 
@@ -236,9 +247,27 @@ class AVCore:
         mono = x.astype(np.float32).mean(axis=1)
         if self.dtype == np.int16:
             mono *= np.float32(1 / 32768)
+        now = self.clock()
+        gap = self._pause_before_push(now)
+        pre = self._silence(gap) if gap else np.zeros(0, np.float32)
         self._append(x, mono)
-        self._idle_anchor = (self.clock(), self.n)
-        return self._to_16k()
+        self.last_push_t = now
+        return np.concatenate([pre, self._to_16k()]) if pre.size else self._to_16k()
+
+    def _pause_before_push(self, now: float) -> int:
+        """Samples of silence that go before audio pushed at ``now``: the rest of a pause
+        (:class:`~lipsync_cluster.client.stream.ListeningClock`), up to ``idle_ahead_frames`` past
+        the reader (what that cap holds back is not owed: the speech follows at once)."""
+        gap = self._wall.gap_before_push(self.n, now, self.listening and not self.closed)
+        cap = self._idle_cap()
+        if self.n + gap > cap:
+            gap = max(0, cap - self.n)
+            self._wall.forget(self.n + gap, now)
+        return gap
+
+    def _idle_cap(self) -> int:
+        """The farthest the listening silence may reach: ``idle_ahead_frames`` past the reader."""
+        return frame_boundary(self.next_index + self.idle_ahead_frames, self.rate)
 
     def end_segment(self) -> bool:
         """Mark the end of an utterance: the frame holding the last sample pushed so far counts it.
@@ -253,11 +282,12 @@ class AVCore:
 
     def set_listening(self, on: bool) -> None:
         if on and not self.listening:
-            self._idle_anchor = (self.clock(), self.n)
+            self._wall.restart(self.n, self.clock())
         self.listening = bool(on)
 
     def _silence(self, n: int) -> np.ndarray:
         a = self.n
+        self.idle_samples += n
         self._append(np.zeros((n, self.channels), self.dtype), np.zeros(n, np.float32))
         if self._idle and self._idle[-1][1] == a:
             self._idle[-1][1] = self.n
@@ -269,29 +299,23 @@ class AVCore:
         """When the next frame of listening silence is due (clock time), or None when not listening."""
         if not self.listening or self.closed:
             return None
-        t0, n0 = self._idle_anchor
         k = -(-self.n * FPS // self.rate)  # the first frame boundary at or after n ...
         target = frame_boundary(k, self.rate)
         if target <= self.n:
             target = frame_boundary(k + 1, self.rate)  # ... and past it
-        if target > frame_boundary(self.next_index + self.idle_ahead_frames, self.rate):
+        if target > self._idle_cap():
             return None  # far enough ahead of the reader: nothing is due until it reads on
         # half a sample late, so that fill_idle's int() sees the boundary reached
-        return t0 + self.idle_grace_s + (target - n0 + 0.5) / self.rate
+        return self._wall.due_at(self.n, target)
 
     def fill_idle(self, now: Optional[float] = None) -> np.ndarray:
         """Listening silence due by ``now``, up to a frame boundary; returns its 16 kHz copy (maybe empty)."""
         if not self.listening or self.closed:
             return np.zeros(0, np.float32)
         now = self.clock() if now is None else now
-        t0, n0 = self._idle_anchor
-        due = n0 + int((now - t0 - self.idle_grace_s) * self.rate)
-        target = frame_boundary((due * FPS) // self.rate, self.rate) if due > 0 else 0
-        target = min(target, frame_boundary(self.next_index + self.idle_ahead_frames, self.rate))
-        if target <= self.n:
-            return np.zeros(0, np.float32)
-        self.idle_samples += target - self.n
-        return self._silence(target - self.n)
+        due = self._wall.due(self.n, now)  # the wall clock in a pause; n (nothing) while the talk may go on
+        target = min(frame_boundary((due * FPS) // self.rate, self.rate), self._idle_cap())
+        return self._silence(target - self.n) if target > self.n else np.zeros(0, np.float32)
 
     def close(self) -> None:
         self.closed = True
@@ -312,7 +336,7 @@ class AVCore:
         self.n16 = c * SAMPLES_PER_FRAME
         self._seg = (b, self.n16)
         self.next_index = min(self.next_index, c)
-        self._idle_anchor = (self.clock(), self.n)
+        self._wall.forget(self.n, self.clock())
         self.cuts.append({"cut": c, "dropped_samples": dropped, "dropped_marks": dropped_marks})
 
     def pair(self, frame: StreamFrame) -> AVFrame:
@@ -366,7 +390,8 @@ _AV_DOC = """
     ``session``: the stream to drive (its own listening must stay off: this session makes the silence);
     ``sample_rate``/``channels``/``dtype`` (int16 or float32): the caller's audio, kept as it is for the
     output (other dtypes pushed are converted); ``listening``: idle frames with silence when no audio
-    comes (default on); ``idle_grace_s``: how long after the audio ends the silence starts.
+    comes (default on); ``idle_grace_s``: how far the audio may fall behind the wall clock (a late
+    chunk) before a pause's silence starts.
 """
 
 
@@ -415,6 +440,12 @@ class AsyncAVSession:
         if y.size:
             self.session.push(y)
         return _wait_for(self.core)
+
+    def fill_idle(self) -> None:
+        """Make the listening silence due now. ``get``/``poll`` do it; a caller that does not read for
+        a while (a player waiting for its clock to start) calls this about once per frame time, or
+        the silence, and so the idle frames, come late."""
+        self._idle()
 
     async def get(self) -> Optional[AVFrame]:
         """The next frame with its audio; None when the stream has ended."""

@@ -87,6 +87,7 @@ class StreamFrame:
     rect: list  # the face box [x1, y1, x2, y2] on the background
     worker: str
     latency_ms: float  # audio pushed -> frame ready
+    ready_t: float = 0.0  # when it was ready (the session's clock, time.monotonic by default)
 
     def decode(self) -> np.ndarray:
         """The image as a BGR uint8 array (decodes jpeg/png/patch; raw is returned as it is)."""
@@ -122,6 +123,69 @@ def _percentiles(values) -> dict:
 def _check_frame(at_frame: Any) -> None:
     if isinstance(at_frame, bool) or not isinstance(at_frame, int) or not 0 <= at_frame <= MAX_FRAME_INDEX:
         raise BadRequest(f"at_frame must be an integer in 0..{MAX_FRAME_INDEX}; got {at_frame!r}", field="at_frame")
+
+
+class ListeningClock:
+    """Where a listening session's silence goes: the wall clock, held on a timeline of ``rate`` Hz.
+
+    Sample ``ref[1] + (t - ref[0]) * rate`` of the timeline is due at clock time ``t``. A pause
+    begins when the timeline's end ``n`` is ``grace_s`` behind that (its audio has played out and
+    nothing new came; a chunk less late than that is the same utterance: no silence inside speech,
+    the next pause makes the lateness up). From then on the silence keeps the end at the wall clock
+    (:meth:`due`), and the push that ends the pause first gets the rest of it, to the sample
+    (:meth:`gap_before_push`). So a caller that talks in real time and sends nothing while silent
+    keeps its pauses' length and the timeline never falls behind the wall clock: a player that
+    takes one frame per 40 ms (the WebRTC gateway) never runs out. Audio pushed ahead of real time
+    (TTS) stays ahead: the silence waits until the wall clock has reached its end. (The silence used
+    to start ``grace_s`` after the last push and count from there: each pause cost the timeline the
+    grace less a chunk, plus the part of a frame not yet filled, for good; issue 19.)
+    """
+
+    def __init__(self, rate: int, grace_s: float, now: float) -> None:
+        self.rate, self.grace_s = rate, float(grace_s)
+        self.ref = (now, 0)
+        self.pausing = False
+
+    def behind(self, n: int, now: float) -> float:
+        """Samples the timeline's end ``n`` is behind the wall clock (negative: audio pushed ahead)."""
+        t, m = self.ref
+        return m + (now - t) * self.rate - n
+
+    def in_pause(self, n: int, now: float) -> bool:
+        if not self.pausing and self.behind(n, now) >= self.grace_s * self.rate:
+            self.pausing = True
+        return self.pausing
+
+    def due(self, n: int, now: float) -> int:
+        """Where the silence ends now: the wall clock in a pause, else ``n`` (none due)."""
+        return n + max(0, int(self.behind(n, now))) if self.in_pause(n, now) else n
+
+    def gap_before_push(self, n: int, now: float, listening: bool) -> int:
+        """Samples of silence that go before audio pushed at ``now``: the rest of a pause, exact. Ends the pause."""
+        gap = 0
+        if listening and self.in_pause(n, now):
+            gap = max(0, int(round(self.behind(n, now))))
+        elif not listening and self.behind(n, now) > 0:
+            self.ref = (now, n)  # not listening: nothing is owed for the time nothing came
+        self.pausing = False
+        return gap
+
+    def restart(self, n: int, now: float) -> None:
+        """Listening turned on: silence from now, not for the time it was off (audio ahead stays ahead)."""
+        if self.behind(n, now) > 0:
+            self.ref = (now, n)
+        self.pausing = False
+
+    def forget(self, n: int, now: float) -> None:
+        """The wall clock is at ``n`` now: after a cut, or what a cap held back is not owed."""
+        self.ref = (now, n)
+        self.pausing = False
+
+    def due_at(self, n: int, target: int) -> float:
+        """Clock time when the silence may reach sample ``target`` (half a sample late: ``int()`` sees it)."""
+        t, m = self.ref
+        at = t + (target - m + 0.5) / self.rate
+        return at if self.pausing else max(at, t + (n - m) / self.rate + self.grace_s)
 
 
 def total_frames_for(num_samples: int) -> int:
@@ -196,8 +260,7 @@ class StreamCore:
         self.interrupts: list[dict] = []  # {"cut", "dropped_frames", "dropped_samples"} per interrupt()
         # listening: silence is appended when no audio comes, so idle frames keep flowing
         self.listening = False
-        self.idle_grace_s = IDLE_GRACE_S
-        self._idle_anchor: tuple[float, int] = (0.0, 0)  # (time, samples) of the last push or listen()
+        self._wall = ListeningClock(SAMPLE_RATE, IDLE_GRACE_S, clock())  # where listening silence goes
         self.idle_samples = 0  # silence appended by listening
         self.idle_frames = 0  # frames the workers served from their idle cache (no UNet)
         self.batches_sent = 0
@@ -206,6 +269,15 @@ class StreamCore:
         self._lat: dict[str, deque] = {k: deque(maxlen=LATENCY_WINDOW) for k in
                                        ("latency", "lookahead", "slot_wait", "round_trip", "reorder")}
         self._server: dict[str, deque] = {}
+
+    @property
+    def idle_grace_s(self) -> float:
+        """Listening: how far the audio's end may fall behind the wall clock before silence starts."""
+        return self._wall.grace_s
+
+    @idle_grace_s.setter
+    def idle_grace_s(self, value: float) -> None:
+        self._wall.grace_s = float(value)
 
     # --- input ------------------------------------------------------------------------------
 
@@ -221,9 +293,12 @@ class StreamCore:
         if x.size == 0:
             return
         x = to_float_pcm(x, "audio_pcm")
-        self._append(x)
         now = self.clock()
-        self._idle_anchor = (now, self.samples)
+        gap = self._wall.gap_before_push(self.samples, now, self.listening)
+        if gap:  # the rest of a pause goes before the speech
+            self._append(np.zeros(gap, np.float32))
+            self.idle_samples += gap
+        self._append(x)
         self._mark_complete(now)
 
     def _mark_complete(self, now: float) -> None:
@@ -367,7 +442,7 @@ class StreamCore:
             if self.samples > keep:
                 dropped_samples = self.samples - keep
                 self.samples = keep
-            self._idle_anchor = (self.clock(), self.samples)
+            self._wall.forget(self.samples, self.clock())
         if cut >= self._audio_t_base:
             while self._audio_t_base + len(self._audio_t) > cut:
                 self._audio_t.pop()
@@ -387,10 +462,11 @@ class StreamCore:
 
         The audio then never ends more than ``idle_grace_s`` behind the clock: a caller that
         pushes in real time is never interleaved with silence, and one that stops gets digital
-        silence (the workers serve it from their idle cache) ``idle_grace_s`` later.
+        silence (the workers serve it from their idle cache) once its audio is ``idle_grace_s``
+        behind the clock, as long as the pause (:class:`ListeningClock`).
         """
         if on and not self.listening:
-            self._idle_anchor = (self.clock(), self.samples)
+            self._wall.restart(self.samples, self.clock())
         self.listening = bool(on)
 
     def fill_idle(self, now: Optional[float] = None) -> int:
@@ -398,9 +474,7 @@ class StreamCore:
         if not self.listening or self.closed:
             return 0
         now = self.clock() if now is None else now
-        t0, s0 = self._idle_anchor
-        due = s0 + int((now - t0 - self.idle_grace_s) * SAMPLE_RATE)
-        target = (due // SAMPLES_PER_FRAME) * SAMPLES_PER_FRAME
+        target = self._wall.due(self.samples, now) // SAMPLES_PER_FRAME * SAMPLES_PER_FRAME
         if target <= self.samples:
             return 0
         n = target - self.samples
@@ -558,10 +632,35 @@ class StreamCore:
                 self.ready.append(StreamFrame(
                     index=k, pts=k / self.fps, background_index=r.background_indices[i], model_id=r.model_id,
                     model_version=r.model_version, format=r.format, image=r.frames[i], rect=r.rects[i],
-                    worker=r.worker, latency_ms=latency))
+                    worker=r.worker, latency_ms=latency, ready_t=now))
             self.delivered = b.start + b.size
 
     # --- reporting ----------------------------------------------------------------------------
+
+    def whereabouts(self, frame: int, now: Optional[float] = None) -> dict:
+        """Where frame ``frame`` is now (for a player that found it missing when it was due).
+
+        ``state``: ``ready`` (made, unread), ``reorder`` (made, waiting for an earlier batch),
+        ``in_flight`` (``sent_ago_ms``: since its batch was first sent; ``attempts``), ``waiting``
+        (not planned: its batch needs audio up to frame ``needs_audio_to``; ``audio_frames`` are
+        here), or ``gone`` (handed out already). ``audio_ago_ms``: since the push that completed its
+        batch's audio (in flight or made).
+        """
+        now = self.clock() if now is None else now
+        out: dict = {"frame": frame, "audio_frames": self.samples // SAMPLES_PER_FRAME,
+                     "ready": len(self.ready), "in_flight": len(self.inflight), "planned": self.next_frame}
+        if frame < self.delivered:
+            out["state"] = "ready" if frame >= self.delivered - len(self.ready) else "gone"
+            return out
+        for b in list(self.inflight.values()) + list(self._results.values()):
+            if b.start <= frame < b.start + b.size:
+                out.update(state="in_flight" if b.result is None else "reorder", batch=[b.start, b.size],
+                           attempts=b.attempts, audio_ago_ms=round((now - b.ready_t) * 1000, 1),
+                           sent_ago_ms=round((now - b.first_sent_t) * 1000, 1) if b.attempts else None)
+                return out
+        start = self.next_frame + max(0, frame - self.next_frame) // self.batch_size * self.batch_size
+        out.update(state="waiting", needs_audio_to=start + self.batch_size + self.lookahead_frames)
+        return out
 
     def latency(self, recent: Optional[int] = None, breakdown: bool = True) -> dict:
         """p50/p99 of audio pushed -> frame ready, and of its parts (ms).
@@ -720,6 +819,11 @@ class StreamSession:
     def stats(self) -> dict:
         with self._cond:
             return self._core.stats()
+
+    def whereabouts(self, frame: int) -> dict:
+        """Where frame ``frame`` is now: ready, in flight since when, or waiting for audio (see StreamCore)."""
+        with self._cond:
+            return self._core.whereabouts(frame)
 
     @property
     def model_id(self) -> str:
@@ -913,6 +1017,10 @@ class AsyncStreamSession:
 
     def stats(self) -> dict:
         return self._core.stats()
+
+    def whereabouts(self, frame: int) -> dict:
+        """Where frame ``frame`` is now: ready, in flight since when, or waiting for audio (see StreamCore)."""
+        return self._core.whereabouts(frame)
 
     @property
     def model_id(self) -> str:

@@ -9,8 +9,8 @@ audio transceiver it receives on and, to talk, a data channel; the answer's trac
 and frame ``n`` and its 40 ms of audio leave together: one :class:`Player` decides what tick ``n``
 shows (the next paired frame of the stream, or, while the cluster has none ready, the last
 picture again with 40 ms of silence) and both tracks are paced off its clock, which starts once
-the first pair exists and the connection is up (aiortc stamps RTP with wall time at send, so a
-track that started late would stay late). Neither track ever stalls: a video encoder behind real
+the first pair exists, the second batch is on its way and the connection is up (aiortc stamps
+RTP with wall time at send, so a track that started late would stay late). Neither track ever stalls: a video encoder behind real
 time skips ticks, the audio is encoded on the event loop (never queued behind video), and idle
 frames are passed over while more than two batches wait (the avatar catches up in the silence). The data channel carries what the WebSocket carries (binary 16 kHz s16le PCM, JSON
 ``switch``/``interrupt``/``listen``/``ping``), handled by the same code
@@ -30,6 +30,7 @@ import fractions
 import json
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -68,6 +69,9 @@ MAX_TICKS_AHEAD = 25  # ticks decided but not yet taken by both tracks (one trac
 KEYFRAME_S = 2
 X264_PRESET = "veryfast"  # half the CPU of libx264's default (medium) at the same bit rate
 VP8_CPU_USED = 8  # libvpx realtime speed (aiortc uses -6: slower, a little sharper)
+LATENCY_WINDOW = 3000  # speech ticks whose latency is kept (2 minutes of speech)
+START_WAIT_S = 2.0  # the clock waits at most this long after the first pair for the second batch to go out
+FILLER_LOG = 50  # filler ticks remembered with why (status: "filler_log")
 STAMP_BLOCK = 16  # px per bit of the frame-index stamp (tests, benchmarks)
 STAMP_BITS = 20
 
@@ -128,6 +132,7 @@ class Player:
     def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False, batch_size: int = 5) -> None:
         self.pairs = pairs
         self.catchup_frames = CATCHUP_BATCHES * batch_size + 4
+        self.batch_size = batch_size
         self.fps = fps
         self.samples = pairs.core.rate // fps  # audio per tick, at the pairing core's rate
         self.stamp = stamp
@@ -140,6 +145,9 @@ class Player:
         self.frames = self.fillers = self.dropped_ticks = self.caught_up = 0
         self.last_index = -1
         self._last: Any = None  # the last real (index, frame) shown: fillers repeat it
+        self._last_speech = False
+        self.filler_log: deque = deque(maxlen=FILLER_LOG)
+        self.speech_latency: deque = deque(maxlen=LATENCY_WINDOW)  # ms, speech ticks
         self._lock = asyncio.Lock()
         self._image_index = -2
         self._image: Any = None
@@ -155,13 +163,27 @@ class Player:
             return None
 
     async def start(self) -> None:
-        """Wait for the first pair (both tracks wait on this); the clock starts when a track first
-        asks for it after that (:meth:`begin`): aiortc pulls only once the connection is up."""
+        """Wait for the first pair and the second batch on its way (both tracks wait on this); the
+        clock starts when a track first asks for it after that (:meth:`begin`): aiortc pulls only
+        once the connection is up.
+
+        Started at the first pair, frame ``batch_size`` was due a batch's duration later, but its
+        batch was only sent once its audio and lookahead were there: it came back late (a filler
+        at tick 5 in every session). Once the second batch is sent, each frame has a batch's
+        duration for its round trip.
+        """
         while not self.closed and not self.started.is_set():
             first = await self._poll()
             if first is not None:
                 self._store(0, first)
                 self.decided = 1
+                deadline = time.monotonic() + START_WAIT_S  # a stream that stops short starts anyway
+                while not self.closed and time.monotonic() < deadline:
+                    st = self.pairs.session.stats()
+                    if st["planned"] >= 2 * self.batch_size or st["closed"] or st["error"] is not None:
+                        break
+                    self.pairs.fill_idle()  # nobody reads yet: the listening silence is made here
+                    await asyncio.sleep(0.01)
                 self.started.set()
                 return
             await asyncio.sleep(0.01)
@@ -187,6 +209,11 @@ class Player:
         audio = np.asarray(item.audio, np.int16).reshape(-1)
         self.ticks[tick] = [(item.index, item.frame), audio, 2]
         self._last = (item.index, item.frame)
+        self._last_speech = bool(item.speech)
+        if item.speech and self.t0 is not None:
+            # audio pushed -> the tick that shows it is due to leave (the latency a viewer sees, less the network)
+            leaves = max(time.monotonic(), self.t0 + tick / self.fps)
+            self.speech_latency.append(item.frame.latency_ms + 1000 * (leaves - item.frame.ready_t))
         self.last_index = item.index
         self.frames += 1
 
@@ -200,11 +227,21 @@ class Player:
                 else:
                     self.ticks[self.decided] = [self._last, np.zeros(self.samples, np.int16), 2]
                     self.fillers += 1
+                    self._log_filler(self.decided)
                 self.decided += 1
             while len(self.ticks) > MAX_TICKS_AHEAD:  # one track stopped taking: forget its old ticks
                 del self.ticks[min(self.ticks)]
                 self.dropped_ticks += 1
         return self.ticks.get(n) or [self._last, np.zeros(self.samples, np.int16), 2]
+
+    def _log_filler(self, tick: int) -> None:
+        """Why tick ``tick`` had no pair: where its frame was (the last ``FILLER_LOG`` fillers)."""
+        now = time.monotonic()
+        where = self.pairs.session.whereabouts(self.last_index + 1)
+        where.update(tick=tick, at_ms=round((now - self.t0) * 1000, 1) if self.t0 is not None else None,
+                     since_push_ms=round((now - self.pairs.core.last_push_t) * 1000, 1),
+                     last_speech=self._last_speech)
+        self.filler_log.append(where)
 
     def now_tick(self) -> int:
         return int((time.monotonic() - self.t0) * self.fps) if self.t0 is not None else 0
@@ -564,7 +601,9 @@ class PeerSession(StreamControl):
     async def _stats_loop(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
-            self.put_control({"type": "stats", **self.status()})
+            stats = self.status()
+            del stats["filler_log"]  # /api/status only: the peer gets the counts twice a second
+            self.put_control({"type": "stats", **stats})
             exc = self.player.error
             if isinstance(exc, LipsyncError):  # the stream failed for good (a batch failed twice)
                 self._error(exc.code, exc.message)
@@ -628,7 +667,17 @@ class PeerSession(StreamControl):
                 "latency": _short_latency(self.session.latency(recent=LIVE_WINDOW, breakdown=False)),
                 "audio_seconds": round(st["seconds"], 3), "in_flight": st["in_flight"], "retries": st["retries"],
                 "listening": st["listening"], "idle_frames": st["idle_frames"],
-                "interrupts": [i["cut"] for i in st["interrupts"]][-10:]}
+                "interrupts": [i["cut"] for i in st["interrupts"]][-10:], "filler_log": list(self.player.filler_log),
+                "speech_to_tick_ms": _tick_latency(self.player.speech_latency)}
+
+
+def _tick_latency(values: deque) -> dict:
+    """p50/p99 of audio pushed -> its tick due to leave (ms), over the last ``LATENCY_WINDOW`` speech ticks."""
+    if not values:
+        return {"p50_ms": None, "p99_ms": None, "frames": 0}
+    a = np.asarray(values, np.float64)
+    return {"p50_ms": round(float(np.percentile(a, 50)), 1), "p99_ms": round(float(np.percentile(a, 99)), 1),
+            "frames": len(a)}
 
 
 async def offer(gateway: "Gateway", request: web.Request) -> web.Response:
