@@ -1,7 +1,7 @@
 """Speech into Chromium's microphone -> the avatar's mouth on Chromium's screen, over WebRTC.
 
-    python bench/webrtc_browser.py                        # ~1.5 minutes; writes docs/BENCHMARKS.md
-    python bench/webrtc_browser.py --utterances 3 --no-write --json out.json   # the test's run
+    python bench/webrtc_browser.py                        # about a minute; writes docs/BENCHMARKS.md
+    python bench/webrtc_browser.py --utterances 3 --gap 2 --size 640x360 --no-write --json out.json  # the test's
 
 A CPU cluster on 3 light demo models (1280x720), the gateway as its own process (`lipsync-cluster
 gateway`), and the gateway's own page (lipsync_cluster/gateway/static) in headless Debian Chromium
@@ -14,10 +14,11 @@ the page itself is unchanged):
    (an AudioWorklet on the page's own microphone stream in the page's AudioContext: the first sample
    above ``--threshold`` after ``--min-quiet`` s of quiet, stamped with ``performance.now()`` when
    its message reaches the main thread, minus the samples after it in its 128-sample block) to the
-   first video frame the page presents afterwards with the mouth open (``requestVideoFrameCallback``,
+   first video frame the page presents with the mouth open after a silence (``requestVideoFrameCallback``,
    its ``expectedDisplayTime``; the frame's mouth box, from the model's crop_rects.json, is drawn to a
    canvas and counted for pixels of the light demo model's open-mouth colour: the closed mouth and the
-   face have none, so head sway and codec noise do not look like speech). p50 / p99 over the onsets.
+   face have none, so head sway and codec noise do not look like speech). Onsets and openings are
+   paired in order (sentence k, opening k). p50 / p99 over the onsets.
    Also split at the frame's ``receiveTime`` (its last packet in): up to the browser's receipt, and
    from there to display (jitter buffer, decode, render).
 
@@ -389,8 +390,8 @@ def report(r: dict, args: argparse.Namespace, load: tuple[float, float]) -> str:
         f"- **Speech -> mouth on screen** (mic onset in the page's audio graph -> first presented frame with "
         f"the mouth open): **p50 {fmt(r['p50_ms'])} ms, p99 {fmt(r['p99_ms'])} ms** (min {fmt(r['min_ms'])}, "
         f"max {fmt(r['max_ms'])}) over {len(r['latencies_ms'])} of {r['onsets']} onsets ({r['openings']} mouth "
-        f"openings after a silence seen, {r['spurious_openings']} of them with no onset before). Of it, onset -> the frame's "
-        f"last packet in Chromium p50 {fmt(r['to_receipt_p50_ms'])} ms, and packet -> display (jitter buffer, "
+        f"openings after a silence seen, {r['spurious_openings']} of them unpaired). Of it, onset -> the "
+        f"frame's last packet in Chromium p50 {fmt(r['to_receipt_p50_ms'])} ms, and packet -> display (jitter buffer, "
         f"decode, render) p50 {fmt(r['receipt_to_shown_p50_ms'])} ms. Each: {lat}. At the gateway meanwhile: audio in "
         f"-> frame ready p50 {fmt(gl.get('p50_ms'))} ms / p99 {fmt(gl.get('p99_ms'))} ms (its last "
         f"{fmt(gl.get('frames'))} frames), frames ready and waiting for their 40 ms tick median "
