@@ -382,8 +382,8 @@ def report(r: dict, args: argparse.Namespace, load: tuple[float, float]) -> str:
         f"Machine: {machine()}. Date: {today()}. Load average before / after: {load[0]:.1f} / {load[1]:.1f} "
         f"(cluster, gateway and Chromium share this machine). Command: `python bench/webrtc_browser.py "
         f"--utterances {args.utterances} --gap {args.gap:g} --lookahead {args.lookahead} --size {args.size}`. "
-        f"Debian Chromium headless (Playwright, software decode), the gateway's page over `POST /webrtc/offer` on loopback, lookahead "
-        f"{args.lookahead}, {args.size} light demo model, {args.workers} CPU worker(s), video "
+        f"Debian Chromium headless (Playwright, software decode), the gateway's page over `POST /webrtc/offer` "
+        f"on loopback, lookahead {args.lookahead}, {args.size} light demo model, {args.workers} CPU worker(s), video "
         f"{r['codec']} at {args.kbps} kbit/s. The fake microphone plays {args.utterances} espeak-ng sentences, "
         f"each after {args.gap:g} s of silence.",
         "",
