@@ -231,6 +231,9 @@ def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optio
 
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     setup_logging(cfg.logging.level, name)
+    from .worker.priority import lower_priority
+
+    lower_priority(cfg.cluster.worker_nice)  # before ONNX Runtime and ZeroMQ start their threads
     if gpu is not None and not cfg.onnx.cuda_enabled:
         logging.getLogger("lipsync_cluster.worker").warning("onnx.cuda_enabled is false: running on the CPU")
         gpu_index = device_label = None
