@@ -193,6 +193,9 @@ def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optio
            broker_key: Optional[str] = None) -> None:
     """Run one worker process that joins a broker (for workers on other hosts).
 
+    It runs below the broker's CPU priority: cluster.worker_nice (default 10) is added to its
+    nice value at start (docs/CONFIG.md, "Worker priority").
+
     \b
     Examples:
       lipsync-cluster worker --broker tcp://10.0.0.5:5556 --gpu 0 --config cluster.yaml
