@@ -346,6 +346,45 @@ def _broker_env(code: Optional[str]) -> tuple[dict, Optional[str]]:
     return dict(os.environ, PYTHONPATH=code), code
 
 
+PERF_EVENTS = ("raw_syscalls:sys_enter", "context-switches", "syscalls:sys_enter_poll",
+               "syscalls:sys_enter_write", "syscalls:sys_enter_getpid")
+
+
+def start_perf(pid: int) -> Optional[subprocess.Popen]:
+    """``perf stat`` per thread of ``pid`` (system calls, context switches); None without perf."""
+    out = f"/tmp/bench-broker-perf-{pid}.csv"
+    try:
+        proc = subprocess.Popen(["perf", "stat", "--per-thread", "-x", ",", "-o", out, "-e", ",".join(PERF_EVENTS),
+                                 "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+    time.sleep(0.3)  # attached before the clock starts
+    return proc
+
+
+def stop_perf(proc: subprocess.Popen, pid: int, n: int) -> str:
+    """Per request, main thread / the others: system calls (of which poll, eventfd write, getpid)
+    and context switches."""
+    import signal as _signal
+
+    proc.send_signal(_signal.SIGINT)
+    proc.wait(10)
+    main: dict = {}
+    other: dict = {}
+    path = Path(f"/tmp/bench-broker-perf-{pid}.csv")
+    for line in path.read_text().splitlines() if path.exists() else []:
+        parts = line.split(",")
+        if len(parts) < 4 or not parts[1].replace(".", "").isdigit():
+            continue
+        into = main if parts[0].endswith(f"-{pid}") else other
+        into[parts[3]] = into.get(parts[3], 0.0) + float(parts[1]) / n
+    path.unlink(missing_ok=True)
+    short = {"raw_syscalls:sys_enter": "syscalls", "context-switches": "switches", "syscalls:sys_enter_poll": "poll",
+             "syscalls:sys_enter_write": "write", "syscalls:sys_enter_getpid": "getpid"}
+    return "".join(f"; {who} per request: " + ", ".join(f"{short[e]} {d.get(e, 0.0):.2f}" for e in PERF_EVENTS)
+                   for who, d in (("main thread", main), ("other threads", other)))
+
+
 def side_by_side(args) -> list[dict]:
     """``--rounds`` rounds; in each, the ``--baseline`` checkout's broker then this one's (one noop
     worker from this checkout behind each, one client process, ``--n-tput`` small requests):
@@ -373,14 +412,16 @@ def side_by_side(args) -> list[dict]:
                 path.close()
                 broker_throughput(fe, 32, 2000, args.window, 1)  # warm up
                 me = psutil.Process(broker.pid)
+                perf = start_perf(broker.pid) if args.syscalls else None
                 before, main_before, load = me.cpu_times(), main_thread_cpu(me), os.getloadavg()[0]
                 rps = broker_throughput(fe, 32, args.n_tput, args.window, 1)
                 after, main_after = me.cpu_times(), main_thread_cpu(me)
+                calls = stop_perf(perf, broker.pid, args.n_tput) if perf else ""
                 cpu = (after.user - before.user) + (after.system - before.system)
                 rows.append({"round": r + 1, "code": label, "rps": rps, "cpu_us": 1e6 * cpu / args.n_tput,
                              "main_us": 1e6 * (main_after - main_before) / args.n_tput, "load": load})
                 print(f"round {r + 1} {label}: {rps:,.0f} req/s, broker CPU {rows[-1]['cpu_us']:.1f} µs/request "
-                      f"(main thread {rows[-1]['main_us']:.1f}), load average {load:.1f}", flush=True)
+                      f"(main thread {rows[-1]['main_us']:.1f}), load average {load:.1f}{calls}", flush=True)
             finally:
                 stop(workers + [broker])
                 ctx.term()
@@ -567,6 +608,9 @@ def main() -> None:
                     help="only the throughput, side by side: the broker of the checkout in DIR (e.g. `git worktree "
                          "add /tmp/base main`) and this one's, in alternating --rounds; prints the table")
     ap.add_argument("--rounds", type=int, default=3, help="with --baseline: rounds of each")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="with --baseline: count the broker's system calls and context switches per request "
+                         "(perf stat, per thread; Linux)")
     args = ap.parse_args()
     if args.baseline:
         args.baseline_label = args.baseline
