@@ -20,8 +20,14 @@ SILENCE = np.zeros((32, 16, 16), np.float32)
 
 
 def thread_nice(pid: int) -> set[int]:
-    """The nice value of every thread of ``pid``."""
-    return {os.getpriority(os.PRIO_PROCESS, t.id) for t in psutil.Process(pid).threads()}
+    """The nice value of every thread of ``pid`` (one that ended meanwhile is skipped)."""
+    values = set()
+    for t in psutil.Process(pid).threads():
+        try:
+            values.add(os.getpriority(os.PRIO_PROCESS, t.id))
+        except ProcessLookupError:
+            pass
+    return values
 
 
 @pytest.mark.processes
