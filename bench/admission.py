@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator, Optional
@@ -56,11 +57,17 @@ def run(client: Client, spec: LoadSpec) -> dict:
     for rec in refused:
         codes[rec.code or "?"] = codes.get(rec.code or "?", 0) + 1
     lat = [1000.0 * (rec.done - rec.sent) for rec in ok]
+    # The driver's lag behind its schedule (the time from the scheduled arrival to the hand-over to
+    # the client), and the at-arrival refusals counted from that hand-over instead: what is left
+    # is the client library's thread, the broker and the loopback, both ways.
+    lag = [1000.0 * (rec.submitted - rec.sent) for rec in recs if rec.submitted]
     ref_lat = [1000.0 * (rec.done - rec.sent) for rec in refused]
     # Refused from the queue by the re-check (admission.py), after waiting: their answer is not at once.
     early = [1000.0 * (rec.done - rec.sent) for rec in refused if rec.message.startswith("refused after")]
     at_once = [1000.0 * (rec.done - rec.sent) for rec in refused
                if rec.code == "overloaded" and not rec.message.startswith("refused after")]
+    at_once_send = [1000.0 * (rec.done - rec.submitted) for rec in refused if rec.submitted
+                    and rec.code == "overloaded" and not rec.message.startswith("refused after")]
     slow = [rec for rec in ok if 1000.0 * (rec.done - rec.sent) > 0.8 * (spec.deadline_ms or 1e12)]
     return {"early": len(early), "early_p50_ms": _pct(early, 50), "slow": len(slow), "slow_cold": sum(1 for rec in slow if rec.cold),
             "slow_load_ms": float(np.mean([rec.load_ms for rec in slow if rec.cold])) if any(r.cold for r in slow) else 0.0,
@@ -69,6 +76,8 @@ def run(client: Client, spec: LoadSpec) -> dict:
             "timeout_share": codes.get("timeout", 0) / len(refused) if refused else 0.0,
             "fast_share": sum(1 for x in ref_lat if x <= 50.0) / len(refused) if refused else 1.0,
             "at_once_p50_ms": _pct(at_once, 50), "at_once_p99_ms": _pct(at_once, 99),
+            "at_once_send_p50_ms": _pct(at_once_send, 50), "at_once_send_p99_ms": _pct(at_once_send, 99),
+            "lag_p50_ms": _pct(lag, 50), "lag_p99_ms": _pct(lag, 99),
             "refusal_p50_ms": _pct(ref_lat, 50), "refusal_p99_ms": _pct(ref_lat, 99),
             "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99)}
 
@@ -80,45 +89,89 @@ def load_avg() -> str:
         return "?"
 
 
+def broker_pid(endpoint: str) -> Optional[int]:
+    """The pid of this process's child listening on ``endpoint`` (a demo cluster's broker)."""
+    import psutil
+
+    port = int(endpoint.rsplit(":", 1)[1])
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                   for c in child.net_connections("tcp")):
+                return child.pid
+        except (psutil.Error, OSError):
+            continue
+    return None
+
+
+def run_delay_s(pid: Optional[int]) -> float:
+    """Seconds the threads of ``pid`` have waited on a run queue, ready but not running
+    (/proc/PID/task/*/schedstat, field 2; Linux): the broker starved of CPU by other processes."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1])
+    except (OSError, TypeError):
+        return 0.0
+    return total / 1e9
+
+
+_CLUSTER_SCRIPT = """
+import sys
+from lipsync_cluster.supervisor import demo_cluster
+models, demo_dir, workers, slots = int(sys.argv[1]), sys.argv[2] or None, int(sys.argv[3]), int(sys.argv[4])
+with demo_cluster(models, demo_dir, workers, slots, eviction_policy="lfu") as endpoint:
+    print(endpoint, flush=True)
+    sys.stdin.read()  # until the bench closes it
+"""
+
+
 @contextlib.contextmanager
-def cluster_running(args: argparse.Namespace, code: Optional[str]) -> Iterator[str]:
-    """A demo cluster whose broker and workers run the code in ``code`` (a checkout of another
-    commit, through PYTHONPATH and as the working directory, which ``python -m`` puts first;
-    None: this checkout); yields its client endpoint."""
-    old, cwd = os.environ.get("PYTHONPATH"), os.getcwd()
-    if code:
-        os.environ["PYTHONPATH"] = code
-        os.chdir(code)
-    else:
-        os.environ.pop("PYTHONPATH", None)
-        os.chdir(REPO)
+def cluster_running(args: argparse.Namespace, code: Optional[str], nice: Optional[int] = None) -> Iterator[str]:
+    """A demo cluster running the code in ``code`` (a checkout of another commit: its supervisor,
+    broker and workers, in a process of their own with that checkout first on the path, so that
+    its config schema reads the config its supervisor writes; None: this checkout, in this
+    process, its workers at ``cluster.worker_nice`` ``nice`` (None: the default)); yields its client
+    endpoint."""
+    if not code:
+        with demo_cluster(args.models, args.demo_dir, args.workers, args.slots, eviction_policy="lfu",
+                          worker_nice=nice) as endpoint:
+            yield endpoint
+        return
+    env = dict(os.environ, PYTHONPATH=code)
+    proc = subprocess.Popen([sys.executable, "-c", _CLUSTER_SCRIPT, str(args.models), args.demo_dir or "",
+                             str(args.workers), str(args.slots)], cwd=code, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        cm = demo_cluster(args.models, args.demo_dir, args.workers, args.slots, eviction_policy="lfu")
-        endpoint = cm.__enter__()
-    finally:  # the processes have started: they keep what they were given
-        os.chdir(cwd)
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
-    try:
+        endpoint = proc.stdout.readline().strip()
+        if not endpoint:
+            raise RuntimeError(f"the baseline cluster in {code} did not start (exit code {proc.wait()})")
         yield endpoint
     finally:
-        cm.__exit__(None, None, None)
+        proc.stdin.close()  # the script leaves demo_cluster: the cluster stops
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def measure(args: argparse.Namespace, seconds: float) -> dict[str, dict]:
     """Every variant (``--baseline`` first when given, then this checkout) on its own cluster, all
     running at once and measured in turn, phase by phase, so that a change in the machine's load
     falls on both; the open loop offers each variant the same rate (x the mean capacity)."""
-    variants = ([("before", args.baseline)] if args.baseline else []) + [(args.label, None)]
-    res: dict[str, dict] = {label: {"load_start": load_avg(), "rows": [], "closed": {}} for label, _ in variants}
+    variants = ([("before", args.baseline, None)] if args.baseline else []) + (
+        [(f"{args.label}, worker_nice {n}", None, n) for n in args.worker_nice] if args.worker_nice
+        else [(args.label, None, None)])
+    res: dict[str, dict] = {label: {"load_start": load_avg(), "rows": [], "closed": {}} for label, _, _ in variants}
     with contextlib.ExitStack() as stack:
-        clients = {}
-        for label, code in variants:
-            endpoint = stack.enter_context(cluster_running(args, code))
+        clients, pids = {}, {}
+        for label, code, nice in variants:
+            endpoint = stack.enter_context(cluster_running(args, code, nice))
             clients[label] = stack.enter_context(Client(endpoint, timeout=60))
-        models = sorted(m["model_id"] for m in clients[args.label].list_models())[: args.models]
+            pids[label] = broker_pid(endpoint)
+        models = sorted(m["model_id"] for m in clients[variants[-1][0]].list_models())[: args.models]
         base = dict(models=models, zipf=args.zipf, deadline_ms=args.deadline_ms, duration=seconds)
         for label, client in clients.items():
             run(client, LoadSpec(concurrency=args.concurrency[0], **dict(base, duration=3.0)))  # warm up
@@ -133,7 +186,9 @@ def measure(args: argparse.Namespace, seconds: float) -> dict[str, dict]:
         common = sum(r["capacity"] for r in res.values()) / len(res)
         for mult in (float(x) for x in args.loads.split(",")):
             for label, client in clients.items():
+                waited = run_delay_s(pids[label])
                 r = run(client, LoadSpec(rate=mult * common, **base))
+                r["broker_wait_ms_per_s"] = 1000.0 * (run_delay_s(pids[label]) - waited) / seconds
                 r["mult"], r["rate"] = mult, mult * common
                 res[label]["rows"].append(r)
                 capacity = res[label]["capacity"]
@@ -144,7 +199,10 @@ def measure(args: argparse.Namespace, seconds: float) -> dict[str, dict]:
                       f"{100 * r['fast_share']:.1f}%; ok p50 {r['p50_ms']:.0f} ms p99 {r['p99_ms']:.0f} ms "
                       f"({r['p99_ms'] / args.deadline_ms:.2f}x deadline), cold {r['cold']}; served past 0.8x the deadline "
                       f"{r['slow']} ({r['slow_cold']} cold, load {r['slow_load_ms']:.0f} ms); refused at arrival p50 "
-                      f"{r['at_once_p50_ms']:.0f} ms p99 {r['at_once_p99_ms']:.0f} ms; re-check refusals {r['early']} "
+                      f"{r['at_once_p50_ms']:.0f} ms p99 {r['at_once_p99_ms']:.0f} ms (from the send: p50 "
+                      f"{r['at_once_send_p50_ms']:.1f} ms p99 {r['at_once_send_p99_ms']:.1f} ms; client lag p50 "
+                      f"{r['lag_p50_ms']:.1f} ms p99 {r['lag_p99_ms']:.1f} ms; broker run-queue wait "
+                      f"{r['broker_wait_ms_per_s']:.0f} ms/s); re-check refusals {r['early']} "
                       f"(p50 {r['early_p50_ms']:.0f} ms)", flush=True)
     for r in res.values():
         r["load_end"] = load_avg()
@@ -154,9 +212,10 @@ def measure(args: argparse.Namespace, seconds: float) -> dict[str, dict]:
 def table(runs: list[tuple[str, dict]], deadline_ms: float) -> list[str]:
     """One row per load and code, the codes of one load next to each other."""
     lines = ["| offered | code | goodput req/s | x its capacity / x the mean | refused | by code | `timeout` share of refusals "
-             "| refusal p50 / p99 ms | within 50 ms | at arrival: p50 / p99 ms | from the queue (re-check): n, p50 ms "
+             "| refusal p50 / p99 ms | within 50 ms | at arrival: p50 / p99 ms | at arrival, from the send: p50 / p99 ms "
+             "| client lag p50 / p99 ms | broker run-queue wait ms/s | from the queue (re-check): n, p50 ms "
              "| ok p50 ms | ok p99 ms | ok p99 / deadline | cold served |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for i in range(len(runs[0][1]["rows"])):
         for label, res in runs:
             r = res["rows"][i]
@@ -165,7 +224,10 @@ def table(runs: list[tuple[str, dict]], deadline_ms: float) -> list[str]:
                 f"| {r['mult']:.1f}x ({r['rate']:.1f}/s) | {label} | {r['goodput']:.1f} | "
                 f"**{r['goodput'] / res['capacity']:.2f}** / {r['goodput'] * r['mult'] / r['rate']:.2f} | {r['refused']} | {codes} | **{100 * r['timeout_share']:.1f}%** | "
                 f"{r['refusal_p50_ms']:.0f} / {r['refusal_p99_ms']:.0f} | {100 * r['fast_share']:.1f}% | "
-                f"{r['at_once_p50_ms']:.0f} / {r['at_once_p99_ms']:.0f} | {r['early']}, {r['early_p50_ms']:.0f} | {r['p50_ms']:.0f} | "
+                f"{r['at_once_p50_ms']:.0f} / {r['at_once_p99_ms']:.0f} | "
+                f"**{r['at_once_send_p50_ms']:.1f} / {r['at_once_send_p99_ms']:.1f}** | "
+                f"{r['lag_p50_ms']:.1f} / {r['lag_p99_ms']:.1f} | {r['broker_wait_ms_per_s']:.0f} | "
+                f"{r['early']}, {r['early_p50_ms']:.0f} | {r['p50_ms']:.0f} | "
                 f"{r['p99_ms']:.0f} | **{r['p99_ms'] / deadline_ms:.2f}** | {r['cold']} |")
     return lines
 
@@ -189,9 +251,14 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, metavar="DIR",
                     help="also run a checkout of the code before (e.g. `git worktree add /tmp/base main`) on a "
                          "cluster of its own, measured in turn with this one (rows labelled `before`)")
+    ap.add_argument("--worker-nice", default=None, metavar="N,N",
+                    help="run this checkout once per cluster.worker_nice value (e.g. 0,10: the workers at the "
+                         "broker's priority and below it), side by side (default: once, at the config default)")
+    ap.add_argument("--section", default="admission", help="the docs/BENCHMARKS.md section to write")
     ap.add_argument("--quick", action="store_true", help="shorter runs; prints only (unless --write)")
     ap.add_argument("--write", action="store_true", help="with --quick: write docs/BENCHMARKS.md anyway")
     args = ap.parse_args()
+    args.worker_nice = [int(x) for x in args.worker_nice.split(",")] if args.worker_nice else None
     seconds = args.seconds or (8.0 if args.quick else 15.0)
     credits = 2 * args.workers  # cluster.worker_credits defaults to 2
     args.concurrency = [int(x) for x in args.concurrency.split(",")] if args.concurrency else [credits]
@@ -205,11 +272,14 @@ def main() -> None:
         f"{v} req/s at {k} in flight" for k, v in r["closed"].items()) + f"), load average {r['load_start']} at the "
         f"start, {r['load_end']} at the end" for label, r in runs)
     lines = [
-        "## Admission under overload (`bench/admission.py`)",
+        "## Refusals and the workers' CPU priority (`bench/admission.py --worker-nice`)" if args.worker_nice
+        else "## Admission under overload (`bench/admission.py`)",
         "",
         f"Machine: {machine()}, no GPU. Date: {today()}. Command: `python bench/admission.py"
         f"{' --quick --write' if args.quick else ''}{' --baseline <checkout of main>' if args.baseline else ''}"
-        f"{f' --seconds {seconds:g}' if args.seconds else ''}`.",
+        f"{f' --seconds {seconds:g}' if args.seconds else ''}"
+        f"{' --worker-nice ' + ','.join(map(str, args.worker_nice)) if args.worker_nice else ''}"
+        f"{' --section ' + args.section if args.section != 'admission' else ''}`.",
         "",
         f"A local cluster ({args.workers} CPU workers x {args.slots} slots, `lipsync-cluster loadtest "
         f"--demo-models {args.models}`'s setup) over {args.models} light demo models; requests Zipf({args.zipf:g}) "
@@ -218,15 +288,18 @@ def main() -> None:
         f"loop, the best of {' and '.join(map(str, args.concurrency))} in flight (every credit busy), measured by "
         f"each code on its own cluster: {caps}. Open loop = Poisson arrivals at a multiple of the mean of those "
         "capacities, the same rate for each code; the clusters run side by side and are measured in turn, phase "
-        "by phase. Latencies count from the request's scheduled arrival.",
+        "by phase. Latencies count from the request's scheduled arrival, except \"from the send\" (from the moment "
+        "the driver handed the request to the client library: the driver's lag behind its schedule left out). "
+        "Broker run-queue wait: the time the broker's threads were ready to run but waited for a core "
+        "(/proc/PID/task/*/schedstat), per second of the phase.",
         "",
         *table(runs, args.deadline_ms),
         "",
         "Targets (issue 17), at 2x, 3x, 4x: <= 5 % of refusals are `timeout`; p99 of served <= 0.8x the deadline; "
         "goodput >= 0.9x the closed-loop capacity; a refusal answers in < 50 ms.",
     ]
-    write_section("admission", "\n".join(lines) + "\n")
-    print("wrote docs/BENCHMARKS.md (admission)")
+    write_section(args.section, "\n".join(lines) + "\n")
+    print(f"wrote docs/BENCHMARKS.md ({args.section})")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ on an idle worker) and a miss (a placement that evicts the least valuable model 
     python bench/broker.py            # full run (~2 min), writes docs/BENCHMARKS.md "## Broker"
     python bench/broker.py --quick    # a few seconds, prints the table only (add --write to save)
     python bench/broker.py --routing --workers 64   # routing table + the broker with 64 workers
+    python bench/broker.py --baseline /tmp/base --rounds 3   # throughput: another checkout's broker vs this one
 """
 from __future__ import annotations
 
@@ -254,6 +255,15 @@ def broker_throughput(frontend: str, nbytes: int, n: int, window: int, clients: 
     return sum(r[2] for r in results) / (end - start)
 
 
+def main_thread_cpu(proc) -> float:
+    """CPU seconds (user + system) of the process's main thread: the broker's loop, its Python and
+    its own system calls; the rest of the process's time is ZeroMQ's I/O thread (and idle helpers)."""
+    for t in proc.threads():
+        if t.id == proc.pid:
+            return t.user_time + t.system_time
+    return 0.0
+
+
 def pct(values: list[float], q: float) -> float:
     data = sorted(values)
     return data[min(len(data) - 1, int(round(q / 100 * (len(data) - 1))))]
@@ -312,16 +322,134 @@ def run(args) -> dict:
                     results["latency"][label]["broker"] = measure_latency(path, header, payloads, n)
             me = psutil.Process(broker.pid)
             for clients in args.clients:
-                before = me.cpu_times()
+                before, main_before = me.cpu_times(), main_thread_cpu(me)
                 rps = broker_throughput(fe, 32, args.n_tput, args.window, clients)
-                after = me.cpu_times()
+                after, main_after = me.cpu_times(), main_thread_cpu(me)
                 cpu = (after.user - before.user) + (after.system - before.system)
-                results["throughput"].append((n_workers, clients, rps, 1e6 * cpu / args.n_tput))
+                results["throughput"].append((n_workers, clients, rps, 1e6 * cpu / args.n_tput,
+                                              1e6 * (main_after - main_before) / args.n_tput))
             path.close()
         finally:
             stop(workers + [broker])
     ctx.term()
     return results
+
+
+# --- side by side: this checkout's broker and another's, in alternating rounds ----------------
+
+
+def _broker_env(code: Optional[str]) -> tuple[dict, Optional[str]]:
+    """The environment and working directory of a broker running the package in ``code`` (None:
+    this checkout). ``python -c`` puts the working directory first on the path, so it is ``code``."""
+    if code is None:
+        return env(), None
+    return dict(os.environ, PYTHONPATH=code), code
+
+
+PERF_EVENTS = ("raw_syscalls:sys_enter", "context-switches", "syscalls:sys_enter_poll",
+               "syscalls:sys_enter_write", "syscalls:sys_enter_getpid")
+
+
+def start_perf(pid: int) -> Optional[subprocess.Popen]:
+    """``perf stat`` per thread of ``pid`` (system calls, context switches); None without perf."""
+    out = f"/tmp/bench-broker-perf-{pid}.csv"
+    try:
+        proc = subprocess.Popen(["perf", "stat", "--per-thread", "-x", ",", "-o", out, "-e", ",".join(PERF_EVENTS),
+                                 "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+    time.sleep(0.3)  # attached before the clock starts
+    return proc
+
+
+def stop_perf(proc: subprocess.Popen, pid: int, n: int) -> str:
+    """Per request, main thread / the others: system calls (of which poll, eventfd write, getpid)
+    and context switches."""
+    import signal as _signal
+
+    proc.send_signal(_signal.SIGINT)
+    proc.wait(10)
+    main: dict = {}
+    other: dict = {}
+    path = Path(f"/tmp/bench-broker-perf-{pid}.csv")
+    for line in path.read_text().splitlines() if path.exists() else []:
+        parts = line.split(",")
+        if len(parts) < 4 or not parts[1].replace(".", "").isdigit():
+            continue
+        into = main if parts[0].endswith(f"-{pid}") else other
+        into[parts[3]] = into.get(parts[3], 0.0) + float(parts[1]) / n
+    path.unlink(missing_ok=True)
+    short = {"raw_syscalls:sys_enter": "syscalls", "context-switches": "switches", "syscalls:sys_enter_poll": "poll",
+             "syscalls:sys_enter_write": "write", "syscalls:sys_enter_getpid": "getpid"}
+    return "".join(f"; {who} per request: " + ", ".join(f"{short[e]} {d.get(e, 0.0):.2f}" for e in PERF_EVENTS)
+                   for who, d in (("main thread", main), ("other threads", other)))
+
+
+def side_by_side(args) -> list[dict]:
+    """``--rounds`` rounds; in each, the ``--baseline`` checkout's broker then this one's (one noop
+    worker from this checkout behind each, one client process, ``--n-tput`` small requests):
+    requests/s and the broker process's CPU per request (all threads, and its main thread)."""
+    import psutil
+
+    rows = []
+    for r in range(args.rounds):
+        for label, code in (("baseline", args.baseline), ("this", None)):
+            ports = (free_port(), free_port(), free_port())
+            fe, be, st = (f"tcp://127.0.0.1:{p}" for p in ports)
+            benv, cwd = _broker_env(code)
+            broker = subprocess.Popen([sys.executable, "-c", BROKER_SCRIPT, fe, be, st], env=benv, cwd=cwd)
+            workers = [start_worker(be, "w0", args.credits, echo=True)]
+            ctx = zmq.Context()
+            try:
+                path = BrokerPath(ctx, fe)
+                deadline = time.monotonic() + 30
+                while True:
+                    path.sock.send_multipart([protocol.TAG, msgpack.packb({"id": 0, "op": "health"})])
+                    if path.sock.poll(2000) and msgpack.unpackb(path.sock.recv_multipart()[1]).get("workers") == 1:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the worker did not register with the broker")
+                path.close()
+                broker_throughput(fe, 32, 2000, args.window, 1)  # warm up
+                me = psutil.Process(broker.pid)
+                perf = start_perf(broker.pid) if args.syscalls else None
+                before, main_before, load = me.cpu_times(), main_thread_cpu(me), os.getloadavg()[0]
+                rps = broker_throughput(fe, 32, args.n_tput, args.window, 1)
+                after, main_after = me.cpu_times(), main_thread_cpu(me)
+                calls = stop_perf(perf, broker.pid, args.n_tput) if perf else ""
+                cpu = (after.user - before.user) + (after.system - before.system)
+                rows.append({"round": r + 1, "code": label, "rps": rps, "cpu_us": 1e6 * cpu / args.n_tput,
+                             "main_us": 1e6 * (main_after - main_before) / args.n_tput, "load": load})
+                print(f"round {r + 1} {label}: {rps:,.0f} req/s, broker CPU {rows[-1]['cpu_us']:.1f} µs/request "
+                      f"(main thread {rows[-1]['main_us']:.1f}), load average {load:.1f}{calls}", flush=True)
+            finally:
+                stop(workers + [broker])
+                ctx.term()
+    return rows
+
+
+def render_side_by_side(rows: list[dict], args) -> str:
+    import statistics
+
+    def med(code: str, key: str) -> float:
+        return statistics.median(r[key] for r in rows if r["code"] == code)
+
+    loads = [r["load"] for r in rows]
+    lines = [f"`python bench/broker.py --baseline {args.baseline_label} --rounds {args.rounds} --n-tput {args.n_tput}` "
+             f"({cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+             f"{_dt.date.today().isoformat()}, load average {min(loads):.1f}-{max(loads):.1f}): 1 client process, "
+             f"1 noop worker ({args.credits} credits), {args.window} in flight, small requests; the two brokers "
+             "in alternating rounds on the same machine.", "",
+             "| round | baseline: requests/s | CPU µs per request (main thread) | this: requests/s "
+             "| CPU µs per request (main thread) |", "|---:|---:|---:|---:|---:|"]
+    for r in range(1, args.rounds + 1):
+        b, t = (next(x for x in rows if x["round"] == r and x["code"] == c) for c in ("baseline", "this"))
+        lines.append(f"| {r} | {b['rps']:,.0f} | {b['cpu_us']:.1f} ({b['main_us']:.1f}) | {t['rps']:,.0f} "
+                     f"| {t['cpu_us']:.1f} ({t['main_us']:.1f}) |")
+    lines.append(f"| **median** | **{med('baseline', 'rps'):,.0f}** | **{med('baseline', 'cpu_us'):.1f}** "
+                 f"({med('baseline', 'main_us'):.1f}) | **{med('this', 'rps'):,.0f}** | **{med('this', 'cpu_us'):.1f}** "
+                 f"({med('this', 'main_us'):.1f}) |")
+    return "\n".join(lines)
 
 
 # --- routing only: the decision, in-process ---------------------------------------------------
@@ -422,13 +550,17 @@ def render(results: dict, args) -> str:
         lines.append(f"| {label} | through broker | {bp50:.3f} | {bp99:.3f} | "
                      f"**{bp50 - dp50:.3f} ms** | {bp99 - dp99:.3f} ms |")
     lines += ["", f"| throughput (small payload, {args.window} in flight per client) | requests/s "
-              "| broker CPU per request |", "|---|---|---|",
-              f"| direct to one worker (no broker) | {results['direct_rps']:,.0f} | - |"]
-    for n_workers, clients, rps, cpu_us in results["throughput"]:
+              "| broker CPU per request | of which its main thread | ceiling on one core |",
+              "|---|---|---|---|---|",
+              f"| direct to one worker (no broker) | {results['direct_rps']:,.0f} | - | - | - |"]
+    for n_workers, clients, rps, cpu_us, main_us in results["throughput"]:
         lines.append(f"| through broker: {clients} client process(es), {n_workers} worker(s) "
-                     f"| **{rps:,.0f}** | {cpu_us:.0f} µs |")
+                     f"| **{rps:,.0f}** | {cpu_us:.0f} µs | {main_us:.0f} µs | {1e6 / max(cpu_us, main_us, 1e-9):,.0f}/s |")
     lines += ["", "Broker CPU per request = the broker process's user+system CPU time (its ZeroMQ I/O "
-              "thread included) over the run, divided by the requests served.",
+              "thread included) over the run, divided by the requests served; its main thread = the "
+              "broker's loop (Python and its own system calls), the rest being ZeroMQ's I/O thread. "
+              "Ceiling on one core = 1e6 / CPU per request: what the broker could serve with a core of "
+              "its own, the client and the workers elsewhere.",
               "",
               "Notes:",
               "",
@@ -472,7 +604,20 @@ def main() -> None:
                     help="the routing-only table (by worker count), then the broker with --workers")
     ap.add_argument("--routing-workers", type=int, nargs="+", default=[8, 64, 512, 2048])
     ap.add_argument("--decisions", type=int, default=None, help="routing decisions per cell")
+    ap.add_argument("--baseline", default=None, metavar="DIR",
+                    help="only the throughput, side by side: the broker of the checkout in DIR (e.g. `git worktree "
+                         "add /tmp/base main`) and this one's, in alternating --rounds; prints the table")
+    ap.add_argument("--rounds", type=int, default=3, help="with --baseline: rounds of each")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="with --baseline: count the broker's system calls and context switches per request "
+                         "(perf stat, per thread; Linux)")
     args = ap.parse_args()
+    if args.baseline:
+        args.baseline_label = args.baseline
+        args.baseline = str(Path(args.baseline).resolve())
+        args.n_tput = args.n_tput or 30000
+        print(render_side_by_side(side_by_side(args), args))
+        return
     if args.routing or not args.quick:
         decisions = args.decisions or (500 if args.quick else 3000)
         rows = [(n, routing_costs(n, decisions)) for n in args.routing_workers]

@@ -193,6 +193,9 @@ def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optio
            broker_key: Optional[str] = None) -> None:
     """Run one worker process that joins a broker (for workers on other hosts).
 
+    It runs below the broker's CPU priority: cluster.worker_nice (default 10) is added to its
+    nice value at start (docs/CONFIG.md, "Worker priority").
+
     \b
     Examples:
       lipsync-cluster worker --broker tcp://10.0.0.5:5556 --gpu 0 --config cluster.yaml
@@ -231,6 +234,9 @@ def worker(backend: Optional[str], config_path: Optional[str], models_dir: Optio
 
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     setup_logging(cfg.logging.level, name)
+    from .worker.priority import lower_priority
+
+    lower_priority(cfg.cluster.worker_nice)  # before ONNX Runtime and ZeroMQ start their threads
     if gpu is not None and not cfg.onnx.cuda_enabled:
         logging.getLogger("lipsync_cluster.worker").warning("onnx.cuda_enabled is false: running on the CPU")
         gpu_index = device_label = None

@@ -286,9 +286,10 @@ class Supervisor:
 
 @contextlib.contextmanager
 def demo_cluster(count: int, demo_dir: Optional[str], workers: int, slots: int,
-                 gpus: int = 0, eviction_policy: str = "lru") -> Iterator[str]:
+                 gpus: int = 0, eviction_policy: str = "lru", worker_nice: Optional[int] = None) -> Iterator[str]:
     """Build ``count`` light demo models (kept in ``demo_dir``; a temporary folder when None), start a
     local cluster on free loopback ports, yield its client endpoint, stop it (``loadtest --demo-models``).
+    ``worker_nice``: ``cluster.worker_nice`` (None: its default).
     """
     from .config import load_config
     from .demo.build import build_demo_models
@@ -311,7 +312,8 @@ def demo_cluster(count: int, demo_dir: Optional[str], workers: int, slots: int,
             "capacity": {"max_models": slots, "max_memory_gb": 8, "eviction_policy": eviction_policy,
                          "idle_unload_minutes": 0},
             "onnx": {"intra_op_threads": 1},
-            "cluster": {"gpus": gpus, "per_gpu": workers},
+            "cluster": {"gpus": gpus, "per_gpu": workers,
+                        **({"worker_nice": worker_nice} if worker_nice is not None else {})},
             "logging": {"level": "warning", "stats_report_minutes": 0},
         })
         sup = Supervisor(cfg, cfg.cluster.gpus, cfg.cluster.per_gpu)

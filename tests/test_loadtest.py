@@ -93,3 +93,19 @@ def test_no_broker_is_a_clear_error():
 
     result = CliRunner().invoke(main, ["loadtest", "-q", "--broker", f"tcp://127.0.0.1:{free_port()}", "-n", "1", "--timeout", "1"])
     assert result.exit_code == 1 and "no broker answered" in result.output
+
+
+@pytest.mark.processes
+def test_records_say_when_each_request_was_handed_to_the_client(cluster):
+    # bench/admission.py splits a refusal's latency at this moment: the driver's lag behind its
+    # schedule before it, the client library, the broker and the loopback after it.
+    from lipsync_cluster.client import Client
+    from lipsync_cluster.tools.loadtest import LoadSpec, _Run
+
+    with Client(cluster.frontend, timeout=30) as client:
+        r = _Run(client, LoadSpec(models=["demo_ada", "no_such_model"], rate=20.0, duration=1.0, batch=1,
+                                  format="raw"), lambda done: None)
+        r.run()
+    assert r.records and any(rec.code == "unknown_model" for rec in r.records)
+    for rec in r.records:
+        assert rec.sent <= rec.submitted <= rec.done, rec

@@ -116,6 +116,9 @@ class ClusterConfig:
     # Per-model latency histograms for this many of the busiest models (57 series each); 0 = the
     # cluster-wide histograms only (docs/METRICS.md, series per model).
     metrics_model_histograms: int = 0
+    # Added to each worker process's nice value (Unix; 0 = the broker's priority): inference may
+    # take every core, and the broker's decisions (refusals, routing, replies) must not wait behind it.
+    worker_nice: int = 10
 
 
 @dataclass
@@ -275,6 +278,7 @@ def _check_ranges(cfg: Config) -> None:
     need(0 <= cl.metrics_port < 65536, f"cluster.metrics_port: {cl.metrics_port} is not a TCP port (1..65535, or 0 for off)")
     need(0 <= cl.metrics_model_histograms <= 1000,
          f"cluster.metrics_model_histograms: {cl.metrics_model_histograms} must be in 0..1000 (0 = cluster-wide only)")
+    need(0 <= cl.worker_nice <= 19, f"cluster.worker_nice: {cl.worker_nice} must be in 0..19 (0 = the broker's priority)")
     need(cfg.onnx.intra_op_threads >= 0, "onnx.intra_op_threads: must be >= 0")
     need(cfg.onnx.inter_op_threads >= 1, "onnx.inter_op_threads: must be >= 1")
     need(0 < cl.load_failure_backoff_s <= cl.load_failure_backoff_max_s,

@@ -86,8 +86,9 @@ class LoadSpec:
 @dataclass
 class Record:
     model: str
-    sent: float
+    sent: float                # the scheduled arrival (open loop) or the send (closed loop)
     done: float = 0.0
+    submitted: float = 0.0     # when it was handed to the client: sent + the driver's own lag
     ok: bool = False
     code: Optional[str] = None
     message: str = ""          # the server's (or client's) error message, for the report
@@ -201,6 +202,7 @@ class _Run:
             return
         header, payloads = self.work.request(model)
         key = self._keys = self._keys + 1
+        rec.submitted = time.perf_counter()
         future = self.client.submit(header, payloads)
         with self.lock:
             self.outstanding[key] = (future, rec)
