@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -174,18 +175,43 @@ def _hot_cluster(checkout: Path | None, folder: Path, model_id: str, seconds: fl
             "second_s": max(w["start_s"] for w in per_worker.values())}
 
 
+def _one_thread_raw(model_path: str, seconds: float, start, out) -> None:
+    """(A child process) raw ONNX Runtime with 1 intra-op thread, the worker's session options."""
+    from lipsync_cluster.worker.sessions import SessionOptions, make_session
+
+    session = make_session(model_path, SessionOptions(intra_op_threads=1))
+    start.wait()  # both children run together
+    out.put(raw_fps(session, BATCH, seconds))
+
+
+def two_one_thread_fps(model_path: str, seconds: float) -> float:
+    """Raw ONNX Runtime in 2 processes of 1 intra-op thread each, at once: the UNet-only ceiling of
+    the cluster's configuration (what 2 workers x 1 thread could give with no pipeline around it)."""
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_one_thread_raw, args=(model_path, seconds, start, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    total = out.get(timeout=seconds + 120) + out.get(timeout=seconds + 120)
+    for p in procs:
+        p.join()
+    return total
+
+
 def _load() -> str:
     return " / ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def hot_model(folder: Path, model_id: str, seconds: float, rounds: int, baseline: Path | None = None,
-              write: bool = True, in_order: bool = False) -> None:
-    """One hot model on 2 workers vs raw ONNX Runtime with 2 threads, interleaved rounds."""
+              write: bool = True, in_order: bool = False, ceiling: bool = False) -> None:
+    """One hot model on 2 workers vs raw ONNX Runtime with 2 threads, interleaved rounds
+    (``ceiling``: also raw ONNX Runtime in 2 processes x 1 thread)."""
     cfg = config(folder, 1, 2)
     service = WorkerService(cfg, shm_namespace=f"bench-{uuid.uuid4().hex[:6]}")
     here = Path(__file__).resolve().parent.parent
     codes = [("this checkout", None)] + ([("baseline", baseline)] if baseline is not None else [])
     raws: list[float] = []
+    ceilings: list[float] = []
     runs: dict[str, list[dict]] = {label: [] for label, _ in codes}
     loads = [_load()]
     try:
@@ -193,12 +219,16 @@ def hot_model(folder: Path, model_id: str, seconds: float, rounds: int, baseline
         session = service.cache.get(model_id).session
         for _ in range(rounds):
             raws.append(raw_fps(session, BATCH, seconds))
+            if ceiling:
+                ceilings.append(two_one_thread_fps(str(service.cache.get(model_id).package.onnx_path), seconds))
             for label, checkout in reversed(codes):  # the baseline first, as before
                 # With a baseline both run in a child process, so that neither has an advantage.
                 runs[label].append(_hot_cluster(here if (checkout is None and baseline is not None) else checkout,
                                                 folder, model_id, seconds, in_order))
             loads.append(_load())
-            print(f"raw ORT 2 threads {raws[-1]:.2f} fps | " + " | ".join(
+            print(f"raw ORT 2 threads {raws[-1]:.2f} fps | "
+                  + (f"raw ORT 2 processes x 1 thread {ceilings[-1]:.2f} fps ({ceilings[-1] / raws[-1]:.2f}x) | "
+                     if ceilings else "") + " | ".join(
                 f"{label}: {r[-1]['fps']:.2f} fps, ratio {r[-1]['fps'] / raws[-1]:.2f}, "
                 f"steady {r[-1]['steady']:.2f} fps, ratio {r[-1]['steady'] / raws[-1]:.2f}"
                 for label, r in runs.items()) + f" | load {loads[-1]}", flush=True)
@@ -248,6 +278,12 @@ def hot_model(folder: Path, model_id: str, seconds: float, rounds: int, baseline
         "Per round, cold / raw: " + "; ".join(
             f"{label} " + ", ".join(f"{x['fps'] / w:.2f}" for x, w in zip(r, raws)) for label, r in runs.items()) + ".",
         "",
+    ] + ([
+        f"The cluster's configuration without its pipeline (raw ONNX Runtime in 2 processes x 1 intra-op thread, "
+        f"at once, same rounds): {med(ceilings):.2f} fps, **{med([c / w for c, w in zip(ceilings, raws)]):.2f}x** "
+        "the 2-thread raw side (per round: " + ", ".join(f"{c / w:.2f}" for c, w in zip(ceilings, raws)) + ").",
+        "",
+    ] if ceilings else []) + [
         "Target (issue 18): >= 0.9x raw ONNX Runtime (issue 11's 0.85x; 0.57x before issue 11).",
     ]
     write_section("cluster-hot", "\n".join(lines))
@@ -265,6 +301,9 @@ def main() -> None:
     ap.add_argument("--in-order", action="store_true",
                     help="--hot: send the next request only when the oldest one is answered (the count of the "
                          "first measurements; default: as soon as any one is)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="--hot: also raw ONNX Runtime in 2 processes x 1 thread each (the cluster's configuration "
+                         "without its pipeline), every round")
     ap.add_argument("--hot-cluster-once", action="store_true", help=argparse.SUPPRESS)  # --baseline's child
     args = ap.parse_args()
     seconds = args.seconds or (4.0 if args.quick else 20.0)
@@ -281,7 +320,8 @@ def main() -> None:
         return
     if args.hot:
         hot_model(folder, model_id, args.seconds or 15.0, args.rounds,
-                  Path(args.baseline) if args.baseline else None, write=not args.quick, in_order=args.in_order)
+                  Path(args.baseline) if args.baseline else None, write=not args.quick, in_order=args.in_order,
+                  ceiling=args.ceiling)
         return
 
     results = {}
