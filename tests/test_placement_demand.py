@@ -125,7 +125,7 @@ def test_a_burst_on_a_cold_model_loads_its_second_copy_beside_the_first():
     # Four requests at once for a model no worker holds, two workers of two credits: the second
     # copy loads while the first does, not after the first reply (a load plus a service later).
     with BrokerThread(catalog_of("hot")) as b:
-        workers = [WorkerThread(b.backend, f"w{i}", credits=2, max_models=2, load_s=0.2, sleep_s=1.5)
+        workers = [WorkerThread(b.backend, f"w{i}", credits=2, max_models=2, load_s=0.2, sleep_s=2.5)
                    for i in range(2)]
         client, probe = Client(b.frontend), Client(b.frontend)
         try:
