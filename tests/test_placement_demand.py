@@ -119,3 +119,29 @@ def test_a_request_whose_wait_exceeds_its_deadline_is_refused_at_once():
                     assert [t for x, t in got if x is r][0] - sent[r["id"]] < 0.5  # at once, not after the deadline
             finally:
                 client.close()
+
+
+def test_a_burst_on_a_cold_model_loads_its_second_copy_beside_the_first():
+    # Four requests at once for a model no worker holds, two workers of two credits: the second
+    # copy loads while the first does, not after the first reply (a load plus a service later).
+    with BrokerThread(catalog_of("hot")) as b:
+        workers = [WorkerThread(b.backend, f"w{i}", credits=2, max_models=2, load_s=0.2, sleep_s=2.5)
+                   for i in range(2)]
+        client, probe = Client(b.frontend), Client(b.frontend)
+        try:
+            wait_workers(probe, 2)
+            for i in range(4):
+                client.send(infer("hot", i), features())
+            deadline = time.monotonic() + 30
+            while loaded_on(probe, "hot") != ["w0", "w1"]:
+                assert client.nothing_within(0.02), "a reply came before the second copy was loaded"
+                assert time.monotonic() < deadline, "the second copy was never loaded"
+            replies = [r for r, _ in collect(client, 4)]
+            assert all(r["ok"] for r in replies)
+            assert sorted(r["worker"] for r in replies) == ["w0", "w0", "w1", "w1"]
+            assert sorted(r["worker"] for r in replies if r["model_loaded"]) == ["w0", "w1"]  # one load each
+        finally:
+            client.close()
+            probe.close()
+            for w in workers:
+                w.stop()

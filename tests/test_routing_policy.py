@@ -56,3 +56,22 @@ def test_belady_is_a_lower_bound_and_lfu_beats_lru():
     assert opt < lfu < lru
     assert lfu / opt < 1.5 < lru / opt
     assert belady(["a", "b", "a", "c", "a", "b"], 2) == 4
+
+
+def test_a_model_still_loading_gets_a_copy_when_more_wait_than_its_copies_take():
+    # No service time measured yet (its first request is still loading on a): the ski-rental rule
+    # cannot price the wait, but requests beyond a's credits would wait for a's load and a
+    # service; a copy started now is ready about when a is.
+    a = worker("a", busy={"m": 1})  # dispatched to a, not loaded: a is loading m
+    idle = worker("b")
+    d = route("m", [a, idle], Demand(depth=3))
+    assert (d.action, d.worker, d.evict) == (PLACE, idle, None) and "loading" in d.reason
+    assert route("m", [a, idle], Demand(depth=2)).action == WAIT  # a's two credits take them
+    # Into a free slot only: never evicts another model for a copy it cannot price.
+    full = worker("c", loaded=["x", "y"])
+    assert route("m", [a, full], Demand(depth=3)).action == WAIT
+    # Once a copy is loaded the usual rule decides (here: no service time, so wait for the first).
+    loaded = worker("a", loaded=["m"], busy={"m": 2})
+    assert route("m", [loaded, idle], Demand(depth=3)).action == WAIT
+    # And once a service time is measured, it prices the wait as before: a short one waits.
+    assert route("m", [a, idle], Demand(depth=3, service_s=0.01, load_s=1.0)).action == WAIT

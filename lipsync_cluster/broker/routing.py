@@ -7,7 +7,9 @@ For the head request of model m's queue (docs/ARCHITECTURE.md, "Routing and plac
    expected wait -- requests waiting x service time / the credits of the workers holding m --
    is longer than a load of m (the ski-rental rule: a copy costs one load; waiting longer than
    that costs more), up to ``max_copies`` (0 = no cap, so a hot model may reach every worker);
-   otherwise wait for a copy;
+   before m's service time is measured, while every copy is still loading and more requests
+   wait than those copies have credits, another copy goes into a free slot (no eviction: it is
+   ready about when they are; ``_copy_while_loading``); otherwise wait for a copy;
 3. else place m: a worker with a free credit and a free model slot where m fits its free memory
    (fewest models first), else the worker whose least valuable evictable model is the coldest;
    that model is the eviction hint sent with the request. Evictable = loaded, nothing in flight
@@ -54,6 +56,20 @@ def expected_wait_s(depth: int, service_s: Optional[float], credits: int) -> Opt
     if service_s is None or credits <= 0:
         return None
     return depth * service_s / credits
+
+
+def _copy_while_loading(model: str, index: PlacementIndex, depth: int, credits: int) -> bool:
+    """Whether a model whose service time is not measured yet gets another copy now: every copy
+    of it is still loading and more requests wait for it than those copies have credits.
+
+    The ski-rental rule needs the service time, and the first one is measured only when the
+    first request comes back (a load plus a service: seconds for a UNet). Until then, a request
+    that cannot start on the loading copies waits at least the rest of their load plus one
+    service; a copy placed now is ready about when they are, so it makes no request wait longer
+    and the queue starts draining through both at once. It goes into a free slot only (no
+    eviction: it costs an idle worker's load, never another model's place), and the redundant
+    copy is the first to go when demand moves (``place``)."""
+    return not index.copies.get(model) and depth > credits > 0
 
 
 def _index(workers: Any, value: Optional[Callable[[str], float]]) -> PlacementIndex:
@@ -154,7 +170,14 @@ def route(model: str, workers: Any, demand: Union[Demand, Callable[[], Demand]] 
         if max_copies and len(holders) >= max_copies:
             return Decision(WAIT, None, None, "busy (max_copies_per_model reached)")
         service_s = demand.service_s
-        wait = expected_wait_s(demand.depth, service_s, index.holder_credits.get(model, 0))
+        credits = index.holder_credits.get(model, 0)
+        wait = expected_wait_s(demand.depth, service_s, credits)
+        if wait is None and _copy_while_loading(model, index, demand.depth, credits):
+            d = place(model, index, demand.busy_models, allow_evict=False, size=demand.size, size_of=size_of)
+            if d.action == PLACE:
+                return d._replace(reason=f"another copy ({demand.depth} waiting, more than the {credits} "
+                                         f"credits of its loading copies): {d.reason}")
+            return Decision(WAIT, None, None, "loading")
         if wait is None or wait <= copy_threshold_s(service_s, demand.load_s):
             return Decision(WAIT, None, None, "loading" if index.loading.get(model) else "busy")
         d = place(model, index, demand.busy_models, allow_evict, size=demand.size, size_of=size_of)
