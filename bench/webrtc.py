@@ -260,6 +260,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="CPU workers (default: one per core)")
     ap.add_argument("--models", default=None, help="a folder of light demo models (built if absent)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
+    ap.add_argument("--av-only", action="store_true",
+                    help="only the A/V offset run (prints only; e.g. --av-only --av-seconds 600)")
     ap.add_argument("--sweep-only", action="store_true", help="only the sessions-at-25-fps sweep (prints only)")
     ap.add_argument("--why", action="store_true", help="print each filler tick of the sweep: where its frame was "
                                                        "(the gateway's filler_log)")
@@ -294,13 +296,13 @@ def main() -> None:
             for m in models:
                 for w in names:
                     client.load_model(m, worker=w)
-        for path in () if args.sweep_only else ("h264", "vp8", "ws"):
+        for path in () if args.sweep_only or args.av_only else ("h264", "vp8", "ws"):
             r = asyncio.run(ws_level(url, args.sessions, seconds, models, gw.pid) if path == "ws"
                             else webrtc_level(url, args.sessions, seconds, path, models, gw.pid))
             cost.append(r)
             print(fmt_row(r), f"load {os.getloadavg()[0]:.1f}", flush=True)
         n, best = 1, None
-        while n <= max_n:
+        while n <= max_n and not args.av_only:
             r = asyncio.run(webrtc_level(url, n, seconds, "h264", models, gw.pid))
             sweep.append(r)
             print("sweep", fmt_row(r), f"load {os.getloadavg()[0]:.1f}", flush=True)
@@ -349,7 +351,7 @@ def main() -> None:
                  f"lost {av['lost']}."]
     text = "\n".join(body)
     print(text)
-    if not args.no_write and not args.quick and not args.sweep_only:
+    if not args.no_write and not args.quick and not args.sweep_only and not args.av_only:
         write_section("webrtc", "## WebRTC out of the gateway (bench/webrtc.py)\n\n" + text)
 
 
