@@ -78,11 +78,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(endpoint: str, kbps: int, lookahead: int, batch: int = 5) -> tuple[subprocess.Popen, str]:
+def start_gateway(endpoint: str, kbps: int, lookahead: int, batch: int = 5,
+                  batching: str = "adaptive") -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lipsync_cluster.cli", "gateway", "--port", str(port),
                              "--broker", endpoint, "--max-queue", "50", "--webrtc-kbps", str(kbps),
-                             "--lookahead-frames", str(lookahead), "--batch-size", str(batch)],
+                             "--lookahead-frames", str(lookahead), "--batch-size", str(batch),
+                             "--webrtc-batching", batching],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
@@ -257,6 +259,8 @@ def main() -> None:
     ap.add_argument("--kbps", type=int, default=1500, help="WebRTC video bit rate")
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=5, help="frames per request (the gateway's --batch-size)")
+    ap.add_argument("--batching", choices=["adaptive", "fixed"], default="adaptive",
+                    help="the gateway's --webrtc-batching (fixed: whole batches, the old path)")
     ap.add_argument("--workers", type=int, default=None, help="CPU workers (default: one per core)")
     ap.add_argument("--models", default=None, help="a folder of light demo models (built if absent)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
@@ -282,7 +286,7 @@ def main() -> None:
         build_demo_models(models_dir, count=3, kind="light", frames=12, size=(1280, 720), seed=0, progress=False)
     print(f"starting a cluster: broker + {workers} CPU worker(s), and the gateway ...", flush=True)
     sup = start_cluster(models_dir, workers)
-    gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead, args.batch_size)
+    gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead, args.batch_size, args.batching)
     load_before = os.getloadavg()
     cost: list[dict] = []
     sweep: list[dict] = []
@@ -334,7 +338,7 @@ def main() -> None:
             f"{f'--max-sessions {max_n} ' if args.max_sessions else ''}"
             f"--av-seconds {av_seconds:g}`. 1280x720 light demo models, {workers} CPU workers, gateway in its "
             f"own process, video {args.kbps} kbit/s (libx264 veryfast/zerolatency baseline, libvpx realtime "
-            f"cpu-used 8), Opus 32 kbit/s, batch {args.batch_size}, lookahead {args.lookahead}; viewers talk in real "
+            f"cpu-used 8), Opus 32 kbit/s, batch {args.batch_size} ({args.batching}), lookahead {args.lookahead}; viewers talk in real "
             f"time half the time (100 ms messages, nothing sent while silent).",
             "", "Cost per viewer, side by side:", "", head, *[fmt_row(r) for r in cost], "",
             f"Sessions at 25 fps over WebRTC (H.264), everything on this machine: "

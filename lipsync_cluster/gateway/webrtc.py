@@ -70,6 +70,7 @@ KEYFRAME_S = 2
 X264_PRESET = "veryfast"  # half the CPU of libx264's default (medium) at the same bit rate
 VP8_CPU_USED = 8  # libvpx realtime speed (aiortc uses -6: slower, a little sharper)
 LATENCY_WINDOW = 3000  # speech ticks whose latency is kept (2 minutes of speech)
+QUIET_PEAK = 0.01  # -40 dBFS: a frame whose pushed audio peaks below this is a pause (catch-up may pass it over)
 START_WAIT_S = 2.0  # the clock waits at most this long after the first pair for the second batch to go out
 FILLER_LOG = 50  # filler ticks remembered with why (status: "filler_log")
 STAMP_BLOCK = 16  # px per bit of the frame-index stamp (tests, benchmarks)
@@ -115,6 +116,17 @@ def read_stamp(image: np.ndarray) -> int:
     return value
 
 
+def _silent(item: Any) -> bool:
+    """A pair the player may pass over to catch up: listening silence, or quiet pushed audio."""
+    if not item.speech:
+        return True
+    a = np.asarray(item.audio)
+    if a.size == 0:
+        return True
+    peak = float(np.abs(a).max())
+    return peak < (QUIET_PEAK * 32768 if a.dtype == np.int16 else QUIET_PEAK)
+
+
 # --- the clock both tracks follow --------------------------------------------------------------
 
 
@@ -129,10 +141,16 @@ class Player:
     right after the frame on screen.
     """
 
-    def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False, batch_size: int = 5) -> None:
+    def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False, batch_size: int = 5,
+                 adaptive: bool = False) -> None:
         self.pairs = pairs
-        self.catchup_frames = CATCHUP_BATCHES * batch_size + 4
+        # Adaptive batching (StreamCore ``adaptive``): a frame comes back about a round trip after
+        # its audio, not a batch later, so one batch of depth is enough to absorb a full batch
+        # arriving whole on a loaded cluster.
+        self.catchup_frames = (1 if adaptive else CATCHUP_BATCHES) * batch_size + 4
         self.batch_size = batch_size
+        self.adaptive = adaptive
+        self.start_margin_s: Optional[float] = None  # adaptive: how long the clock waited after the first pair
         self.fps = fps
         self.samples = pairs.core.rate // fps  # audio per tick, at the pairing core's rate
         self.stamp = stamp
@@ -177,10 +195,22 @@ class Player:
             if first is not None:
                 self._store(0, first)
                 self.decided = 1
-                deadline = time.monotonic() + START_WAIT_S  # a stream that stops short starts anyway
+                now = time.monotonic()
+                deadline = now + START_WAIT_S  # a stream that stops short starts anyway
+                if self.adaptive:
+                    # Each later frame comes back at most a round trip (waiting for the batch in
+                    # flight) plus its own round trip after its audio; the first one came back
+                    # after its own only. So the clock starts that one round trip (and a frame
+                    # for the audio's 20 ms chunking) after the first pair, not a batch later:
+                    # the latency a viewer sees is what the pipeline needs, no more.
+                    rt = self.pairs.session.latency()["breakdown"]["round_trip_ms"].get("p99_ms") or 0.0
+                    self.start_margin_s = min(START_WAIT_S, rt / 1000.0 + 1.0 / self.fps)
+                    deadline = now + self.start_margin_s
                 while not self.closed and time.monotonic() < deadline:
                     st = self.pairs.session.stats()
-                    if st["planned"] >= 2 * self.batch_size or st["closed"] or st["error"] is not None:
+                    if st["closed"] or st["error"] is not None:
+                        break
+                    if not self.adaptive and st["planned"] >= 2 * self.batch_size:
                         break
                     self.pairs.fill_idle()  # nobody reads yet: the listening silence is made here
                     await asyncio.sleep(0.01)
@@ -196,11 +226,15 @@ class Player:
             self.t0 = time.monotonic()
 
     async def _next_pair(self) -> Any:
-        """The next pair to show. Idle frames (silence) that wait while more than ``catchup_frames``
-        frames are ready (two batches and 4: a batch arrives whole) are passed over: after a stall, or the connection's set-up, the picture
-        and its sound catch up with the conversation in the silence instead of staying late."""
+        """The next pair to show. Silent frames that wait while more than ``catchup_frames`` frames
+        are ready (a batch or two and 4: a batch arrives whole) are passed over, picture and audio
+        together (the pairing stays exact): after a stall, or the connection's set-up, the picture
+        and its sound catch up with the conversation in the silence instead of staying late.
+        Silent: idle frames (listening silence), and pushed audio that is quiet (peak below
+        ``QUIET_PEAK``): a page streams its microphone all the time, so its pauses are pushed
+        audio, and without this a stall stayed as delay for the rest of the call."""
         item = await self._poll()
-        while item is not None and not item.speech and self.pairs.session.stats()["ready"] > self.catchup_frames:
+        while item is not None and _silent(item) and self.pairs.session.stats()["ready"] > self.catchup_frames:
             self.caught_up += 1
             item = await self._poll()
         return item
@@ -449,11 +483,13 @@ class PeerSession(StreamControl):
         g = gateway
         self.session = AsyncStreamSession(g.client, model, batch_size=g.batch_size, format=g.format,
                                           quality=g.quality, max_in_flight=g.max_in_flight,
-                                          request_timeout=g.request_timeout, lookahead_frames=lookahead)
+                                          request_timeout=g.request_timeout, lookahead_frames=lookahead,
+                                          adaptive=g.webrtc_batching == "adaptive")
         # the pairing core makes the listening silence (idle frames while nobody speaks); the peer
         # pushes 16 kHz, so that is the audio's rate until aiortc's Opus encoder resamples it
         self.stream = AsyncAVSession(self.session, sample_rate=SAMPLE_RATE)
-        self.player = Player(self.stream, stamp=g.webrtc_stamp, batch_size=g.batch_size)
+        self.player = Player(self.stream, stamp=g.webrtc_stamp, batch_size=g.batch_size,
+                             adaptive=g.webrtc_batching == "adaptive")
         self.video_track = AvatarVideoTrack(self.player)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(g.ice_servers)))
         self.channel: Any = None
