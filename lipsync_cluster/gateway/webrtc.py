@@ -71,6 +71,7 @@ X264_PRESET = "veryfast"  # half the CPU of libx264's default (medium) at the sa
 VP8_CPU_USED = 8  # libvpx realtime speed (aiortc uses -6: slower, a little sharper)
 LATENCY_WINDOW = 3000  # speech ticks whose latency is kept (2 minutes of speech)
 QUIET_PEAK = 0.01  # -40 dBFS: a frame whose pushed audio peaks below this is a pause (catch-up may pass it over)
+DEPTH_WINDOW = 100  # frames whose round trip sets the adaptive player's depth
 START_WAIT_S = 2.0  # the clock waits at most this long after the first pair for the second batch to go out
 FILLER_LOG = 50  # filler ticks remembered with why (status: "filler_log")
 STAMP_BLOCK = 16  # px per bit of the frame-index stamp (tests, benchmarks)
@@ -144,10 +145,11 @@ class Player:
     def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False, batch_size: int = 5,
                  adaptive: bool = False) -> None:
         self.pairs = pairs
-        # Adaptive batching (StreamCore ``adaptive``): a frame comes back about a round trip after
-        # its audio, not a batch later, so one batch of depth is enough to absorb a full batch
-        # arriving whole on a loaded cluster.
-        self.catchup_frames = (1 if adaptive else CATCHUP_BATCHES) * batch_size + 4
+        # Frames that may wait for their tick before silent ones are passed over. Fixed batches:
+        # two batches and 4 (a batch arrives whole). Adaptive batching (StreamCore ``adaptive``):
+        # what the pipeline needs, the clock's start margin in frames (:meth:`_depth`), kept up to
+        # date with the round trip; at most the fixed rule's.
+        self.catchup_frames = CATCHUP_BATCHES * batch_size + 4
         self.batch_size = batch_size
         self.adaptive = adaptive
         self.start_margin_s: Optional[float] = None  # adaptive: how long the clock waited after the first pair
@@ -203,9 +205,9 @@ class Player:
                     # after its own only. So the clock starts that one round trip (and a frame
                     # for the audio's 20 ms chunking) after the first pair, not a batch later:
                     # the latency a viewer sees is what the pipeline needs, no more.
-                    rt = self.pairs.session.latency()["breakdown"]["round_trip_ms"].get("p99_ms") or 0.0
-                    self.start_margin_s = min(START_WAIT_S, rt / 1000.0 + 1.0 / self.fps)
+                    self.start_margin_s = min(START_WAIT_S, self._margin_s())
                     deadline = now + self.start_margin_s
+                    self.catchup_frames = self._depth()
                 while not self.closed and time.monotonic() < deadline:
                     st = self.pairs.session.stats()
                     if st["closed"] or st["error"] is not None:
@@ -217,6 +219,18 @@ class Player:
                 self.started.set()
                 return
             await asyncio.sleep(0.01)
+
+    def _margin_s(self) -> float:
+        """Adaptive: how much later than its audio's round trip a frame may come back: another round
+        trip (the batch in flight when its audio came) and a frame (the audio's 20 ms chunking)."""
+        rt = self.pairs.session.latency(recent=DEPTH_WINDOW)["breakdown"]["round_trip_ms"].get("p99_ms") or 0.0
+        return rt / 1000.0 + 1.0 / self.fps
+
+    def _depth(self) -> int:
+        """Adaptive: the frames ready to keep (catch-up passes silent ones over beyond it): the margin
+        in frames and one for the frame being decided, within 2 .. the fixed batches' rule."""
+        frames = int(np.ceil(self._margin_s() * self.fps)) + 1
+        return max(2, min(CATCHUP_BATCHES * self.batch_size + 4, frames))
 
     async def begin(self) -> None:
         await self.started.wait()
@@ -255,6 +269,8 @@ class Player:
         """Decide the ticks up to ``n`` (each a pair if one is ready, else a filler)."""
         async with self._lock:
             while self.decided <= n:
+                if self.adaptive and self.decided % self.fps == 0:
+                    self.catchup_frames = self._depth()  # once a second: the round trip moves with the load
                 item = await self._next_pair()
                 if item is not None:
                     self._store(self.decided, item)
@@ -702,7 +718,11 @@ class PeerSession(StreamControl):
                 "last_index": self.player.last_index, "drops": 0, "queued": st["ready"],
                 "latency": _short_latency(self.session.latency(recent=LIVE_WINDOW, breakdown=False)),
                 "audio_seconds": round(st["seconds"], 3), "in_flight": st["in_flight"], "retries": st["retries"],
+                "batches_sent": st["batches_sent"],
                 "listening": st["listening"], "idle_frames": st["idle_frames"],
+                "batching": "adaptive" if self.player.adaptive else "fixed", "depth": self.player.catchup_frames,
+                "start_margin_ms": None if self.player.start_margin_s is None
+                else round(self.player.start_margin_s * 1000, 1),
                 "interrupts": [i["cut"] for i in st["interrupts"]][-10:], "filler_log": list(self.player.filler_log),
                 "speech_to_tick_ms": _tick_latency(self.player.speech_latency)}
 
