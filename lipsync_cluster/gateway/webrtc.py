@@ -153,6 +153,11 @@ class Player:
         self.batch_size = batch_size
         self.adaptive = adaptive
         self.start_margin_s: Optional[float] = None  # adaptive: how long the clock waited after the first pair
+        # Adaptive: frames of depth the fillers showed were needed. A filler moves the picture one
+        # tick later, so the depth grows by one; this keeps catch-up from taking it back. The round
+        # trip alone misses how the audio arrives: a talker that sends 100 ms chunks and nothing
+        # while silent leaves its last frames waiting for the listening silence (idle_grace_s).
+        self.learned_depth = 0
         self.fps = fps
         self.samples = pairs.core.rate // fps  # audio per tick, at the pairing core's rate
         self.stamp = stamp
@@ -229,7 +234,7 @@ class Player:
     def _depth(self) -> int:
         """Adaptive: the frames ready to keep (catch-up passes silent ones over beyond it): the margin
         in frames and one for the frame being decided, within 2 .. the fixed batches' rule."""
-        frames = int(np.ceil(self._margin_s() * self.fps)) + 1
+        frames = max(int(np.ceil(self._margin_s() * self.fps)) + 1, self.learned_depth)
         return max(2, min(CATCHUP_BATCHES * self.batch_size + 4, frames))
 
     async def begin(self) -> None:
@@ -278,6 +283,9 @@ class Player:
                     self.ticks[self.decided] = [self._last, np.zeros(self.samples, np.int16), 2]
                     self.fillers += 1
                     self._log_filler(self.decided)
+                    if self.adaptive and self.t0 is not None:
+                        self.learned_depth = max(self.learned_depth, self.catchup_frames) + 1
+                        self.catchup_frames = self._depth()
                 self.decided += 1
             while len(self.ticks) > MAX_TICKS_AHEAD:  # one track stopped taking: forget its old ticks
                 del self.ticks[min(self.ticks)]
