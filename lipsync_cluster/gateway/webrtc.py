@@ -233,8 +233,8 @@ class Player:
 
     def _depth(self) -> int:
         """Adaptive: the frames ready to keep (catch-up passes silent ones over beyond it): the margin
-        in frames and one for the frame being decided, within 2 .. the fixed batches' rule."""
-        frames = max(int(np.ceil(self._margin_s() * self.fps)) + 1, self.learned_depth)
+        in frames, or what fillers showed, within 2 .. the fixed batches' rule."""
+        frames = max(int(np.ceil(self._margin_s() * self.fps)), self.learned_depth)
         return max(2, min(CATCHUP_BATCHES * self.batch_size + 4, frames))
 
     async def begin(self) -> None:
