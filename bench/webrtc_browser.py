@@ -2,6 +2,7 @@
 
     python bench/webrtc_browser.py                        # about a minute; writes docs/BENCHMARKS.md
     python bench/webrtc_browser.py --utterances 3 --gap 2 --size 640x360 --no-write --json out.json  # the test's
+    python bench/webrtc_browser.py --utterances 10 --batching fixed --no-write   # the old path (whole batches of 5)
 
 A CPU cluster on 3 light demo models (1280x720), the gateway as its own process (`lipsync-cluster
 gateway`), and the gateway's own page (lipsync_cluster/gateway/static) in headless Debian Chromium
