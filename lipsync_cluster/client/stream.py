@@ -673,7 +673,8 @@ class StreamCore:
                            sent_ago_ms=round((now - b.first_sent_t) * 1000, 1) if b.attempts else None)
                 return out
         start = self.next_frame + max(0, frame - self.next_frame) // self.batch_size * self.batch_size
-        out.update(state="waiting", needs_audio_to=start + self.batch_size + self.lookahead_frames)
+        needs = frame + 1 if self.adaptive else start + self.batch_size  # adaptive: its own lookahead only
+        out.update(state="waiting", needs_audio_to=needs + self.lookahead_frames)
         return out
 
     def latency(self, recent: Optional[int] = None, breakdown: bool = True) -> dict:

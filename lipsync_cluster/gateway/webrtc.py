@@ -8,11 +8,13 @@ audio transceiver it receives on and, to talk, a data channel; the answer's trac
 
 and frame ``n`` and its 40 ms of audio leave together: one :class:`Player` decides what tick ``n``
 shows (the next paired frame of the stream, or, while the cluster has none ready, the last
-picture again with 40 ms of silence) and both tracks are paced off its clock, which starts once
-the first pair exists, the second batch is on its way and the connection is up (aiortc stamps
-RTP with wall time at send, so a track that started late would stay late). Neither track ever stalls: a video encoder behind real
-time skips ticks, the audio is encoded on the event loop (never queued behind video), and idle
-frames are passed over while more than two batches wait (the avatar catches up in the silence). The data channel carries what the WebSocket carries (binary 16 kHz s16le PCM, JSON
+picture again with 40 ms of silence) and both tracks are paced off its clock, which starts a
+round trip after the first pair exists (adaptive batching, the default; fixed batches: once the
+second batch is on its way) and the connection is up (aiortc stamps RTP with wall time at send,
+so a track that started late would stay late). Neither track ever stalls: a video encoder behind
+real time skips ticks, the audio is encoded on the event loop (never queued behind video), and
+silent frames are passed over while more frames wait than the pipeline needs (the avatar catches
+up in the silence). The data channel carries what the WebSocket carries (binary 16 kHz s16le PCM, JSON
 ``switch``/``interrupt``/``listen``/``ping``), handled by the same code
 (:class:`~lipsync_cluster.gateway.server.StreamControl`).
 
@@ -72,7 +74,7 @@ VP8_CPU_USED = 8  # libvpx realtime speed (aiortc uses -6: slower, a little shar
 LATENCY_WINDOW = 3000  # speech ticks whose latency is kept (2 minutes of speech)
 QUIET_PEAK = 0.01  # -40 dBFS: a frame whose pushed audio peaks below this is a pause (catch-up may pass it over)
 DEPTH_WINDOW = 100  # frames whose round trip sets the adaptive player's depth
-START_WAIT_S = 2.0  # the clock waits at most this long after the first pair for the second batch to go out
+START_WAIT_S = 2.0  # the clock waits at most this long after the first pair (for the second batch / a round trip)
 FILLER_LOG = 50  # filler ticks remembered with why (status: "filler_log")
 STAMP_BLOCK = 16  # px per bit of the frame-index stamp (tests, benchmarks)
 STAMP_BITS = 20
