@@ -105,7 +105,9 @@ def test_catch_up_may_pass_over_listening_silence_and_quiet_pushed_audio_only():
     assert _silent(pair(np.full(640, 0.005, np.float32)))
 
 
-def test_the_gateway_refuses_an_unknown_webrtc_batching():
+def test_webrtc_batching_is_adaptive_by_default_and_checked():
+    assert make_app("tcp://127.0.0.1:1")[GATEWAY_KEY].webrtc_batching == "adaptive"  # conversation
+    assert make_app("tcp://127.0.0.1:1", webrtc_batching="fixed")[GATEWAY_KEY].webrtc_batching == "fixed"
     with pytest.raises(ValueError, match="webrtc_batching must be one of adaptive, fixed"):
         make_app("tcp://127.0.0.1:1", webrtc_batching="grid")
 
