@@ -78,11 +78,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gateway(endpoint: str, kbps: int, lookahead: int, batch: int = 5) -> tuple[subprocess.Popen, str]:
+def start_gateway(endpoint: str, kbps: int, lookahead: int, batch: int = 5,
+                  batching: str = "adaptive") -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "lipsync_cluster.cli", "gateway", "--port", str(port),
                              "--broker", endpoint, "--max-queue", "50", "--webrtc-kbps", str(kbps),
-                             "--lookahead-frames", str(lookahead), "--batch-size", str(batch)],
+                             "--lookahead-frames", str(lookahead), "--batch-size", str(batch),
+                             "--webrtc-batching", batching],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 60
@@ -121,7 +123,8 @@ async def talk(send, seconds: float, seed: int, silence: float = 0.5) -> None:
             send(chunk)
 
 
-async def webrtc_level(url: str, n: int, seconds: float, codec: str, models: list[str], gw_pid: int) -> dict:
+async def webrtc_level(url: str, n: int, seconds: float, codec: str, models: list[str], gw_pid: int,
+                       cluster_pids: tuple = ()) -> dict:
     from lipsync_cluster.gateway.webrtc_viewer import Viewer
 
     viewers = [Viewer(url, models[i % len(models)], codecs=(codec,), read_index=False) for i in range(n)]
@@ -138,9 +141,9 @@ async def webrtc_level(url: str, n: int, seconds: float, codec: str, models: lis
             before = {s["session"]: s for s in (await status(http, url))["detail"]}
             lost0 = [await v.packets_lost() for v in viewers]
             bytes0 = [await received_bytes(v) for v in viewers]
-            cpu0, t0 = cpu_s(gw_pid), time.monotonic()
+            cpu0, t0, ccpu0 = cpu_s(gw_pid), time.monotonic(), sum(cpu_s(p) for p in cluster_pids)
             await asyncio.gather(*(talk(v.push, seconds, i) for i, v in enumerate(viewers)))
-            cpu1, t1 = cpu_s(gw_pid), time.monotonic()
+            cpu1, t1, ccpu1 = cpu_s(gw_pid), time.monotonic(), sum(cpu_s(p) for p in cluster_pids)
             after = {s["session"]: s for s in (await status(http, url))["detail"]}
             bytes1 = [await received_bytes(v) for v in viewers]
             lost1 = [await v.packets_lost() for v in viewers]
@@ -153,6 +156,7 @@ async def webrtc_level(url: str, n: int, seconds: float, codec: str, models: lis
     fillers = sum(a["fillers"] - b["fillers"] for a, b in d)
     skipped = sum(a["video_skipped"] - b["video_skipped"] for a, b in d)
     enc = sum(a["encode_cpu_s"] - b["encode_cpu_s"] for a, b in d)
+    requests = sum(a["batches_sent"] - b["batches_sent"] for a, b in d)
     encoded = ticks - skipped
     rx = [(b1["video"] - b0["video"], b1["audio"] - b0["audio"]) for b0, b1 in zip(bytes0, bytes1)]
     lat = [a.get("speech_to_tick_ms", {}) for a, _ in d]
@@ -167,7 +171,10 @@ async def webrtc_level(url: str, n: int, seconds: float, codec: str, models: lis
             "encode_ms_per_picture": 1000 * enc / max(1, encoded),
             "video_kbps": float(np.mean([v for v, _ in rx])) * 8 / dt / 1000,
             "audio_kbps": float(np.mean([a for _, a in rx])) * 8 / dt / 1000,
-            "lost": sum(sum(x.values()) for x in lost1) - sum(sum(x.values()) for x in lost0)}
+            "lost": sum(sum(x.values()) for x in lost1) - sum(sum(x.values()) for x in lost0),
+            # the other side of small batches: requests and the cluster's CPU (broker + workers)
+            "requests_per_session_s": requests / dt / n,
+            "cluster_cpu_per_session_s": (ccpu1 - ccpu0) / dt / n if cluster_pids else None}
 
 
 async def received_bytes(v) -> dict:
@@ -244,7 +251,12 @@ def fmt_row(r: dict) -> str:
     return (f"| {r['path']} | {r['n']} | {fill} | {100 * r['skipped']:.1f} % | {lat} | "
             f"{r['gateway_ms_per_picture']:.1f} | {r['encode_ms_per_picture']:.1f} | "
             f"{25 * r['gateway_ms_per_picture'] / 1000:.2f} | {25 * r['encode_ms_per_picture'] / 1000:.2f} | "
-            f"{r['gateway_cpu_per_session_s']:.2f} | {r['video_kbps']:.0f} | {r['audio_kbps']:.0f} |")
+            f"{r['gateway_cpu_per_session_s']:.2f} | {r['video_kbps']:.0f} | {r['audio_kbps']:.0f} | "
+            f"{fmt_opt(r.get('requests_per_session_s'), '.1f')} | {fmt_opt(r.get('cluster_cpu_per_session_s'), '.2f')} |")
+
+
+def fmt_opt(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
 
 
 def main() -> None:
@@ -257,6 +269,8 @@ def main() -> None:
     ap.add_argument("--kbps", type=int, default=1500, help="WebRTC video bit rate")
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=5, help="frames per request (the gateway's --batch-size)")
+    ap.add_argument("--batching", choices=["adaptive", "fixed"], default="adaptive",
+                    help="the gateway's --webrtc-batching (fixed: whole batches, the old path)")
     ap.add_argument("--workers", type=int, default=None, help="CPU workers (default: one per core)")
     ap.add_argument("--models", default=None, help="a folder of light demo models (built if absent)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/BENCHMARKS.md")
@@ -284,7 +298,8 @@ def main() -> None:
         build_demo_models(models_dir, count=3, kind="light", frames=12, size=(1280, 720), seed=0, progress=False)
     print(f"starting a cluster: broker + {workers} CPU worker(s), and the gateway ...", flush=True)
     sup = start_cluster(models_dir, workers)
-    gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead, args.batch_size)
+    gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead, args.batch_size, args.batching)
+    cluster_pids = tuple(c.proc.pid for c in sup.children if c.proc is not None)
     load_before = os.getloadavg()
     cost: list[dict] = []
     sweep: list[dict] = []
@@ -298,12 +313,12 @@ def main() -> None:
                     client.load_model(m, worker=w)
         for path in () if args.sweep_only or args.av_only else ("h264", "vp8", "ws"):
             r = asyncio.run(ws_level(url, args.sessions, seconds, models, gw.pid) if path == "ws"
-                            else webrtc_level(url, args.sessions, seconds, path, models, gw.pid))
+                            else webrtc_level(url, args.sessions, seconds, path, models, gw.pid, cluster_pids))
             cost.append(r)
             print(fmt_row(r), f"load {os.getloadavg()[0]:.1f}", flush=True)
         n, best = 1, None
         while n <= max_n and not args.av_only:
-            r = asyncio.run(webrtc_level(url, n, seconds, "h264", models, gw.pid))
+            r = asyncio.run(webrtc_level(url, n, seconds, "h264", models, gw.pid, cluster_pids))
             sweep.append(r)
             print("sweep", fmt_row(r), f"load {os.getloadavg()[0]:.1f}", flush=True)
             if args.why:
@@ -329,14 +344,15 @@ def main() -> None:
             "speech -> its tick leaves, ms p50 / p99 | "
             "gateway CPU ms per picture sent | of it the video encoder | gateway CPU s per session-s at 25 fps | "
             "encoder CPU s per session-s at 25 fps | gateway CPU s per session-s measured | "
-            "video kbit/s per viewer | audio kbit/s |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "video kbit/s per viewer | audio kbit/s | requests per session-s | cluster CPU s per session-s |"
+            "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     body = [f"Machine: {machine()}. Date: {today()}. Load average before / after: "
             f"{load_before[0]:.1f} / {load_after[0]:.1f} (the machine is shared: numbers are noisy). "
             f"Command: `python bench/webrtc.py{' --quick' if args.quick else ''} --seconds {seconds:g} "
             f"{f'--max-sessions {max_n} ' if args.max_sessions else ''}"
-            f"--av-seconds {av_seconds:g}`. 1280x720 light demo models, {workers} CPU workers, gateway in its "
+            f"--av-seconds {av_seconds:g} --batching {args.batching}`. 1280x720 light demo models, {workers} CPU workers, gateway in its "
             f"own process, video {args.kbps} kbit/s (libx264 veryfast/zerolatency baseline, libvpx realtime "
-            f"cpu-used 8), Opus 32 kbit/s, batch {args.batch_size}, lookahead {args.lookahead}; viewers talk in real "
+            f"cpu-used 8), Opus 32 kbit/s, batch {args.batch_size} ({args.batching}), lookahead {args.lookahead}; viewers talk in real "
             f"time half the time (100 ms messages, nothing sent while silent).",
             "", "Cost per viewer, side by side:", "", head, *[fmt_row(r) for r in cost], "",
             f"Sessions at 25 fps over WebRTC (H.264), everything on this machine: "

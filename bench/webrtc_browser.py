@@ -2,6 +2,7 @@
 
     python bench/webrtc_browser.py                        # about a minute; writes docs/BENCHMARKS.md
     python bench/webrtc_browser.py --utterances 3 --gap 2 --size 640x360 --no-write --json out.json  # the test's
+    python bench/webrtc_browser.py --utterances 10 --batching fixed --no-write   # the old path (whole batches of 5)
 
 A CPU cluster on 3 light demo models (1280x720), the gateway as its own process (`lipsync-cluster
 gateway`), and the gateway's own page (lipsync_cluster/gateway/static) in headless Debian Chromium
@@ -381,7 +382,8 @@ def report(r: dict, args: argparse.Namespace, load: tuple[float, float]) -> str:
     return "\n".join([
         f"Machine: {machine()}. Date: {today()}. Load average before / after: {load[0]:.1f} / {load[1]:.1f} "
         f"(cluster, gateway and Chromium share this machine). Command: `python bench/webrtc_browser.py "
-        f"--utterances {args.utterances} --gap {args.gap:g} --lookahead {args.lookahead} --size {args.size}`. "
+        f"--utterances {args.utterances} --gap {args.gap:g} --lookahead {args.lookahead} --size {args.size} "
+        f"--batching {args.batching}`. "
         f"Debian Chromium headless (Playwright, software decode), the gateway's page over `POST /webrtc/offer` "
         f"on loopback, lookahead {args.lookahead}, {args.size} light demo model, {args.workers} CPU worker(s), video "
         f"{r['codec']} at {args.kbps} kbit/s. The fake microphone plays {args.utterances} espeak-ng sentences, "
@@ -411,14 +413,19 @@ def report(r: dict, args: argparse.Namespace, load: tuple[float, float]) -> str:
         "",
         verdict(r, args),
         "",
-        "Includes: the page's 20 ms PCM chunks, the data-channel upload, the gateway's StreamSession (batches "
-        "of 5 frames, lookahead frames of audio waited for), the cluster (queue, features, UNet, composite, "
+        f"Includes: the page's 20 ms PCM chunks, the data-channel upload, the gateway's StreamSession ({batching(args)}, "
+        "lookahead frames of audio waited for), the cluster (queue, features, UNet, composite, "
         "JPEG), A/V pairing and the 25 fps player, VP8/H.264 encode, RTP on loopback, Chromium's jitter buffer "
         "and A/V sync, decode, render, and the model's own response (the mouth opens at the first frame whose "
         "audio is loud enough). Excludes: a real microphone and sound card (the fake device feeds the page's "
         "audio graph), the display's scan-out, a real network, and a real UNet's inference time (the light "
         "demo model costs next to nothing: add its batch time).",
     ])
+
+
+def batching(args: argparse.Namespace) -> str:
+    return ("batches of 5 frames" if args.batching == "fixed" else
+            "adaptive batches of up to 5 frames: what came in during the last round trip")
 
 
 def verdict(r: dict, args: argparse.Namespace) -> str:
@@ -438,17 +445,20 @@ def verdict(r: dict, args: argparse.Namespace) -> str:
              f"0 frames dropped at 25 fps: {frames}."]
     if p50 is not None and gl.get("p50_ms") is not None and r["queued_median"] is not None:
         wait = 40 * r["queued_median"]
+        waits = (f"a batch of 5 frames is sent once its last frame's audio and {args.lookahead} lookahead frames "
+                 f"are in: up to {40 * (4 + args.lookahead)} ms of waiting for audio alone"
+                 if args.batching == "fixed" else
+                 f"adaptive batching: a frame is sent once its own audio and {args.lookahead} lookahead frames are "
+                 f"in, with what else came in while the previous batch was in flight")
         parts.append(f"Where the time goes (medians, so only roughly additive): the gateway's audio in -> frame "
-                     f"ready {gl['p50_ms']:.0f} ms (a batch of 5 frames is sent once its last frame's audio and "
-                     f"{args.lookahead} lookahead frames are in: up to {40 * (4 + args.lookahead)} ms of waiting "
-                     f"for audio alone), then {r['queued_median']:.0f} frames x 40 ms = {wait:.0f} ms waiting for "
+                     f"ready {gl['p50_ms']:.0f} ms ({waits}), then {r['queued_median']:.0f} frames x 40 ms = {wait:.0f} ms waiting for "
                      f"their tick in the gateway's 25 fps player, then {fmt(r['receipt_to_shown_p50_ms'])} ms in "
                      f"Chromium from the last packet to display; besides: the page's chunking and upload, the "
                      f"encode and the model's own response.")
         if r["queued_median"] > 10:
             parts.append("The player held more than two batches for most of the run: a stall (fillers, a late "
-                         "encoder) left the picture and its sound that much behind, and they do not catch up while "
-                         "the page streams its microphone (its silence is pushed audio, not idle frames).")
+                         "encoder) left the picture and its sound that much behind and the catch-up (quiet frames "
+                         "passed over while more than a batch or two wait) did not bring them back.")
     return " ".join(parts)
 
 
@@ -458,6 +468,8 @@ def main() -> None:
     ap.add_argument("--gap", type=float, default=1.5, help="seconds of silence before each sentence")
     ap.add_argument("--lookahead", type=int, default=4, help="lookahead_frames of the page's offer")
     ap.add_argument("--kbps", type=int, default=1500, help="the gateway's WebRTC video bit rate")
+    ap.add_argument("--batching", choices=["adaptive", "fixed"], default="adaptive",
+                    help="the gateway's --webrtc-batching (fixed: whole 5-frame batches, the old path)")
     ap.add_argument("--size", default="1280x720", help="demo model frame size WxH")
     ap.add_argument("--workers", type=int, default=None, help="CPU workers (default: one per core)")
     ap.add_argument("--models", default=None, help="a folder of light demo models (built if absent)")
@@ -503,7 +515,7 @@ def main() -> None:
         gw = None
         load0 = os.getloadavg()[0]
         try:
-            gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead)
+            gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead, batching=args.batching)
             with Client(sup.config.frontend) as client:
                 model = min(m["model_id"] for m in client.list_models())
                 for w in [w["worker"] for w in client.model_stats().get("workers", [])]:

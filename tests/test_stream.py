@@ -127,6 +127,40 @@ def test_a_batch_waits_for_its_lookahead_then_the_tail_is_clamped():
     assert core.plan() == []
 
 
+def test_adaptive_sends_what_its_lookahead_allows_while_nothing_is_in_flight():
+    """Frame k needs audio to k + lookahead, not to its batch's last frame + lookahead: with
+    ``adaptive`` the frames whose lookahead is in go at once while no batch is in flight, and
+    what comes in during the round trip goes next, as one batch (up to batch_size)."""
+    core = StreamCore(MODEL_A, batch_size=5, lookahead_frames=4, adaptive=True)
+    fixed = StreamCore(MODEL_A, batch_size=5, lookahead_frames=4)
+    for c in (core, fixed):
+        c.push(np.zeros(5 * SAMPLES_PER_FRAME, np.float32))  # frames 0..4: frame 0 has its 4 of lookahead
+    assert fixed.plan() == []  # the grid waits for frame 8's audio (batch [0,5) + 4)
+    (b,) = core.plan()
+    assert (b.start, b.size, b.first, b.end) == (0, 1, 0, 5)
+    assert read_arrays(b.header, b.payloads)["audio_pcm"].size == 5 * SAMPLES_PER_FRAME
+    core.sent(b)
+    core.push(np.zeros(3 * SAMPLES_PER_FRAME, np.float32))  # frames 1..3 have their lookahead now
+    assert core.plan() == []  # one in flight: the next waits for its reply (or a whole batch)
+    reply = core.inflight[b.seq]
+    del core.inflight[reply.seq]  # as completed() would (its frames are not the point here)
+    (b2,) = core.plan()
+    assert (b2.start, b2.size, b2.first, b2.end) == (1, 3, 0, 8)
+    core.sent(b2)
+    core.push(np.zeros(5 * SAMPLES_PER_FRAME, np.float32))  # 13 frames: [4, 9) is a whole batch
+    (b3,) = core.plan()  # a whole batch goes even with one in flight, as on the grid
+    assert (b3.start, b3.size, b3.end) == (4, 5, 13)
+    with pytest.raises(BadRequest, match="lookahead_frames"):
+        StreamCore(MODEL_A, lookahead_frames=13, adaptive=True)
+
+
+def test_adaptive_batches_at_exact_lookahead_carry_the_exact_span():
+    core = StreamCore(MODEL_A, batch_size=5, adaptive=True)  # lookahead 12 = exact
+    core.push(np.zeros((2 + SPAN_AFTER) * SAMPLES_PER_FRAME, np.float32))
+    (b,) = core.plan()
+    assert (b.start, b.size, b.first, b.end) == (0, 2, 0, 2 + SPAN_AFTER)  # pcm_span_for_batch(0, 2)
+
+
 def test_bad_arguments_are_refused_with_clear_messages():
     with pytest.raises(BadRequest, match="fps must be 25"):
         StreamCore(MODEL_A, fps=30)

@@ -83,6 +83,35 @@ async def until(predicate, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+def test_catch_up_may_pass_over_listening_silence_and_quiet_pushed_audio_only():
+    """A page streams its microphone all the time: its pauses are pushed audio. The player's
+    catch-up (after a stall) may pass those over, as it does idle frames, but never speech."""
+    from lipsync_cluster.client.av import AVFrame
+    from lipsync_cluster.gateway.webrtc import QUIET_PEAK, _silent
+
+    def pair(audio: np.ndarray, speech: bool = True) -> AVFrame:
+        return AVFrame(index=0, pts=0.0, frame=None, audio=audio, sample_rate=16000, sample_offset=0,
+                       speech=speech, segment_ends=0)
+
+    quiet = np.full(640, int(QUIET_PEAK * 32768) - 1, np.int16)
+    quiet[::2] *= -1
+    assert _silent(pair(np.zeros(640, np.int16)))  # a fake mic's digital silence, pushed
+    assert _silent(pair(quiet))  # a real mic's noise floor
+    assert _silent(pair(np.full(640, 20000, np.int16), speech=False))  # listening silence, whatever it holds
+    loud = quiet.copy()
+    loud[300] = 2000  # one sample of speech is enough to keep the frame
+    assert not _silent(pair(loud))
+    assert not _silent(pair(np.full(640, 0.02, np.float32)))  # float32 audio: full scale 1
+    assert _silent(pair(np.full(640, 0.005, np.float32)))
+
+
+def test_webrtc_batching_is_adaptive_by_default_and_checked():
+    assert make_app("tcp://127.0.0.1:1")[GATEWAY_KEY].webrtc_batching == "adaptive"  # conversation
+    assert make_app("tcp://127.0.0.1:1", webrtc_batching="fixed")[GATEWAY_KEY].webrtc_batching == "fixed"
+    with pytest.raises(ValueError, match="webrtc_batching must be one of adaptive, fixed"):
+        make_app("tcp://127.0.0.1:1", webrtc_batching="grid")
+
+
 def test_stamp_survives_h264_and_reads_back():
     import av
 

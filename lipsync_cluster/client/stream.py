@@ -207,7 +207,7 @@ class StreamCore:
 
     def __init__(self, model_id: str, *, fps: int = FPS, batch_size: int = 5, format: str = "jpeg",
                  quality: Optional[int] = None, max_in_flight: int = 3, max_ready_frames: int = 250,
-                 request_timeout: float = 10.0, lookahead_frames: int = SPAN_AFTER,
+                 request_timeout: float = 10.0, lookahead_frames: int = SPAN_AFTER, adaptive: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if fps != FPS:
             raise BadRequest(f"fps must be {FPS}: the models' audio front end is fixed at {FPS} frames per second "
@@ -224,6 +224,7 @@ class StreamCore:
                              f"got {lookahead_frames!r}", field="lookahead_frames")
         self._check_model(model_id)
         self.lookahead_frames = lookahead_frames
+        self.adaptive = bool(adaptive)
         self.fps = fps
         self.batch_size = batch_size
         self.format = format
@@ -528,10 +529,23 @@ class StreamCore:
             first, end = pcm_span_for_batch(start, size)
         # Fewer frames of future audio than the exact 12: the batch is computed as if the audio
         # ended there (the end-of-clip rule; docs/STREAMING.md, "lookahead_frames"). Always, not
-        # only while the audio is short of it, so the video never depends on the sender's timing.
+        # only while the audio is short of it, so the video never depends on the sender's timing
+        # (except with ``adaptive``, where the batch's length does).
         end = min(end, start + size + self.lookahead_frames)
         if not self.closed and self.samples < end * SAMPLES_PER_FRAME:
-            return None  # the lookahead has not been pushed yet
+            # Adaptive: frame k needs audio only to k + lookahead, not to the batch's last frame +
+            # lookahead: while nothing is in flight, the frames whose audio is in go now, as a
+            # shorter batch. With one such batch in flight at most, a batch holds what came in
+            # during the last round trip: 1-2 frames on a quick cluster (lowest latency), up to
+            # batch_size on a loaded one (fewer requests, as the fixed grid). Exact lookahead (12)
+            # is unaffected: a frame's window does not depend on its batch.
+            if not self.adaptive or self.inflight:
+                return None  # the lookahead has not been pushed yet
+            size = self.samples // SAMPLES_PER_FRAME - self.lookahead_frames - start
+            if size < 1:
+                return None
+            first, end = pcm_span_for_batch(start, size)
+            end = min(end, start + size + self.lookahead_frames)
         pcm = self._slice(first * SAMPLES_PER_FRAME, end * SAMPLES_PER_FRAME)
         quality = self.quality if self.quality is not None else (85 if self.format == "jpeg" else None)
         header, payloads = infer_request(
@@ -659,7 +673,8 @@ class StreamCore:
                            sent_ago_ms=round((now - b.first_sent_t) * 1000, 1) if b.attempts else None)
                 return out
         start = self.next_frame + max(0, frame - self.next_frame) // self.batch_size * self.batch_size
-        out.update(state="waiting", needs_audio_to=start + self.batch_size + self.lookahead_frames)
+        needs = frame + 1 if self.adaptive else start + self.batch_size  # adaptive: its own lookahead only
+        out.update(state="waiting", needs_audio_to=needs + self.lookahead_frames)
         return out
 
     def latency(self, recent: Optional[int] = None, breakdown: bool = True) -> dict:
@@ -682,6 +697,7 @@ class StreamCore:
         out["breakdown"] = parts
         out["lookahead_frames"] = self.lookahead_frames
         out["batch_size"] = self.batch_size
+        out["adaptive"] = self.adaptive
         out["retries"] = self.retries
         return out
 
@@ -703,7 +719,10 @@ _SESSION_DOC = """
     ``max_in_flight`` batches at once (default 3); ``max_ready_frames``: no new batch is sent while
     this many frames wait unread (default 250 = 10 s); ``request_timeout`` s per request (also the
     broker's deadline; a batch is retried once after a retryable failure); ``lookahead_frames``:
-    frames of future audio a batch waits for (0..12, default 12 = exact; docs/STREAMING.md).
+    frames of future audio a batch waits for (0..12, default 12 = exact; docs/STREAMING.md);
+    ``adaptive``: while no batch is in flight, send the frames whose own lookahead is in as a
+    shorter batch instead of waiting for the whole batch's (conversation: lower latency, smaller
+    batches on a quick cluster; at lookahead < 12 a frame then depends on its batch's length).
 """
 
 
@@ -718,11 +737,13 @@ class StreamSession:
 
     def __init__(self, client, model_id: str, *, fps: int = FPS, batch_size: int = 5, format: str = "jpeg",
                  quality: Optional[int] = None, max_in_flight: int = 3, max_ready_frames: int = 250,
-                 request_timeout: float = 10.0, lookahead_frames: int = SPAN_AFTER) -> None:
+                 request_timeout: float = 10.0, lookahead_frames: int = SPAN_AFTER,
+                 adaptive: bool = False) -> None:
         self._client = client
         self._core = StreamCore(model_id, fps=fps, batch_size=batch_size, format=format, quality=quality,
                                 max_in_flight=max_in_flight, max_ready_frames=max_ready_frames,
-                                request_timeout=request_timeout, lookahead_frames=lookahead_frames)
+                                request_timeout=request_timeout, lookahead_frames=lookahead_frames,
+                                adaptive=adaptive)
         self._cond = threading.Condition()  # guards the core; readers wait on it for frames
         self._wake = threading.Event()  # wakes the background thread (never taken by reply callbacks' lock)
         self._completions: deque[tuple[_Batch, int, Any]] = deque()
@@ -939,11 +960,13 @@ class AsyncStreamSession:
 
     def __init__(self, client, model_id: str, *, fps: int = FPS, batch_size: int = 5, format: str = "jpeg",
                  quality: Optional[int] = None, max_in_flight: int = 3, max_ready_frames: int = 250,
-                 request_timeout: float = 10.0, lookahead_frames: int = SPAN_AFTER) -> None:
+                 request_timeout: float = 10.0, lookahead_frames: int = SPAN_AFTER,
+                 adaptive: bool = False) -> None:
         self._client = client
         self._core = StreamCore(model_id, fps=fps, batch_size=batch_size, format=format, quality=quality,
                                 max_in_flight=max_in_flight, max_ready_frames=max_ready_frames,
-                                request_timeout=request_timeout, lookahead_frames=lookahead_frames)
+                                request_timeout=request_timeout, lookahead_frames=lookahead_frames,
+                                adaptive=adaptive)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._timer: Optional[asyncio.TimerHandle] = None

@@ -30,6 +30,9 @@ DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
                    "docs/STREAMING.md).")
 @click.option("--webrtc-kbps", type=click.IntRange(100, 20000), default=1500, show_default=True,
               help="WebRTC video bit rate per viewer (H.264 or VP8; POST /webrtc/offer needs the webrtc extra).")
+@click.option("--webrtc-batching", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True,
+              help="WebRTC sessions: adaptive sends the frames whose lookahead is in while no batch is in flight "
+                   "(lower latency; batches grow with the round trip), fixed waits for whole --batch-size batches.")
 @click.option("--cert", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate (PEM).")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key (PEM).")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
@@ -39,7 +42,7 @@ DEFAULT_BROKER = os.environ.get("LIPSYNC_BROKER", "tcp://127.0.0.1:5555")
               help="Another origin whose pages may open streams, e.g. https://app.example.com (repeatable). "
                    "By default only the gateway's own page may.")
 def gateway(port: int, host: str, endpoint: str, batch_size: int, fmt: str, quality: int, max_queue: int,
-            max_sessions: int, lookahead_frames: int, webrtc_kbps: int, cert: Optional[str], key: Optional[str],
+            max_sessions: int, lookahead_frames: int, webrtc_kbps: int, webrtc_batching: str, cert: Optional[str], key: Optional[str],
             allow_hosts: tuple[str, ...] = (), allow_origins: tuple[str, ...] = ()) -> None:
     """Serve a page where you talk into the microphone and an avatar speaks back, live.
 
@@ -64,7 +67,8 @@ def gateway(port: int, host: str, endpoint: str, batch_size: int, fmt: str, qual
         ssl_context.load_cert_chain(cert, key)
     app = make_app(endpoint, batch_size=batch_size, format=fmt, quality=quality if fmt == "jpeg" else None,
                    max_queue=max_queue, max_sessions=max_sessions, allowed_hosts=allow_hosts,
-                   allowed_origins=allow_origins, lookahead_frames=lookahead_frames, webrtc_video_kbps=webrtc_kbps)
+                   allowed_origins=allow_origins, lookahead_frames=lookahead_frames, webrtc_video_kbps=webrtc_kbps,
+                   webrtc_batching=webrtc_batching)
     scheme = "https" if ssl_context else "http"
     shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
     click.echo(f"🎙️  lipsync-cluster gateway: open {scheme}://{shown}:{port}/  (broker {endpoint})")

@@ -414,6 +414,7 @@ def _short_latency(lat: dict) -> dict:
     return {"p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "frames": lat["frames"]}
 
 
+WEBRTC_BATCHING = ("adaptive", "fixed")
 LIVE_WINDOW = 250  # frames (10 s) behind the live latency figures
 
 
@@ -425,7 +426,10 @@ class Gateway:
                  request_timeout: float = 10.0, allowed_hosts: Iterable[str] = (),
                  allowed_origins: Iterable[str] = (), lookahead_frames: int = SPAN_AFTER,
                  ice_servers: Iterable[Any] = (), webrtc_stamp: bool = False,
-                 webrtc_peer_timeout_s: float = 10.0, webrtc_video_kbps: int = 1500) -> None:
+                 webrtc_peer_timeout_s: float = 10.0, webrtc_video_kbps: int = 1500,
+                 webrtc_batching: str = "adaptive") -> None:
+        if webrtc_batching not in WEBRTC_BATCHING:
+            raise ValueError(f"webrtc_batching must be one of {', '.join(WEBRTC_BATCHING)}; got {webrtc_batching!r}")
         self.broker = broker
         self.allowed_hosts = {h.lower().strip("[]") for h in allowed_hosts}
         self.allowed_origins = {o.lower().rstrip("/") for o in allowed_origins}
@@ -437,6 +441,9 @@ class Gateway:
         self.webrtc_stamp = webrtc_stamp  # draw each frame's index into its WebRTC picture (tests, bench)
         self.webrtc_peer_timeout_s = webrtc_peer_timeout_s  # no RTCP from a peer this long: it is gone
         self.webrtc_video_kbps = webrtc_video_kbps
+        # WebRTC is conversation: its sessions batch adaptively (StreamCore ``adaptive``); "fixed"
+        # is the batch grid of the WebSocket path (the old behaviour, kept to measure against).
+        self.webrtc_batching = webrtc_batching
         self.client: Optional[AsyncClient] = None
         self.sessions: dict[str, Any] = {}  # WebSocket (SocketSession) and WebRTC (PeerSession) viewers
         self._ids = itertools.count(1)

@@ -8,11 +8,13 @@ audio transceiver it receives on and, to talk, a data channel; the answer's trac
 
 and frame ``n`` and its 40 ms of audio leave together: one :class:`Player` decides what tick ``n``
 shows (the next paired frame of the stream, or, while the cluster has none ready, the last
-picture again with 40 ms of silence) and both tracks are paced off its clock, which starts once
-the first pair exists, the second batch is on its way and the connection is up (aiortc stamps
-RTP with wall time at send, so a track that started late would stay late). Neither track ever stalls: a video encoder behind real
-time skips ticks, the audio is encoded on the event loop (never queued behind video), and idle
-frames are passed over while more than two batches wait (the avatar catches up in the silence). The data channel carries what the WebSocket carries (binary 16 kHz s16le PCM, JSON
+picture again with 40 ms of silence) and both tracks are paced off its clock, which starts a
+round trip after the first pair exists (adaptive batching, the default; fixed batches: once the
+second batch is on its way) and the connection is up (aiortc stamps RTP with wall time at send,
+so a track that started late would stay late). Neither track ever stalls: a video encoder behind
+real time skips ticks, the audio is encoded on the event loop (never queued behind video), and
+silent frames are passed over while more frames wait than the pipeline needs (the avatar catches
+up in the silence). The data channel carries what the WebSocket carries (binary 16 kHz s16le PCM, JSON
 ``switch``/``interrupt``/``listen``/``ping``), handled by the same code
 (:class:`~lipsync_cluster.gateway.server.StreamControl`).
 
@@ -70,7 +72,9 @@ KEYFRAME_S = 2
 X264_PRESET = "veryfast"  # half the CPU of libx264's default (medium) at the same bit rate
 VP8_CPU_USED = 8  # libvpx realtime speed (aiortc uses -6: slower, a little sharper)
 LATENCY_WINDOW = 3000  # speech ticks whose latency is kept (2 minutes of speech)
-START_WAIT_S = 2.0  # the clock waits at most this long after the first pair for the second batch to go out
+QUIET_PEAK = 0.01  # -40 dBFS: a frame whose pushed audio peaks below this is a pause (catch-up may pass it over)
+DEPTH_WINDOW = 100  # frames whose round trip sets the adaptive player's depth
+START_WAIT_S = 2.0  # the clock waits at most this long after the first pair (for the second batch / a round trip)
 FILLER_LOG = 50  # filler ticks remembered with why (status: "filler_log")
 STAMP_BLOCK = 16  # px per bit of the frame-index stamp (tests, benchmarks)
 STAMP_BITS = 20
@@ -115,6 +119,17 @@ def read_stamp(image: np.ndarray) -> int:
     return value
 
 
+def _silent(item: Any) -> bool:
+    """A pair the player may pass over to catch up: listening silence, or quiet pushed audio."""
+    if not item.speech:
+        return True
+    a = np.asarray(item.audio)
+    if a.size == 0:
+        return True
+    peak = float(np.abs(a).max())
+    return peak < (QUIET_PEAK * 32768 if a.dtype == np.int16 else QUIET_PEAK)
+
+
 # --- the clock both tracks follow --------------------------------------------------------------
 
 
@@ -129,10 +144,22 @@ class Player:
     right after the frame on screen.
     """
 
-    def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False, batch_size: int = 5) -> None:
+    def __init__(self, pairs: Any, *, fps: int = FPS, stamp: bool = False, batch_size: int = 5,
+                 adaptive: bool = False) -> None:
         self.pairs = pairs
+        # Frames that may wait for their tick before silent ones are passed over. Fixed batches:
+        # two batches and 4 (a batch arrives whole). Adaptive batching (StreamCore ``adaptive``):
+        # what the pipeline needs, the clock's start margin in frames (:meth:`_depth`), kept up to
+        # date with the round trip; at most the fixed rule's.
         self.catchup_frames = CATCHUP_BATCHES * batch_size + 4
         self.batch_size = batch_size
+        self.adaptive = adaptive
+        self.start_margin_s: Optional[float] = None  # adaptive: how long the clock waited after the first pair
+        # Adaptive: frames of depth the fillers showed were needed. A filler moves the picture one
+        # tick later, so the depth grows by one; this keeps catch-up from taking it back. The round
+        # trip alone misses how the audio arrives: a talker that sends 100 ms chunks and nothing
+        # while silent leaves its last frames waiting for the listening silence (idle_grace_s).
+        self.learned_depth = 0
         self.fps = fps
         self.samples = pairs.core.rate // fps  # audio per tick, at the pairing core's rate
         self.stamp = stamp
@@ -177,16 +204,40 @@ class Player:
             if first is not None:
                 self._store(0, first)
                 self.decided = 1
-                deadline = time.monotonic() + START_WAIT_S  # a stream that stops short starts anyway
+                now = time.monotonic()
+                deadline = now + START_WAIT_S  # a stream that stops short starts anyway
+                if self.adaptive:
+                    # Each later frame comes back at most a round trip (waiting for the batch in
+                    # flight) plus its own round trip after its audio; the first one came back
+                    # after its own only. So the clock starts that one round trip (and a frame
+                    # for the audio's 20 ms chunking) after the first pair, not a batch later:
+                    # the latency a viewer sees is what the pipeline needs, no more.
+                    self.start_margin_s = min(START_WAIT_S, self._margin_s())
+                    deadline = now + self.start_margin_s
+                    self.catchup_frames = self._depth()
                 while not self.closed and time.monotonic() < deadline:
                     st = self.pairs.session.stats()
-                    if st["planned"] >= 2 * self.batch_size or st["closed"] or st["error"] is not None:
+                    if st["closed"] or st["error"] is not None:
+                        break
+                    if not self.adaptive and st["planned"] >= 2 * self.batch_size:
                         break
                     self.pairs.fill_idle()  # nobody reads yet: the listening silence is made here
                     await asyncio.sleep(0.01)
                 self.started.set()
                 return
             await asyncio.sleep(0.01)
+
+    def _margin_s(self) -> float:
+        """Adaptive: how much later than its audio's round trip a frame may come back: another round
+        trip (the batch in flight when its audio came) and a frame (the audio's 20 ms chunking)."""
+        rt = self.pairs.session.latency(recent=DEPTH_WINDOW)["breakdown"]["round_trip_ms"].get("p99_ms") or 0.0
+        return rt / 1000.0 + 1.0 / self.fps
+
+    def _depth(self) -> int:
+        """Adaptive: the frames ready to keep (catch-up passes silent ones over beyond it): the margin
+        in frames, or what fillers showed, within 2 .. the fixed batches' rule."""
+        frames = max(int(np.ceil(self._margin_s() * self.fps)), self.learned_depth)
+        return max(2, min(CATCHUP_BATCHES * self.batch_size + 4, frames))
 
     async def begin(self) -> None:
         await self.started.wait()
@@ -196,11 +247,15 @@ class Player:
             self.t0 = time.monotonic()
 
     async def _next_pair(self) -> Any:
-        """The next pair to show. Idle frames (silence) that wait while more than ``catchup_frames``
-        frames are ready (two batches and 4: a batch arrives whole) are passed over: after a stall, or the connection's set-up, the picture
-        and its sound catch up with the conversation in the silence instead of staying late."""
+        """The next pair to show. Silent frames that wait while more than ``catchup_frames`` frames
+        are ready (a batch or two and 4: a batch arrives whole) are passed over, picture and audio
+        together (the pairing stays exact): after a stall, or the connection's set-up, the picture
+        and its sound catch up with the conversation in the silence instead of staying late.
+        Silent: idle frames (listening silence), and pushed audio that is quiet (peak below
+        ``QUIET_PEAK``): a page streams its microphone all the time, so its pauses are pushed
+        audio, and without this a stall stayed as delay for the rest of the call."""
         item = await self._poll()
-        while item is not None and not item.speech and self.pairs.session.stats()["ready"] > self.catchup_frames:
+        while item is not None and _silent(item) and self.pairs.session.stats()["ready"] > self.catchup_frames:
             self.caught_up += 1
             item = await self._poll()
         return item
@@ -221,6 +276,8 @@ class Player:
         """Decide the ticks up to ``n`` (each a pair if one is ready, else a filler)."""
         async with self._lock:
             while self.decided <= n:
+                if self.adaptive and self.decided % self.fps == 0:
+                    self.catchup_frames = self._depth()  # once a second: the round trip moves with the load
                 item = await self._next_pair()
                 if item is not None:
                     self._store(self.decided, item)
@@ -228,6 +285,9 @@ class Player:
                     self.ticks[self.decided] = [self._last, np.zeros(self.samples, np.int16), 2]
                     self.fillers += 1
                     self._log_filler(self.decided)
+                    if self.adaptive and self.t0 is not None:
+                        self.learned_depth = max(self.learned_depth, self.catchup_frames) + 1
+                        self.catchup_frames = self._depth()
                 self.decided += 1
             while len(self.ticks) > MAX_TICKS_AHEAD:  # one track stopped taking: forget its old ticks
                 del self.ticks[min(self.ticks)]
@@ -449,11 +509,13 @@ class PeerSession(StreamControl):
         g = gateway
         self.session = AsyncStreamSession(g.client, model, batch_size=g.batch_size, format=g.format,
                                           quality=g.quality, max_in_flight=g.max_in_flight,
-                                          request_timeout=g.request_timeout, lookahead_frames=lookahead)
+                                          request_timeout=g.request_timeout, lookahead_frames=lookahead,
+                                          adaptive=g.webrtc_batching == "adaptive")
         # the pairing core makes the listening silence (idle frames while nobody speaks); the peer
         # pushes 16 kHz, so that is the audio's rate until aiortc's Opus encoder resamples it
         self.stream = AsyncAVSession(self.session, sample_rate=SAMPLE_RATE)
-        self.player = Player(self.stream, stamp=g.webrtc_stamp, batch_size=g.batch_size)
+        self.player = Player(self.stream, stamp=g.webrtc_stamp, batch_size=g.batch_size,
+                             adaptive=g.webrtc_batching == "adaptive")
         self.video_track = AvatarVideoTrack(self.player)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(g.ice_servers)))
         self.channel: Any = None
@@ -666,7 +728,11 @@ class PeerSession(StreamControl):
                 "last_index": self.player.last_index, "drops": 0, "queued": st["ready"],
                 "latency": _short_latency(self.session.latency(recent=LIVE_WINDOW, breakdown=False)),
                 "audio_seconds": round(st["seconds"], 3), "in_flight": st["in_flight"], "retries": st["retries"],
+                "batches_sent": st["batches_sent"],
                 "listening": st["listening"], "idle_frames": st["idle_frames"],
+                "batching": "adaptive" if self.player.adaptive else "fixed", "depth": self.player.catchup_frames,
+                "start_margin_ms": None if self.player.start_margin_s is None
+                else round(self.player.start_margin_s * 1000, 1),
                 "interrupts": [i["cut"] for i in st["interrupts"]][-10:], "filler_log": list(self.player.filler_log),
                 "speech_to_tick_ms": _tick_latency(self.player.speech_latency)}
 
