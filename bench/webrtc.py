@@ -100,6 +100,15 @@ def start_gateway(endpoint: str, kbps: int, lookahead: int, batch: int = 5,
     raise RuntimeError("the gateway did not start")
 
 
+def stop_gateway(proc: subprocess.Popen) -> None:
+    """SIGTERM (the gateway closes its peers), then SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def cpu_s(pid: int) -> float:
     t = psutil.Process(pid).cpu_times()
     return t.user + t.system
@@ -331,11 +340,7 @@ def main() -> None:
         av = None if args.sweep_only else asyncio.run(av_offset_run(url, av_seconds, models[0]))
         print("A/V offset", av, flush=True)
     finally:
-        gw.terminate()
-        try:
-            gw.wait(10)
-        except subprocess.TimeoutExpired:
-            gw.kill()
+        stop_gateway(gw)
         sup.stop(drain_timeout_s=10)
         if tmp is not None:
             tmp.cleanup()

@@ -498,7 +498,7 @@ def main() -> None:
     from lipsync_cluster.client import Client
     from lipsync_cluster.demo.build import build_demo_models
     from stream import start_cluster
-    from webrtc import start_gateway
+    from webrtc import start_gateway, stop_gateway
 
     with tempfile.TemporaryDirectory(prefix="bench-webrtc-browser-") as tmp:
         models_dir = Path(args.models) if args.models else Path(tmp) / "models"
@@ -526,11 +526,7 @@ def main() -> None:
                            args.tolerance, tail_s=3.0, timeout_s=speech_s + 60)
         finally:
             if gw is not None:
-                gw.terminate()
-                try:
-                    gw.wait(10)
-                except subprocess.TimeoutExpired:
-                    gw.kill()
+                stop_gateway(gw)
             sup.stop(drain_timeout_s=10)
     load1 = os.getloadavg()[0]
     say("done")
