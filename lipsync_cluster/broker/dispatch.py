@@ -173,9 +173,9 @@ class Dispatcher:
     def _view(self, model: str, now: float) -> QueueView:
         index = self.table.index
         since = self.saturated_since
-        return QueueView(credits=index.credits, in_flight=index.in_flight, queued=self.queues.total,
-                         depth=self.queues.depth(model), holder_credits=index.holder_credits.get(model, 0),
-                         saturated_s=0.0 if since is None else now - since)
+        # (positional: credits, in_flight, queued, depth, holder_credits, saturated_s)
+        return QueueView(index.credits, index.in_flight, self.queues.total, self.queues.depth(model),
+                         index.holder_credits.get(model, 0), 0.0 if since is None else now - since)
 
     def _recheck(self, now: float) -> None:
         """Refuse queued requests now expected to finish past their deadline's target (before the
