@@ -116,6 +116,8 @@ class Admission:
         self.ratio = Dist(alpha)
         self.ratio_cold = Dist(alpha)
         self.refused_late = 0         # refused by the re-check (counted for the stats)
+        # margin(False), margin(True): recomputed when a ratio is observed (waited()), read per request
+        self._margins = [1.0, 1.0]
 
     def summary(self) -> dict:
         """What admission has learned, for the stats snapshot (the console, /metrics, operators)."""
@@ -133,8 +135,12 @@ class Admission:
             self._dist(self.load, model).observe(load_s)
             self.all_load.observe(load_s)
             service_s -= load_s
-        service_s = max(service_s, 1e-4)
-        self._dist(self.service, model).observe(service_s)
+        if service_s < 1e-4:
+            service_s = 1e-4
+        d = self.service.get(model)  # (_dist inlined: once per reply)
+        if d is None:
+            d = self.service[model] = Dist(self.alpha)
+        d.observe(service_s)
         self.all_service.observe(service_s)
 
     def waited(self, predicted_s: float, actual_s: float, cold: bool = False) -> None:
@@ -143,7 +149,10 @@ class Admission:
         actual / predicted, so that a few wild ratios do not swamp it (short predictions, whose
         ratio is mostly noise, are left out)."""
         if predicted_s >= WAIT_FLOOR_S:
-            (self.ratio_cold if cold else self.ratio).observe(math.log(max(actual_s, 1e-3) / predicted_s))
+            r = self.ratio_cold if cold else self.ratio
+            r.observe(math.log(max(actual_s, 1e-3) / predicted_s))
+            self._margins[bool(cold)] = (1.0 if r.n < MARGIN_MIN_SAMPLES else
+                                         min(MARGIN_MAX, max(1.0, math.exp(r.mean + MARGIN_Z * r.sd))))
 
     def _dist(self, table: dict[str, Dist], model: str) -> Dist:
         d = table.get(model)
@@ -183,10 +192,7 @@ class Admission:
     def margin(self, cold: bool = False) -> float:
         """How much longer than predicted queued requests wait: a little above the typical ratio
         (the tail is the re-check's), in [1, MARGIN_MAX]; cold models' own."""
-        r = self.ratio_cold if cold else self.ratio
-        if r.n < MARGIN_MIN_SAMPLES:
-            return 1.0
-        return min(MARGIN_MAX, max(1.0, math.exp(r.mean + MARGIN_Z * r.sd)))
+        return self._margins[bool(cold)]  # kept current by waited(): read on every queued request
 
     def expect(self, model: str, credits: int, in_flight: int, ahead: int, ahead_model: int,
                holder_credits: int) -> tuple[float, float]:
@@ -210,7 +216,7 @@ class Admission:
                     wait = own
             if m is None:
                 m = self.all_service
-            return wait, wait * self.margin() + (m.hi if m.n else DEFAULT_SERVICE_S)
+            return wait, wait * self._margins[0] + (m.hi if m.n else DEFAULT_SERVICE_S)
         return wait, wait * self.margin(True) + self.cold_high(model)
 
     def check(self, model: str, budget_s: float, view: QueueView, target: Optional[float] = None) -> float:
