@@ -12,6 +12,8 @@ admission, routing, the placement index, the leg header, the reply, the stats.
 
     python bench/broker_path.py                 # CPU us per request (best and median of --rounds)
     python bench/broker_path.py --profile       # cProfile of one round, by own time
+    python bench/broker_path.py --calls         # per request: Python calls and profiled us per function
+    python bench/broker_path.py --tree /tmp/pre11 --calls   # the same for another checkout (even pre-issue-11)
 
 Compare two trees by running this file from each (it imports the package next to it).
 Under ``valgrind --tool=cachegrind --cache-sim=no`` the difference of two ``--requests`` counts
@@ -20,12 +22,15 @@ divided by their difference is an instruction count per request that load does n
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if "--tree" in sys.argv[:-1]:  # another checkout's package (read before the imports below)
+    REPO = Path(sys.argv[sys.argv.index("--tree") + 1]).resolve()
 sys.path.insert(0, str(REPO))
 
 import msgpack  # noqa: E402
@@ -42,7 +47,7 @@ REPLY = {"op": "reply", "ok": True, "model_id": "bench", "model_version": "1", "
          "model_loaded": False, "model_load_ms": 0.0}
 
 
-def run(n: int, window: int, credits: int) -> float:
+def run(n: int, window: int, credits: int, no_gc: bool = False) -> float:
     """CPU seconds for ``n`` requests through one in-process broker."""
     cfg = load_config({"cluster": {"queue_limit_per_model": 100000, "queue_limit_total": 100000},
                        "logging": {"stats_report_minutes": 0}})
@@ -50,8 +55,14 @@ def run(n: int, window: int, credits: int) -> float:
     b._watch.scan()
     legs: list = []
     answers: list = []
-    b._send_worker = b.dispatcher._send_worker = lambda w, frames: legs.append(frames) or True
-    b._send_client = b.dispatcher.to_client = lambda client, header, payloads=(): answers.append(header)
+    d = getattr(b, "dispatcher", None)  # None: a checkout before issue 17 (the broker dispatched itself)
+    b._send_worker = lambda w, frames: legs.append(frames) or True
+    b._send_client = lambda client, header, payloads=(): answers.append(header)
+    if d is not None:
+        d._send_worker, d.to_client = b._send_worker, b._send_client
+        dirty, dispatch = (lambda: d.dirty), d.dispatch
+    else:
+        dirty, dispatch = (lambda: b._dirty), b._dispatch
     b._publish = lambda topic, body: None
     pk = msgpack.Packer(use_bin_type=True)
     worker = b"\x00worker"
@@ -64,15 +75,18 @@ def run(n: int, window: int, credits: int) -> float:
     # The broker numbers its legs 1, 2, ... (no preload here): each reply is ready before the clock.
     replies = {rid: [zmq.Frame(worker), zmq.Frame(protocol.TAG), zmq.Frame(pk.pack(dict(REPLY, rid=rid)))]
                for rid in range(1, n + 1)}
-    on_client, on_worker, d = b._on_client_message, b._on_worker_message, b.dispatcher
+    on_client, on_worker = b._on_client_message, b._on_worker_message
     sent = 0
+    if no_gc:  # the cyclic collector's share depends on this harness's heap (every frame prebuilt)
+        gc.collect()
+        gc.disable()
     start = time.process_time()
     while sent < min(window, n):
         on_client(requests[sent])
         sent += 1
     while len(answers) < n:
-        if d.dirty:
-            d.dispatch()
+        if dirty():
+            dispatch()
         out, legs[:] = legs[:], []
         for frames in out:  # the worker answers every leg at once (reading the rid: harness cost)
             on_worker(replies[msgpack.unpackb(frames[1])["rid"]])
@@ -80,6 +94,7 @@ def run(n: int, window: int, credits: int) -> float:
             on_client(requests[sent])
             sent += 1
     cpu = time.process_time() - start
+    gc.enable()
     bad = [a for a in answers if not a.get("ok")]
     if bad:
         raise RuntimeError(f"{len(bad)} request(s) failed, e.g. {bad[0]}")
@@ -93,7 +108,28 @@ def main() -> None:
     ap.add_argument("--credits", type=int, default=32, help="the worker's credits (as bench/broker.py)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--calls", action="store_true",
+                    help="cProfile of one round (gc off): Python calls and profiled us per request, by function "
+                         "(the frames are built inside the round: compare calls, not the total us)")
+    ap.add_argument("--no-gc", action="store_true", help="the cyclic collector off while timing")
+    ap.add_argument("--tree", default=None, metavar="DIR", help="import the package from this checkout")
     args = ap.parse_args()
+    if args.calls:
+        import cProfile
+        import pstats
+        run(2000, args.window, args.credits)  # warm up
+        prof = cProfile.Profile()
+        prof.enable()
+        run(args.requests, args.window, args.credits, no_gc=True)
+        prof.disable()
+        rows = sorted(((tt, nc, f"{Path(f).name}:{name}") for (f, _, name), (_, nc, tt, _, _)
+                       in pstats.Stats(prof).stats.items() if Path(f).name != "broker_path.py"), reverse=True)
+        n = args.requests
+        print(f"{REPO.name}: {sum(r[1] for r in rows) / n:.1f} Python calls per request "
+              f"(profiled: {sum(r[0] for r in rows) / n * 1e6:.1f} us; this harness's own left out), by own time:")
+        for tt, nc, name in rows[:40]:
+            print(f"{tt / n * 1e6:8.2f} us {nc / n:6.2f} calls  {name}")
+        return
     if args.profile:
         import cProfile
         import pstats
@@ -103,7 +139,8 @@ def main() -> None:
         prof.disable()
         pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         return
-    us = sorted(1e6 * run(args.requests, args.window, args.credits) / args.requests for _ in range(args.rounds))
+    us = sorted(1e6 * run(args.requests, args.window, args.credits, args.no_gc) / args.requests
+                for _ in range(args.rounds))
     load = os.getloadavg()[0]
     print(f"{REPO.name}: broker Python CPU per request {us[0]:.1f} us best, {us[len(us) // 2]:.1f} us median "
           f"({args.rounds} rounds of {args.requests}; load average {load:.1f})")

@@ -50,7 +50,8 @@ def check(table: WorkerTable) -> None:
         assert index.loading.get(m, 0) == sum(1 for w in active if w.is_loading(m))
         assert index.copies.get(m, 0) == sum(1 for w in active if w.has_loaded(m))
         assert set(index.evictable.get(m, ())) == {w for w in active if m in w.evictable(())}
-        ready = {(lvl, w) for lvl, ws in index.ready.get(m, {}).items() for w in ws}  # (empty levels stay)
+        ready = {(lvl, w) for lvl, ws in index.ready.get(m, {}).items() for w in ws}
+        assert all(index.ready.get(m, {1: 1}).values()), "an empty level (pick_loaded's min would land on it)"
         assert ready == {(w.in_flight, w) for w in workers if w.free > 0 and w.has_loaded(m)}
         hit = index.pick_loaded(m)
         candidates = [w for w in workers if w.free > 0 and w.has_loaded(m)]

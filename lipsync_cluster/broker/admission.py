@@ -34,8 +34,7 @@ caller can go elsewhere while it still has time.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from ..common.errors import Overloaded
 
@@ -90,9 +89,9 @@ class Dist:
         return self.mean + z * self.sd
 
 
-@dataclass(frozen=True)
-class QueueView:
-    """What the dispatcher knows about the cluster when a request arrives (or is re-checked)."""
+class QueueView(NamedTuple):
+    """What the dispatcher knows about the cluster when a request arrives (or is re-checked).
+    (A named tuple, not a frozen dataclass: built on every queued request, at half the cost.)"""
 
     credits: int              # every registered worker's credits (not draining)
     in_flight: int            # requests running on workers now
@@ -117,6 +116,8 @@ class Admission:
         self.ratio = Dist(alpha)
         self.ratio_cold = Dist(alpha)
         self.refused_late = 0         # refused by the re-check (counted for the stats)
+        # margin(False), margin(True): recomputed when a ratio is observed (waited()), read per request
+        self._margins = [1.0, 1.0]
 
     def summary(self) -> dict:
         """What admission has learned, for the stats snapshot (the console, /metrics, operators)."""
@@ -134,8 +135,12 @@ class Admission:
             self._dist(self.load, model).observe(load_s)
             self.all_load.observe(load_s)
             service_s -= load_s
-        service_s = max(service_s, 1e-4)
-        self._dist(self.service, model).observe(service_s)
+        if service_s < 1e-4:
+            service_s = 1e-4
+        d = self.service.get(model)  # (_dist inlined: once per reply)
+        if d is None:
+            d = self.service[model] = Dist(self.alpha)
+        d.observe(service_s)
         self.all_service.observe(service_s)
 
     def waited(self, predicted_s: float, actual_s: float, cold: bool = False) -> None:
@@ -144,7 +149,10 @@ class Admission:
         actual / predicted, so that a few wild ratios do not swamp it (short predictions, whose
         ratio is mostly noise, are left out)."""
         if predicted_s >= WAIT_FLOOR_S:
-            (self.ratio_cold if cold else self.ratio).observe(math.log(max(actual_s, 1e-3) / predicted_s))
+            r = self.ratio_cold if cold else self.ratio
+            r.observe(math.log(max(actual_s, 1e-3) / predicted_s))
+            self._margins[bool(cold)] = (1.0 if r.n < MARGIN_MIN_SAMPLES else
+                                         min(MARGIN_MAX, max(1.0, math.exp(r.mean + MARGIN_Z * r.sd))))
 
     def _dist(self, table: dict[str, Dist], model: str) -> Dist:
         d = table.get(model)
@@ -184,10 +192,7 @@ class Admission:
     def margin(self, cold: bool = False) -> float:
         """How much longer than predicted queued requests wait: a little above the typical ratio
         (the tail is the re-check's), in [1, MARGIN_MAX]; cold models' own."""
-        r = self.ratio_cold if cold else self.ratio
-        if r.n < MARGIN_MIN_SAMPLES:
-            return 1.0
-        return min(MARGIN_MAX, max(1.0, math.exp(r.mean + MARGIN_Z * r.sd)))
+        return self._margins[bool(cold)]  # kept current by waited(): read on every queued request
 
     def expect(self, model: str, credits: int, in_flight: int, ahead: int, ahead_model: int,
                holder_credits: int) -> tuple[float, float]:
@@ -198,10 +203,20 @@ class Admission:
         over every credit; or its own model's queue over its holders' credits when longer), and
         ``finish`` how long from now until it is answered: the wait x the margin, plus its p90
         service, or when no worker holds its model (a cold load) the p90 of a load and service."""
-        wait = (ahead + in_flight) * self.service_mean(None) / max(1, credits)
+        # service_mean() and service_high() inlined: this runs for every request that queues.
+        d = self.all_service
+        wait = (ahead + in_flight) * (d.mean if d.n else DEFAULT_SERVICE_S) / (credits if credits > 1 else 1)
         if holder_credits:
-            wait = max(wait, ahead_model * self.service_mean(model) / holder_credits)
-            return wait, wait * self.margin() + self.service_high(model)
+            m = self.service.get(model)
+            if m is not None and m.n:
+                d = m
+            if ahead_model:
+                own = ahead_model * (d.mean if d.n else DEFAULT_SERVICE_S) / holder_credits
+                if own > wait:
+                    wait = own
+            if m is None:
+                m = self.all_service
+            return wait, wait * self._margins[0] + (m.hi if m.n else DEFAULT_SERVICE_S)
         return wait, wait * self.margin(True) + self.cold_high(model)
 
     def check(self, model: str, budget_s: float, view: QueueView, target: Optional[float] = None) -> float:

@@ -95,8 +95,9 @@ class Dispatcher:
     def client_request(self, client: bytes, cid: Any, op: str, model: str, header: dict,
                        payloads: list, deadline_s: Optional[float]) -> ClientRequest:
         now = time.monotonic()
-        return ClientRequest(self.next_rid(), client, cid, op, model, header, payloads, now,
-                             self.deadline(now, deadline_s))
+        # (next_rid() and deadline() inlined: once per client request)
+        return ClientRequest(next(self._rids), client, cid, op, model, header, payloads, now,
+                             now + (deadline_s if deadline_s is not None else self.default_deadline_s))
 
     # --- workers: what the broker hears about them (the table's only writer) ---------------
 
@@ -151,7 +152,8 @@ class Dispatcher:
         share = None if p.header.get("deadline_ms") is not None else 1.0
         if timed:
             p.due = adm.due(p.arrival, p.deadline - p.arrival, share)
-        if not self.queues.depth(p.model):
+        depth = self.queues.depth(p.model)
+        if not depth:
             d = self.route(p, p.arrival)
             if d.action != WAIT:
                 finish = adm.start_finish(p.model, p.arrival, True) if d.action == PLACE and timed else 0.0
@@ -164,18 +166,18 @@ class Dispatcher:
         try:
             if timed:
                 self.note_saturation(p.arrival)
-                p.expect_s = adm.check(p.model, p.deadline - p.arrival, self._view(p.model, p.arrival), share)
+                p.expect_s = adm.check(p.model, p.deadline - p.arrival, self._view(p.model, p.arrival, depth), share)
             self.queues.push(p)
         except Overloaded as exc:
             exc.details.setdefault("retry_after_ms", self._retry_after_ms(p.model))
             p.finish(self, exc, now=time.monotonic())
 
-    def _view(self, model: str, now: float) -> QueueView:
+    def _view(self, model: str, now: float, depth: int) -> QueueView:
         index = self.table.index
         since = self.saturated_since
-        return QueueView(credits=index.credits, in_flight=index.in_flight, queued=self.queues.total,
-                         depth=self.queues.depth(model), holder_credits=index.holder_credits.get(model, 0),
-                         saturated_s=0.0 if since is None else now - since)
+        # (positional: credits, in_flight, queued, depth, holder_credits, saturated_s)
+        return QueueView(index.credits, index.in_flight, self.queues.total, depth,
+                         index.holder_credits.get(model, 0), 0.0 if since is None else now - since)
 
     def _recheck(self, now: float) -> None:
         """Refuse queued requests now expected to finish past their deadline's target (before the
@@ -371,7 +373,7 @@ class Dispatcher:
             load_ms = header.get("model_load_ms") if header.get("model_loaded") is True else None
             self.admission.served(p.model, now - p.dispatched_at,
                                   load_ms / 1000.0 if isinstance(load_ms, (int, float)) else None)
-        code = error_code(header)
+        code = None if header.get("ok") is True else error_code(header)  # (the success case: no call)
         if code is None:
             if p.op == "load_model":
                 w.apply_event(vocab.LOADED, p.model)

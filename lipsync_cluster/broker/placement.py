@@ -70,7 +70,7 @@ class PlacementIndex:
         self.holder_credits: dict[str, int] = {}   # model -> credits of its holders
         self.loading: dict[str, int] = {}          # model -> holders loading it
         self.copies: dict[str, int] = {}           # model -> workers with it loaded (not draining)
-        self.ready: dict[str, dict[int, dict]] = {}  # model -> in flight -> {worker} (loaded, free credit)
+        self.ready: dict[str, dict[int, dict]] = {}  # model -> in flight -> {worker} (loaded, free credit; none empty)
         self.room: dict[tuple[int, int], dict] = {}  # (models held, in flight) -> {worker} (credit + slot)
         self.free: dict = {}                       # workers with a free credit
         self.evictable: dict[str, dict] = {}       # model -> {worker} where it could be evicted
@@ -164,21 +164,25 @@ class PlacementIndex:
             else:
                 e.room = None
         ready = self.ready
-        for m in e.ready:  # (level buckets stay when empty: no allocation per request)
+        # Empty level buckets go (pick_loaded takes the min of the levels there are: with them
+        # kept, every hit scanned a level per credit; a one-entry dict per request costs less).
+        for m in e.ready:
             levels = ready.get(m)
-            if levels is None:
-                if not free:
-                    continue
-                levels = ready[m] = {}
-            elif was_free:
+            if was_free and levels is not None:
                 b = levels.get(old)
                 if b is not None:
                     b.pop(w, None)
+                    if not b:
+                        del levels[old]
             if free:
+                if levels is None:
+                    levels = ready[m] = {}
                 b = levels.get(in_flight)
                 if b is None:
                     b = levels[in_flight] = {}
                 b[w] = None
+            elif levels is not None and not levels:
+                del ready[m]
         e.in_flight, e.free = in_flight, free
 
     def remove(self, w: Any) -> None:
@@ -259,7 +263,9 @@ class PlacementIndex:
             b = levels.get(in_flight)
             if b is not None:
                 b.pop(w, None)
-            if not any(levels.values()):
+                if not b:
+                    del levels[in_flight]
+            if not levels:
                 del self.ready[m]
 
     def _heap_key(self, m: str) -> tuple[bool, float, str]:
@@ -273,14 +279,10 @@ class PlacementIndex:
 
     def pick_loaded(self, model: str) -> Any:
         """A worker with ``model`` loaded and a free credit, fewest in flight; else None."""
-        levels = self.ready.get(model)
+        levels = self.ready.get(model)  # in flight -> {worker}: only non-empty levels are kept
         if not levels:
             return None
-        best = None
-        for level, b in levels.items():  # a few levels: 0 .. credits
-            if b and (best is None or level < best):
-                best = level
-        return None if best is None else next(iter(levels[best]))
+        return next(iter(levels[min(levels)]))
 
     def pick_free_slot(self, model: str, fits: Callable[[Any], bool]) -> Any:
         """A worker with a free credit and a free slot that does not hold ``model`` and where it
