@@ -135,12 +135,8 @@ class Admission:
             self._dist(self.load, model).observe(load_s)
             self.all_load.observe(load_s)
             service_s -= load_s
-        if service_s < 1e-4:
-            service_s = 1e-4
-        d = self.service.get(model)  # (_dist inlined: once per reply)
-        if d is None:
-            d = self.service[model] = Dist(self.alpha)
-        d.observe(service_s)
+        service_s = max(service_s, 1e-4)
+        self._dist(self.service, model).observe(service_s)
         self.all_service.observe(service_s)
 
     def waited(self, predicted_s: float, actual_s: float, cold: bool = False) -> None:
@@ -203,20 +199,10 @@ class Admission:
         over every credit; or its own model's queue over its holders' credits when longer), and
         ``finish`` how long from now until it is answered: the wait x the margin, plus its p90
         service, or when no worker holds its model (a cold load) the p90 of a load and service."""
-        # service_mean() and service_high() inlined: this runs for every request that queues.
-        d = self.all_service
-        wait = (ahead + in_flight) * (d.mean if d.n else DEFAULT_SERVICE_S) / (credits if credits > 1 else 1)
+        wait = (ahead + in_flight) * self.service_mean(None) / max(1, credits)
         if holder_credits:
-            m = self.service.get(model)
-            if m is not None and m.n:
-                d = m
-            if ahead_model:
-                own = ahead_model * (d.mean if d.n else DEFAULT_SERVICE_S) / holder_credits
-                if own > wait:
-                    wait = own
-            if m is None:
-                m = self.all_service
-            return wait, wait * self._margins[0] + (m.hi if m.n else DEFAULT_SERVICE_S)
+            wait = max(wait, ahead_model * self.service_mean(model) / holder_credits)
+            return wait, wait * self.margin() + self.service_high(model)
         return wait, wait * self.margin(True) + self.cold_high(model)
 
     def check(self, model: str, budget_s: float, view: QueueView, target: Optional[float] = None) -> float:

@@ -95,9 +95,8 @@ class Dispatcher:
     def client_request(self, client: bytes, cid: Any, op: str, model: str, header: dict,
                        payloads: list, deadline_s: Optional[float]) -> ClientRequest:
         now = time.monotonic()
-        # (next_rid() and deadline() inlined: once per client request)
-        return ClientRequest(next(self._rids), client, cid, op, model, header, payloads, now,
-                             now + (deadline_s if deadline_s is not None else self.default_deadline_s))
+        return ClientRequest(self.next_rid(), client, cid, op, model, header, payloads, now,
+                             self.deadline(now, deadline_s))
 
     # --- workers: what the broker hears about them (the table's only writer) ---------------
 
@@ -175,9 +174,9 @@ class Dispatcher:
     def _view(self, model: str, now: float, depth: int) -> QueueView:
         index = self.table.index
         since = self.saturated_since
-        # (positional: credits, in_flight, queued, depth, holder_credits, saturated_s)
-        return QueueView(index.credits, index.in_flight, self.queues.total, depth,
-                         index.holder_credits.get(model, 0), 0.0 if since is None else now - since)
+        return QueueView(credits=index.credits, in_flight=index.in_flight, queued=self.queues.total,
+                         depth=depth, holder_credits=index.holder_credits.get(model, 0),
+                         saturated_s=0.0 if since is None else now - since)
 
     def _recheck(self, now: float) -> None:
         """Refuse queued requests now expected to finish past their deadline's target (before the
@@ -373,7 +372,7 @@ class Dispatcher:
             load_ms = header.get("model_load_ms") if header.get("model_loaded") is True else None
             self.admission.served(p.model, now - p.dispatched_at,
                                   load_ms / 1000.0 if isinstance(load_ms, (int, float)) else None)
-        code = None if header.get("ok") is True else error_code(header)  # (the success case: no call)
+        code = error_code(header)
         if code is None:
             if p.op == "load_model":
                 w.apply_event(vocab.LOADED, p.model)

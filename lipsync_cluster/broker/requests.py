@@ -132,7 +132,7 @@ class ClientRequest(Pending):
             out.to_client(self.client, {"id": self.cid, "ok": False, "error": outcome.to_wire()})
             return
         header = outcome
-        code = None if header.get("ok") is True else error_code(header)  # (the success case: no call)
+        code = error_code(header)
         if code is None and counted is not None:  # the common case (see BrokerStats.outcome)
             stats.model(counted).success(now - self.arrival, self.dispatched_at - self.arrival, header,
                                          now - self.dispatched_at, self.frames, now)

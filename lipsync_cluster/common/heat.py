@@ -37,10 +37,8 @@ class DecayedCount:
 
     def add(self, now: float, half_life_s: float) -> None:
         """One use at ``now``."""
-        score = self.score  # value() inlined: the broker adds one on every request
-        if score:
-            score *= 0.5 ** (max(0.0, now - self.at) / half_life_s)
-        self.score, self.at = score + 1.0, now
+        self.score = self.value(now, half_life_s) + 1.0
+        self.at = now
 
     def value(self, now: float, half_life_s: float) -> float:
         """The count at ``now``: s x 2^(-(now - at) / h)."""
