@@ -297,8 +297,7 @@ class StreamCore:
         now = self.clock()
         gap = self._wall.gap_before_push(self.samples, now, self.listening)
         if gap:  # the rest of a pause goes before the speech
-            self._append(np.zeros(gap, np.float32))
-            self.idle_samples += gap
+            self._silence(gap)
         self._append(x)
         self._mark_complete(now)
 
@@ -479,10 +478,14 @@ class StreamCore:
         if target <= self.samples:
             return 0
         n = target - self.samples
-        self._append(np.zeros(n, np.float32))
-        self.idle_samples += n
+        self._silence(n)
         self._mark_complete(now)
         return n
+
+    def _silence(self, n: int) -> None:
+        """Append ``n`` samples of listening silence (counted in ``idle_samples``)."""
+        self._append(np.zeros(n, np.float32))
+        self.idle_samples += n
 
     # --- planning -----------------------------------------------------------------------------
 
@@ -524,28 +527,24 @@ class StreamCore:
             if start >= self.total_frames:
                 return None
             size = min(size, self.total_frames - start)
-            first, end = pcm_span_for_batch(start, size, self.total_frames)
-        else:
-            first, end = pcm_span_for_batch(start, size)
-        # Fewer frames of future audio than the exact 12: the batch is computed as if the audio
-        # ended there (the end-of-clip rule; docs/STREAMING.md, "lookahead_frames"). Always, not
-        # only while the audio is short of it, so the video never depends on the sender's timing
-        # (except with ``adaptive``, where the batch's length does).
-        end = min(end, start + size + self.lookahead_frames)
-        if not self.closed and self.samples < end * SAMPLES_PER_FRAME:
+        elif self.adaptive and not self.inflight:
             # Adaptive: frame k needs audio only to k + lookahead, not to the batch's last frame +
             # lookahead: while nothing is in flight, the frames whose audio is in go now, as a
             # shorter batch. With one such batch in flight at most, a batch holds what came in
             # during the last round trip: 1-2 frames on a quick cluster (lowest latency), up to
             # batch_size on a loaded one (fewer requests, as the fixed grid). Exact lookahead (12)
             # is unaffected: a frame's window does not depend on its batch.
-            if not self.adaptive or self.inflight:
-                return None  # the lookahead has not been pushed yet
-            size = self.samples // SAMPLES_PER_FRAME - self.lookahead_frames - start
+            size = min(size, self.samples // SAMPLES_PER_FRAME - self.lookahead_frames - start)
             if size < 1:
                 return None
-            first, end = pcm_span_for_batch(start, size)
-            end = min(end, start + size + self.lookahead_frames)
+        first, end = pcm_span_for_batch(start, size, self.total_frames if self.closed else None)
+        # Fewer frames of future audio than the exact 12: the batch is computed as if the audio
+        # ended there (the end-of-clip rule; docs/STREAMING.md, "lookahead_frames"). Always, not
+        # only while the audio is short of it, so the video never depends on the sender's timing
+        # (except with ``adaptive``, where the batch's length does).
+        end = min(end, start + size + self.lookahead_frames)
+        if not self.closed and self.samples < end * SAMPLES_PER_FRAME:
+            return None  # the lookahead has not been pushed yet
         pcm = self._slice(first * SAMPLES_PER_FRAME, end * SAMPLES_PER_FRAME)
         quality = self.quality if self.quality is not None else (85 if self.format == "jpeg" else None)
         header, payloads = infer_request(
