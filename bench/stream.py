@@ -74,6 +74,14 @@ def speech(seconds: float, seed: int, silence: float = 0.0) -> np.ndarray:
     return (0.3 * env * (voiced / 3 + 0.2 * rng.standard_normal(t.size))).astype(np.float32)
 
 
+def light_models(models_dir: Path, size: tuple[int, int] = (1280, 720), say=None) -> Path:
+    """``models_dir`` with 3 light demo models in it (built when absent), as every stream bench uses."""
+    if not (models_dir / "audio_encoder.onnx").exists():
+        (say or (lambda text: print(text, flush=True)))(f"building 3 light demo models in {models_dir} ...")
+        build_demo_models(models_dir, count=3, kind="light", frames=12, size=size, seed=0, progress=False)
+    return models_dir
+
+
 def start_cluster(models_dir: Path, workers: int):
     import socket
 
@@ -304,9 +312,7 @@ def main() -> None:
         else:
             tmp = tempfile.TemporaryDirectory(prefix="bench-stream-")
             models_dir = Path(tmp.name)
-        if not (models_dir / "audio_encoder.onnx").exists():
-            print(f"building 3 light demo models in {models_dir} ...", flush=True)
-            build_demo_models(models_dir, count=3, kind="light", frames=12, size=(1280, 720), seed=0, progress=False)
+        light_models(models_dir)
         print(f"starting a cluster: broker + {workers} CPU worker(s) ...", flush=True)
         sup = start_cluster(models_dir, workers)
         endpoint = sup.config.frontend

@@ -45,13 +45,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, today, write_section  # noqa: E402
-from stream import speech, start_cluster  # noqa: E402
+from stream import light_models, speech, start_cluster  # noqa: E402
 
 import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
 from lipsync_cluster.client import Client  # noqa: E402
-from lipsync_cluster.demo.build import build_demo_models  # noqa: E402
 
 SR = 16000
 CHUNK = 1600  # 100 ms messages
@@ -302,9 +301,7 @@ def main() -> None:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="bench-webrtc-")
         models_dir = Path(tmp.name)
-    if not (models_dir / "audio_encoder.onnx").exists():
-        print(f"building 3 light demo models in {models_dir} ...", flush=True)
-        build_demo_models(models_dir, count=3, kind="light", frames=12, size=(1280, 720), seed=0, progress=False)
+    light_models(models_dir)
     print(f"starting a cluster: broker + {workers} CPU worker(s), and the gateway ...", flush=True)
     sup = start_cluster(models_dir, workers)
     gw, url = start_gateway(sup.config.frontend, args.kbps, args.lookahead, args.batch_size, args.batching)

@@ -496,16 +496,12 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still stops the cluster and the gateway
 
     from lipsync_cluster.client import Client
-    from lipsync_cluster.demo.build import build_demo_models
-    from stream import start_cluster
+    from stream import light_models, start_cluster
     from webrtc import start_gateway, stop_gateway
 
     with tempfile.TemporaryDirectory(prefix="bench-webrtc-browser-") as tmp:
         models_dir = Path(args.models) if args.models else Path(tmp) / "models"
-        if not (models_dir / "audio_encoder.onnx").exists():
-            say(f"building 3 light demo models ({args.size}) in {models_dir} ...")
-            build_demo_models(models_dir, count=3, kind="light", frames=12, size=(width, height), seed=0,
-                              progress=False)
+        light_models(models_dir, (width, height), say)
         wav = Path(tmp) / "speech.wav"
         onsets = speech_wav(wav, args.utterances, args.gap, lead_s=3.0)
         speech_s = onsets[-1] + args.gap
