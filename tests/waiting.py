@@ -26,6 +26,23 @@ def _fail(what: str, timeout: float, last: Any, error: BaseException | None) -> 
     return WaitTimeout(f"waited {timeout:g} s for {what}; {seen}"[:2000])
 
 
+class _Backoff:
+    """The pauses between tries of ``wait_until`` and its async twin: 5 ms doubling up to
+    ``interval``, never past the deadline; past it, WaitTimeout with the last value or error."""
+
+    def __init__(self, timeout: float, what: str, interval: float) -> None:
+        self.timeout, self.what, self.interval = timeout, what, interval
+        self.deadline = time.monotonic() + timeout
+        self.next = min(0.005, interval)
+
+    def pause(self, last: Any, error: BaseException | None) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _fail(self.what, self.timeout, last, error)
+        pause, self.next = min(self.next, left), min(self.next * 2, self.interval)
+        return pause
+
+
 def wait_until(cond: Callable[[], T], timeout: float, what: str, *, retry: tuple[type[BaseException], ...] = (),
                interval: float = MAX_INTERVAL_S) -> T:
     """Calls ``cond`` until it returns a truthy value and returns that value.
@@ -35,8 +52,7 @@ def wait_until(cond: Callable[[], T], timeout: float, what: str, *, retry: tuple
     WaitTimeout naming ``what`` and the last value or error. ``cond`` is always tried at least once,
     and once more at the deadline, so a slow machine gets the whole timeout.
     """
-    deadline = time.monotonic() + timeout
-    pause = min(0.005, interval)
+    backoff = _Backoff(timeout, what, interval)
     while True:
         last, error = None, None
         try:
@@ -45,18 +61,13 @@ def wait_until(cond: Callable[[], T], timeout: float, what: str, *, retry: tuple
             error = exc
         if error is None and last:
             return last
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _fail(what, timeout, last, error)
-        time.sleep(min(pause, left))
-        pause = min(pause * 2, interval)
+        time.sleep(backoff.pause(last, error))
 
 
 async def wait_until_async(cond: Callable[[], Awaitable[T]], timeout: float, what: str, *,
                            retry: tuple[type[BaseException], ...] = (), interval: float = MAX_INTERVAL_S) -> T:
     """``wait_until`` for a coroutine condition, inside an event loop (never blocks the loop)."""
-    deadline = time.monotonic() + timeout
-    pause = min(0.005, interval)
+    backoff = _Backoff(timeout, what, interval)
     while True:
         last, error = None, None
         try:
@@ -65,11 +76,7 @@ async def wait_until_async(cond: Callable[[], Awaitable[T]], timeout: float, wha
             error = exc
         if error is None and last:
             return last
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _fail(what, timeout, last, error)
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 2, interval)
+        await asyncio.sleep(backoff.pause(last, error))
 
 
 def holds_for(cond: Callable[[], Any], seconds: float, what: str, *, interval: float = MAX_INTERVAL_S) -> None:
