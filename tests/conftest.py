@@ -76,6 +76,31 @@ def make_cluster(demo_dir, tmp_path):
         sup.stop(drain_timeout_s=10)
 
 
+def _whole_module_in_process_tier_only(path: Path) -> bool:
+    """True when the module says ``pytestmark = pytest.mark.processes`` at its top level (read, not imported)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (OSError, SyntaxError):
+        return False  # let the normal collection report it
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets)
+                and ast.unparse(node.value) == f"pytest.mark.{process_guard.MARKER}"):
+            return True
+    return False
+
+
+def pytest_ignore_collect(collection_path: Path, config):
+    # `make test-fast` (-m "not processes") would deselect every test of a module marked `processes`
+    # as a whole, after importing it (pipecat, hypothesis, ...) in each xdist worker: not imported
+    # at all, it costs nothing. Only for that exact expression; any other -m collects as usual.
+    if (config.option.markexpr == f"not {process_guard.MARKER}" and collection_path.suffix == ".py"
+            and collection_path.name.startswith("test_") and _whole_module_in_process_tier_only(collection_path)):
+        return True
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _no_gpu_env(monkeypatch):
     # Tests run on CPU machines; never let a stray CUDA setting change what they measure.
