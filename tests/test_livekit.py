@@ -12,18 +12,26 @@ reported as interrupted.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-pytest.importorskip("livekit.agents", reason="the 'livekit' extra is not installed (pip install '.[livekit]')")
-
-from livekit import rtc  # noqa: E402
-from livekit.agents.voice.avatar import AudioSegmentEnd, AvatarRunner, QueueAudioOutput  # noqa: E402
-
-from lipsync_cluster.integrations.livekit import LipsyncVideoGenerator, avatar_options, avatar_token  # noqa: E402
-
 RATE = 24000
+
+
+@pytest.fixture(scope="module")
+def lk() -> SimpleNamespace:
+    """LiveKit's modules and the integration, imported when a test here runs rather than when the
+    module is collected: livekit.agents takes over a second to import, in every xdist worker of
+    `make test-fast`, while one of them runs these tests."""
+    pytest.importorskip("livekit.agents", reason="the 'livekit' extra is not installed (pip install '.[livekit]')")
+    from livekit import rtc
+    from livekit.agents.voice import avatar
+
+    from lipsync_cluster.integrations import livekit as integration
+
+    return SimpleNamespace(rtc=rtc, avatar=avatar, integration=integration)
 
 
 def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
@@ -33,8 +41,16 @@ def speechlike(seconds: float, seed: int = 0) -> np.ndarray:
     return np.round(np.clip(x + 0.02 * rng.standard_normal(t.size), -1, 1) * 32767).astype(np.int16)
 
 
-class Recording(LipsyncVideoGenerator):
-    """The generator, recording what it hands the runner (the in-memory view of the two tracks)."""
+def recording_class(lk: SimpleNamespace) -> type:
+    """Recording: the generator, recording what it hands the runner (the in-memory view of the two tracks)."""
+    class Recording(_Recording, lk.integration.LipsyncVideoGenerator):
+        pass
+
+    return Recording
+
+
+class _Recording:
+    """Recording's own part, mixed in before LipsyncVideoGenerator (a LiveKit import away)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -58,7 +74,9 @@ class Recording(LipsyncVideoGenerator):
         return sum(isinstance(x, kind) for x in self.out)
 
 
-async def say(audio_out: QueueAudioOutput, pcm: np.ndarray) -> None:
+async def say(audio_out, pcm: np.ndarray) -> None:
+    from livekit import rtc
+
     step = RATE // 50  # 20 ms frames, as LiveKit's TTS nodes send them
     for i in range(0, len(pcm), step):
         chunk = pcm[i:i + step]
@@ -67,7 +85,10 @@ async def say(audio_out: QueueAudioOutput, pcm: np.ndarray) -> None:
 
 
 @pytest.mark.processes
-def test_generator_through_the_avatar_runner(make_cluster):
+def test_generator_through_the_avatar_runner(lk, make_cluster):
+    rtc, avatar_options, Recording = lk.rtc, lk.integration.avatar_options, recording_class(lk)
+    AudioSegmentEnd, AvatarRunner, QueueAudioOutput = (lk.avatar.AudioSegmentEnd, lk.avatar.AvatarRunner,
+                                                       lk.avatar.QueueAudioOutput)
     sup = make_cluster()
     first, second = speechlike(2.0), speechlike(3.0, seed=1)
 
@@ -126,8 +147,10 @@ def test_generator_through_the_avatar_runner(make_cluster):
     asyncio.run(run())
 
 
-def test_avatar_token_names_the_room_and_the_agent():
+def test_avatar_token_names_the_room_and_the_agent(lk):
     import jwt
+
+    avatar_token = lk.integration.avatar_token
 
     secret = "secret-secret-secret-secret-secret"
     token = avatar_token("key", secret, "room-1", "lipsync-avatar", on_behalf_of="agent-7")
@@ -137,7 +160,8 @@ def test_avatar_token_names_the_room_and_the_agent():
     assert claims["attributes"]["lk.publish_on_behalf"] == "agent-7"
 
 
-def test_avatar_session_points_the_agents_audio_at_the_avatar(monkeypatch):
+def test_avatar_session_points_the_agents_audio_at_the_avatar(lk, monkeypatch):
+    from livekit import rtc
     from livekit.agents import AgentSession
     from livekit.agents.voice.avatar import DataStreamAudioOutput
 
