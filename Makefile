@@ -55,16 +55,22 @@ browser-deps:
 speech-deps:
 	@command -v espeak-ng >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; } || echo "espeak-ng could not be installed: tests/test_pipecat.py will be skipped"
 
+# Test runs keep compiled modules (__pycache__/, git-ignored) even where the environment sets
+# PYTHONDONTWRITEBYTECODE: otherwise every xdist worker and every worker process a test starts
+# compiles the package again, and pytest rewrites every test module's asserts again (docs/BENCHMARKS.md
+# "test-fast": a first run and a rerun).
+KEEP_PYC := PYTHONDONTWRITEBYTECODE=
+
 # Both tiers: the in-process tests and the ones that start processes (`processes` marker).
 test: $(STAMP) browser-deps speech-deps
-	$(BIN)/python -m pytest -q tests
+	$(KEEP_PYC) $(BIN)/python -m pytest -q tests
 
 # The in-process tier alone: no cluster, subprocess or browser (README "The two commands"), on
 # FAST_JOBS pytest-xdist workers (one per core; each test file stays on one worker, so its module
 # fixtures are built once). tests/process_guard.py fails an unmarked test that starts a process.
 FAST_JOBS ?= 2
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not processes" -n $(FAST_JOBS) --dist loadfile tests
+	$(KEEP_PYC) $(BIN)/python -m pytest -q -m "not processes" -n $(FAST_JOBS) --dist loadfile tests
 
 # A plain `pip install .` (no extras) in a fresh virtualenv: a working Client against a running
 # cluster, no onnxruntime or cv2, under 100 MB. Also part of `make test` (tests/test_install.py).
