@@ -33,6 +33,9 @@ STANDARD_OPS = {"Conv", "Relu", "Add", "Sub", "Mul", "Concat", "Resize", "Sigmoi
 def session(path) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
+    # Idle intra-op threads sleep instead of spinning: the other xdist workers of make test-fast
+    # need the cores (worker/sessions.py does the same for the worker processes).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -178,7 +178,9 @@ def test_astronaut_with_camera_motion_is_tracked_and_serves(astro_video, unet, t
 
     from lipsync_cluster.common.imageops import build_visual_batch, paste_back
 
-    session = ort.InferenceSession(str(pkg.onnx_path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # share the cores (make test-fast)
+    session = ort.InferenceSession(str(pkg.onnx_path), opts, providers=["CPUExecutionProvider"])
     backgrounds = [cv2.imread(str(pkg.frame_paths[i])) for i in (0, 40)]
     visual, crops = build_visual_batch(backgrounds, pkg.crop_rects[[0, 40]])
     out = session.run(None, {"input": visual, "audio": np.zeros((2, 32, 16, 16), np.float32)})[0]
