@@ -66,11 +66,12 @@ test: $(STAMP) browser-deps speech-deps
 	$(KEEP_PYC) $(BIN)/python -m pytest -q tests
 
 # The in-process tier alone: no cluster, subprocess or browser (README "The two commands"), on
-# FAST_JOBS pytest-xdist workers (one per core; each test file stays on one worker, so its module
-# fixtures are built once). tests/process_guard.py fails an unmarked test that starts a process.
+# FAST_JOBS pytest-xdist workers (each test file stays on one worker, so its module fixtures are
+# built once; the longest files start first: tests/file_order.py). tests/process_guard.py fails an
+# unmarked test that starts a process.
 FAST_JOBS ?= 2
 test-fast: $(STAMP)
-	$(KEEP_PYC) $(BIN)/python -m pytest -q -m "not processes" -n $(FAST_JOBS) --dist loadfile tests
+	$(KEEP_PYC) $(BIN)/python -m pytest -q -m "not processes" -n $(FAST_JOBS) --dist loadfile --no-loadscope-reorder tests
 
 # A plain `pip install .` (no extras) in a fresh virtualenv: a working Client against a running
 # cluster, no onnxruntime or cv2, under 100 MB. Also part of `make test` (tests/test_install.py).

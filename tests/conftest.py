@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import file_order
 import process_guard
 
 process_guard.install()
@@ -99,6 +100,10 @@ def pytest_ignore_collect(collection_path: Path, config):
             and collection_path.name.startswith("test_") and _whole_module_in_process_tier_only(collection_path)):
         return True
     return None
+
+
+def pytest_configure(config):
+    file_order.register(config)  # the longest files first under --dist loadfile (tests/file_order.py)
 
 
 @pytest.fixture(autouse=True)
