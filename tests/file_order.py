@@ -32,7 +32,7 @@ def known_seconds() -> dict[str, float]:
 
 
 class FileOrder:
-    """The plugin (registered by conftest.py for --dist loadfile runs)."""
+    """The plugin (registered by conftest.py in a --dist loadfile run and in xdist's workers)."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -61,5 +61,7 @@ class FileOrder:
 
 
 def register(config: pytest.Config) -> None:
-    if getattr(config.option, "dist", "no") == "loadfile":
+    # The controller of a loadfile run records; its xdist workers (whose own `dist` option xdist
+    # sets to "no") collect, so they order.
+    if hasattr(config, "workerinput") or getattr(config.option, "dist", "no") == "loadfile":
         config.pluginmanager.register(FileOrder(config), "lipsync-file-order")
