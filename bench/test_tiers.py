@@ -114,7 +114,10 @@ def main() -> None:
         f"{machine()}; {today()}. `python bench/test_tiers.py {' '.join(sys.argv[1:])}`: wall time of "
         f"`make test-fast` ({jobs}), runs in the order listed; load = the 1-minute load average just "
         "before the run; CPU = the run's own CPU time (user + system, all its processes); others = CPU "
-        "time the rest of the machine used meanwhile (from /proc/stat: near 0 is a quiet machine).",
+        "time the rest of the machine used meanwhile (from /proc/stat: near 0 is a quiet machine). "
+        + ("This machine sets PYTHONDONTWRITEBYTECODE, so a checkout whose Makefile does not keep compiled "
+           "modules anyway (KEEP_PYC; main before issue 17) compiles them again on every run."
+           if os.environ.get("PYTHONDONTWRITEBYTECODE") else ""),
         "",
         "| checkout | run | wall | CPU | others | load before | result |",
         "|---|---|---|---|---|---|---|",
