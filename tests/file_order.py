@@ -54,7 +54,7 @@ class FileOrder:
 
     def pytest_sessionfinish(self) -> None:
         # A whole run (not -k or --lf) that passed: its seconds per file into the cache.
-        cache, opt = self.config.cache, self.config.option
+        cache, opt = getattr(self.config, "cache", None), self.config.option  # none with -p no:cacheprovider
         if not self.spent or cache is None or opt.keyword or getattr(opt, "lf", False) or self.failed:
             return
         cache.set(CACHE_KEY, {**cache.get(CACHE_KEY, {}), **{k: round(v, 2) for k, v in self.spent.items()}})
