@@ -68,9 +68,9 @@ test: $(STAMP) browser-deps speech-deps
 # The in-process tier alone: no cluster, subprocess or browser (README "The two commands"), on
 # FAST_JOBS pytest-xdist workers: two per core (up to 8), since the tier's tests spend about a third
 # of their time waiting on sockets and timers, and a second worker per core runs meanwhile (on 2
-# cores: 4 workers ~43 s, 3 ~46 s, 2 ~59 s; docs/BENCHMARKS.md "test-fast"). Each test file stays on
-# one worker, so its module fixtures are built once; the longest files start first
-# (tests/file_order.py). tests/process_guard.py fails an unmarked test that starts a process.
+# cores, bench/test_tiers.py --jobs N: 4 workers 41-53 s, 3 46-47 s, 2 58-60 s; docs/BENCHMARKS.md
+# "test-fast"). Each test file stays on one worker, so its module fixtures are built once; the
+# longest files start first (tests/file_order.py). tests/process_guard.py fails an unmarked test that starts a process.
 FAST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n * 2 > 8 ? 8 : n * 2 )))
 test-fast: $(STAMP)
 	$(KEEP_PYC) $(BIN)/python -m pytest -q -m "not processes" -n $(FAST_JOBS) --dist loadfile --no-loadscope-reorder tests
