@@ -419,13 +419,30 @@ def side_by_side(args) -> list[dict]:
                 calls = stop_perf(perf, broker.pid, args.n_tput) if perf else ""
                 cpu = (after.user - before.user) + (after.system - before.system)
                 rows.append({"round": r + 1, "code": label, "rps": rps, "cpu_us": 1e6 * cpu / args.n_tput,
-                             "main_us": 1e6 * (main_after - main_before) / args.n_tput, "load": load})
+                             "main_us": 1e6 * (main_after - main_before) / args.n_tput, "load": load,
+                             "per_message": legs_per_message(ctx, fe)})
+                per = rows[-1]["per_message"]
                 print(f"round {r + 1} {label}: {rps:,.0f} req/s, broker CPU {rows[-1]['cpu_us']:.1f} µs/request "
-                      f"(main thread {rows[-1]['main_us']:.1f}), load average {load:.1f}{calls}", flush=True)
+                      f"(main thread {rows[-1]['main_us']:.1f}), load average {load:.1f}"
+                      + (f", {per:.1f} legs per worker message" if per else "") + calls, flush=True)
             finally:
                 stop(workers + [broker])
                 ctx.term()
     return rows
+
+
+def legs_per_message(ctx: zmq.Context, frontend: str) -> Optional[float]:
+    """Requests per message the broker sent its workers so far (batches, docs/PROTOCOL.md); None
+    for a broker that does not count them (before worker leg batches)."""
+    path = BrokerPath(ctx, frontend)
+    try:
+        path.sock.send_multipart([protocol.TAG, msgpack.packb({"id": 0, "op": "model_stats"})])
+        if not path.sock.poll(5000):
+            return None
+        totals = msgpack.unpackb(path.sock.recv_multipart()[1]).get("totals") or {}
+        return totals["legs"] / totals["leg_messages"] if totals.get("leg_messages") else None
+    finally:
+        path.close()
 
 
 def render_side_by_side(rows: list[dict], args) -> str:

@@ -77,6 +77,8 @@ def test_legs_of_one_turn_go_as_one_message_to_a_worker_that_takes_batches(batch
                 legs = [header] + [_next_leg_message(worker)[0] for _ in range(2)]
                 assert all(leg["op"] == "request" for leg in legs)
             assert sorted(leg["id"] for leg in legs) == [0, 1, 2]
+            # Counted for /metrics: legs and the messages that carried them.
+            assert (b.broker.stats.legs, b.broker.stats.leg_messages) == (3, 1 if batches else 3)
             replies = [[PACKER.pack({"op": "reply", "rid": leg["rid"], "id": leg["id"], "ok": True,
                                      "worker": "hand"}), f"payload-{leg['id']}".encode()] for leg in legs]
             if batches:

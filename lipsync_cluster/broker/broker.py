@@ -243,6 +243,8 @@ class Broker:
         takes batches gets the legs of one loop turn as one message (:meth:`_flush_legs`, at the
         end of the turn); False: ``w`` is gone and this leg was not sent."""
         if not w.batches:
+            self.stats.legs += 1
+            self.stats.leg_messages += 1
             return self._send_worker(w, frames)
         legs = self._outbox.get(w)
         if legs is None:
@@ -258,6 +260,8 @@ class Broker:
             for i in range(0, len(legs), MAX_BATCH_ITEMS):
                 batch = legs[i:i + MAX_BATCH_ITEMS]
                 frames = [TAG, *batch[0]] if len(batch) == 1 else batch_frames("requests", batch, self._packer)
+                self.stats.legs += len(batch)
+                self.stats.leg_messages += 1
                 if not self._send_worker(w, frames):
                     break  # w is dropped: its legs, in flight on it, went back to their queues
 
