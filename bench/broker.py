@@ -457,15 +457,20 @@ def render_side_by_side(rows: list[dict], args) -> str:
              f"{_dt.date.today().isoformat()}, load average {min(loads):.1f}-{max(loads):.1f}): 1 client process, "
              f"1 noop worker ({args.credits} credits), {args.window} in flight, small requests; the two brokers "
              "in alternating rounds on the same machine.", "",
-             "| round | baseline: requests/s | CPU µs per request (main thread) | this: requests/s "
-             "| CPU µs per request (main thread) |", "|---:|---:|---:|---:|---:|"]
+             "| round | baseline: requests/s | CPU µs per request (main thread) | legs per worker message "
+             "| this: requests/s | CPU µs per request (main thread) | legs per worker message |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def per(x: dict) -> str:
+        return f"{x['per_message']:.1f}" if x.get("per_message") else "1 (not counted)"
+
     for r in range(1, args.rounds + 1):
         b, t = (next(x for x in rows if x["round"] == r and x["code"] == c) for c in ("baseline", "this"))
-        lines.append(f"| {r} | {b['rps']:,.0f} | {b['cpu_us']:.1f} ({b['main_us']:.1f}) | {t['rps']:,.0f} "
-                     f"| {t['cpu_us']:.1f} ({t['main_us']:.1f}) |")
+        lines.append(f"| {r} | {b['rps']:,.0f} | {b['cpu_us']:.1f} ({b['main_us']:.1f}) | {per(b)} | {t['rps']:,.0f} "
+                     f"| {t['cpu_us']:.1f} ({t['main_us']:.1f}) | {per(t)} |")
     lines.append(f"| **median** | **{med('baseline', 'rps'):,.0f}** | **{med('baseline', 'cpu_us'):.1f}** "
-                 f"({med('baseline', 'main_us'):.1f}) | **{med('this', 'rps'):,.0f}** | **{med('this', 'cpu_us'):.1f}** "
-                 f"({med('this', 'main_us'):.1f}) |")
+                 f"({med('baseline', 'main_us'):.1f}) | | **{med('this', 'rps'):,.0f}** | **{med('this', 'cpu_us'):.1f}** "
+                 f"({med('this', 'main_us'):.1f}) | |")
     return "\n".join(lines)
 
 
