@@ -9,7 +9,8 @@ Requests are validated (``validate.py``), become one of the request kinds (``req
 go to the :class:`~.dispatch.Dispatcher` (``dispatch.py``: queues per model, deadlines, the pure
 decisions of ``routing.py`` over the worker table of ``workers.py``). A worker never has more
 requests than the credits it announced. Payload frames are forwarded as the zmq Frames they
-arrived in (no copy, no re-encoding); only the small msgpack header is rewritten per leg.
+arrived in (no copy, no re-encoding); only the small msgpack header is rewritten per leg. The
+legs of one loop turn to a worker that takes batches leave as one message (``_flush_legs``).
 
 A worker's reports are parsed once into typed reports (``workers.py``) and handed to the
 dispatcher's verbs (``worker_joined``, ``worker_left``, ``worker_heartbeat``, ``worker_event``,
