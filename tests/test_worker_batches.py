@@ -10,7 +10,7 @@ import zmq
 
 from lipsync_cluster.common import protocol
 from lipsync_cluster.common.errors import BadRequest
-from lipsync_cluster.common.wire import MAX_BATCH_ITEMS, TAG, batch_frames, split_batch
+from lipsync_cluster.common.wire import MAX_BATCH_ITEMS, TAG, batch_frames, split_batch, unbatch
 from lipsync_cluster.worker.loop import WorkerLoop
 from lipsync_cluster.worker.noop import NoopHandler
 from test_broker_support import BrokerThread, Client, catalog_of, features, infer, wait_for
@@ -31,6 +31,18 @@ def test_a_batch_splits_back_into_its_items_and_bad_counts_are_refused():
         with pytest.raises(BadRequest, match=why) as err:
             split_batch({"op": "requests", "frames": counts}, frames, 2)
         assert "'frames'" in err.value.message or "frames" in err.value.message
+
+
+def test_unbatch_serves_the_well_formed_items_and_says_why_it_skips_the_others():
+    good = PACKER.pack({"op": "reply", "rid": 1})
+    items = [[good, b"payload"], [b"\xc1"], [PACKER.pack({"op": "ready"})], [PACKER.pack({"op": "reply", "x": "y" * 300})]]
+    frames = batch_frames("replies", items, PACKER)
+    kept, skipped = unbatch(msgpack.unpackb(frames[1]), frames, 2, "reply", 256)
+    assert kept == [({"op": "reply", "rid": 1}, [b"payload"])]
+    assert len(skipped) == 3
+    assert "item 1's header is not valid msgpack" in skipped[0]
+    assert skipped[1] == "item 2 is op 'ready', not 'reply'"
+    assert "item 3's header is" in skipped[2] and "the limit is 256 bytes" in skipped[2]
 
 
 def _hand_worker(backend: str, name: str, credits: int, batches: bool) -> zmq.Socket:

@@ -36,7 +36,7 @@ from ..common.infer_request import check_deadline, check_infer, strip_broker_fie
 from ..common.protocol import TAG
 from ..common.security import BrokerSecurity, SecurityError
 from ..common.wire import (MAX_BATCH_ITEMS, MAX_HEADER_BYTES, MAX_WORKER_HEADER_BYTES, batch_frames,
-                           decode_header, readable, read_header, recv_parts, send_parts, split_batch, tune)
+                           readable, read_header, recv_parts, send_parts, tune, unbatch)
 from ..config.schema import Config
 from . import management
 from .catalog_watch import CatalogWatcher, Park, Parking
@@ -435,26 +435,20 @@ class Broker:
     def _on_replies(self, w: Optional[Worker], identity: bytes, header: dict, frames: list) -> None:
         """A batch of replies: each one handled as if it had come alone."""
         try:
-            items = split_batch(header, frames, 3)
+            replies, skipped = unbatch(header, frames, 3, "reply", MAX_WORKER_HEADER_BYTES)
         except LipsyncError as exc:
             log.warning("broker: malformed message from a worker: %s", exc.message)
             return
         if w is None:  # unknown sender: as for a single late reply
-            self.stats.late_replies += len(items)
+            self.stats.late_replies += len(replies) + len(skipped)
             self._send_disconnect(identity)
             return
+        for why in skipped:
+            log.warning("broker: a batched reply from worker %s skipped: %s", w.name, why)
         w.last_seen = time.monotonic()
         replied = self.dispatcher.replied
-        for item in items:
-            try:
-                reply = decode_header(item[0], MAX_WORKER_HEADER_BYTES, "a batched reply's header")
-            except LipsyncError as exc:
-                log.warning("broker: malformed reply from worker %s: %s", w.name, exc.message)
-                continue
-            if reply.get("op") != "reply":
-                log.warning("broker: worker %s batched op %r as a reply; ignored", w.name, reply.get("op"))
-                continue
-            replied(w, reply, item[1:])
+        for reply, payloads in replies:
+            replied(w, reply, payloads)
 
     def _send_disconnect(self, identity: bytes) -> None:
         """Tell a connection the broker does not know (e.g. declared dead) to register again."""

@@ -10,7 +10,7 @@ frame is a zmq Frame received without copying; Frames are re-sent by reference (
 broker and the worker loop: the header frame is size-checked *before* it is unpacked (a 190 MB
 msgpack array of ``nil`` would otherwise hold the broker's loop for seconds and its memory for
 gigabytes), unpacked once with msgpack's length limits, and must be a map. :func:`batch_frames`
-and :func:`split_batch` carry several worker legs (or replies) in one message. The socket
+and :func:`unbatch` carry several worker legs (or replies) in one message. The socket
 constants are the ones every peer connection uses.
 """
 from __future__ import annotations
@@ -159,3 +159,22 @@ def split_batch(header: dict, frames: list, at: int) -> list[list]:
     if i != end:
         raise BadRequest(f"a {header.get('op')!r} batch has {end - i} frame(s) beyond its 'frames' counts")
     return items
+
+
+def unbatch(header: dict, frames: list, at: int, item_op: str, max_bytes: int) -> tuple[list, list[str]]:
+    """The items of a batch message (its header ``header``, its items in ``frames[at:]``): the
+    ``(header, payloads)`` of each well-formed ``item_op`` item, and why each other one is
+    skipped (the rest are still served). Raises :class:`BadRequest` when the counts are wrong."""
+    items, skipped = [], []
+    for i, item in enumerate(split_batch(header, frames, at)):
+        try:
+            h = decode_header(item[0], max_bytes, f"item {i}'s header")
+        except BadRequest as exc:
+            skipped.append(exc.message)
+            continue
+        if h.get("op") == item_op:
+            items.append((h, item[1:]))
+        else:
+            skipped.append(f"item {i} is op {str(h.get('op'))[:32]!r}, not {item_op!r}")
+    return items, skipped
+

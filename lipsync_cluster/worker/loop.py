@@ -32,8 +32,8 @@ import zmq
 from ..common import vocab
 from ..common.errors import InternalError, LipsyncError, RequestTimeout
 # Lean multipart I/O and the bounded header decode shared with the broker (common/wire.py).
-from ..common.wire import (MAX_BATCH_ITEMS, MAX_LEG_HEADER_BYTES, TAG, batch_frames, decode_header, read_header,
-                           readable, split_batch, tune)
+from ..common.wire import (MAX_BATCH_ITEMS, MAX_LEG_HEADER_BYTES, TAG, batch_frames, read_header, readable, tune,
+                           unbatch)
 from ..common.wire import recv_parts as _recv_parts, send_parts as _send_parts
 
 log = logging.getLogger("lipsync_cluster.worker.loop")
@@ -284,20 +284,14 @@ class WorkerLoop:
         elif op == "requests":  # several legs in one message (common/wire.py)
             self._batches = True
             try:
-                legs = split_batch(header, frames, 2)
+                legs, skipped = unbatch(header, frames, 2, "request", MAX_LEG_HEADER_BYTES)
             except LipsyncError as exc:
                 log.warning("worker %s: malformed message from the broker: %s", self.name, exc.message)
                 return ""
-            for leg in legs:
-                try:
-                    leg_header = decode_header(leg[0], MAX_LEG_HEADER_BYTES, "a batched leg's header")
-                except LipsyncError as exc:
-                    log.warning("worker %s: malformed leg from the broker: %s", self.name, exc.message)
-                    continue
-                if leg_header.get("op") == "request":
-                    self._take(leg_header, leg[1:])
-                else:
-                    log.warning("worker %s: op %r batched as a leg; ignored", self.name, leg_header.get("op"))
+            for why in skipped:
+                log.warning("worker %s: a batched leg from the broker skipped: %s", self.name, why)
+            for leg, payloads in legs:
+                self._take(leg, payloads)
         elif op not in ("heartbeat", "disconnect"):
             log.warning("worker %s: unknown op %r from the broker; ignored", self.name, op)
         return op
