@@ -419,13 +419,30 @@ def side_by_side(args) -> list[dict]:
                 calls = stop_perf(perf, broker.pid, args.n_tput) if perf else ""
                 cpu = (after.user - before.user) + (after.system - before.system)
                 rows.append({"round": r + 1, "code": label, "rps": rps, "cpu_us": 1e6 * cpu / args.n_tput,
-                             "main_us": 1e6 * (main_after - main_before) / args.n_tput, "load": load})
+                             "main_us": 1e6 * (main_after - main_before) / args.n_tput, "load": load,
+                             "per_message": legs_per_message(ctx, fe)})
+                per = rows[-1]["per_message"]
                 print(f"round {r + 1} {label}: {rps:,.0f} req/s, broker CPU {rows[-1]['cpu_us']:.1f} µs/request "
-                      f"(main thread {rows[-1]['main_us']:.1f}), load average {load:.1f}{calls}", flush=True)
+                      f"(main thread {rows[-1]['main_us']:.1f}), load average {load:.1f}"
+                      + (f", {per:.1f} legs per worker message" if per else "") + calls, flush=True)
             finally:
                 stop(workers + [broker])
                 ctx.term()
     return rows
+
+
+def legs_per_message(ctx: zmq.Context, frontend: str) -> Optional[float]:
+    """Requests per message the broker sent its workers so far (batches, docs/PROTOCOL.md); None
+    for a broker that does not count them (before worker leg batches)."""
+    path = BrokerPath(ctx, frontend)
+    try:
+        path.sock.send_multipart([protocol.TAG, msgpack.packb({"id": 0, "op": "model_stats"})])
+        if not path.sock.poll(5000):
+            return None
+        totals = msgpack.unpackb(path.sock.recv_multipart()[1]).get("totals") or {}
+        return totals["legs"] / totals["leg_messages"] if totals.get("leg_messages") else None
+    finally:
+        path.close()
 
 
 def render_side_by_side(rows: list[dict], args) -> str:
@@ -440,15 +457,20 @@ def render_side_by_side(rows: list[dict], args) -> str:
              f"{_dt.date.today().isoformat()}, load average {min(loads):.1f}-{max(loads):.1f}): 1 client process, "
              f"1 noop worker ({args.credits} credits), {args.window} in flight, small requests; the two brokers "
              "in alternating rounds on the same machine.", "",
-             "| round | baseline: requests/s | CPU µs per request (main thread) | this: requests/s "
-             "| CPU µs per request (main thread) |", "|---:|---:|---:|---:|---:|"]
+             "| round | baseline: requests/s | CPU µs per request (main thread) | legs per worker message "
+             "| this: requests/s | CPU µs per request (main thread) | legs per worker message |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def per(x: dict) -> str:
+        return f"{x['per_message']:.1f}" if x.get("per_message") else "1 (not counted)"
+
     for r in range(1, args.rounds + 1):
         b, t = (next(x for x in rows if x["round"] == r and x["code"] == c) for c in ("baseline", "this"))
-        lines.append(f"| {r} | {b['rps']:,.0f} | {b['cpu_us']:.1f} ({b['main_us']:.1f}) | {t['rps']:,.0f} "
-                     f"| {t['cpu_us']:.1f} ({t['main_us']:.1f}) |")
+        lines.append(f"| {r} | {b['rps']:,.0f} | {b['cpu_us']:.1f} ({b['main_us']:.1f}) | {per(b)} | {t['rps']:,.0f} "
+                     f"| {t['cpu_us']:.1f} ({t['main_us']:.1f}) | {per(t)} |")
     lines.append(f"| **median** | **{med('baseline', 'rps'):,.0f}** | **{med('baseline', 'cpu_us'):.1f}** "
-                 f"({med('baseline', 'main_us'):.1f}) | **{med('this', 'rps'):,.0f}** | **{med('this', 'cpu_us'):.1f}** "
-                 f"({med('this', 'main_us'):.1f}) |")
+                 f"({med('baseline', 'main_us'):.1f}) | | **{med('this', 'rps'):,.0f}** | **{med('this', 'cpu_us'):.1f}** "
+                 f"({med('this', 'main_us'):.1f}) | |")
     return "\n".join(lines)
 
 

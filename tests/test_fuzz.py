@@ -263,10 +263,11 @@ client_messages = st.one_of(mutated_request(), mutated_request(), garbage)
 
 @st.composite
 def worker_message(draw) -> list:
-    op = draw(st.sampled_from(["ready", "heartbeat", "reply", "event", "stats", "disconnect", "x", None]))
+    op = draw(st.sampled_from(["ready", "heartbeat", "reply", "replies", "event", "stats", "disconnect", "x", None]))
     header = draw(st.dictionaries(st.sampled_from(["worker", "rid", "id", "ok", "credits", "loaded", "loading",
                                                    "models", "event", "model_id", "max_models", "error",
-                                                   "memory_bytes", "draining", "gpu", "pid"]),
+                                                   "memory_bytes", "draining", "gpu", "pid", "frames",
+                                                   "batches"]),
                                   values, max_size=6))
     if op is not None:
         header["op"] = op

@@ -9,7 +9,8 @@ Requests are validated (``validate.py``), become one of the request kinds (``req
 go to the :class:`~.dispatch.Dispatcher` (``dispatch.py``: queues per model, deadlines, the pure
 decisions of ``routing.py`` over the worker table of ``workers.py``). A worker never has more
 requests than the credits it announced. Payload frames are forwarded as the zmq Frames they
-arrived in (no copy, no re-encoding); only the small msgpack header is rewritten per leg.
+arrived in (no copy, no re-encoding); only the small msgpack header is rewritten per leg. The
+legs of one loop turn to a worker that takes batches leave as one message (``_flush_legs``).
 
 A worker's reports are parsed once into typed reports (``workers.py``) and handed to the
 dispatcher's verbs (``worker_joined``, ``worker_left``, ``worker_heartbeat``, ``worker_event``,
@@ -34,8 +35,8 @@ from ..common.heat import LFU_HALF_LIFE_S
 from ..common.infer_request import check_deadline, check_infer, strip_broker_fields
 from ..common.protocol import TAG
 from ..common.security import BrokerSecurity, SecurityError
-from ..common.wire import (MAX_HEADER_BYTES, MAX_WORKER_HEADER_BYTES, readable, read_header, recv_parts,
-                           send_parts, tune)
+from ..common.wire import (MAX_BATCH_ITEMS, MAX_HEADER_BYTES, MAX_WORKER_HEADER_BYTES, batch_frames,
+                           readable, read_header, recv_parts, send_parts, tune, unbatch)
 from ..config.schema import Config
 from . import management
 from .catalog_watch import CatalogWatcher, Park, Parking
@@ -85,12 +86,13 @@ class Broker:
         self.max_message_bytes = config.server.max_message_size_mb * 2**20
         self.stats = BrokerStats(time.monotonic())
         self.dispatcher = Dispatcher(config, self.stats, lambda: self._watch.current,
-                                     send_client=self._send_client, send_worker=self._send_worker,
+                                     send_client=self._send_client, send_worker=self._send_leg,
                                      default_deadline_s=default_deadline_s,
                                      lfu_half_life_s=lfu_half_life_s, no_worker_grace_s=no_worker_grace_s)
         self.table = self.dispatcher.table
         self.queues = self.dispatcher.queues
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._outbox: dict[Worker, list] = {}       # legs of this loop turn, per worker that takes batches
         self.frontend: Optional[zmq.Socket] = None
         self.backend: Optional[zmq.Socket] = None
         self.publisher: Optional[zmq.Socket] = None
@@ -185,6 +187,8 @@ class Broker:
                         self._drain(sock, on_worker if sock is backend else on_client)
                 if dispatcher.dirty:
                     dispatcher.dispatch()
+                if self._outbox:  # this turn's legs, one message per worker
+                    self._flush_legs()
                 now = time.monotonic()
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_S
@@ -234,6 +238,36 @@ class Broker:
             log.warning("worker %s unreachable (%s); dropping it", w.name, exc)
             self._lost(w, "unreachable")
             return False
+
+    def _send_leg(self, w: Worker, frames: list) -> bool:
+        """The dispatcher's way out: one leg (``[TAG, header, *payloads]``) to ``w``. A worker that
+        takes batches gets the legs of one loop turn as one message (:meth:`_flush_legs`, at the
+        end of the turn); False: ``w`` is gone and this leg was not sent."""
+        if not w.batches:
+            return self._send_legs(w, frames, 1)
+        legs = self._outbox.get(w)
+        if legs is None:
+            self._outbox[w] = legs = []
+        legs.append(frames[1:])
+        return True
+
+    def _flush_legs(self) -> None:
+        """This turn's legs, one message per worker (its credits, at most 64, bound them; more
+        would go in several batches)."""
+        outbox, self._outbox = self._outbox, {}
+        for w, legs in outbox.items():
+            for i in range(0, len(legs), MAX_BATCH_ITEMS):
+                batch = legs[i:i + MAX_BATCH_ITEMS]
+                frames = [TAG, *batch[0]] if len(batch) == 1 else batch_frames("requests", batch, self._packer)
+                if not self._send_legs(w, frames, len(batch)):
+                    break  # w is dropped: its legs, in flight on it, went back to their queues
+
+    def _send_legs(self, w: Worker, frames: list, legs: int) -> bool:
+        if not self._send_worker(w, frames):
+            return False
+        self.stats.legs += legs  # for /metrics: legs per message shows how much batching saves
+        self.stats.leg_messages += 1
+        return True
 
     def _publish(self, topic: bytes, body: dict) -> None:
         if topic == b"event":
@@ -376,6 +410,9 @@ class Broker:
             w.last_seen = time.monotonic()
             self.dispatcher.replied(w, header, payloads)
             return
+        if op == "replies":  # several replies in one message (common/wire.py)
+            self._on_replies(w, identity, header, frames)
+            return
         if op == "ready" and not self._may_register(header, frames[1]):
             return
         if w is None:
@@ -386,10 +423,7 @@ class Broker:
                 # register again. A late reply is dropped here, so it is never delivered twice.
                 if op == "reply":
                     self.stats.late_replies += 1
-                try:
-                    self.backend.send_multipart([identity, *self._disconnect_frames], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass  # it went away again
+                self._send_disconnect(identity)
             return
         w.last_seen = time.monotonic()
         handler = self._worker_ops.get(op) if type(op) is str else None
@@ -397,6 +431,31 @@ class Broker:
             log.warning("broker: worker %s sent unknown op %r; ignored", w.name, op)
             return
         handler(w, header, payloads)
+
+    def _on_replies(self, w: Optional[Worker], identity: bytes, header: dict, frames: list) -> None:
+        """A batch of replies: each one handled as if it had come alone."""
+        try:
+            replies, skipped = unbatch(header, frames, 3, "reply", MAX_WORKER_HEADER_BYTES)
+        except LipsyncError as exc:
+            log.warning("broker: malformed message from a worker: %s", exc.message)
+            return
+        if w is None:  # unknown sender: as for a single late reply
+            self.stats.late_replies += len(replies) + len(skipped)
+            self._send_disconnect(identity)
+            return
+        for why in skipped:
+            log.warning("broker: a batched reply from worker %s skipped: %s", w.name, why)
+        w.last_seen = time.monotonic()
+        replied = self.dispatcher.replied
+        for reply, payloads in replies:
+            replied(w, reply, payloads)
+
+    def _send_disconnect(self, identity: bytes) -> None:
+        """Tell a connection the broker does not know (e.g. declared dead) to register again."""
+        try:
+            self.backend.send_multipart([identity, *self._disconnect_frames], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # it went away again
 
     def _may_register(self, header: dict, frame: Any) -> bool:
         """A worker's name is bound to its CurveZMQ key (common/security.py): a peer holding
@@ -460,6 +519,7 @@ class Broker:
 
     def _lost(self, w: Worker, reason: str) -> None:
         """Forget ``w``; its in-flight requests go back to the front of their queue once."""
+        self._outbox.pop(w, None)  # legs not yet sent are in flight on it: they go back too
         log.log(logging.INFO if reason == "disconnected" else logging.WARNING,
                 "worker %s gone (%s); %d request(s) in flight", w.name, reason, w.in_flight)
         self._publish(b"event", {"event": vocab.WORKER_LEFT, "worker": w.name, "reason": reason,
@@ -512,11 +572,9 @@ class Broker:
         try:
             self._watch.stop()
             self._parking.release_all()  # unknown ids get their answer; the rest join what is drained below
+            self._outbox.clear()  # legs not sent are in flight on their worker: answered below
             for w in list(self.table.values()):
-                try:
-                    self.backend.send_multipart([w.identity, *self._disconnect_frames], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+                self._send_disconnect(w.identity)
             gone = Unavailable("the broker is shutting down")
             now = time.monotonic()
             for p in self.dispatcher.drain_all():

@@ -105,7 +105,10 @@ class BrokerCollector:
                 ("lipsync_broker_late_replies", "late_replies",
                  "Worker replies dropped because the request was already answered or the worker was unknown"),
                 ("lipsync_broker_undeliverable_replies", "undeliverable",
-                 "Replies the broker could not deliver because the client went away")):
+                 "Replies the broker could not deliver because the client went away"),
+                ("lipsync_broker_worker_legs", "legs", "Requests the broker sent to workers"),
+                ("lipsync_broker_worker_leg_messages", "leg_messages",
+                 "Messages that carried them (several legs share one in a batch)")):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], _num(totals.get(key)))
             yield c

@@ -139,6 +139,8 @@ class BrokerStats:
         self.retried = 0
         self.late_replies = 0      # replies from dead/unknown workers or for answered requests
         self.undeliverable = 0     # replies to clients that went away
+        self.legs = 0              # requests sent to workers ...
+        self.leg_messages = 0      # ... in this many messages (batches, common/wire.py)
         self.bad_requests = 0
         self.load_h = Histogram(LOAD_BUCKETS_S)   # model load latency (worker `loaded` events)
         self.events: deque[dict] = deque(maxlen=RECENT_EVENTS)
@@ -222,7 +224,7 @@ class BrokerStats:
             "uptime_s": round(now - self.started, 3), "requests": self.total_requests,
             "ok": self.total_ok, "errors": dict(self.total_errors), "shed": self.shed,
             "retried": self.retried, "late_replies": self.late_replies,
-            "undeliverable": self.undeliverable,
+            "undeliverable": self.undeliverable, "legs": self.legs, "leg_messages": self.leg_messages,
             "frames": sum(c.frames for c in models), "cold_loads": sum(c.cold for c in models),
             "loads": sum(c.loads for c in models), "evictions": sum(c.evictions for c in models),
             "requests_per_s": self._total_rates[0], "frames_per_s": self._total_rates[1],

@@ -70,6 +70,7 @@ class Registration:
     max_models: int = 1
     max_memory_bytes: int = 0
     holdings: Holdings = field(default_factory=Holdings)
+    batches: bool = False              # it takes `requests` batches (common/wire.py)
 
     @classmethod
     def parse(cls, header: dict) -> "Registration":
@@ -81,7 +82,8 @@ class Registration:
                    gpu=gpu if type(gpu) is int else None,
                    credits=min(64, max(1, _count(header, "credits", 1))),
                    max_models=max(1, _count(header, "max_models", 1)),
-                   max_memory_bytes=_count(header, "max_memory_bytes", 0), holdings=Holdings.parse(header))
+                   max_memory_bytes=_count(header, "max_memory_bytes", 0), holdings=Holdings.parse(header),
+                   batches=header.get("batches") is True)
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class Worker:
     __slots__ = (
         "identity", "name", "host", "pid", "gpu", "credits", "_max_models", "max_memory_bytes",
         "loaded", "loading", "sent", "inflight_by_model", "hints", "last_seen", "registered_at",
-        "_draining", "restarts", "stats", "served", "mem_free", "index",
+        "_draining", "restarts", "stats", "served", "mem_free", "index", "batches",
     )
 
     def __init__(self, identity: bytes, name: str, *, host: str = "", pid: int = 0,
@@ -172,6 +174,7 @@ class Worker:
         self.stats: dict = {}                     # the worker's latest `stats` message
         self.served = 0
         self.mem_free: Optional[int] = None      # bytes the worker can still take (heartbeat); None: unknown
+        self.batches = False                      # it takes several legs in one message (Registration)
 
     def changed(self, shape: bool = True, busy: Optional[str] = None) -> None:
         """Re-index this worker (call after changing what it holds or its credits). ``shape``
@@ -321,6 +324,7 @@ class Worker:
         """A worker from its ``ready``."""
         w = cls(identity, r.name, host=r.host, pid=r.pid, gpu=r.gpu, credits=r.credits,
                 max_models=r.max_models, max_memory_bytes=r.max_memory_bytes)
+        w.batches = r.batches
         w.apply_holdings(r.holdings)
         return w
 

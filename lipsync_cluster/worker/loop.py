@@ -32,7 +32,8 @@ import zmq
 from ..common import vocab
 from ..common.errors import InternalError, LipsyncError, RequestTimeout
 # Lean multipart I/O and the bounded header decode shared with the broker (common/wire.py).
-from ..common.wire import MAX_LEG_HEADER_BYTES, TAG, read_header, readable, tune
+from ..common.wire import (MAX_BATCH_ITEMS, MAX_LEG_HEADER_BYTES, TAG, batch_frames, read_header, readable, tune,
+                           unbatch)
 from ..common.wire import recv_parts as _recv_parts, send_parts as _send_parts
 
 log = logging.getLogger("lipsync_cluster.worker.loop")
@@ -108,6 +109,7 @@ class WorkerLoop:
         self._wake_push: Optional[zmq.Socket] = None
         self._packer = msgpack.Packer(use_bin_type=True)  # loop thread only
         self._sleeping = False
+        self._batches = False                         # this broker sends (so takes) batches (wire.py)
         self._poller: Optional[zmq.Poller] = None     # the DEALER and the wake-up PULL (run)
         self._silent_limit = heartbeat_interval_s * heartbeat_liveness
         self._backoff = self._silent_limit            # how long the broker may be silent now
@@ -223,8 +225,9 @@ class WorkerLoop:
         sock.connect(self.backend)
         self._sock = sock
         self.connects += 1
+        self._batches = False  # until this broker sends a batch: an older one would drop ours
         ready = {"op": "ready", "worker": self.name, "host": _socket.gethostname(), "pid": os.getpid(),
-                 "gpu": self.gpu, "credits": self.credits, **self._describe()}
+                 "gpu": self.gpu, "credits": self.credits, "batches": True, **self._describe()}
         self._send(ready)
         self._send_stats()
 
@@ -250,17 +253,24 @@ class WorkerLoop:
                 log.warning("worker %s: stats cannot be encoded: %s", self.name, exc)
 
     def _flush(self) -> None:
+        """Send what the executors and the event sink produced, in order; replies next to each
+        other go as one ``replies`` batch to a broker that sends batches."""
         out, sock = self._out, self._sock
         while out:
             is_reply, frames = out.popleft()
-            if is_reply:
-                self.in_flight -= 1
-                self.served += 1
+            replies = 1 if is_reply else 0
+            if is_reply and self._batches and out and out[0][0]:
+                items = [frames[1:]]
+                while out and out[0][0] and len(items) < MAX_BATCH_ITEMS:
+                    items.append(out.popleft()[1][1:])
+                frames, replies = batch_frames("replies", items, self._packer), len(items)
+            self.in_flight -= replies
+            self.served += replies
             try:
                 _send_parts(sock, frames)
             except zmq.Again:
-                log.warning("worker %s: broker not reachable; a %s was dropped", self.name,
-                            "reply" if is_reply else "event")
+                log.warning("worker %s: broker not reachable; %s dropped", self.name,
+                            f"{replies} reply(ies)" if replies else "an event")
 
     def _on_broker(self, frames: list) -> str:
         try:
@@ -270,15 +280,30 @@ class WorkerLoop:
             return ""
         op = header.get("op")
         if op == "request":
-            # The broker sends the time left; it is counted on this host's clock from now.
-            left = header.get("deadline_left_ms")
-            expires = (time.monotonic() + left / 1000.0
-                       if type(left) in (int, float) and math.isfinite(left) else None)
-            self.in_flight += 1
-            self._work.put((header, frames[2:], expires))
+            self._take(header, frames[2:])
+        elif op == "requests":  # several legs in one message (common/wire.py)
+            self._batches = True
+            try:
+                legs, skipped = unbatch(header, frames, 2, "request", MAX_LEG_HEADER_BYTES)
+            except LipsyncError as exc:
+                log.warning("worker %s: malformed message from the broker: %s", self.name, exc.message)
+                return ""
+            for why in skipped:
+                log.warning("worker %s: a batched leg from the broker skipped: %s", self.name, why)
+            for leg, payloads in legs:
+                self._take(leg, payloads)
         elif op not in ("heartbeat", "disconnect"):
             log.warning("worker %s: unknown op %r from the broker; ignored", self.name, op)
         return op
+
+    def _take(self, header: dict, payloads: list) -> None:
+        """One leg to an executor. The broker sends the time left; it is counted on this host's
+        clock from now."""
+        left = header.get("deadline_left_ms")
+        expires = (time.monotonic() + left / 1000.0
+                   if type(left) in (int, float) and math.isfinite(left) else None)
+        self.in_flight += 1
+        self._work.put((header, payloads, expires))
 
     # --- main loop -----------------------------------------------------------------------
 
