@@ -244,7 +244,7 @@ class Broker:
         takes batches gets the legs of one loop turn as one message (:meth:`_flush_legs`, at the
         end of the turn); False: ``w`` is gone and this leg was not sent."""
         if not w.batches:
-            return self._send_legs(w, frames, 1)
+            return self._send_counted(w, frames, 1)
         legs = self._outbox.get(w)
         if legs is None:
             self._outbox[w] = legs = []
@@ -259,10 +259,11 @@ class Broker:
             for i in range(0, len(legs), MAX_BATCH_ITEMS):
                 batch = legs[i:i + MAX_BATCH_ITEMS]
                 frames = [TAG, *batch[0]] if len(batch) == 1 else batch_frames("requests", batch, self._packer)
-                if not self._send_legs(w, frames, len(batch)):
+                if not self._send_counted(w, frames, len(batch)):
                     break  # w is dropped: its legs, in flight on it, went back to their queues
 
-    def _send_legs(self, w: Worker, frames: list, legs: int) -> bool:
+    def _send_counted(self, w: Worker, frames: list, legs: int) -> bool:
+        """One message carrying ``legs`` legs to ``w``, counted once sent."""
         if not self._send_worker(w, frames):
             return False
         self.stats.legs += legs  # for /metrics: legs per message shows how much batching saves

@@ -151,7 +151,7 @@ class Worker:
     def __init__(self, identity: bytes, name: str, *, host: str = "", pid: int = 0,
                  gpu: Optional[int] = None, credits: int = 1, max_models: int = 1,
                  max_memory_bytes: int = 0, loaded: Any = (), loading: Any = (),
-                 now: Optional[float] = None) -> None:
+                 batches: bool = False, now: Optional[float] = None) -> None:
         now = time.monotonic() if now is None else now
         self.identity = identity
         self.name = name
@@ -174,7 +174,7 @@ class Worker:
         self.stats: dict = {}                     # the worker's latest `stats` message
         self.served = 0
         self.mem_free: Optional[int] = None      # bytes the worker can still take (heartbeat); None: unknown
-        self.batches = False                      # it takes several legs in one message (Registration)
+        self.batches = batches                    # it takes several legs in one message (Registration)
 
     def changed(self, shape: bool = True, busy: Optional[str] = None) -> None:
         """Re-index this worker (call after changing what it holds or its credits). ``shape``
@@ -323,8 +323,7 @@ class Worker:
     def register(cls, identity: bytes, r: Registration) -> "Worker":
         """A worker from its ``ready``."""
         w = cls(identity, r.name, host=r.host, pid=r.pid, gpu=r.gpu, credits=r.credits,
-                max_models=r.max_models, max_memory_bytes=r.max_memory_bytes)
-        w.batches = r.batches
+                max_models=r.max_models, max_memory_bytes=r.max_memory_bytes, batches=r.batches)
         w.apply_holdings(r.holdings)
         return w
 
