@@ -44,7 +44,7 @@ import numpy as np
 
 from ..common.audio import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, to_float_pcm
 from ..common.errors import BadRequest, InternalError, RequestTimeout
-from .stream import IDLE_GRACE_S, IDLE_TICK_S, ListeningClock, StreamFrame
+from .stream import IDLE_GRACE_S, IDLE_TICK_S, ListeningClock, StreamFrame, idle_grace_property
 
 MIN_RATE, MAX_RATE = 8000, 192000
 MAX_CHANNELS = 8
@@ -170,14 +170,7 @@ class AVCore:
         self.idle_ahead_frames = int(idle_ahead_frames)
         self.cuts: list[dict] = []
 
-    @property
-    def idle_grace_s(self) -> float:
-        """Listening: how far the timeline's end may fall behind the wall clock before silence starts."""
-        return self._wall.grace_s
-
-    @idle_grace_s.setter
-    def idle_grace_s(self, value: float) -> None:
-        self._wall.grace_s = float(value)
+    idle_grace_s = idle_grace_property
 
     # --- input ----------------------------------------------------------------------------------
 

@@ -112,7 +112,8 @@ class _Batch:
         self.errors: list[str] = []
 
 
-def _percentiles(values) -> dict:
+def percentiles(values) -> dict:
+    """p50/p99/mean/max of latencies in ms (None each when there are none)."""
     if not len(values):
         return {"p50_ms": None, "p99_ms": None, "mean_ms": None, "max_ms": None}
     a = np.asarray(values, np.float64)
@@ -186,6 +187,20 @@ class ListeningClock:
         t, m = self.ref
         at = t + (target - m + 0.5) / self.rate
         return at if self.pausing else max(at, t + (n - m) / self.rate + self.grace_s)
+
+
+def _idle_grace(core: Any) -> float:
+    return core._wall.grace_s
+
+
+def _set_idle_grace(core: Any, value: float) -> None:
+    core._wall.grace_s = float(value)
+
+
+# ``idle_grace_s`` of a core whose listening silence follows its ``_wall`` ListeningClock (StreamCore, AVCore)
+idle_grace_property = property(_idle_grace, _set_idle_grace,
+                               doc="Listening: how far the audio's end may fall behind the wall clock "
+                                   "before silence starts.")
 
 
 def total_frames_for(num_samples: int) -> int:
@@ -271,14 +286,7 @@ class StreamCore:
                                        ("latency", "lookahead", "slot_wait", "round_trip", "reorder")}
         self._server: dict[str, deque] = {}
 
-    @property
-    def idle_grace_s(self) -> float:
-        """Listening: how far the audio's end may fall behind the wall clock before silence starts."""
-        return self._wall.grace_s
-
-    @idle_grace_s.setter
-    def idle_grace_s(self, value: float) -> None:
-        self._wall.grace_s = float(value)
+    idle_grace_s = idle_grace_property
 
     # --- input ------------------------------------------------------------------------------
 
@@ -688,11 +696,11 @@ class StreamCore:
             return list(itertools.islice(values, len(values) - recent, None))
 
         lat = tail(self._lat["latency"])
-        out = {"frames": len(lat), **_percentiles(lat)}
+        out = {"frames": len(lat), **percentiles(lat)}
         parts: dict = {}
         if breakdown:
-            parts = {f"{k}_ms": _percentiles(tail(v)) for k, v in self._lat.items() if k != "latency"}
-            parts.update({f"server_{k}": _percentiles(tail(v)) for k, v in sorted(self._server.items())})
+            parts = {f"{k}_ms": percentiles(tail(v)) for k, v in self._lat.items() if k != "latency"}
+            parts.update({f"server_{k}": percentiles(tail(v)) for k, v in sorted(self._server.items())})
         out["breakdown"] = parts
         out["lookahead_frames"] = self.lookahead_frames
         out["batch_size"] = self.batch_size

@@ -49,7 +49,7 @@ except ImportError as exc:  # the webrtc extra is optional; server.py turns this
     raise MissingExtra("WebRTC (POST /webrtc/offer)", "webrtc", exc.name) from exc
 
 from ..client.av import AsyncAVSession
-from ..client.stream import AsyncStreamSession
+from ..client.stream import AsyncStreamSession, percentiles
 from ..common.audio import FPS, SAMPLE_RATE
 from ..common.errors import LipsyncError
 from ..common.infer_request import require_int
@@ -507,15 +507,15 @@ class PeerSession(StreamControl):
         self.model = model
         self.started_at = time.time()
         g = gateway
+        adaptive = g.webrtc_batching == "adaptive"  # the stream's batching and the player's depth rule
         self.session = AsyncStreamSession(g.client, model, batch_size=g.batch_size, format=g.format,
                                           quality=g.quality, max_in_flight=g.max_in_flight,
                                           request_timeout=g.request_timeout, lookahead_frames=lookahead,
-                                          adaptive=g.webrtc_batching == "adaptive")
+                                          adaptive=adaptive)
         # the pairing core makes the listening silence (idle frames while nobody speaks); the peer
         # pushes 16 kHz, so that is the audio's rate until aiortc's Opus encoder resamples it
         self.stream = AsyncAVSession(self.session, sample_rate=SAMPLE_RATE)
-        self.player = Player(self.stream, stamp=g.webrtc_stamp, batch_size=g.batch_size,
-                             adaptive=g.webrtc_batching == "adaptive")
+        self.player = Player(self.stream, stamp=g.webrtc_stamp, batch_size=g.batch_size, adaptive=adaptive)
         self.video_track = AvatarVideoTrack(self.player)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(g.ice_servers)))
         self.channel: Any = None
@@ -738,12 +738,9 @@ class PeerSession(StreamControl):
 
 
 def _tick_latency(values: deque) -> dict:
-    """p50/p99 of audio pushed -> its tick due to leave (ms), over the last ``LATENCY_WINDOW`` speech ticks."""
-    if not values:
-        return {"p50_ms": None, "p99_ms": None, "frames": 0}
-    a = np.asarray(values, np.float64)
-    return {"p50_ms": round(float(np.percentile(a, 50)), 1), "p99_ms": round(float(np.percentile(a, 99)), 1),
-            "frames": len(a)}
+    """p50/p99 (and mean, max) of audio pushed -> its tick due to leave (ms), over the last
+    ``LATENCY_WINDOW`` speech ticks, as the stream's own latency figures."""
+    return {**percentiles(values), "frames": len(values)}
 
 
 async def offer(gateway: "Gateway", request: web.Request) -> web.Response:
