@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import msgpack
 import numpy as np
@@ -255,6 +255,18 @@ def broker_throughput(frontend: str, nbytes: int, n: int, window: int, clients: 
     return sum(r[2] for r in results) / (end - start)
 
 
+def wait_registered(path: "BrokerPath", n_workers: int, timeout: float = 30.0) -> None:
+    """Until the broker's ``health`` says ``n_workers`` workers are registered."""
+    deadline = time.monotonic() + timeout
+    while True:
+        path.sock.send_multipart([protocol.TAG, msgpack.packb({"id": 0, "op": "health"})])
+        if path.sock.poll(2000) and msgpack.unpackb(path.sock.recv_multipart()[1]).get("workers") == n_workers:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{n_workers} worker(s) did not register with the broker within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 def main_thread_cpu(proc) -> float:
     """CPU seconds (user + system) of the process's main thread: the broker's loop, its Python and
     its own system calls; the rest of the process's time is ZeroMQ's I/O thread (and idle helpers)."""
@@ -262,6 +274,16 @@ def main_thread_cpu(proc) -> float:
         if t.id == proc.pid:
             return t.user_time + t.system_time
     return 0.0
+
+
+def broker_cpu_us(proc, n: int, run: Callable[[], float]) -> tuple[float, float, float]:
+    """``run()``'s result (requests/s), and the broker process's CPU µs per request over it: all
+    its threads, and its main thread alone."""
+    before, main_before = proc.cpu_times(), main_thread_cpu(proc)
+    result = run()
+    after, main_after = proc.cpu_times(), main_thread_cpu(proc)
+    cpu = (after.user - before.user) + (after.system - before.system)
+    return result, 1e6 * cpu / n, 1e6 * (main_after - main_before) / n
 
 
 def pct(values: list[float], q: float) -> float:
@@ -306,28 +328,16 @@ def run(args) -> dict:
         workers = [start_worker(be, f"w{i}", args.credits, echo=True) for i in range(n_workers)]
         try:
             path = BrokerPath(ctx, fe)
-            deadline = time.monotonic() + 30
-            while True:  # wait until every worker registered
-                path.sock.send_multipart([protocol.TAG, msgpack.packb({"id": 0, "op": "health"})])
-                if path.sock.poll(2000):
-                    h = msgpack.unpackb(path.sock.recv_multipart()[1])
-                    if h.get("workers") == n_workers:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError("workers did not register with the broker")
-                time.sleep(0.1)
+            wait_registered(path, n_workers)
             if n_workers == args.workers[0]:
                 for label, nbytes, n in sizes:
                     header, payloads = request_frames(nbytes)
                     results["latency"][label]["broker"] = measure_latency(path, header, payloads, n)
             me = psutil.Process(broker.pid)
             for clients in args.clients:
-                before, main_before = me.cpu_times(), main_thread_cpu(me)
-                rps = broker_throughput(fe, 32, args.n_tput, args.window, clients)
-                after, main_after = me.cpu_times(), main_thread_cpu(me)
-                cpu = (after.user - before.user) + (after.system - before.system)
-                results["throughput"].append((n_workers, clients, rps, 1e6 * cpu / args.n_tput,
-                                              1e6 * (main_after - main_before) / args.n_tput))
+                rps, cpu_us, main_us = broker_cpu_us(
+                    me, args.n_tput, lambda: broker_throughput(fe, 32, args.n_tput, args.window, clients))
+                results["throughput"].append((n_workers, clients, rps, cpu_us, main_us))
             path.close()
         finally:
             stop(workers + [broker])
@@ -402,25 +412,17 @@ def side_by_side(args) -> list[dict]:
             ctx = zmq.Context()
             try:
                 path = BrokerPath(ctx, fe)
-                deadline = time.monotonic() + 30
-                while True:
-                    path.sock.send_multipart([protocol.TAG, msgpack.packb({"id": 0, "op": "health"})])
-                    if path.sock.poll(2000) and msgpack.unpackb(path.sock.recv_multipart()[1]).get("workers") == 1:
-                        break
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the worker did not register with the broker")
+                wait_registered(path, 1)
                 path.close()
                 broker_throughput(fe, 32, 2000, args.window, 1)  # warm up
                 me = psutil.Process(broker.pid)
                 perf = start_perf(broker.pid) if args.syscalls else None
-                before, main_before, load = me.cpu_times(), main_thread_cpu(me), os.getloadavg()[0]
-                rps = broker_throughput(fe, 32, args.n_tput, args.window, 1)
-                after, main_after = me.cpu_times(), main_thread_cpu(me)
+                load = os.getloadavg()[0]
+                rps, cpu_us, main_us = broker_cpu_us(
+                    me, args.n_tput, lambda: broker_throughput(fe, 32, args.n_tput, args.window, 1))
                 calls = stop_perf(perf, broker.pid, args.n_tput) if perf else ""
-                cpu = (after.user - before.user) + (after.system - before.system)
-                rows.append({"round": r + 1, "code": label, "rps": rps, "cpu_us": 1e6 * cpu / args.n_tput,
-                             "main_us": 1e6 * (main_after - main_before) / args.n_tput, "load": load,
-                             "per_message": legs_per_message(ctx, fe)})
+                rows.append({"round": r + 1, "code": label, "rps": rps, "cpu_us": cpu_us, "main_us": main_us,
+                             "load": load, "per_message": legs_per_message(ctx, fe)})
                 per = rows[-1]["per_message"]
                 print(f"round {r + 1} {label}: {rps:,.0f} req/s, broker CPU {rows[-1]['cpu_us']:.1f} µs/request "
                       f"(main thread {rows[-1]['main_us']:.1f}), load average {load:.1f}"

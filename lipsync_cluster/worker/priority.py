@@ -18,8 +18,8 @@ _TASKS = "/proc/self/task"  # Linux: one entry per thread of this process
 
 def lower_priority(increment: int) -> int:
     """Add ``increment`` (0..19) to the nice value of this process's every thread; returns the
-    main thread's nice value now. A platform without ``setpriority`` (Windows) or a refusal by
-    the OS leaves the priority as it was, with a warning: a broker slowed by inference is a
+    main thread's nice value now. A platform without ``setpriority`` (Windows) leaves the priority
+    as it was; so does a refusal by the OS, with a warning: a broker slowed by inference is a
     degraded service, not a reason not to serve."""
     if not hasattr(os, "setpriority"):
         return 0
