@@ -2,8 +2,6 @@
 thread and hand-driven worker sockets, and a WorkerLoop against a hand-driven broker socket."""
 from __future__ import annotations
 
-import threading
-
 import msgpack
 import pytest
 import zmq
@@ -14,6 +12,7 @@ from lipsync_cluster.common.wire import MAX_BATCH_ITEMS, TAG, batch_frames, spli
 from lipsync_cluster.worker.loop import WorkerLoop
 from lipsync_cluster.worker.noop import NoopHandler
 from test_broker_support import BrokerThread, Client, catalog_of, features, infer, wait_for
+from test_worker_loop import FakeBroker, Running
 
 PACKER = msgpack.Packer(use_bin_type=True)
 
@@ -132,57 +131,31 @@ def test_a_malformed_replies_batch_is_dropped_and_the_broker_keeps_serving():
             worker.close(linger=0)
 
 
-class _HandBroker:
-    def __init__(self) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind("tcp://127.0.0.1:*")
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-    def messages(self, timeout: float = 5.0, count: int = 10**6):
-        """Messages from the worker, (identity, header, frames), until ``count`` came or ``timeout``
-        passed without one."""
-        for _ in range(count):
-            if not self.sock.poll(int(timeout * 1000)):
-                return
-            ident, *frames = self.sock.recv_multipart()
-            yield ident, msgpack.unpackb(frames[1]), frames
-
-    def nothing_within(self, seconds: float) -> bool:
-        return not self.sock.poll(int(seconds * 1000))
-
-
 def test_the_worker_serves_each_leg_of_a_batch_and_batches_replies_only_to_a_broker_that_does():
-    broker = _HandBroker()
-    loop = WorkerLoop(broker.endpoint, NoopHandler(preload=("a",)), name="wb", credits=4,
-                      heartbeat_interval_s=2.0, drain_timeout_s=5.0)
-    stop = threading.Event()
-    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
-    thread.start()
+    broker = FakeBroker()
+    w = Running(broker.endpoint, NoopHandler(preload=("a",)), name="wb", credits=4, heartbeat_interval_s=2.0)
     try:
-        ident, ready, _ = next(h for h in broker.messages() if h[1]["op"] == "ready")
-        assert ready["batches"] is True and loop._batches is False
+        ready, _ = broker.next("ready")
+        assert ready["batches"] is True and w.loop._batches is False
         legs = [[PACKER.pack({"op": "request", "rid": r, "id": f"c{r}", "client_op": "infer", "model_id": "a",
                               "deadline_left_ms": None})] for r in (1, 2, 3)]
         legs.append([b"\x93not a map"])  # a malformed leg is skipped, the others served
-        broker.sock.send_multipart([ident, *batch_frames("requests", legs, PACKER)])
+        broker.sock.send_multipart([broker.identity, *batch_frames("requests", legs, PACKER)])
         replied: dict = {}
-        for _, header, frames in broker.messages(timeout=2.0):
+        while len(replied) < 3:
+            header, payloads = broker.recv(2.0)
             if header["op"] == "reply":
                 replied[header["rid"]] = replied.get(header["rid"], 0) + 1
             elif header["op"] == "replies":
-                for item in split_batch(header, frames, 2):
+                for item in split_batch(header, payloads, 0):
                     r = msgpack.unpackb(item[0])
                     assert r["op"] == "reply" and r["id"] == f"c{r['rid']}" and r["ok"], r
                     replied[r["rid"]] = replied.get(r["rid"], 0) + 1
-            if len(replied) == 3:
-                break
         assert replied == {1: 1, 2: 1, 3: 1}
-        assert loop._batches is True  # this broker sends batches, so it takes them
+        assert w.loop._batches is True  # this broker sends batches, so it takes them
     finally:
-        stop.set()
-        thread.join(10)
-        broker.sock.close(linger=0)
+        w.stop()
+        broker.close()
 
 
 @pytest.mark.parametrize("batches", [True, False])
@@ -190,7 +163,7 @@ def test_replies_ready_together_leave_as_one_batch_only_to_a_broker_that_sends_b
     """The loop's flush, driven directly over a real DEALER/ROUTER pair: three replies and an event
     waiting together go as one ``replies`` batch then the event (order kept), or as four messages
     to a broker that never sent a batch (an older broker would drop a batch)."""
-    broker = _HandBroker()
+    broker = FakeBroker()
     loop = WorkerLoop(broker.endpoint, NoopHandler(), name="wf", credits=4)
     loop._sock = zmq.Context.instance().socket(zmq.DEALER)
     loop._sock.setsockopt(zmq.LINGER, 0)
@@ -203,8 +176,8 @@ def test_replies_ready_together_leave_as_one_batch_only_to_a_broker_that_sends_b
         loop._emit(False, [TAG, PACKER.pack({"op": "event", "event": "loaded", "model_id": "a"})])
         loop._flush()
         got = [(header["op"], header.get("frames"), header.get("rid"))
-               for _, header, _ in broker.messages(2.0, count=2 if batches else 4)]
-        assert broker.nothing_within(0.1)
+               for header, _ in (broker.recv(2.0) for _ in range(2 if batches else 4))]
+        assert not broker.sock.poll(100)  # nothing else
         if batches:
             assert got == [("replies", [1, 1, 1], None), ("event", None, None)]
         else:
@@ -212,4 +185,4 @@ def test_replies_ready_together_leave_as_one_batch_only_to_a_broker_that_sends_b
         assert loop.in_flight == 0 and loop.served == 3
     finally:
         loop._sock.close(linger=0)
-        broker.sock.close(linger=0)
+        broker.close()
