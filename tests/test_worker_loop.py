@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Any, Optional
 
+import msgpack
 import pytest
 import zmq
 
@@ -246,3 +247,28 @@ def test_stop_finishes_in_flight_work_then_says_disconnect(broker):
     assert sorted(got) == [1, 2]
     w.thread.join(3)
     assert not w.thread.is_alive()
+
+
+def test_replies_flushed_just_before_a_reconnect_still_leave_on_the_old_socket(broker):
+    """A reconnect replaces the socket right after the loop handed it replies (a worker thawed from a
+    freeze flushes its reply, then finds the broker silent): they must still go out, not be
+    discarded with the old socket (the broker counts them late; it never loses track of work)."""
+    loop = WorkerLoop(broker.endpoint, NoopHandler(), name="wr", credits=1)
+    loop._connect()
+    broker.next("ready")
+    n = 300
+    loop.in_flight = n
+    for rid in range(n):
+        loop._emit(True, [protocol.TAG, msgpack.packb({"op": "reply", "rid": rid, "id": rid, "ok": True}),
+                          b"x" * 2000])
+    loop._flush()
+    loop._connect()  # the old socket closes now, its queue not yet written out
+    try:
+        rids = []
+        while len(rids) < n:
+            header, _ = broker.recv(5.0)
+            if header["op"] == "reply":
+                rids.append(header["rid"])
+        assert rids == list(range(n))
+    finally:
+        loop._sock.close(linger=0)

@@ -40,6 +40,9 @@ log = logging.getLogger("lipsync_cluster.worker.loop")
 
 _wake_ids = itertools.count()
 RECV_BATCH = 256  # broker messages read per wake-up before the loop looks at its timers
+# How long a socket the loop closes (a reconnect replacing it, or the shutdown) may still send what
+# was already handed to it: replies and events flushed just before a reconnect, the `disconnect`.
+CLOSE_LINGER_MS = 200
 
 
 @runtime_checkable
@@ -212,7 +215,7 @@ class WorkerLoop:
             self._handshakes.close()
             self._handshakes = None
         if self._sock is not None:
-            self._sock.close(linger=0)
+            self._sock.close(linger=CLOSE_LINGER_MS)  # flushed replies still leave (to a broker that may count them late)
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         tune(sock)  # the broker's queue and kernel buffer sizes (common/wire.py)
@@ -439,9 +442,7 @@ class WorkerLoop:
             self._handshakes.close()
             self._handshakes = None
         if self._sock is not None:
-            # A short linger lets the disconnect reach the broker.
-            self._sock.setsockopt(zmq.LINGER, 200)
-            self._sock.close()
+            self._sock.close(linger=CLOSE_LINGER_MS)  # the disconnect reaches the broker
             self._sock = None
         try:
             self.handler.close()
